@@ -30,11 +30,11 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from interp.errors import InterpError
-    from interp.hooks import ActivationCache
-    from interp.models import available_models, load
-    from interp.models.base import HookedModel
-    from interp.store import capture_to_disk, load_capture
+    from interp.errors import InterpError  # noqa: F401
+    from interp.hooks import ActivationCache  # noqa: F401
+    from interp.models import available_models, load  # noqa: F401
+    from interp.models.base import HookedModel  # noqa: F401
+    from interp.store import capture_to_disk, load_capture  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
