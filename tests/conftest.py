@@ -12,7 +12,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = "the a cat dog sat ran on under mat rug and then it was big small red blue".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "rug",
+    "and",
+    "then",
+    "it",
+    "was",
+    "big",
+    "small",
+    "red",
+    "blue",
+]
 
 
 def save_tiny_gpt2(directory: str, seed: int = 0) -> str:

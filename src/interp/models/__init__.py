@@ -68,7 +68,9 @@ def available_models() -> list[dict[str, str]]:
 
     if hasattr(zoo, "describe"):
         for entry in zoo.describe():
-            rows.append({"name": f"zoo:{entry['name']}", "kind": entry["kind"], "description": entry["description"]})
+            rows.append(
+                {"name": f"zoo:{entry['name']}", "kind": entry["kind"], "description": entry["description"]}
+            )
     rows.append(
         {
             "name": "/path/to/dir",
@@ -76,7 +78,13 @@ def available_models() -> list[dict[str, str]]:
             "description": "a local Hugging Face model directory (config.json + weights + tokenizer)",
         }
     )
-    rows.append({"name": "gpt2, org/name", "kind": "transformer", "description": "a hub name (needs network or cache)"})
+    rows.append(
+        {
+            "name": "gpt2, org/name",
+            "kind": "transformer",
+            "description": "a hub name (needs network or cache)",
+        }
+    )
     return rows
 
 
@@ -108,7 +116,11 @@ def _load_zoo(name: str, device: str) -> HookedModel:
     return load(
         module.to(device),
         name=f"zoo:{name}",
-        **({k: tuple(meta[k]) for k in ("input_shape", "input_range") if meta.get(k)} if not _is_bridge(module) else {}),
+        **(
+            {k: tuple(meta[k]) for k in ("input_shape", "input_range") if meta.get(k)}
+            if not _is_bridge(module)
+            else {}
+        ),
     )
 
 
@@ -126,11 +138,20 @@ def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> Ho
     if looks_local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        hf_model, tokenizer, adapter = _hf_parts(str(path) if looks_local else source, device, trust_remote_code)
+        hf_model, tokenizer, adapter = _hf_parts(
+            str(path) if looks_local else source, device, trust_remote_code
+        )
     except ModelLoadError:
         raise
     except OSError as err:
+        if looks_local:
+            raise ModelLoadError(f"could not load {source!r}: {err}") from err
         raise ModelLoadError(_offline_message(source, err)) from err
+    except Exception as err:  # corrupt or truncated weights, mismatched shapes
+        raise ModelLoadError(
+            f"could not load {source!r}: its files are unreadable or inconsistent ({type(err).__name__}: {err}). "
+            "The weights may be corrupt or truncated; re-save the model with save_pretrained."
+        ) from err
     from interp.models.transformer import HFTransformer
 
     return HFTransformer(hf_model, tokenizer, adapter, name, source=str(path) if looks_local else source)
@@ -149,7 +170,9 @@ def _hf_parts(source: str, device: str, trust_remote_code: bool):
     try:
         architecture = determine_architecture_from_hf_config(hf_config)
         bridge_config = build_bridge_config_from_hf(hf_config, architecture, source, torch.float32)
-        adapter = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
+        adapter = architecture_adapter_factory.ArchitectureAdapterFactory.select_architecture_adapter(
+            bridge_config
+        )
     except (ValueError, KeyError, NotImplementedError) as err:
         raise ModelLoadError(
             f"{source!r} is a {getattr(hf_config, 'model_type', '?')} model, which TransformerLens 4.x has no "
@@ -171,7 +194,11 @@ def _hf_parts(source: str, device: str, trust_remote_code: bool):
 
 
 def _offline_message(source: str, err: Exception) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE") == "1"
+        or "offline" in str(err).lower()
+        or "connect" in str(err).lower()
+    )
     why = "the hub cannot be reached (offline)" if offline else str(err).splitlines()[0]
     known = closest(source.lower(), [*_EMBEDDED_ALIASES])
     hint = f" Did you mean {known[0]!r}?" if known else ""

@@ -1,0 +1,128 @@
+"""Replacement hooks, hook removal, early stopping, gradients and the memory budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp
+from interp.errors import CaptureTooLargeError, UnknownHookError
+from interp.hooks import check_budget
+
+
+def _no_hooks_left(module: torch.nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def test_replacement_hook_matches_manual_computation_cnn(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8))
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = model.run_with_hooks(x, [("relu1.hook_out", lambda act, hook: act * 2.0)])
+    with torch.no_grad():
+        h = 2.0 * torch.relu(tiny_cnn.conv1(x))
+        expected = tiny_cnn.fc(tiny_cnn.pool(torch.relu(tiny_cnn.conv2(h))).flatten(1))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    assert _no_hooks_left(tiny_cnn)
+
+
+def test_steering_resid_post_changes_logits_as_predicted(gpt2_model):
+    """Adding v to the last residual stream must change logits by exactly W_U ln_f(resid + v) - W_U ln_f(resid)."""
+    hf = gpt2_model.module
+    tokens = torch.tensor([[2, 3, 4, 5, 6]])
+    v = torch.randn(hf.config.n_embd, generator=torch.Generator().manual_seed(0))
+    _, cache = gpt2_model.run_with_cache(tokens, names="blocks.1.hook_resid_post")
+    steered = gpt2_model.run_with_hooks(tokens, [("blocks.1.hook_resid_post", lambda act, hook: act + v)])
+    with torch.no_grad():
+        expected = hf.lm_head(hf.transformer.ln_f(cache["resid_post", 1] + v))
+    torch.testing.assert_close(steered, expected, atol=1e-5, rtol=0)
+
+
+def test_zero_ablating_a_head_equals_manual_z_edit(gpt2_model):
+    """Zeroing head 2's z must equal recomputing attn_out from the edited z through c_proj."""
+    hf = gpt2_model.module
+    tokens = torch.tensor([[2, 3, 4, 5, 6, 7]])
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, 2] = 0.0
+        return z
+
+    _, cache = gpt2_model.run_with_cache(tokens, names=["blocks.0.attn.hook_z"])
+    _, ablated = gpt2_model.run_with_cache(
+        tokens, names=["blocks.0.hook_attn_out"], hooks=[("blocks.0.attn.hook_z", ablate)]
+    )
+    z = cache["z", 0].clone()
+    z[:, :, 2] = 0.0
+    with torch.no_grad():
+        expected = hf.transformer.h[0].attn.c_proj(z.flatten(-2))
+    torch.testing.assert_close(ablated["attn_out", 0], expected, atol=1e-5, rtol=0)
+
+
+def test_hooks_removed_even_when_a_hook_raises(gpt2_model):
+    def boom(act, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gpt2_model.run_with_hooks(torch.tensor([[2, 3, 4]]), [("blocks.0.attn.hook_pattern", boom)])
+    assert _no_hooks_left(gpt2_model.module)
+    assert all(not p._forward_hooks for pts in gpt2_model._attention_points.values() for p in pts.values())
+
+
+def test_replacement_of_wrong_shape_is_refused(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match=r"returned shape \(4, 3\).*must keep the shape"):
+        model.run_with_hooks(torch.rand(4, 1, 8, 8), [("fc.hook_out", lambda act, hook: act[:, :3])])
+    assert _no_hooks_left(tiny_cnn)
+
+
+def test_stop_early_skips_later_layers_and_keeps_values(gpt2_model):
+    tokens = torch.tensor([[2, 3, 4, 5]])
+    calls = []
+    later = gpt2_model.module.transformer.h[1]
+    handle = later.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        output, early = gpt2_model.run_with_cache(tokens, names="blocks.0.hook_resid_post", stop_early=True)
+    finally:
+        handle.remove()
+    assert output is None and calls == []
+    _, full = gpt2_model.run_with_cache(tokens, names="blocks.0.hook_resid_post")
+    assert torch.equal(early["resid_post", 0], full["resid_post", 0])
+
+
+def test_gradients_of_a_metric_match_autograd(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8))
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    _, cache = model.run_with_cache(
+        x, names=["conv2.hook_out", "fc.hook_in"], grad_of=lambda out: out[:, 3].sum()
+    )
+    # Reference: a manual forward with the intermediate made a leaf.
+    c2 = tiny_cnn.conv2(torch.relu(tiny_cnn.conv1(x))).detach().requires_grad_(True)
+    flat = tiny_cnn.pool(torch.relu(c2)).flatten(1)
+    tiny_cnn.fc(flat)[:, 3].sum().backward()
+    torch.testing.assert_close(cache.grads["conv2.hook_out"], c2.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        cache.grads["fc.hook_in"], tiny_cnn.fc.weight[3].expand(3, -1), atol=1e-6, rtol=0
+    )
+
+
+def test_memory_estimate_is_exact_and_over_budget_is_refused(gpt2_model):
+    texts = ["the cat sat on the mat", "a dog ran under the rug"]
+    names = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern"]
+    _, cache = gpt2_model.run_with_cache(texts, names=names)
+    sites = [gpt2_model._sites[n] for n in gpt2_model.resolve(names)]
+    sizes = gpt2_model.dim_sizes(gpt2_model.prepare(texts))
+    assert check_budget(sites, sizes, 4, None, False) == cache.nbytes
+    with pytest.raises(CaptureTooLargeError) as err:
+        gpt2_model.run_with_cache(texts, names=names, memory_budget=cache.nbytes - 1)
+    message = str(err.value)
+    assert "GiB" in message and "smaller batches" in message and "capture_to_disk" in message
+
+
+def test_unknown_hook_name_suggests_closest(gpt2_model, tiny_cnn):
+    with pytest.raises(UnknownHookError) as err:
+        gpt2_model.run_with_cache("the cat", names="blocks.0.hook_resid_pots")
+    assert "blocks.0.hook_resid_post" in str(err.value) and "model.hook_names" in str(err.value)
+    with pytest.raises(UnknownHookError, match="conv1.hook_out"):
+        interp.load(tiny_cnn, input_shape=(1, 8, 8)).run_with_cache(torch.rand(1, 1, 8, 8), names="conv1")
+    with pytest.raises(UnknownHookError, match="No hook point matches 'blocks.9.\\*'"):
+        gpt2_model.run_with_hooks("the cat", [("blocks.9.*", lambda a, h: None)])

@@ -1,0 +1,115 @@
+"""interp.load for every spec kind, and clear errors for every bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import interp
+from interp.errors import InputError, ModelLoadError
+
+TESTS = Path(__file__).parent
+
+
+def test_embedded_default_minilm(minilm):
+    assert minilm.kind == "transformer" and minilm.n_layers == 6 and minilm.cfg.n_heads == 12
+    assert minilm.hook_shapes["blocks.5.hook_resid_post"] == ("batch", "pos", 384)
+    assert interp.load("all-MiniLM-L6-v2").n_layers == 6
+
+
+def test_hub_name_uses_the_same_path_via_local_cache(tmp_path):
+    """A hub id resolves through HF's cache exactly as it would online (here: a hub-layout cache)."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        os.environ["HF_HUB_CACHE"] = {str(tmp_path)!r}
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        sys.path.insert(0, {str(TESTS)!r})
+        from conftest import save_tiny_gpt2
+        repo = os.path.join({str(tmp_path)!r}, "models--someorg--tiny-gpt2")
+        snap = os.path.join(repo, "snapshots", "0" * 40)
+        os.makedirs(snap); os.makedirs(os.path.join(repo, "refs"))
+        open(os.path.join(repo, "refs", "main"), "w").write("0" * 40)
+        save_tiny_gpt2(snap)
+        import interp
+        model = interp.load("someorg/tiny-gpt2")
+        print("OK", model.name, tuple(model("the cat sat").shape))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "OK someorg/tiny-gpt2 (1, 3, 20)" in result.stdout, result.stderr[-2000:]
+
+
+def test_hub_name_offline_without_copy_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        interp.load("gpt2")
+    message = str(err.value)
+    assert "offline" in message and "save_pretrained" in message and "interp.load('DIR')" in message
+
+
+def test_missing_and_non_model_directories(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model directory at"):
+        interp.load(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        interp.load(str(tmp_path))
+
+
+def test_corrupt_weights_are_reported(tmp_path, gpt2_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        interp.load(str(broken))
+
+
+def test_prompt_longer_than_context(gpt2_model):
+    with pytest.raises(InputError, match=r"has 40 tokens but .* at most 32"):
+        gpt2_model.run_with_cache(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_token_ids_out_of_vocab_and_wrong_dtype(gpt2_model):
+    with pytest.raises(InputError, match=r"must lie in \[0, 20\)"):
+        gpt2_model(torch.tensor([[1, 2, 99]]))
+    with pytest.raises(InputError, match="integer tensor of shape"):
+        gpt2_model(torch.rand(1, 3))
+
+
+def test_module_input_shape_and_range(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8), input_range=(0.0, 1.0))
+    assert model(torch.rand(1, 8, 8)).shape == (1, 10)  # one unbatched example is accepted
+    with pytest.raises(InputError, match=r"expects one input of shape \(1, 8, 8\).*got \(2, 3, 8, 8\)"):
+        model(torch.rand(2, 3, 8, 8))
+    with pytest.raises(InputError, match=r"expects inputs in \[0.0, 1.0\].*Rescale"):
+        model(torch.rand(2, 1, 8, 8) * 16)
+
+
+def test_native_config_dict_and_bad_fields():
+    model = interp.load(
+        dict(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=10, act_fn="relu", d_mlp=32)
+    )
+    assert model.kind == "transformer" and "blocks.0.attn.hook_pattern" in model.hook_names
+    with pytest.raises(InputError, match="no tokenizer"):
+        model("some text")
+    with pytest.raises(InputError, match="not a valid TransformerBridgeConfig"):
+        interp.load(dict(n_layers=1, not_a_field=3))
+
+
+def test_unloadable_spec_type():
+    with pytest.raises(InputError, match="cannot load a int"):
+        interp.load(3)
+
+
+def test_trust_remote_code_is_never_a_default():
+    import inspect
+
+    assert inspect.signature(interp.load).parameters["trust_remote_code"].default is False
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
