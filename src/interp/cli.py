@@ -1,0 +1,171 @@
+"""``interp``: the command line, a thin layer over the library.
+
+interp models                               what can be loaded
+interp hooks MODEL [--filter GLOB]          hook names and shapes
+interp capture --model M --hooks PATTERN --input FILE --out DIR
+interp explore                              the Streamlit explorer at http://localhost:8501
+interp zoo list | interp zoo train NAME     the models trained here
+interp reproduce FINDING                    published findings, paper vs ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from interp.errors import InterpError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args) or 0
+    except InterpError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp", description="A mechanistic-interpretability workbench.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    models = sub.add_parser("models", help="list the models that can be loaded by name")
+    models.set_defaults(run=_models)
+
+    hooks = sub.add_parser("hooks", help="list a model's hook names with their shapes")
+    hooks.add_argument("model", help="minilm, zoo:NAME, or a local model directory")
+    hooks.add_argument(
+        "--filter", default=None, help="a glob over hook names, e.g. 'blocks.*.hook_resid_post'"
+    )
+    hooks.set_defaults(run=_hooks)
+
+    capture = sub.add_parser("capture", help="stream named activations over a dataset to Arrow shards")
+    capture.add_argument("--model", required=True, help="minilm, zoo:NAME, or a local model directory")
+    capture.add_argument(
+        "--hooks", required=True, action="append", help="hook name, glob or re:REGEX (repeatable)"
+    )
+    capture.add_argument(
+        "--input", required=True, help=".txt (one text per line), .jsonl (text field), .npy or .safetensors"
+    )
+    capture.add_argument(
+        "--out", required=True, help="output directory (resumes if it holds a partial capture)"
+    )
+    capture.add_argument("--batch-size", type=int, default=16)
+    capture.add_argument(
+        "--no-resume", action="store_true", help="overwrite an existing capture instead of resuming"
+    )
+    capture.set_defaults(run=_capture)
+
+    explore = sub.add_parser("explore", help="open the Streamlit explorer")
+    explore.add_argument("--port", type=int, default=8501)
+    explore.set_defaults(run=_explore)
+
+    zoo = sub.add_parser("zoo", help="the models trained here")
+    zoo_sub = zoo.add_subparsers(title="zoo commands", metavar="ZOO_COMMAND")
+    zoo_list = zoo_sub.add_parser("list", help="list zoo models and their recorded metrics")
+    zoo_list.set_defaults(run=_zoo_list)
+    zoo_train = zoo_sub.add_parser(
+        "train", help="retrain a zoo model from scratch (writes safetensors + JSON)"
+    )
+    zoo_train.add_argument("name")
+    zoo_train.add_argument(
+        "--out", default=None, help="directory for the checkpoint (default: the shipped one)"
+    )
+    zoo_train.add_argument("--fast", action="store_true", help="the small-budget variant used by the tests")
+    zoo_train.set_defaults(run=_zoo_train)
+    return parser
+
+
+def _models(args: argparse.Namespace) -> int:
+    from interp.models import available_models
+
+    rows = available_models()
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['kind']:<11}  {row['description']}")
+    print("\nLoad any of them with interp.load(NAME) or --model NAME.")
+    return 0
+
+
+def _hooks(args: argparse.Namespace) -> int:
+    import interp
+
+    model = interp.load(args.model)
+    names = model.resolve(args.filter) if args.filter else model.hook_names
+    shapes = model.hook_shapes
+    width = max(len(n) for n in names)
+    for name in names:
+        shape = shapes[name]
+        print(f"{name:<{width}}  {'?' if shape is None else '(' + ', '.join(map(str, shape)) + ')'}")
+    return 0
+
+
+def _capture(args: argparse.Namespace) -> int:
+    import interp
+    from interp.store import capture_to_disk, read_inputs
+
+    model = interp.load(args.model)
+    dataset = capture_to_disk(
+        model,
+        read_inputs(args.input),
+        args.hooks,
+        args.out,
+        batch_size=args.batch_size,
+        resume=not args.no_resume,
+    )
+    print(f"wrote {len(dataset)} rows with {len(dataset.column_names)} columns to {args.out}")
+    return 0
+
+
+def _explore(args: argparse.Namespace) -> int:
+    home = REPO_ROOT / "apps" / "Home.py"
+    if not home.exists():
+        raise InterpError(
+            f"the explorer's pages are not at {home}; run `interp explore` from a source checkout"
+        )
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(home),
+        "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    print(f"interp explorer: http://localhost:{args.port}")
+    return subprocess.call(command)
+
+
+def _zoo_list(args: argparse.Namespace) -> int:
+    from interp.models import zoo
+
+    for entry in zoo.describe():
+        mark = (
+            ""
+            if entry.get("has_checkpoint")
+            else "  (no checkpoint: run `interp zoo train " + entry["name"] + "`)"
+        )
+        print(f"zoo:{entry['name']:<18} {entry['kind']:<11} {entry['description']}{mark}")
+    return 0
+
+
+def _zoo_train(args: argparse.Namespace) -> int:
+    import json
+
+    from interp.models import zoo
+
+    meta = zoo.train(args.name, args.out, fast=args.fast, progress=True)
+    print(json.dumps(meta.get("metrics", meta), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
