@@ -137,17 +137,11 @@ def _hooked_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HF attention with hook points on q, k, v, scores, pattern and z.
 
-    With no hook attached to this layer's attention internals it defers to SDPA (as fast as the
-    plain model); otherwise it computes attention eagerly, exactly as HF's eager path does, routing
-    each intermediate through its hook point so it can be read or replaced.
+    It computes attention eagerly, exactly as HF's eager path does, routing each intermediate
+    through its hook point so it can be read or replaced. ``HFTransformer`` selects it only for
+    forwards that hook attention internals; every other forward runs HF's own SDPA path.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    points = _ATTENTION_POINTS.get(module)
-    if points is None or not any(p._forward_hooks for p in points.values()):
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+    points = _ATTENTION_POINTS[module]
     unsupported = [k for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None]
     if unsupported:
         raise NotImplementedError(
@@ -259,7 +253,11 @@ class HFTransformer(TransformerModel):
                 points[layer] = nn.ModuleDict({p: HookPoint() for p in ATTENTION_POINTS})
                 for sub in comp.module.modules():
                     _ATTENTION_POINTS[sub] = points[layer]
-        self.module.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        try:
+            self.module.set_attn_implementation("sdpa")
+            self._fast_attention = "sdpa"
+        except (ValueError, ImportError):
+            self._fast_attention = "eager"
         return points
 
     def _build_sites(self) -> dict[str, HookSite]:
@@ -311,7 +309,15 @@ class HFTransformer(TransformerModel):
 
     # --- running --------------------------------------------------------------------------------
 
+    def _select_attention(self) -> None:
+        """Eager attention with hook points when any is hooked, else the model's fast default."""
+        hooked = any(p._forward_hooks for points in self._attention_points.values() for p in points.values())
+        wanted = ATTENTION_IMPLEMENTATION if hooked else self._fast_attention
+        if self.module.config._attn_implementation != wanted:
+            self.module.set_attn_implementation(wanted)
+
     def _forward(self, prepared: Tokens) -> torch.Tensor:
+        self._select_attention()
         out = self.module(
             input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False
         )
