@@ -86,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     zoo_train.add_argument("--fast", action="store_true", help="the small-budget variant used by the tests")
     zoo_train.set_defaults(run=_zoo_train)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="reproduce a published finding: paper vs ours, exit 1 on a miss"
+    )
+    reproduce.add_argument("finding", help="induction, grokking, superposition, ...")
+    reproduce.add_argument("--fast", action="store_true", help="small budgets, same checks, looser bounds")
+    reproduce.add_argument("--out", default=None, help="report directory (default: reports/FINDING)")
+    reproduce.set_defaults(run=_reproduce)
     return parser
 
 
@@ -165,6 +173,13 @@ def _zoo_train(args: argparse.Namespace) -> int:
     meta = zoo.train(args.name, args.out, fast=args.fast, progress=True)
     print(json.dumps(meta.get("metrics", meta), indent=2, default=str))
     return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from interp import reproductions
+
+    report = reproductions.run(args.finding, fast=args.fast, out_dir=args.out)
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":  # pragma: no cover
