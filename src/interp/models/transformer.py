@@ -273,23 +273,24 @@ class HFTransformer(TransformerModel):
         sites = trace_sites(
             sites, lambda: self._forward(self._probe_tokens()), {1: "batch", _PROBE_LEN: "pos"}
         )
-        sites.update(self._aliases(sites))
-        order = list(trace_sites(sites, lambda: self._forward(self._probe_tokens())))
-        return {name: sites[name] for name in order}
+        aliases = self._aliases(list(sites))
+        ordered: dict[str, HookSite] = {}
+        for name, site in sites.items():  # each alias sits right after the site it names
+            ordered[name] = site
+            for alias in aliases.get(name, []):
+                ordered[alias] = HookSite(alias, site.module, site.side, site.shape)
+        return ordered
 
-    def _aliases(self, sites: dict[str, HookSite]) -> dict[str, HookSite]:
-        """TransformerLens's canonical names, pointing at the same sites."""
-        order = {name: i for i, name in enumerate(sites)}
+    def _aliases(self, order: list[str]) -> dict[str, list[str]]:
+        """TransformerLens's canonical names, keyed by the site name each one points at."""
+        index = {name: i for i, name in enumerate(order)}
+        aliases: dict[str, list[str]] = {}
 
         def alias(new: str, *targets: str) -> None:
-            for target in targets:
-                if target in sites:
-                    aliases[new] = HookSite(
-                        new, sites[target].module, sites[target].side, sites[target].shape
-                    )
-                    return
+            target = next((t for t in targets if t in index), None)
+            if target is not None:
+                aliases.setdefault(target, []).append(new)
 
-        aliases: dict[str, HookSite] = {}
         alias("hook_embed", "embed.hook_out")
         alias("hook_pos_embed", "pos_embed.hook_out")
         for i in range(self.n_layers):
@@ -300,7 +301,7 @@ class HFTransformer(TransformerModel):
             alias(f"{b}.hook_mlp_out", f"{b}.mlp.out.hook_out", f"{b}.mlp.hook_out")
             alias(f"{b}.mlp.hook_pre", f"{b}.mlp.gate.hook_out", f"{b}.mlp.in.hook_out")
             alias(f"{b}.mlp.hook_post", f"{b}.mlp.out.hook_in")
-            post_ln = order.get(f"{b}.attn.o.hook_out", -1) < order.get(f"{b}.ln1.hook_in", -1)
+            post_ln = index.get(f"{b}.attn.o.hook_out", -1) < index.get(f"{b}.ln1.hook_in", -1)
             if post_ln:  # BERT-style: the residual after attention is ln1's output
                 alias(f"{b}.hook_resid_mid", f"{b}.ln1.hook_out")
             else:
