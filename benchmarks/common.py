@@ -15,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1) -> dict[str, float]:
+def interleaved(
+    contenders: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1
+) -> dict[str, float]:
     """Median seconds per call for each contender, timed in alternating order each round."""
     for fn in contenders.values():
         for _ in range(warmup):
@@ -48,5 +50,7 @@ def report(title: str, medians: dict[str, float], ratios: list[tuple[str, str, s
         ratio = medians[num] / medians[den]
         met = ratio <= goal if kind == "max" else ratio >= goal
         ok &= met
-        print(f"  {label:<44} {ratio:6.3f}x  (goal {'<=' if kind == 'max' else '>='} {goal}x: {'met' if met else 'MISSED'})")
+        print(
+            f"  {label:<44} {ratio:6.3f}x  (goal {'<=' if kind == 'max' else '>='} {goal}x: {'met' if met else 'MISSED'})"
+        )
     return ok
