@@ -1,0 +1,848 @@
+"""Streaming capture to disk: activations over a dataset, written batch by batch as Arrow shards.
+
+    >>> ds = interp.capture_to_disk(model, texts, "blocks.*.hook_resid_post", "acts/")
+    >>> ds[0]["blocks.3.hook_resid_post"].shape        # (n_tokens_of_example_0, d_model)
+    >>> ds = interp.load_capture("acts/")               # later, or in another process
+
+Layout of ``out_dir``::
+
+    manifest.json        model, names, shapes, dtype, batch_size, inputs fingerprint, finished shards
+    shard-00000.arrow    Arrow IPC stream files with Hugging Face ``datasets`` schema metadata,
+    shard-00001.arrow    so each one opens with ``datasets.Dataset.from_file`` (memory-mapped)
+    .lock                held (``flock``) while a capture writes, so two runs cannot interleave
+
+One row per example: ``example`` (its index in the inputs), ``input_ids`` and ``str_tokens`` for
+transformers (the real tokens only, no padding), and one column per hook name holding that
+example's activation without the batch axis, trimmed to the example's real tokens on every ``pos``
+axis (a pattern of an example with 7 tokens is ``[head, 7, 7]``).
+
+Crash safety: a shard is written under a temporary name, flushed, fsynced and renamed into place;
+only then does the manifest (itself replaced atomically) list it. A rerun of the same call resumes
+after the last listed shard and deletes anything not listed (a half-written temp file, a shard
+renamed just before a kill), so nothing is lost and nothing is duplicated.
+
+Memory: only one batch's activations are alive at a time. A shard may span several batches
+(``shard_mb``); each batch is appended to the open shard file as one Arrow record batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from interp.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    import pyarrow as pa
+
+    from interp.hooks import Names
+    from interp.models.base import HookedModel
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = "interp.capture"
+VERSION = 1
+_OURS_RE = re.compile(r"^(shard-\d{5,}\.arrow|manifest\.json)(\.tmp.*)?$|^\.lock$")
+_STORABLE = {
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
+}
+_DTYPE_ALIASES = {
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+
+def capture_to_disk(
+    model: HookedModel,
+    inputs: Any,
+    names: Names,
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 16,
+    resume: bool = True,
+    progress: bool = True,
+    dtype: str | torch.dtype | None = None,
+    shard_mb: float = 256.0,
+) -> datasets.Dataset:
+    """Capture the named activations over ``inputs`` into Arrow shards in ``out_dir``.
+
+    Args:
+        model: any ``HookedModel``.
+        inputs: a list of texts, a ``datasets.Dataset`` with a ``"text"`` column, a token-id tensor
+            ``[N, pos]`` (transformers), or a float tensor / array ``[N, ...]`` (module models).
+        names: hook names, globs or regexes (as for ``run_with_cache``).
+        out_dir: the capture directory (created if missing).
+        batch_size: examples per forward pass; memory holds one batch of activations at a time.
+        resume: continue an interrupted capture of the same model, names and inputs in ``out_dir``.
+            ``False`` deletes a previous capture there and starts over.
+        progress: show a tqdm bar.
+        dtype: store floating activations as this dtype (``"float16"``, ``"float32"``,
+            ``"float64"``); None keeps the model's dtype (bfloat16 is stored as float32, since Arrow
+            has no bfloat16).
+        shard_mb: start a new shard file once the current one holds this many MB (at a batch
+            boundary). An interruption loses at most the unfinished shard; ``0`` = one shard per batch.
+
+    Returns:
+        The whole capture as a ``datasets.Dataset`` in torch format (see ``load_capture``).
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if shard_mb < 0:
+        raise InputError(f"shard_mb must be >= 0, got {shard_mb!r}")
+    source = _as_source(model, inputs)
+    chosen = model.resolve(names)  # UnknownHookError with suggestions for a typo
+    store_dtype = _normalize_dtype(dtype)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+
+    with _locked(out):
+        header = _header(model, chosen, store_dtype, batch_size, source)
+        manifest = _open_manifest(out, header, resume)
+        start = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
+        bar = tqdm(total=source.n, initial=start, unit="ex", desc=f"capture {out.name}", disable=not progress)
+        if start and progress:
+            bar.write(f"resuming {out}: {start} of {source.n} examples already on disk")
+        try:
+            _run(model, source, chosen, store_dtype, batch_size, out, manifest, start, shard_mb, bar)
+        finally:
+            bar.close()
+        manifest["complete"] = True
+        _write_manifest(out, manifest)
+    return load_capture(out)
+
+
+def load_capture(out_dir: str | os.PathLike, *, partial: bool = False) -> datasets.Dataset:
+    """Open a capture written by ``capture_to_disk`` as one ``datasets.Dataset`` in torch format.
+
+    The shards are memory-mapped and concatenated in order (nothing is copied into RAM). Rows of
+    text captures have different lengths, so a slice gives a list of tensors, one per example.
+    Note that datasets' torch format hands every floating column back as float32, whatever dtype
+    the files hold (use ``ds.with_format("numpy")`` to read float16 or float64 as stored).
+    ``partial=True`` opens an unfinished capture's finished shards; otherwise an unfinished
+    capture is an error that says how to finish it.
+    """
+    import datasets
+
+    out = Path(out_dir).expanduser()
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise InputError(
+            f"{out} holds no capture (no readable {MANIFEST}). Write one with "
+            "interp.capture_to_disk(model, inputs, names, out_dir) or `interp capture`."
+        )
+    done = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
+    if not manifest.get("complete") and not partial:
+        raise InputError(
+            f"the capture in {out} is unfinished ({done} of {manifest['n_examples']} examples). "
+            "Rerun the same capture_to_disk call (or `interp capture` command) to finish it, "
+            "or open what is there with load_capture(out_dir, partial=True)."
+        )
+    parts = []
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        if not path.is_file():
+            raise InputError(
+                f"{path} is listed in {out / MANIFEST} but missing. Rerun the capture to rewrite it."
+            )
+        parts.append(datasets.Dataset.from_file(str(path)))
+    if not parts:
+        raise InputError(f"the capture in {out} has no finished shard yet; rerun the capture to write one")
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return ds.with_format("torch")
+
+
+def read_inputs(path: str | os.PathLike) -> list[str] | torch.Tensor | datasets.Dataset:
+    """Read capture inputs from a file, for the CLI.
+
+    * ``.txt``: one text per line (blank lines are skipped);
+    * ``.jsonl``: one JSON object per line with a ``"text"`` string;
+    * ``.npy`` / ``.safetensors``: a tensor (token ids ``[N, pos]`` or model inputs ``[N, ...]``;
+      a safetensors file must hold one tensor, or one named ``input_ids`` / ``inputs``);
+    * a directory written by ``datasets.Dataset.save_to_disk`` with a ``"text"`` column.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"input file {str(p)!r} does not exist. Check the path.")
+    if p.is_dir():
+        return _read_dataset_dir(p)
+    suffix = p.suffix.lower()
+    readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".npy": _read_npy, ".safetensors": _read_safetensors}
+    if suffix not in readers:
+        raise InputError(
+            f"cannot read {p.name!r}: unknown file type {suffix or '(none)'!r}. Use .txt (one text per "
+            "line), .jsonl (a 'text' field per line), .npy or .safetensors (a tensor), or a "
+            "datasets.save_to_disk directory."
+        )
+    try:
+        result = readers[suffix](p)
+    except InputError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, RuntimeError) as err:
+        raise InputError(f"cannot read {str(p)!r} as {suffix}: {err}") from err
+    if len(result) == 0:
+        what = "texts" if isinstance(result, list) else "examples (its first dimension is 0)"
+        raise InputError(f"{str(p)!r} holds no {what}; nothing to capture.")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    """Inputs as batches: ``kind`` is "text", "tokens" or "tensor"."""
+
+    kind: str
+    n: int
+    data: Any
+
+    def batch(self, start: int, stop: int) -> Any:
+        if self.kind == "text" and not isinstance(self.data, list):  # a datasets.Dataset
+            return list(self.data[start:stop]["text"])
+        return self.data[start:stop]
+
+    def fingerprint(self) -> str:
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.kind}:{self.n}:".encode())
+        if self.kind == "text":
+            for text in self._texts():
+                encoded = text.encode("utf-8", "surrogatepass")
+                digest.update(len(encoded).to_bytes(8, "little"))
+                digest.update(encoded)
+        else:
+            tensor = self.data
+            digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+            step = max(1, (64 * 2**20) // max(1, tensor[:1].numel() * tensor.element_size()))
+            for i in range(0, self.n, step):  # chunked, so a large tensor is never copied whole
+                chunk = tensor[i : i + step].detach().cpu().contiguous()
+                digest.update(chunk.view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def _texts(self) -> Iterator[str]:
+        if isinstance(self.data, list):
+            yield from self.data
+        else:
+            for rows in self.data.iter(batch_size=1024):
+                yield from rows["text"]
+
+
+def _as_source(model: HookedModel, inputs: Any) -> _Source:
+    kind = getattr(model, "kind", "module")
+    if isinstance(inputs, str):
+        raise InputError(
+            "capture_to_disk takes a list of texts, not a single string. Wrap it ([text]) or, for a "
+            "file, pass read_inputs(path)."
+        )
+    if _is_dataset(inputs):
+        if "text" not in inputs.column_names:
+            raise InputError(
+                f"the dataset has no 'text' column (columns: {inputs.column_names}). Rename the text "
+                "column (ds.rename_column(old, 'text')) or pass token ids as a tensor."
+            )
+        if kind != "transformer":
+            raise InputError(f"{model.name} is a {kind} model; it takes tensors, not texts")
+        if len(inputs) == 0:
+            raise InputError("the dataset is empty; nothing to capture")
+        return _Source("text", len(inputs), inputs.select_columns(["text"]))
+    if isinstance(inputs, list | tuple) and inputs and all(isinstance(t, str) for t in inputs):
+        if kind != "transformer":
+            raise InputError(f"{model.name} is a {kind} model; it takes tensors, not texts")
+        return _Source("text", len(inputs), list(inputs))
+    if isinstance(inputs, list | tuple) and not inputs:
+        raise InputError("inputs is empty; nothing to capture")
+    try:
+        tensor = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InputError(
+            f"cannot use a {type(inputs).__name__} as capture inputs ({err}). Pass a list of texts, a "
+            "datasets.Dataset with a 'text' column, or a tensor [N, ...]."
+        ) from err
+    if tensor.ndim == 0 or tensor.shape[0] == 0:
+        raise InputError(
+            f"inputs tensor of shape {tuple(tensor.shape)} holds no examples; nothing to capture"
+        )
+    if kind == "transformer":
+        if torch.is_floating_point(tensor) or tensor.ndim != 2:
+            raise InputError(
+                f"a transformer takes token ids as an integer tensor [N, pos]; got {tensor.dtype} "
+                f"{tuple(tensor.shape)}. For one sequence use ids.unsqueeze(0); for text pass a list of strings."
+            )
+        return _Source("tokens", tensor.shape[0], tensor)
+    return _Source("tensor", tensor.shape[0], tensor)
+
+
+def _is_dataset(obj: Any) -> bool:
+    return type(obj).__name__ == "Dataset" and hasattr(obj, "column_names") and hasattr(obj, "select_columns")
+
+
+def _read_txt(p: Path) -> list[str]:
+    with open(p, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f if line.strip()]
+
+
+def _read_jsonl(p: Path) -> list[str]:
+    texts = []
+    with open(p, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{p.name} line {number} is not valid JSON ({err.msg}).") from err
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise InputError(
+                    f'{p.name} line {number} needs a \'text\' string field, e.g. {{"text": "The cat sat."}}; '
+                    f"got {line.strip()[:80]!r}"
+                )
+            texts.append(row["text"])
+    return texts
+
+
+def _read_npy(p: Path) -> torch.Tensor:
+    array = np.load(p, allow_pickle=False)
+    if array.ndim == 0:
+        raise InputError(f"{p.name} holds a scalar; capture needs a tensor [N, ...]")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_safetensors(p: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(p))
+    except SafetensorError as err:
+        raise InputError(f"cannot read {p.name} as safetensors: {err}") from err
+    if not tensors:
+        raise InputError(f"{p.name} holds no tensors; nothing to capture")
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    for key in ("input_ids", "inputs"):
+        if key in tensors:
+            return tensors[key]
+    raise InputError(
+        f"{p.name} holds {len(tensors)} tensors ({sorted(tensors)[:6]}); name the one to capture "
+        "'input_ids' or 'inputs', or save it alone."
+    )
+
+
+def _read_dataset_dir(p: Path) -> datasets.Dataset:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise InputError(
+            f"{str(p)!r} is a directory but not a saved datasets.Dataset ({err}). Pass a .txt, .jsonl, "
+            ".npy or .safetensors file."
+        ) from err
+    if not _is_dataset(ds):
+        raise InputError(f"{str(p)!r} holds a DatasetDict; save one split (ds['train'].save_to_disk(...))")
+    if len(ds) == 0:
+        raise InputError(f"the dataset in {str(p)!r} is empty; nothing to capture")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest and resume
+# ------------------------------------------------------------------------------------------------
+
+
+def _header(
+    model: HookedModel, chosen: list[str], store_dtype: str | None, batch_size: int, source: _Source
+) -> dict[str, Any]:
+    shapes = model.hook_shapes
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model.name,
+        "model_kind": getattr(model, "kind", "module"),
+        "model_class": type(model.module).__name__,
+        "n_params": sum(p.numel() for p in model.module.parameters()),
+        "names": chosen,
+        "shapes": {n: (list(shapes[n]) if shapes.get(n) is not None else None) for n in chosen},
+        "dtype": store_dtype,
+        "batch_size": batch_size,
+        "input_kind": source.kind,
+        "n_examples": source.n,
+        "inputs_fingerprint": source.fingerprint(),
+    }
+
+
+_IDENTITY = {
+    "model": "model",
+    "model_kind": "model kind",
+    "model_class": "model class",
+    "n_params": "model parameter count",
+    "names": "hook names",
+    "dtype": "dtype",
+    "input_kind": "kind of inputs",
+    "n_examples": "number of examples",
+    "inputs_fingerprint": "inputs (their content differs)",
+}
+
+
+def _open_manifest(out: Path, header: dict[str, Any], resume: bool) -> dict[str, Any]:
+    existing = _read_manifest(out)
+    foreign = [p.name for p in out.iterdir() if not _OURS_RE.match(p.name)]
+    if existing is None and foreign:
+        raise InputError(
+            f"{out} already holds files that are not an interp capture ({', '.join(sorted(foreign)[:4])}). "
+            "Choose a new or empty out_dir."
+        )
+    if existing is not None and resume:
+        differ = [label for key, label in _IDENTITY.items() if existing.get(key) != header[key]]
+        if differ:
+            details = "; ".join(
+                f"{label}: on disk {_short(existing.get(key))}, now {_short(header[key])}"
+                for key, label in _IDENTITY.items()
+                if label in differ
+            )
+            raise InputError(
+                f"{out} holds a capture made with a different {', '.join(differ)} ({details}). "
+                "Use a new out_dir, or pass resume=False (CLI: --overwrite) to delete it and start over."
+            )
+        manifest = {**existing, "batch_size": header["batch_size"]}
+        manifest["shards"] = _valid_prefix(out, existing.get("shards", []))
+        manifest["complete"] = existing.get("complete", False) and manifest["shards"] == existing["shards"]
+    else:
+        manifest = {**header, "features": None, "shards": [], "complete": False, "created": _now()}
+    keep = {s["file"] for s in manifest["shards"]}
+    for p in out.iterdir():  # leftovers: temp files, partial shards, shards the manifest never listed
+        if _OURS_RE.match(p.name) and p.name not in keep and p.name not in (MANIFEST, LOCK):
+            p.unlink()
+    if not manifest["shards"]:
+        manifest["features"] = None  # inferred again from the first batch
+    _write_manifest(out, manifest)
+    return manifest
+
+
+def _valid_prefix(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The listed shards that are present with the recorded size, up to the first that is not."""
+    valid, expected = [], 0
+    for shard in shards:
+        path = out / shard["file"]
+        if shard["start"] != expected or not path.is_file() or path.stat().st_size != shard["bytes"]:
+            break
+        valid.append(shard)
+        expected = shard["stop"]
+    return valid
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    manifest["updated"] = _now()
+    tmp = out / f"{MANIFEST}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / MANIFEST)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
+        yield
+        return
+    with open(out / LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise InputError(
+                f"another capture is writing to {out} right now. Wait for it, or use another out_dir."
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------------------------------------
+# The capture loop
+# ------------------------------------------------------------------------------------------------
+
+
+class _ShardWriter:
+    """One shard file being written under a temporary name; ``commit`` makes it durable and visible."""
+
+    def __init__(self, out: Path, index: int, start: int, schema: pa.Schema, tag: str) -> None:
+        import pyarrow as pa
+
+        self.name = f"shard-{index:05d}.arrow"
+        # A fingerprint in the schema metadata spares datasets from hashing the table on every open.
+        meta = json.loads(schema.metadata[b"huggingface"])
+        meta["fingerprint"] = hashlib.blake2b(f"{tag}:{index}:{start}".encode(), digest_size=8).hexdigest()
+        schema = schema.with_metadata({**schema.metadata, b"huggingface": json.dumps(meta).encode()})
+        self.out, self.start, self.stop = out, start, start
+        self.tmp = out / f"{self.name}.tmp-{os.getpid()}"
+        self.file = pa.OSFile(str(self.tmp), "wb")  # native writes; closed in commit/abort
+        self.writer = pa.ipc.new_stream(self.file, schema)
+        self.clean = True  # False while a record batch is half-written
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.tell()
+
+    def write(self, table: pa.Table, stop: int) -> None:
+        self.clean = False
+        self.writer.write_table(table)
+        self.clean = True
+        self.stop = stop
+
+    def commit(self) -> dict[str, Any]:
+        self.writer.close()
+        self.file.close()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # on disk before it is renamed into place
+        finally:
+            os.close(fd)
+        final = self.out / self.name
+        os.replace(self.tmp, final)
+        return {"file": self.name, "start": self.start, "stop": self.stop, "bytes": final.stat().st_size}
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+def _run(
+    model: HookedModel,
+    source: _Source,
+    chosen: list[str],
+    store_dtype: str | None,
+    batch_size: int,
+    out: Path,
+    manifest: dict[str, Any],
+    start: int,
+    shard_mb: float,
+    bar: Any,
+) -> None:
+    features = _features_from_dict(manifest["features"]) if manifest.get("features") else None
+    shapes = model.hook_shapes
+    ragged = {n for n in chosen if source.kind == "text" and "pos" in (shapes.get(n) or ())}
+    writer: _ShardWriter | None = None
+    limit = shard_mb * 1e6
+    tokens = written = 0
+    began = time.perf_counter()
+    try:
+        for lo in range(start, source.n, batch_size):
+            hi = min(lo + batch_size, source.n)
+            _, cache = model.run_with_cache(source.batch(lo, hi), names=chosen, stop_early=True)
+            columns, n_tokens = _rows(model, source, cache, chosen, store_dtype, lo, hi)
+            del cache
+            if features is None:
+                features = _infer_features(columns, ragged)
+                manifest["features"] = features.to_dict()
+            table = _to_table(columns, features)
+            del columns
+            if writer is None:
+                tag = f"{manifest['inputs_fingerprint']}:{manifest['names']}:{manifest['created']}"
+                writer = _ShardWriter(out, len(manifest["shards"]), lo, features.arrow_schema, tag)
+            _write_batch(writer, table, hi)
+            del table
+            tokens += n_tokens
+            if writer.nbytes >= limit or hi == source.n:
+                written += writer.nbytes
+                manifest["shards"].append(writer.commit())
+                writer = None
+                _write_manifest(out, manifest)
+            elapsed = max(time.perf_counter() - began, 1e-9)
+            current = written + (writer.nbytes if writer is not None else 0)
+            rates = f"{tokens / elapsed:,.0f} tok/s, " if tokens else ""
+            bar.set_postfix_str(f"{rates}{current / 1e6 / elapsed:,.1f} MB/s", refresh=False)
+            bar.update(hi - lo)
+    except BaseException:
+        # Keep every whole batch already in the open shard: close it and list it, then re-raise.
+        if writer is not None and writer.clean and writer.stop > writer.start:
+            try:
+                manifest["shards"].append(writer.commit())
+                _write_manifest(out, manifest)
+            except Exception:
+                writer.abort()
+        elif writer is not None:
+            writer.abort()
+        raise
+
+
+def _write_batch(writer: _ShardWriter, table: pa.Table, stop: int) -> None:
+    """Append one batch to the open shard (a seam for tests that simulate crashes)."""
+    writer.write(table, stop)
+
+
+def _rows(
+    model: HookedModel,
+    source: _Source,
+    cache: Any,
+    chosen: list[str],
+    store_dtype: str | None,
+    lo: int,
+    hi: int,
+) -> tuple[dict[str, Any], int]:
+    """One batch as columns: a list of per-example arrays, or one ``[n, ...]`` array when every
+    example has the same shape; plus the number of real tokens."""
+    n = hi - lo
+    columns: dict[str, Any] = {"example": list(range(lo, hi))}
+    keep: list[torch.Tensor | None] = [None] * n
+    n_tokens = 0
+    if source.kind in ("text", "tokens"):
+        ids = cache.meta["input_ids"]
+        mask = cache.meta.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            keep = [row.bool().nonzero().squeeze(1) for row in mask]
+        columns["input_ids"] = [
+            (ids[i] if keep[i] is None else ids[i, keep[i]]).numpy().astype(np.int64) for i in range(n)
+        ]
+        n_tokens = sum(len(r) for r in columns["input_ids"])
+        str_tokens = cache.meta.get("str_tokens")
+        tokenizer = getattr(model, "tokenizer", None)
+        if str_tokens is None and tokenizer is not None:
+            str_tokens = [tokenizer.convert_ids_to_tokens(r.tolist()) for r in columns["input_ids"]]
+        if str_tokens is not None:
+            columns["str_tokens"] = [list(map(str, t)) for t in str_tokens]
+    shapes = model.hook_shapes
+    for name in chosen:
+        act = cache[name]
+        symbolic = shapes.get(name)
+        if symbolic is None or len(symbolic) != act.ndim or "batch" not in symbolic:
+            symbolic = ("batch", *[None] * (act.ndim - 1))
+        act = act.movedim(symbolic.index("batch"), 0)
+        rest = [d for d in symbolic if d != "batch"]
+        pos_axes = [i for i, d in enumerate(rest) if d == "pos"]
+        if act.shape[0] != n:
+            raise InputError(
+                f"hook {name!r} gave a tensor of shape {tuple(act.shape)} whose first axis is not the "
+                f"batch of {n}; it cannot be split per example. Capture a different hook point."
+            )
+        act = _cast(act.detach(), store_dtype)
+        if not pos_axes or all(k is None for k in keep):  # nothing to trim: the batch as one array
+            columns[name] = act.cpu().contiguous().numpy()
+        else:
+            per_example = []
+            for i in range(n):
+                row = act[i]
+                for axis in pos_axes if keep[i] is not None else ():
+                    row = row.index_select(axis, keep[i].to(row.device))
+                per_example.append(row.cpu().contiguous().numpy())
+            columns[name] = per_example
+        del act
+    return columns, n_tokens
+
+
+def _cast(act: torch.Tensor, store_dtype: str | None) -> torch.Tensor:
+    if act.is_floating_point():
+        if store_dtype is not None:
+            return act.to(getattr(torch, store_dtype))
+        if act.dtype not in _STORABLE:  # bfloat16 and friends: Arrow has no such type
+            return act.float()
+    elif act.dtype not in _STORABLE:
+        return act.long()
+    return act
+
+
+def _normalize_dtype(dtype: str | torch.dtype | None) -> str | None:
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.").lower()
+    text = _DTYPE_ALIASES.get(text, text)
+    if text not in ("float16", "float32", "float64"):
+        hint = " (Arrow has no bfloat16; use float16 or float32)" if "bf" in text else ""
+        raise InputError(f"dtype must be float16, float32 or float64, got {dtype!r}{hint}")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrow
+# ------------------------------------------------------------------------------------------------
+
+
+def _value(dtype: str) -> Any:
+    from datasets import Value
+
+    return Value(dtype)
+
+
+def _infer_features(columns: dict[str, Any], ragged: set[str]) -> datasets.Features:
+    """Column types from the first batch: fixed-shape arrays as ``ArrayND`` (fast reads), arrays
+    whose ``pos`` axes vary per example (text) as nested lists of the same depth."""
+    from datasets import Array2D, Array3D, Array4D, Array5D, Features, List
+
+    fixed_types = {2: Array2D, 3: Array3D, 4: Array4D, 5: Array5D}
+    features: dict[str, Any] = {"example": _value("int64")}
+    if "input_ids" in columns:
+        features["input_ids"] = List(_value("int64"))
+    if "str_tokens" in columns:
+        features["str_tokens"] = List(_value("string"))
+    for name, rows in columns.items():
+        if name in features:
+            continue
+        first = rows[0]
+        dtype = str(first.dtype)
+        varies = name in ragged or len({r.shape for r in rows}) > 1
+        if first.ndim == 0:
+            features[name] = _value(dtype)
+        elif first.ndim in fixed_types and not varies:
+            features[name] = fixed_types[first.ndim](shape=tuple(first.shape), dtype=dtype)
+        else:
+            feature: Any = _value(dtype)
+            for _ in range(first.ndim):
+                feature = List(feature)
+            features[name] = feature
+    return Features(features)
+
+
+def _features_from_dict(data: dict[str, Any]) -> datasets.Features:
+    from datasets import Features
+
+    return Features.from_dict(data)
+
+
+def _to_table(columns: dict[str, Any], features: datasets.Features) -> pa.Table:
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    arrays = []
+    for field in schema:
+        rows = columns.get(field.name)
+        if rows is None:
+            raise InputError(
+                f"column {field.name!r} is missing from this batch though the capture has it; "
+                "rerun with resume=False"
+            )
+        arrays.append(_column(rows, field.type, field.name))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _column(rows: Any, pa_type: pa.DataType, name: str) -> pa.Array:
+    import pyarrow as pa
+
+    if name == "example":
+        return pa.array(np.asarray(rows, dtype=np.int64), type=pa_type)
+    if name == "str_tokens":
+        return pa.array(rows, type=pa_type)
+    if isinstance(pa_type, pa.ExtensionType):
+        expected = tuple(pa_type.shape)
+        bad = next((shape for shape in _shapes(rows) if shape != expected), None)
+        if bad is not None:
+            raise InputError(
+                f"hook {name!r} has per-example shape {bad} in this batch but {expected} before; "
+                "a capture's fixed-shape columns must keep their shape"
+            )
+        return pa.ExtensionArray.from_storage(pa_type, _nested(rows, pa_type.storage_type))
+    depth, leaf = 0, pa_type
+    while pa.types.is_list(leaf):
+        depth, leaf = depth + 1, leaf.value_type
+    if depth == 0:
+        return pa.array(np.asarray(rows), type=pa_type)
+    bad = next((shape for shape in _shapes(rows) if len(shape) != depth), None)
+    if bad is not None:
+        raise InputError(f"hook {name!r} has per-example shape {bad}, expected {depth} dims")
+    return _nested(rows, pa_type)
+
+
+def _shapes(rows: Any) -> set[tuple[int, ...]]:
+    return {tuple(rows.shape[1:])} if isinstance(rows, np.ndarray) else {r.shape for r in rows}
+
+
+def _nested(rows: Any, pa_type: pa.DataType) -> pa.Array:
+    """Nested Arrow lists from per-example arrays (any shapes of one rank) or one ``[n, ...]``
+    array, without Python loops over elements: one flat buffer plus one offsets array per level."""
+    import pyarrow as pa
+
+    leaf = pa_type
+    while pa.types.is_list(leaf):
+        leaf = leaf.value_type
+    uniform = isinstance(rows, np.ndarray)
+    flat = rows.reshape(-1) if uniform else np.concatenate([r.reshape(-1) for r in rows])
+    if flat.size >= 2**31:
+        raise InputError(
+            "one batch of one hook holds more than 2**31 values, beyond what a shard column can index; "
+            "use a smaller batch_size"
+        )
+    values = pa.array(flat, type=leaf)
+    if uniform:
+        n, shape = rows.shape[0], rows.shape[1:]
+        for level in reversed(range(len(shape))):
+            count = n * math.prod(shape[:level])
+            offsets = np.arange(count + 1, dtype=np.int32) * np.int32(shape[level])
+            values = pa.ListArray.from_arrays(pa.array(offsets), values)
+        return values.cast(pa_type) if values.type != pa_type else values
+    for level in reversed(range(rows[0].ndim)):
+        counts = [math.prod(r.shape[:level]) for r in rows]
+        lengths = np.repeat([r.shape[level] for r in rows], counts)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = pa.ListArray.from_arrays(pa.array(offsets), values)
+    return values.cast(pa_type) if values.type != pa_type else values
+
+
+def shard_files(out_dir: str | os.PathLike) -> list[str]:
+    """Finished shard files of a capture, in order (for tools that read the Arrow files directly)."""
+    out = Path(out_dir).expanduser()
+    manifest = _read_manifest(out)
+    return [str(out / s["file"]) for s in manifest["shards"]] if manifest else []
+
+
+__all__: Sequence[str] = ["capture_to_disk", "load_capture", "read_inputs", "shard_files"]
