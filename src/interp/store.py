@@ -28,12 +28,14 @@ Memory: only one batch's activations are alive at a time. A shard may span sever
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,7 @@ def capture_to_disk(
     store_dtype = _normalize_dtype(dtype)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign(out)
 
     with _locked(out):
         header = _header(model, chosen, store_dtype, batch_size, source)
@@ -418,12 +421,7 @@ _IDENTITY = {
 
 def _open_manifest(out: Path, header: dict[str, Any], resume: bool) -> dict[str, Any]:
     existing = _read_manifest(out)
-    foreign = [p.name for p in out.iterdir() if not _OURS_RE.match(p.name)]
-    if existing is None and foreign:
-        raise InputError(
-            f"{out} already holds files that are not an interp capture ({', '.join(sorted(foreign)[:4])}). "
-            "Choose a new or empty out_dir."
-        )
+    _refuse_foreign(out)
     if existing is not None and resume:
         differ = [label for key, label in _IDENTITY.items() if existing.get(key) != header[key]]
         if differ:
@@ -434,7 +432,7 @@ def _open_manifest(out: Path, header: dict[str, Any], resume: bool) -> dict[str,
             )
             raise InputError(
                 f"{out} holds a capture made with a different {', '.join(differ)} ({details}). "
-                "Use a new out_dir, or pass resume=False (CLI: --overwrite) to delete it and start over."
+                "Use a new out_dir, or pass resume=False (`interp capture --no-resume`) to delete it and start over."
             )
         manifest = {**existing, "batch_size": header["batch_size"]}
         manifest["shards"] = _valid_prefix(out, existing.get("shards", []))
@@ -449,6 +447,18 @@ def _open_manifest(out: Path, header: dict[str, Any], resume: bool) -> dict[str,
         manifest["features"] = None  # inferred again from the first batch
     _write_manifest(out, manifest)
     return manifest
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Never write into (or clean up) a directory that holds anything but a capture."""
+    if _read_manifest(out) is not None:
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _OURS_RE.match(p.name))
+    if foreign:
+        raise InputError(
+            f"{out} already holds files that are not an interp capture ({', '.join(foreign[:4])}). "
+            "Choose a new or empty out_dir."
+        )
 
 
 def _valid_prefix(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -488,6 +498,7 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``out/.lock`` (released by the OS if the process dies)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - non-POSIX: no cross-process lock
@@ -496,14 +507,22 @@ def _locked(out: Path) -> Iterator[None]:
     with open(out / LOCK, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except OSError as err:
-            raise InputError(
-                f"another capture is writing to {out} right now. Wait for it, or use another out_dir."
-            ) from err
+            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(
+                    f"another capture is writing to {out} right now. Wait for it, or use another out_dir."
+                ) from err
+            warnings.warn(  # e.g. a network filesystem without locks
+                f"cannot lock {out} ({err}); make sure no other capture writes there at the same time",
+                stacklevel=3,
+            )
+            held = False
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _now() -> str:
