@@ -1,0 +1,216 @@
+"""Figures for activations and attention: plotly figures and self-contained circuitsvis HTML.
+
+Nothing here imports streamlit: the same figures serve scripts, notebooks, the CLI and the explorer.
+
+    >>> from interp import viz
+    >>> out, cache = model.run_with_cache("The cat sat.", names="blocks.0.*")
+    >>> tokens = cache.meta["str_tokens"][0]
+    >>> viz.activation_figure(cache["blocks.0.hook_resid_post"][0], "resid_post 0", tokens).show()
+    >>> html = viz.attention_heads_html(cache["pattern", 0][0], tokens)   # works offline
+
+Activations with more than two axes are shown one 2-D slice at a time: ``display_axes`` says which
+two axes to keep (the token axes where it can) and ``take_slice`` fixes the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from interp.errors import InputError
+
+MAX_TICKS = 64  # beyond this many tokens an axis labels every k-th one
+Dim = int | str
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A float numpy copy of a torch tensor, numpy array or nested list."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach().cpu().float().numpy()
+    return np.asarray(tensor, dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a 2-D view of a larger activation
+# ----------------------------------------------------------------------------------------------
+
+
+def display_axes(dims: Sequence[Dim]) -> tuple[int, ...]:
+    """Which axes of an activation to draw (at most two), given its dims without the batch axis.
+
+    ``dims`` uses the symbolic names of ``model.hook_shapes`` (``"pos"``) or plain sizes. Keeps
+    both token axes of an attention pattern (``[head, pos, pos]`` -> ``(1, 2)``), else the token
+    axis and the last axis (``[pos, head, d_head]`` -> ``(0, 2)``), else the last two axes
+    (``[channel, h, w]`` -> ``(1, 2)``).
+    """
+    n = len(dims)
+    if n <= 2:
+        return tuple(range(n))
+    pos = [i for i, d in enumerate(dims) if d == "pos"]
+    if len(pos) >= 2:
+        return (pos[0], pos[1])
+    if pos and pos[0] != n - 1:
+        return (pos[0], n - 1)
+    return (n - 2, n - 1)
+
+
+def take_slice(tensor: Any, keep: Sequence[int], index: Mapping[int, int] | None = None) -> np.ndarray:
+    """Fix every axis not in ``keep`` at ``index[axis]`` (default 0); returns the kept axes in order."""
+    array = to_numpy(tensor)
+    index = dict(index or {})
+    if any(not 0 <= k < array.ndim for k in keep):
+        raise InputError(f"axes to keep {tuple(keep)} are out of range for a {array.ndim}-D activation")
+    selector: list[Any] = []
+    for axis, size in enumerate(array.shape):
+        if axis in keep:
+            selector.append(slice(None))
+            continue
+        i = index.get(axis, 0)
+        if not -size <= i < size:
+            raise InputError(f"index {i} is out of range for axis {axis} of size {size}")
+        selector.append(i)
+    return array[tuple(selector)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plotly figures
+# ----------------------------------------------------------------------------------------------
+
+
+def _token_ticks(tokens: Sequence[str]) -> dict[str, Any]:
+    """Tick positions and labels for a token axis (numeric, so repeated tokens stay apart)."""
+    step = max(1, math.ceil(len(tokens) / MAX_TICKS))
+    positions = list(range(0, len(tokens), step))
+    return {
+        "tickmode": "array",
+        "tickvals": positions,
+        "ticktext": [str(tokens[i]) for i in positions],
+    }
+
+
+def activation_figure(
+    tensor: Any,
+    title: str,
+    tokens: Sequence[str] | None = None,
+    *,
+    token_axes: Sequence[int] | None = None,
+    axis_titles: Sequence[str] | None = None,
+):
+    """A heatmap of a 2-D activation (``[pos, d]``, ``[q, k]``...) or a line plot of a 1-D one.
+
+    Args:
+        tensor: a torch tensor or array with one or two axes; pick a slice of larger ones first
+            (``take_slice``). The heatmap's ``z`` is the tensor itself: row ``i`` is ``tensor[i]``.
+        title: the figure title (e.g. the hook name).
+        tokens: token strings; they label each axis listed in ``token_axes``.
+        token_axes: which axes are token positions. Default: every axis as long as ``tokens``.
+        axis_titles: titles for the axes in tensor order (default ``"position"``/``"dim"``...).
+    """
+    import plotly.graph_objects as go
+
+    array = to_numpy(tensor)
+    if array.ndim not in (1, 2):
+        raise InputError(
+            f"activation_figure draws 1-D or 2-D tensors; got shape {tuple(array.shape)}. "
+            "Index the batch and pick a 2-D slice first (viz.display_axes / viz.take_slice)."
+        )
+    if tokens is not None:
+        tokens = [str(t) for t in tokens]
+        if token_axes is None:
+            token_axes = [i for i, size in enumerate(array.shape) if size == len(tokens)]
+        for axis in token_axes:
+            if array.shape[axis] != len(tokens):
+                raise InputError(
+                    f"axis {axis} has size {array.shape[axis]} but {len(tokens)} tokens were given"
+                )
+    token_axes = list(token_axes or []) if tokens is not None else []
+    if axis_titles is None:
+        axis_titles = ["position" if i in token_axes else "dim" for i in range(array.ndim)]
+        if array.ndim == 2 and axis_titles == ["position", "position"]:
+            axis_titles = ["query position", "key position"]
+
+    if array.ndim == 1:
+        fig = go.Figure(go.Scatter(x=np.arange(array.shape[0]), y=array, mode="lines+markers"))
+        fig.update_layout(xaxis_title=axis_titles[0], yaxis_title="value")
+        if 0 in token_axes:
+            fig.update_xaxes(**_token_ticks(tokens))
+        height = 380
+    else:
+        finite = array[np.isfinite(array)]
+        signed = finite.size > 0 and finite.min() < 0 < finite.max()
+        fig = go.Figure(
+            go.Heatmap(
+                z=array,
+                x=np.arange(array.shape[1]),
+                y=np.arange(array.shape[0]),
+                colorscale="RdBu" if signed else "Blues",
+                reversescale=not signed,
+                zmid=0 if signed else None,
+                colorbar={"title": {"text": "value"}},
+                hovertemplate="row %{y}<br>col %{x}<br>value %{z:.4g}<extra></extra>",
+            )
+        )
+        fig.update_layout(xaxis_title=axis_titles[1], yaxis_title=axis_titles[0])
+        fig.update_yaxes(autorange="reversed")  # row 0 on top, as the tensor reads
+        if 0 in token_axes:
+            fig.update_yaxes(**_token_ticks(tokens))
+        if 1 in token_axes:
+            fig.update_xaxes(**_token_ticks(tokens), tickangle=-45)
+        height = int(min(900, max(320, 160 + 18 * min(array.shape[0], MAX_TICKS))))
+    fig.update_layout(title={"text": title}, height=height, margin={"l": 60, "r": 20, "t": 50, "b": 60})
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# circuitsvis
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_heads_html(
+    pattern: Any,
+    tokens: Sequence[str],
+    *,
+    layer: int | None = None,
+    causal: bool | None = None,
+) -> str:
+    """circuitsvis's interactive attention-heads view of one layer, as self-contained HTML.
+
+    Args:
+        pattern: ``[head, query, key]`` attention probabilities (index the batch first).
+        tokens: the token strings, one per position.
+        layer: names the heads ``L{layer}H{i}`` when given.
+        causal: grey out the upper triangle (future keys). Default: detected from the pattern,
+            so a bidirectional encoder such as BERT shows its full pattern.
+
+    Returns:
+        HTML with circuitsvis's JavaScript inlined (``local_src``): it renders with no network,
+        in a browser, an iframe or a saved file. (``str()`` of a circuitsvis object would load the
+        script from a CDN instead, and show nothing offline.)
+    """
+    from circuitsvis.attention import attention_heads
+
+    array = to_numpy(pattern)
+    tokens = [str(t) for t in tokens]
+    if array.ndim != 3:
+        raise InputError(
+            f"attention pattern must be [head, query, key]; got shape {tuple(array.shape)}"
+            + (" (index the batch first: pattern[0])" if array.ndim == 4 else "")
+        )
+    if array.shape[1] != len(tokens) or array.shape[2] != len(tokens):
+        raise InputError(
+            f"attention pattern is {array.shape[1]} x {array.shape[2]} positions but {len(tokens)} tokens were given"
+        )
+    if causal is None:
+        upper = np.triu(np.ones(array.shape[1:], dtype=bool), k=1)
+        causal = bool(np.all(np.abs(array[:, upper]) < 1e-6))
+    names = [f"L{layer}H{h}" if layer is not None else f"Head {h}" for h in range(array.shape[0])]
+    rendered = attention_heads(
+        attention=np.round(array, 4).tolist(),  # 4 decimals: a smaller page, same picture
+        tokens=tokens,
+        attention_head_names=names,
+        mask_upper_tri=causal,
+    )
+    return rendered.local_src
