@@ -1,0 +1,142 @@
+"""The Streamlit explorer, run headless with AppTest: every page renders what the library computes,
+and bad input shows an error message, never an exception."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
+PAGES = ["Home", "views/activations.py", "views/attention.py"]
+TIMEOUT = 180  # the first run loads MiniLM; the machine may be busy
+
+
+def open_page(page: str = "Home") -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    if page != "Home":
+        at.switch_page(page).run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def default_text(at: AppTest) -> str:
+    return at.text_area(key="text").value
+
+
+def figure_of(at: AppTest, index: int = 0) -> dict:
+    return json.loads(at.get("plotly_chart")[index].proto.spec)
+
+
+def decode(array) -> np.ndarray:
+    """Plotly serializes numpy arrays as base64 typed arrays ({dtype, bdata, shape})."""
+    if isinstance(array, dict) and "bdata" in array:
+        data = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        shape = [int(s) for s in str(array.get("shape", len(data))).split(",")]
+        return data.reshape(shape)
+    return np.asarray(array)
+
+
+def test_home_shows_the_model_and_the_tokens(minilm):
+    at = open_page()
+    assert_clean(at)
+    assert at.title[0].value == "interp explorer"
+    assert any(f"{minilm.n_layers} layers" in m.value and "minilm" in m.value for m in at.markdown)
+    tokens = minilm.to_tokens(default_text(at)).str_tokens[0]
+    assert at.code[0].value == " | ".join(tokens)
+    assert len(at.get("page_link")) == 2  # one link per page
+
+
+def test_activations_page_draws_the_captured_activation(minilm):
+    at = open_page("views/activations.py")
+    assert_clean(at)
+    assert at.title[0].value == "Activations"
+    hook = at.selectbox[0]
+    assert hook.value == "blocks.0.hook_resid_post"
+    assert hook.options == minilm.hook_names
+    assert at.get("dataframe")  # the table of hook names and shapes
+
+    _, cache = minilm.run_with_cache(default_text(at), names=hook.value)
+    figure = figure_of(at)
+    z = decode(figure["data"][0]["z"])
+    np.testing.assert_allclose(z, cache[hook.value][0].numpy(), rtol=1e-5, atol=1e-6)
+    assert figure["layout"]["yaxis"]["ticktext"] == cache.meta["str_tokens"][0]
+
+
+def test_activations_page_slices_a_four_dimensional_hook(minilm):
+    at = open_page("views/activations.py")
+    at.selectbox[0].set_value("blocks.1.attn.hook_pattern").run()
+    assert_clean(at)
+    (head,) = at.number_input
+    assert head.label.startswith("head")
+    head.set_value(3).run()
+    assert_clean(at)
+    _, cache = minilm.run_with_cache(default_text(at), names="blocks.1.attn.hook_pattern")
+    z = decode(figure_of(at)["data"][0]["z"])
+    np.testing.assert_allclose(z, cache["pattern", 1][0, 3].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_page_embeds_circuitsvis_offline(minilm):
+    at = open_page("views/attention.py")
+    assert_clean(at)
+    assert at.title[0].value == "Attention"
+    layer = at.selectbox[0]
+    assert [int(o) for o in layer.options] == list(range(minilm.n_layers))
+
+    layer.set_value(2).run()
+    assert_clean(at)
+    (iframe,) = at.get("iframe")
+    html = iframe.proto.srcdoc
+    assert not [tag for tag in re.findall(r"<script\b[^>]*>", html) if "src=" in tag]
+    assert "CircuitsVis.render" in html
+    assert '"L2H0"' in html and f'"L2H{minilm.cfg.n_heads - 1}"' in html
+    tokens = minilm.to_tokens(default_text(at)).str_tokens[0]
+    assert json.dumps(tokens) in html
+
+
+def test_a_local_model_directory_loads(gpt2_dir, gpt2_model):
+    at = open_page("views/activations.py")
+    at.text_input(key="model_spec").input(gpt2_dir).run()
+    at.text_area(key="text").input("the cat sat on the mat").run()
+    assert_clean(at)
+    assert at.selectbox[0].options == gpt2_model.hook_names
+    assert any(f"{gpt2_model.n_layers} layers" in m.value for m in at.markdown)
+    assert at.get("plotly_chart")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_bad_model_path_shows_the_library_message(page, tmp_path):
+    at = open_page(page)
+    missing = str(tmp_path / "no-such-model")
+    at.text_input(key="model_spec").input(missing).run()
+    assert not at.exception
+    assert any(missing in e.value and "config.json" in e.value for e in at.error), [e.value for e in at.error]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_empty_text_shows_an_error(page):
+    at = open_page(page)
+    at.text_area(key="text").input("   ").run()
+    assert not at.exception
+    assert any("empty" in e.value for e in at.error)
+    assert not at.get("plotly_chart") and not at.get("iframe")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_too_long_text_shows_the_library_message(page, gpt2_dir, gpt2_model):
+    at = open_page(page)
+    at.text_input(key="model_spec").input(gpt2_dir).run()
+    at.text_area(key="text").input(" ".join(["cat"] * (gpt2_model.n_ctx + 5))).run()
+    assert not at.exception
+    assert any(f"at most {gpt2_model.n_ctx}" in e.value for e in at.error), [e.value for e in at.error]
