@@ -52,3 +52,25 @@ def test_errors_are_one_clear_line_and_exit_2(args, message):
     result = _run(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_capture_writes_a_dataset_equal_to_in_memory(tmp_path, gpt2_dir, gpt2_model):
+    import interp
+
+    texts = ["the cat sat on the mat", "a dog ran", "it was big and red"]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "acts"
+    args = ["capture", "--model", gpt2_dir, "--hooks", "blocks.*.hook_resid_post", "--input", str(source)]
+    assert main([*args, "--out", str(out), "--batch-size", "2"]) == 0
+    dataset = interp.load_capture(out)
+    assert len(dataset) == 3
+    for i, text in enumerate(texts):
+        _, cache = gpt2_model.run_with_cache(text, names="blocks.1.hook_resid_post")
+        assert (dataset[i]["blocks.1.hook_resid_post"] - cache["resid_post", 1][0]).abs().max() < 1e-5
+
+
+def test_capture_of_missing_input_file_fails_clearly(tmp_path):
+    result = _run("capture", "--model", "minilm", "--hooks", "blocks.0.hook_resid_post",
+                  "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))  # fmt: skip
+    assert result.returncode == 2 and "missing.txt" in result.stderr and "Traceback" not in result.stderr
