@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import WORDS  # noqa: E402
 from torch import nn  # noqa: E402
 
 import interp  # noqa: E402
@@ -24,29 +25,12 @@ from interp import store  # noqa: E402
 from interp.errors import InputError, UnknownHookError  # noqa: E402
 from interp.store import capture_to_disk, load_capture, read_inputs  # noqa: E402
 
-VOCAB = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "under",
-    "mat",
-    "rug",
-    "and",
-    "then",
-    "it",
-    "was",
-    "big",
-]
-VOCAB += ["small", "red", "blue"]
+VOCAB = WORDS
 LM_NAMES = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "blocks.0.attn.hook_z", "embed.hook_in"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixtures (tests/conftest.py belongs to someone else; these are local to this file)
+# Fixtures
 # ------------------------------------------------------------------------------------------------
 
 
@@ -60,25 +44,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    """A random-init 2-layer GPT-2 with a word-level tokenizer, saved and loaded like any HF dir."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    directory = str(tmp_path_factory.mktemp("store-gpt2"))
-    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>"
-    )
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(vocab), n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
-    )
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return interp.load(directory)
+def lm(gpt2_model):
+    """The shared random-init 2-layer GPT-2 (tests/conftest.py), saved and loaded like any HF dir."""
+    return gpt2_model
 
 
 class SmallCNN(nn.Module):
