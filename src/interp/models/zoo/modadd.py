@@ -1,0 +1,316 @@
+"""modadd-113: the grokking transformer of Nanda et al. (2023), "Progress measures for grokking".
+
+A one-layer transformer (d_model 128, 4 heads of 32, ReLU MLP of 512, no LayerNorm, untied
+embed/unembed) learns ``(a + b) mod 113`` from 30% of all pairs. It first memorizes the training set
+(test loss rises to ~30), then slowly forms a Fourier-multiplication circuit, and finally "groks":
+test loss collapses once weight decay cleans up the memorizing weights.
+
+The recipe follows the TransformerLens ``Grokking_Demo`` notebook: inputs ``(a, b, =)`` with ``=``
+the token 113, split by ``torch.manual_seed(598); randperm(113**2)``, full-batch AdamW
+(lr 1e-3, weight decay 1.0, betas 0.9/0.98), float64 cross-entropy at the last position, all
+biases frozen at zero, model seed 999. It runs until test loss has stayed below 1e-3 for 500 epochs
+(or 25k epochs).
+
+Training speed-up (numerically the same model): only the final position's logits enter the loss
+and attention is causal, so :func:`last_position_logits` runs the query, MLP and unembedding for that
+position only. :func:`evaluate` uses the model's own full forward, so the recorded metrics are an
+independent check of the fast path.
+
+Snapshots: every ``snapshot_every`` epochs the trainable weights are kept in memory; at the end a
+dozen epochs spanning memorization, circuit formation and cleanup are written to
+``modadd-113.snapshots-K.safetensors`` (keys ``epoch{E:05d}/{param}``) for progress measures.
+Read them back with :func:`load_snapshots`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import einops
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from interp.models.zoo.recipe import Config, FitResult, Recipe
+
+NAME = "modadd-113"
+
+CONFIG: Config = {
+    "p": 113,
+    "frac_train": 0.3,
+    "data_seed": 598,
+    "seed": 999,
+    "n_layers": 1,
+    "d_model": 128,
+    "n_heads": 4,
+    "d_head": 32,
+    "d_mlp": 512,
+    "act_fn": "relu",
+    "lr": 1e-3,
+    "weight_decay": 1.0,
+    "betas": [0.9, 0.98],
+    "max_epochs": 25_000,
+    "stop_test_loss": 1e-3,
+    "stop_patience": 500,
+    "log_every": 20,
+    "snapshot_every": 100,
+    "n_snapshots": 12,
+    "snapshots_per_file": 6,
+    "num_threads": 1,
+}
+
+# Quick variant for the test-suite: a smaller prime and half the pairs for training groks in a
+# fraction of the epochs (more data -> faster generalisation, Power et al. 2022).
+FAST_OVERRIDES: Config = {
+    "p": 53,
+    "frac_train": 0.5,
+    "max_epochs": 4_000,
+    "stop_test_loss": 1e-2,
+    "stop_patience": 100,
+    "snapshot_every": 100,
+    "n_snapshots": 6,
+    "num_threads": None,
+}
+
+
+def bridge_config(cfg: Config) -> Any:
+    """The TransformerBridgeConfig for ``cfg`` (the TL grokking-demo fields)."""
+    from transformer_lens.config import TransformerBridgeConfig
+
+    p = int(cfg["p"])
+    return TransformerBridgeConfig(
+        n_layers=cfg["n_layers"],
+        d_model=cfg["d_model"],
+        n_heads=cfg["n_heads"],
+        d_head=cfg["d_head"],
+        d_mlp=cfg["d_mlp"],
+        act_fn=cfg["act_fn"],
+        normalization_type=None,
+        d_vocab=p + 1,
+        d_vocab_out=p,
+        n_ctx=3,
+        positional_embedding_type="standard",
+        seed=cfg["seed"],
+    )
+
+
+def build(cfg: Config) -> nn.Module:
+    """A fresh TransformerBridge with the grokking architecture and every bias frozen at zero."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = TransformerBridge.boot_native(bridge_config(cfg))
+    freeze_biases(model)
+    return model
+
+
+def freeze_biases(model: nn.Module) -> None:
+    """As in the TL demo: biases stay at their zero init and are not trained (nor decayed)."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.requires_grad_(False)
+
+
+def all_pairs(p: int) -> torch.Tensor:
+    """Every input ``(a, b, =)`` as a ``[p*p, 3]`` token tensor, row ``a*p + b``."""
+    a = einops.repeat(torch.arange(p), "i -> (i j)", j=p)
+    b = einops.repeat(torch.arange(p), "j -> (i j)", i=p)
+    eq = torch.full_like(a, p)
+    return torch.stack([a, b, eq], dim=1)
+
+
+def dataset(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train_tokens, train_labels, test_tokens, test_labels)`` with the demo's seeded split."""
+    p = int(cfg["p"])
+    tokens = all_pairs(p)
+    labels = (tokens[:, 0] + tokens[:, 1]) % p
+    gen = torch.Generator().manual_seed(int(cfg["data_seed"]))
+    perm = torch.randperm(p * p, generator=gen)
+    cut = int(p * p * cfg["frac_train"])
+    train_idx, test_idx = perm[:cut], perm[cut:]
+    return tokens[train_idx], labels[train_idx], tokens[test_idx], labels[test_idx]
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in float64 (train loss reaches ~1e-7, below float32 log-softmax resolution)."""
+    logprobs = logits.to(torch.float64).log_softmax(dim=-1)
+    return -logprobs.gather(-1, labels[:, None]).mean()
+
+
+def _native(module: nn.Module) -> nn.Module:
+    return getattr(module, "original_component", module)
+
+
+def last_position_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits at the final position only, computed from the bridge's own parameters.
+
+    Equal (to float rounding) to ``model(tokens)[:, -1]`` for this 1-layer, no-LN architecture, but
+    ~2.5x cheaper: keys/values need all 3 positions, everything else only the last.
+    """
+    native = model.original_model
+    block = _native(native.layers[0])
+    attn, mlp = _native(block.attn), _native(block.mlp)
+    w_q, w_k, w_v, w_o = (_native(getattr(attn, n)) for n in ("q", "k", "v", "o"))
+    fc_in, fc_out = _native(mlp.fc_in), _native(mlp.fc_out)
+    n_heads = attn.n_heads
+
+    x = _native(native.tok_embed)(tokens) + _native(native.pos).weight[: tokens.shape[1]]
+    q = einops.rearrange(w_q(x[:, -1]), "b (h d) -> b h d", h=n_heads)
+    k = einops.rearrange(w_k(x), "b s (h d) -> b h s d", h=n_heads)
+    v = einops.rearrange(w_v(x), "b s (h d) -> b h s d", h=n_heads)
+    scores = torch.einsum("bhd,bhsd->bhs", q, k) / attn.scale  # the last query sees every key
+    z = torch.einsum("bhs,bhsd->bhd", scores.softmax(dim=-1), v)
+    resid = x[:, -1] + w_o(einops.rearrange(z, "b h d -> b (h d)"))
+    resid = resid + fc_out(mlp.act(fc_in(resid)))
+    return _native(native.head)(resid)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state-dict entries that training changes (frozen zero biases are left out)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, nn.Parameter) and id(v) in trainable
+    }
+
+
+def _pick_snapshot_epochs(history: dict[str, list[Any]], available: list[int], n: int) -> list[int]:
+    """~``n`` epochs spanning the run: init, memorized, test-loss peak, grokked, clean, final + fill."""
+    epochs, train_loss, test_loss = history["epoch"], history["train_loss"], history["test_loss"]
+
+    def snap(epoch: int) -> int:
+        return min(available, key=lambda e: abs(e - epoch))
+
+    anchors = {available[0], available[-1]}
+    first = [e for e, tl in zip(epochs, train_loss, strict=True) if tl < 0.05]
+    if first:
+        anchors.add(snap(first[0]))
+    anchors.add(snap(epochs[max(range(len(test_loss)), key=test_loss.__getitem__)]))
+    for threshold in (1.0, 1e-3):
+        hit = [e for e, tl in zip(epochs, test_loss, strict=True) if tl < threshold]
+        if hit:
+            anchors.add(snap(hit[0]))
+    chosen = sorted(anchors)
+    while len(chosen) < min(n, len(available)):
+        gaps = [(chosen[i + 1] - chosen[i], i) for i in range(len(chosen) - 1)]
+        _, i = max(gaps)
+        mid = snap((chosen[i] + chosen[i + 1]) // 2)
+        if mid in chosen:
+            break
+        chosen = sorted({*chosen, mid})
+    return chosen
+
+
+def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
+    """Full-batch AdamW until test loss < ``stop_test_loss`` for ``stop_patience`` epochs."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    train_x, train_y, test_x, test_y = dataset(cfg)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]))
+    history: dict[str, list[Any]] = {
+        k: [] for k in ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+    }
+    snapshots: dict[int, dict[str, torch.Tensor]] = {0: _trainable_state(model)}
+    below_since: int | None = None
+    epoch = 0
+    bar = tqdm(range(1, int(cfg["max_epochs"]) + 1), desc=NAME, disable=not progress, mininterval=2.0)
+    for epoch in bar:
+        logits = last_position_logits(model, train_x)
+        loss = loss_fn(logits, train_y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if epoch % cfg["snapshot_every"] == 0:
+            snapshots[epoch] = _trainable_state(model)
+        if epoch % cfg["log_every"] == 0 or epoch == 1:
+            with torch.no_grad():
+                test_logits = last_position_logits(model, test_x)
+                test_loss = loss_fn(test_logits, test_y).item()
+                history["epoch"].append(epoch)
+                history["train_loss"].append(loss.item())  # loss before this epoch's step
+                history["test_loss"].append(test_loss)
+                history["train_acc"].append((logits.argmax(-1) == train_y).float().mean().item())
+                history["test_acc"].append((test_logits.argmax(-1) == test_y).float().mean().item())
+            bar.set_postfix(train=f"{loss.item():.2e}", test=f"{test_loss:.2e}", refresh=False)
+            if test_loss < cfg["stop_test_loss"]:
+                below_since = epoch if below_since is None else below_since
+                if epoch - below_since >= cfg["stop_patience"]:
+                    break
+            else:
+                below_since = None
+    bar.close()
+    model.eval()
+    snapshots[epoch] = _trainable_state(model)
+
+    chosen = _pick_snapshot_epochs(history, sorted(snapshots), int(cfg["n_snapshots"]))
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    per_file = int(cfg["snapshots_per_file"])
+    for k in range(math.ceil(len(chosen) / per_file)):
+        extra[f"snapshots-{k}"] = {
+            f"epoch{e:05d}/{key}": t
+            for e in chosen[k * per_file : (k + 1) * per_file]
+            for key, t in snapshots[e].items()
+        }
+
+    def first_epoch(column: str, pred: Any) -> int | None:
+        hits = [e for e, v in zip(history["epoch"], history[column], strict=True) if pred(v)]
+        return hits[0] if hits else None
+
+    peak = max(range(len(history["test_loss"])), key=history["test_loss"].__getitem__)
+    training = {
+        "epochs": epoch,
+        "stopped_early": epoch < int(cfg["max_epochs"]),
+        "first_epoch_train_loss_below_0.05": first_epoch("train_loss", lambda v: v < 0.05),
+        "test_loss_peak_epoch": history["epoch"][peak],
+        "test_loss_peak": history["test_loss"][peak],
+        "first_epoch_test_loss_below_1": first_epoch("test_loss", lambda v: v < 1.0),
+        "first_epoch_test_acc_above_0.99": first_epoch("test_acc", lambda v: v > 0.99),
+        "first_epoch_test_loss_below_1e-3": first_epoch("test_loss", lambda v: v < 1e-3),
+        "snapshot_epochs": chosen,
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+    }
+    return FitResult(history=history, training=training, extra_tensors=extra)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config) -> dict[str, Any]:
+    """Train/test loss (float64) and accuracy from the model's full forward pass."""
+    train_x, train_y, test_x, test_y = dataset(cfg)
+    metrics: dict[str, Any] = {}
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        logits = model(x)[:, -1]
+        metrics[f"{split}_loss"] = loss_fn(logits, y).item()
+        metrics[f"{split}_acc"] = (logits.argmax(-1) == y).double().mean().item()
+    metrics["sum_sq_weights"] = float(sum((p.double() ** 2).sum() for p in model.parameters()))
+    return metrics
+
+
+def split_snapshots(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """``{"epoch00100/embed.weight": t, ...}`` -> ``{100: {"embed.weight": t, ...}}``."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        prefix, _, param = key.partition("/")
+        out.setdefault(int(prefix.removeprefix("epoch")), {})[param] = t
+    return out
+
+
+RECIPE = Recipe(
+    name=NAME,
+    kind="transformer",
+    description=(
+        "Grokking (Nanda et al. 2023): 1-layer transformer, d_model 128, 4 heads, ReLU MLP 512, no LN, "
+        "trained full-batch on 30% of (a + b) mod 113 until it generalises; snapshots for progress measures."
+    ),
+    input="tokens [batch, 3] = (a, b, 113) with a, b in 0..112; logits at the last position give (a+b) mod 113",
+    config=CONFIG,
+    build=build,
+    fit=fit,
+    evaluate=evaluate,
+    fast_overrides=FAST_OVERRIDES,
+)
+
+__all__ = ["RECIPE", "all_pairs", "dataset", "last_position_logits", "loss_fn", "split_snapshots"]
