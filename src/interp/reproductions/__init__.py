@@ -1,0 +1,73 @@
+"""Reproductions of published mechanistic-interpretability findings, paper value next to ours.
+
+    >>> from interp import reproductions
+    >>> report = reproductions.run("superposition", fast=True)   # prints the table, writes reports/
+    >>> report.passed
+
+Each finding is one module with ``reproduce(fast: bool) -> Report``:
+
+* ``induction``: previous-token and induction heads in a 2-layer attention-only model, the 1-layer
+  control, ablations, K-composition and the phase change (Elhage et al. 2021; Olsson et al. 2022).
+* ``grokking``: modular addition memorised, then generalised through a handful of Fourier
+  frequencies (Nanda et al. 2023).
+* ``superposition``: toy models of superposition: the pentagon, the 1 and 1/2 plateaus, the linear
+  twin (Elhage et al. 2022).
+
+The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
+smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+from interp.errors import InputError, closest
+from interp.reproductions.report import Check, Report
+
+FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition")
+_ALIASES = {"induction-heads": "induction", "induction_heads": "induction", "tms": "superposition"}
+
+__all__ = ["FINDINGS", "Check", "Report", "run"]
+
+
+def resolve(finding: str) -> str:
+    """The canonical finding name; an unknown name is an InputError listing the valid ones."""
+    name = _ALIASES.get(str(finding).lower(), str(finding).lower())
+    if name not in FINDINGS:
+        hint = closest(name, FINDINGS)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise InputError(f"Unknown finding {finding!r}.{suggestion} Valid findings: {', '.join(FINDINGS)}.")
+    return name
+
+
+def run(
+    finding: str,
+    fast: bool = False,
+    out_dir: str | Path | None = None,
+    *,
+    quiet: bool = False,
+) -> Report:
+    """Reproduce ``finding``, print its table, write ``results.json`` and ``report.html``.
+
+    Args:
+        finding: one of ``FINDINGS``.
+        fast: reduced budgets, same checks, looser bounds (see each module).
+        out_dir: where to write the report (default ``reports/FINDING``, or ``reports/FINDING-fast``).
+        quiet: do not print the table.
+
+    Returns:
+        The :class:`Report`; ``report.passed`` is False if any check missed.
+    """
+    name = resolve(finding)
+    module = importlib.import_module(f"interp.reproductions.{name}")
+    start = time.perf_counter()
+    report: Report = module.reproduce(fast=fast)
+    report.timings["total"] = time.perf_counter() - start
+    out = Path(out_dir) if out_dir is not None else Path("reports") / (f"{name}-fast" if fast else name)
+    report.write(out)
+    if not quiet:
+        print(report.table())
+        print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
+    return report
