@@ -37,7 +37,9 @@ def toy_gpt2_dir() -> str:
     config = GPT2Config(vocab_size=512, n_positions=256, n_embd=256, n_layer=4, n_head=8)
     GPT2LMHeadModel(config).save_pretrained(directory)
     vocab = {f"t{i}": i for i in range(512)}
-    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), unk_token="t0"
+    )
     fast.save_pretrained(directory)
     return directory
 
@@ -58,7 +60,9 @@ def workload(label: str, source: str, hf_class, vocab: int, rounds: int) -> bool
 
     def hf_outputs():
         with torch.no_grad():
-            return eager(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+            return eager(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+            )
 
     def interp_capture():
         return ours.run_with_cache(inputs, names=names)
@@ -70,7 +74,10 @@ def workload(label: str, source: str, hf_class, vocab: int, rounds: int) -> bool
     # Same numbers first.
     reference, (_, cache), (_, tl_cache) = hf_outputs(), interp_capture(), bridge_capture()
     diff_hf = max(
-        max((cache["resid_post", i] - reference.hidden_states[i + 1]).abs().max().item() for i in range(n_layers - 1)),
+        max(
+            (cache["resid_post", i] - reference.hidden_states[i + 1]).abs().max().item()
+            for i in range(n_layers - 1)
+        ),
         max((cache["pattern", i] - reference.attentions[i]).abs().max().item() for i in range(n_layers)),
     )
     diff_tl = max((cache[n] - tl_cache[n]).abs().max().item() for n in names)
@@ -86,7 +93,13 @@ def workload(label: str, source: str, hf_class, vocab: int, rounds: int) -> bool
         f"{label}: capture every resid_post + pattern",
         capture,
         [
-            ("interp / HF eager with outputs", "interp run_with_cache", "HF eager + hidden_states + attentions", 1.10, "max"),
+            (
+                "interp / HF eager with outputs",
+                "interp run_with_cache",
+                "HF eager + hidden_states + attentions",
+                1.10,
+                "max",
+            ),
             ("bridge / interp (speed-up)", "TL bridge run_with_cache", "interp run_with_cache", 2.0, "min"),
         ],
     )
@@ -95,7 +108,9 @@ def workload(label: str, source: str, hf_class, vocab: int, rounds: int) -> bool
         with torch.no_grad():
             return plain(input_ids=ids, attention_mask=mask)
 
-    forward = interleaved({"plain HF forward": plain_forward, "interp forward, no hooks": lambda: ours(inputs)}, rounds=rounds)
+    forward = interleaved(
+        {"plain HF forward": plain_forward, "interp forward, no hooks": lambda: ours(inputs)}, rounds=rounds
+    )
     ok &= report(f"{label}: forward with no hooks", forward,
                  [("interp / plain HF", "interp forward, no hooks", "plain HF forward", 1.03, "max")])  # fmt: skip
     return ok
