@@ -49,6 +49,7 @@ PAGES = [
     st.Page(home, title="Home", default=True),
     st.Page("views/activations.py", title="Activations"),
     st.Page("views/attention.py", title="Attention"),
+    st.Page("views/reproductions.py", title="Reproductions"),
 ]
 
 st.set_page_config(page_title="interp explorer", layout="wide")

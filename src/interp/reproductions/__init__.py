@@ -20,6 +20,7 @@ smaller budgets and looser, stated bounds; each module's docstring says what it 
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from interp.reproductions.report import Check, Report
 FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition")
 _ALIASES = {"induction-heads": "induction", "induction_heads": "induction", "tms": "superposition"}
 
-__all__ = ["FINDINGS", "Check", "Report", "run"]
+__all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]
 
 
 def resolve(finding: str) -> str:
@@ -70,4 +71,16 @@ def run(
     if not quiet:
         print(report.table())
         print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
+    return report
+
+
+def from_checkpoints(finding: str) -> Report:
+    """The faithful analysis of the shipped zoo checkpoints with nothing retrained (what the
+    explorer shows). Checks that need a fresh training run are left out, so run ``run()`` to
+    reproduce a finding in full."""
+    name = resolve(finding)
+    module = importlib.import_module(f"interp.reproductions.{name}")
+    parameters = inspect.signature(module.reproduce).parameters
+    report: Report = module.reproduce(fast=False, **({"retrain": False} if "retrain" in parameters else {}))
+    report.notes.append("Analysis of the shipped checkpoints only: nothing was retrained.")
     return report
