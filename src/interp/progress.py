@@ -15,19 +15,20 @@ ProgressCallback = Callable[[float, str], None]
 
 @contextmanager
 def report_progress(callback: ProgressCallback) -> Iterator[None]:
-    """Call ``callback(fraction_done, bar_description)`` whenever a tqdm bar advances in the block."""
+    """Call ``callback(fraction_done, bar_description)`` whenever a tqdm bar redraws in the block
+    (as often as tqdm itself redraws: throttled by its ``mininterval``, and once more on close)."""
     from tqdm import std
 
-    original = std.tqdm.update
+    original = std.tqdm.display
 
-    def update(self: std.tqdm, n: float | None = 1) -> bool | None:
-        shown = original(self, n)
+    def display(self: std.tqdm, *args, **kwargs):
+        shown = original(self, *args, **kwargs)
         if self.total:
             callback(min(float(self.n) / float(self.total), 1.0), str(self.desc or ""))
         return shown
 
-    std.tqdm.update = update
+    std.tqdm.display = display
     try:
         yield
     finally:
-        std.tqdm.update = original
+        std.tqdm.display = original
