@@ -1,0 +1,757 @@
+"""Adversarial attacks (FGSM, PGD) and adversarial-attack probes: where the damage is carried.
+
+Attacks take any image classifier, a ``HookedModel`` from ``interp.load`` (its ``input_shape`` and
+``input_range`` are checked) or a plain ``nn.Module``, and return an :class:`Attack` holding the
+adversarial batch, its perturbation and (lazily) the predictions.
+
+    >>> from interp.methods import adversarial as A
+    >>> atk = A.pgd(model, x, y, eps=0.3, alpha=0.075, steps=40, random_start=True, restarts=5)
+    >>> atk.accuracy_clean, atk.accuracy_adv
+    >>> probe = A.attack_probe(model, x, atk.x_adv, y, train=(x_train, y_train))
+    >>> probe.figure()        # per-layer divergence, probe accuracy clean vs adversarial, restoration
+
+FGSM and PGD follow torchattacks' arithmetic step for step (mean cross-entropy, ``sign`` of the
+gradient, clamp of the perturbation then of the image), so on the same model and batch FGSM is
+bit-identical and PGD without random start matches to float rounding; the benchmark checks both.
+``embedding_pgd`` attacks a transformer in its input-embedding space through a replacement hook.
+``adversarial_train`` is Madry et al.'s PGD training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from interp.errors import InputError
+from interp.models.base import HookedModel
+
+NORMS = ("linf", "l2")
+EPS_DIVISION = 1e-10  # torchattacks' guard when normalising L2 gradients
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def _module_and_bounds(model: HookedModel | nn.Module, bounds: tuple[float, float] | None) -> tuple[nn.Module, tuple[float, float]]:
+    module = model.module if isinstance(model, HookedModel) else model
+    if bounds is None:
+        bounds = getattr(model, "input_range", None) or (0.0, 1.0)
+    return module, (float(bounds[0]), float(bounds[1]))
+
+
+def check_inputs(
+    model: HookedModel | nn.Module, x: Any, y: Any, eps: float, bounds: tuple[float, float] | None = None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """Validate an attack's inputs; InputError with the fix for each way they can be wrong."""
+    if not isinstance(eps, int | float) or math.isnan(eps) or eps < 0:
+        raise InputError(f"eps must be a number >= 0 (the perturbation budget), got {eps!r}")
+    module, (low, high) = _module_and_bounds(model, bounds)
+    # a loaded model checks shape and range itself
+    xt = model.prepare(x) if isinstance(model, HookedModel) else torch.as_tensor(x).float()
+    if xt.numel() and (xt.min() < low or xt.max() > high):
+        raise InputError(
+            f"images must lie in [{low}, {high}], got values in [{xt.min().item():.3g}, {xt.max().item():.3g}]. "
+            "Rescale them (e.g. pixels / 255) or pass bounds=(low, high)."
+        )
+    yt = torch.as_tensor(y).long().reshape(-1).to(xt.device)
+    if len(yt) != len(xt):
+        raise InputError(f"got {len(yt)} labels for {len(xt)} images; pass exactly one label per image")
+    return module, xt.detach(), yt, (low, high)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attack:
+    """An adversarial batch and what it did.
+
+    Attributes:
+        x: the clean images.
+        x_adv: the adversarial images (same shape, within ``eps`` and the pixel bounds).
+        labels: the true labels.
+        target: the target labels of a targeted attack, else None.
+        config: attack name, eps, alpha, steps, norm, random_start, restarts, seed.
+        module: the attacked model (predictions are computed from it on first access).
+    """
+
+    x: torch.Tensor
+    x_adv: torch.Tensor
+    labels: torch.Tensor
+    target: torch.Tensor | None
+    config: dict[str, Any]
+    module: nn.Module = field(repr=False)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """The perturbation ``x_adv - x``."""
+        return self.x_adv - self.x
+
+    @cached_property
+    def logits_clean(self) -> torch.Tensor:
+        return _logits(self.module, self.x)
+
+    @cached_property
+    def logits_adv(self) -> torch.Tensor:
+        return _logits(self.module, self.x_adv)
+
+    @property
+    def accuracy_clean(self) -> float:
+        return (self.logits_clean.argmax(-1) == self.labels).double().mean().item()
+
+    @property
+    def accuracy_adv(self) -> float:
+        return (self.logits_adv.argmax(-1) == self.labels).double().mean().item()
+
+    @property
+    def success_rate(self) -> float:
+        """Targeted: the share classified as the target; untargeted: the share misclassified."""
+        pred = self.logits_adv.argmax(-1)
+        hit = pred == self.target if self.target is not None else pred != self.labels
+        return hit.double().mean().item()
+
+    def norms(self) -> dict[str, torch.Tensor]:
+        """Per-example L∞ and L2 norms of the perturbation."""
+        flat = rearrange(self.delta, "b ... -> b (...)")
+        return {"linf": flat.abs().amax(1), "l2": flat.norm(dim=1)}
+
+    def figure(self, index: int = 0):
+        """Original, adversarial and perturbation images of one example, with both predictions."""
+        return attack_figure(self, index)
+
+
+def _logits(module: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else module(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# FGSM and PGD
+# ------------------------------------------------------------------------------------------------
+
+
+def _input_grad(module: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """Gradient of the mean cross-entropy (negated when targeted) with respect to the images."""
+    x.requires_grad_(True)
+    cost = F.cross_entropy(module(x), y)
+    if targeted:
+        cost = -cost
+    return torch.autograd.grad(cost, x)[0]
+
+
+def fgsm(
+    model: HookedModel | nn.Module,
+    x: Any,
+    y: Any,
+    eps: float,
+    *,
+    targeted: bool = False,
+    target: Any = None,
+    bounds: tuple[float, float] | None = None,
+) -> Attack:
+    """Fast gradient sign method (Goodfellow et al. 2015): ``x + eps * sign(∇x CE)``, clamped.
+
+    Untargeted it ascends the loss of the true labels ``y``; targeted (``target`` given) it descends
+    the loss of ``target``.
+    """
+    module, xt, yt, (low, high) = check_inputs(model, x, y, eps, bounds)
+    goal = _target(target, targeted, yt)
+    with _eval(module), torch.enable_grad():
+        images = xt.clone().detach()
+        grad = _input_grad(module, images, yt if goal is None else goal, goal is not None)
+        x_adv = torch.clamp(images + eps * grad.sign(), min=low, max=high).detach()
+    config = {"attack": "fgsm", "eps": eps, "targeted": goal is not None, "bounds": (low, high)}
+    return Attack(xt, x_adv, yt, goal, config, module)
+
+
+def pgd(
+    model: HookedModel | nn.Module,
+    x: Any,
+    y: Any,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 40,
+    *,
+    norm: str = "linf",
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    target: Any = None,
+    bounds: tuple[float, float] | None = None,
+    seed: int | None = 0,
+) -> Attack:
+    """Projected gradient descent (Madry et al. 2018) in an L∞ or L2 ball of radius ``eps``.
+
+    Args:
+        alpha: step size (default ``eps / 4``); L∞ steps by ``alpha * sign(grad)``, L2 by ``alpha``
+            along the normalised gradient.
+        steps: iterations per restart.
+        random_start: start uniformly in the L∞ ball (L2: a random direction, radius ~ U(0, eps)).
+        restarts: independent random starts; per example the one with the highest loss (lowest
+            for targeted) is kept.
+        seed: seeds the random starts (None: use the global RNG).
+    """
+    if norm not in NORMS:
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if int(steps) < 0 or int(restarts) < 1:
+        raise InputError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds)
+    alpha = eps / 4 if alpha is None else float(alpha)
+    goal = _target(target, targeted, yt)
+    labels = yt if goal is None else goal
+    gen = torch.Generator(device=xt.device).manual_seed(seed) if seed is not None else None
+    best, best_loss = None, None
+    with _eval(module), torch.enable_grad():
+        for _ in range(int(restarts)):
+            start = _random_start(xt, eps, norm, bounds_, gen) if random_start else xt.clone().detach()
+            adv = _pgd_loop(module, xt, start, labels, eps, alpha, int(steps), norm, bounds_, goal is not None)
+            if restarts == 1:
+                best = adv
+                break
+            with torch.no_grad():
+                loss = F.cross_entropy(module(adv), labels, reduction="none")
+                loss = -loss if goal is not None else loss
+            if best is None:
+                best, best_loss = adv, loss
+            else:
+                better = loss > best_loss
+                best = torch.where(better.view(-1, *[1] * (xt.ndim - 1)), adv, best)
+                best_loss = torch.maximum(loss, best_loss)
+    config = {"attack": f"pgd-{norm}", "eps": eps, "alpha": alpha, "steps": int(steps), "norm": norm,
+              "random_start": random_start, "restarts": int(restarts), "targeted": goal is not None,
+              "bounds": bounds_, "seed": seed}  # fmt: skip
+    return Attack(xt, best, yt, goal, config, module)
+
+
+def _pgd_loop(
+    module: nn.Module,
+    images: torch.Tensor,
+    adv: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    norm: str,
+    bounds: tuple[float, float],
+    targeted: bool,
+) -> torch.Tensor:
+    low, high = bounds
+    for _ in range(steps):
+        grad = _input_grad(module, adv, labels, targeted)
+        if norm == "linf":
+            adv = adv.detach() + alpha * grad.sign()
+            delta = torch.clamp(adv - images, min=-eps, max=eps)
+        else:
+            grad = grad / _batch_norm(grad).add(EPS_DIVISION).view(-1, *[1] * (grad.ndim - 1))
+            adv = adv.detach() + alpha * grad
+            delta = _project_l2(adv - images, eps)
+        adv = torch.clamp(images + delta, min=low, max=high).detach()
+    return adv
+
+
+def _batch_norm(t: torch.Tensor) -> torch.Tensor:
+    return torch.norm(t.reshape(len(t), -1), p=2, dim=1)
+
+
+def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    norms = _batch_norm(delta)
+    factor = torch.min(eps / norms, torch.ones_like(norms))  # eps / 0 = inf -> 1: nothing to shrink
+    return delta * factor.view(-1, *[1] * (delta.ndim - 1))
+
+
+def _random_start(
+    x: torch.Tensor, eps: float, norm: str, bounds: tuple[float, float], gen: torch.Generator | None
+) -> torch.Tensor:
+    if norm == "linf":
+        noise = torch.empty_like(x).uniform_(-eps, eps, generator=gen)
+    else:
+        noise = torch.empty_like(x).normal_(generator=gen)
+        radius = torch.empty(len(x), device=x.device).uniform_(0, 1, generator=gen)
+        noise = noise * (radius * eps / _batch_norm(noise).clamp_min(1e-12)).view(-1, *[1] * (x.ndim - 1))
+    return torch.clamp(x + noise, min=bounds[0], max=bounds[1]).detach()
+
+
+def _target(target: Any, targeted: bool, y: torch.Tensor) -> torch.Tensor | None:
+    if target is None:
+        if targeted:
+            raise InputError("targeted=True needs target=: the class (or one class per image) to reach")
+        return None
+    t = torch.as_tensor(target).long().to(y.device)
+    t = t.expand(len(y)).clone() if t.ndim == 0 else t.reshape(-1)
+    if len(t) != len(y):
+        raise InputError(f"got {len(t)} target labels for {len(y)} images; pass one target per image or one for all")
+    return t
+
+
+class _eval:
+    """Put a module in eval mode for the attack and restore its mode afterwards."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> nn.Module:
+        return self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)
+
+
+# ------------------------------------------------------------------------------------------------
+# Robustness curves and adversarial training
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RobustnessCurve:
+    """Accuracy under an attack as a function of eps."""
+
+    eps: list[float]
+    accuracy: list[float]
+    attack: str
+    config: dict[str, Any]
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Scatter(x=self.eps, y=self.accuracy, mode="lines+markers", name=self.attack))
+        fig.update_layout(title=f"Accuracy under {self.attack}", xaxis_title="eps", yaxis_title="accuracy",
+                          yaxis_range=[0, 1.02], height=380)  # fmt: skip
+        return fig
+
+
+def robustness_curve(
+    model: HookedModel | nn.Module, x: Any, y: Any, eps: Sequence[float], attack: str = "fgsm", **kwargs: Any
+) -> RobustnessCurve:
+    """Adversarial accuracy at each eps (``attack`` is ``"fgsm"`` or ``"pgd"``; kwargs go to it;
+    a PGD ``alpha`` not given is ``eps / 4`` at each eps)."""
+    run = {"fgsm": fgsm, "pgd": pgd}.get(attack)
+    if run is None:
+        raise InputError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
+    acc = [run(model, x, y, e, **kwargs).accuracy_adv for e in eps]
+    return RobustnessCurve(list(map(float, eps)), acc, attack, dict(kwargs))
+
+
+@dataclass
+class AdversarialTraining:
+    """A model trained on PGD examples (Madry et al. 2018), with its history and config."""
+
+    module: nn.Module
+    history: dict[str, list[float]]
+    config: dict[str, Any]
+
+
+def adversarial_train(
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float = 0.1,
+    alpha: float = 0.025,
+    steps: int = 10,
+    epochs: int = 40,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> AdversarialTraining:
+    """Train a copy of ``module`` on PGD (L∞, random start) adversarial examples of every batch.
+
+    Training starts from ``module``'s weights (the argument itself is left untouched): pass a freshly
+    built model for Madry's from-scratch training, or a trained one to fine-tune. Adam, seeded
+    shuffling, a fresh seed for every batch's random start.
+    """
+    _, xt, yt, _ = check_inputs(module, x, y, eps, bounds)
+    model = copy.deepcopy(module)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history: dict[str, list[float]] = {"epoch": [], "train_loss": [], "test_acc": []}
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(yt), generator=gen)
+        total = 0.0
+        for start in range(0, len(perm), batch_size):
+            idx = perm[start : start + batch_size]
+            adv = pgd(model, xt[idx], yt[idx], eps, alpha, steps, bounds=bounds,
+                      seed=int(torch.randint(2**31, (1,), generator=gen))).x_adv  # fmt: skip
+            model.train()
+            loss = F.cross_entropy(model(adv), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        history["epoch"].append(epoch)
+        history["train_loss"].append(total / len(yt))
+        if eval_data is not None:
+            history["test_acc"].append((_logits(model, eval_data[0]).argmax(-1) == eval_data[1]).double().mean().item())
+    config = {"eps": eps, "alpha": alpha, "steps": steps, "epochs": epochs, "lr": lr,
+              "batch_size": batch_size, "seed": seed}  # fmt: skip
+    return AdversarialTraining(model.eval(), history, config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding-space attacks on transformers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingAttack:
+    """A continuous perturbation of a transformer's input embeddings.
+
+    Attributes:
+        hook: the embedding hook point perturbed.
+        delta: ``[batch, pos, d_model]`` perturbation (within eps per position).
+        loss_clean, loss_adv: ``[batch]`` the attack loss before and after.
+        logits_clean, logits_adv: the model output before and after.
+        config: eps, alpha, steps, norm, positions.
+    """
+
+    hook: str
+    delta: torch.Tensor
+    loss_clean: torch.Tensor
+    loss_adv: torch.Tensor
+    logits_clean: torch.Tensor
+    logits_adv: torch.Tensor
+    config: dict[str, Any]
+
+    def flipped(self, position: int = -1) -> torch.Tensor:
+        """``[batch]`` whether the top prediction at ``position`` changed."""
+        return self.logits_clean[:, position].argmax(-1) != self.logits_adv[:, position].argmax(-1)
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        fig.add_bar(name="clean", y=self.loss_clean.tolist())
+        fig.add_bar(name="adversarial", y=self.loss_adv.tolist())
+        fig.update_layout(title=f"Embedding attack at {self.hook}", xaxis_title="example",
+                          yaxis_title="attack loss", barmode="group", height=360)  # fmt: skip
+        return fig
+
+
+def flip_loss(clean_logits: torch.Tensor, position: int = -1, target: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An attack loss (lower = more successful) on the prediction at ``position``: with ``target``, the
+    cross-entropy of the target token; without, minus the cross-entropy of the clean top token."""
+    top = clean_logits[:, position].argmax(-1)
+    if target is not None:
+        goal = torch.as_tensor(target).long().expand(len(top)).to(top.device)
+        return lambda logits: F.cross_entropy(logits[:, position], goal, reduction="none")
+    return lambda logits: -F.cross_entropy(logits[:, position], top, reduction="none")
+
+
+def embedding_hook(model: HookedModel) -> str:
+    """The token-embedding hook point of a transformer (``hook_embed`` or ``embed.hook_out``)."""
+    for name in ("hook_embed", "embed.hook_out", "embeddings.word_embeddings.hook_out"):
+        if name in model.hook_names:
+            return name
+    raise InputError(f"{model.name} has no token-embedding hook point (looked for hook_embed, embed.hook_out)")
+
+
+def embedding_pgd(
+    model: HookedModel,
+    inputs: Any,
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eps: float = 1.0,
+    alpha: float | None = None,
+    steps: int = 20,
+    *,
+    norm: str = "l2",
+    hook: str | None = None,
+    positions: Sequence[int] | None = None,
+    random_start: bool = False,
+    seed: int = 0,
+) -> EmbeddingAttack:
+    """PGD on the input embeddings of a transformer, minimising ``loss(logits) -> [batch]``.
+
+    The perturbation enters through a replacement hook on the embedding (``act + delta``), so any
+    transformer ``interp.load`` gives can be attacked. The budget is per position: ``|delta|_∞ <= eps``
+    or ``|delta[b, p]|_2 <= eps``. ``positions`` restricts which tokens may be perturbed; the
+    default loss (``flip_loss``) flips the final position's top prediction.
+    """
+    if norm not in NORMS:
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if eps < 0:
+        raise InputError(f"eps must be >= 0, got {eps}")
+    hook = hook or embedding_hook(model)
+    prepared = model.prepare(inputs)
+    with torch.no_grad():
+        clean_logits = model(prepared)
+    loss = loss or flip_loss(clean_logits)
+    alpha = eps / 4 if alpha is None else alpha
+    shape = tuple(model.run_with_cache(prepared, names=hook, stop_early=True)[1][hook].shape)
+    mask = torch.zeros(shape[:2] + (1,), device=model.device)
+    mask[:, list(positions) if positions is not None else slice(None)] = 1.0
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    delta = torch.zeros(shape, device=model.device)
+    if random_start:
+        delta = _project_positions(torch.empty(shape, device=model.device).uniform_(-eps, eps, generator=gen), eps, norm)
+    delta = delta * mask
+
+    def run(d: torch.Tensor) -> torch.Tensor:
+        return model.run_with_hooks(prepared, [(hook, lambda act, _: act + d)], grad=d.requires_grad)
+
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        grad = torch.autograd.grad(loss(run(delta)).sum(), delta)[0]
+        if norm == "linf":
+            step = grad.sign()
+        else:
+            step = grad / grad.norm(dim=-1, keepdim=True).clamp_min(EPS_DIVISION)
+        delta = _project_positions(delta.detach() - alpha * step, eps, norm) * mask
+    with torch.no_grad():
+        adv_logits = run(delta)
+        return EmbeddingAttack(hook, delta, loss(clean_logits), loss(adv_logits), clean_logits, adv_logits,
+                               {"eps": eps, "alpha": alpha, "steps": steps, "norm": norm,
+                                "positions": positions, "random_start": random_start, "seed": seed})  # fmt: skip
+
+
+def _project_positions(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    norms = delta.norm(dim=-1, keepdim=True)
+    return delta * torch.clamp(eps / norms.clamp_min(1e-12), max=1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Adversarial-attack probes
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackProbe:
+    """Clean vs adversarial, layer by layer.
+
+    Attributes:
+        names: the hook points compared, in forward order.
+        divergence: ``[layers]`` mean relative L2 distance ``|a_adv - a_clean| / |a_clean|``.
+        cosine: ``[layers]`` mean cosine similarity of clean and adversarial activations.
+        probe_acc_clean: ``[layers]`` accuracy of a linear probe (trained on clean data) on clean inputs.
+        probe_acc_adv: ``[layers]`` the same probes on the adversarial inputs.
+        restoration: ``[layers]`` share of the accuracy lost to the attack that returns when that
+            layer's clean activation is patched into the adversarial run (1 = all, 0 = none).
+        restoration_topk: ``[layers]`` the same, patching only the ``topk_frac`` most divergent units.
+        accuracy_clean, accuracy_adv: the model's accuracy on the two batches.
+        config: unit dim, topk_frac, probe C, seed.
+    """
+
+    names: list[str]
+    divergence: torch.Tensor
+    cosine: torch.Tensor
+    probe_acc_clean: torch.Tensor
+    probe_acc_adv: torch.Tensor
+    restoration: torch.Tensor
+    restoration_topk: torch.Tensor
+    accuracy_clean: float
+    accuracy_adv: float
+    config: dict[str, Any]
+
+    def figure(self):
+        """Three panels: divergence, probe accuracy clean vs adversarial, restoration."""
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=3, subplot_titles=(
+            "activation divergence", "probe accuracy", "restoration by patching clean"))  # fmt: skip
+        x = self.names
+        fig.add_scatter(x=x, y=self.divergence.tolist(), mode="lines+markers", name="relative L2", row=1, col=1)
+        fig.add_scatter(x=x, y=self.probe_acc_clean.tolist(), mode="lines+markers", name="probe, clean", row=1, col=2)
+        fig.add_scatter(x=x, y=self.probe_acc_adv.tolist(), mode="lines+markers", name="probe, adversarial", row=1, col=2)
+        fig.add_scatter(x=x, y=self.restoration.tolist(), mode="lines+markers", name="patch whole layer", row=1, col=3)
+        frac = self.config.get("topk_frac")
+        fig.add_scatter(x=x, y=self.restoration_topk.tolist(), mode="lines+markers",
+                        name=f"patch top {frac:.0%} units", row=1, col=3)  # fmt: skip
+        fig.update_layout(height=420, title=f"Clean vs adversarial: accuracy {self.accuracy_clean:.2f} -> "
+                          f"{self.accuracy_adv:.2f}")  # fmt: skip
+        return fig
+
+
+def _as_hooked(model: HookedModel | nn.Module) -> HookedModel:
+    if isinstance(model, HookedModel):
+        return model
+    from interp.models.module import ModuleModel
+
+    return ModuleModel(model, type(model).__name__)
+
+
+def _acts(model: HookedModel, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    _, cache = model.run_with_cache(x, names=names)
+    return {n: cache[n] for n in names}
+
+
+def divergence(clean: torch.Tensor, adv: torch.Tensor) -> tuple[float, float]:
+    """Mean relative L2 distance and mean cosine similarity between paired activations ``[b, ...]``."""
+    c, a = rearrange(clean.double(), "b ... -> b (...)"), rearrange(adv.double(), "b ... -> b (...)")
+    rel = (a - c).norm(dim=1) / c.norm(dim=1).clamp_min(1e-12)
+    return rel.mean().item(), F.cosine_similarity(a, c, dim=1, eps=1e-12).mean().item()
+
+
+def _unit_scores(clean: torch.Tensor, adv: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean squared clean-vs-adversarial difference per unit along ``dim`` (for ranking units)."""
+    diff = (adv - clean).double() ** 2
+    other = [d for d in range(diff.ndim) if d != dim % diff.ndim]
+    return diff.mean(dim=other)
+
+
+def _patch_hook(clean: torch.Tensor, dim: int, units: torch.Tensor | None) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        if units is None:
+            return clean
+        out = act.clone()
+        index = [slice(None)] * act.ndim
+        index[dim % act.ndim] = units
+        out[tuple(index)] = clean[tuple(index)]
+        return out
+
+    return patch
+
+
+def _restored(model: HookedModel, adv: torch.Tensor, y: torch.Tensor, hook: tuple, acc_clean: float, acc_adv: float) -> float:
+    out = model.run_with_hooks(adv, [hook])
+    acc = (out.argmax(-1) == y).double().mean().item()
+    gap = acc_clean - acc_adv
+    return (acc - acc_adv) / gap if gap > 0 else math.nan
+
+
+def restoration_by_unit(
+    model: HookedModel | nn.Module, clean: Any, adversarial: Any, labels: Any, name: str, dim: int = 1
+) -> torch.Tensor:
+    """``[units]``: the share of lost accuracy restored by patching one unit (a channel along ``dim``
+    of a conv activation, a head along ``dim=2`` of ``hook_z``) of the clean activation at ``name``."""
+    hooked = _as_hooked(model)
+    x, xa, y = _pair(hooked, clean, adversarial, labels)
+    act = _acts(hooked, x, [name])[name]
+    acc_clean = (hooked(x).argmax(-1) == y).double().mean().item()
+    acc_adv = (hooked(xa).argmax(-1) == y).double().mean().item()
+    units = range(act.shape[dim % act.ndim])
+    return torch.tensor([
+        _restored(hooked, xa, y, (name, _patch_hook(act, dim, torch.tensor([u]))), acc_clean, acc_adv) for u in units
+    ])  # fmt: skip
+
+
+def _pair(model: HookedModel, clean: Any, adversarial: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, xa = model.prepare(clean), model.prepare(adversarial)
+    if x.shape != xa.shape:
+        raise InputError(f"clean and adversarial batches differ in shape: {tuple(x.shape)} vs {tuple(xa.shape)}")
+    y = torch.as_tensor(labels).long().reshape(-1).to(x.device)
+    if len(y) != len(x):
+        raise InputError(f"got {len(y)} labels for {len(x)} images; pass exactly one label per image")
+    return x, xa, y
+
+
+def attack_probe(
+    model: HookedModel | nn.Module,
+    clean: Any,
+    adversarial: Any,
+    labels: Any,
+    names: str | Sequence[str] | None = None,
+    *,
+    train: tuple[Any, Any] | None = None,
+    unit_dim: int = 1,
+    topk_frac: float = 0.25,
+    C: float = 1.0,
+    seed: int = 0,
+) -> AttackProbe:
+    """Compare a clean batch and its adversarial twin at every hook point.
+
+    Args:
+        names: hook points (default: every leaf module's output, or the residual stream).
+        train: ``(inputs, labels)`` clean data to fit the probes on; default: a seeded half of
+            ``clean`` (the other half scores both clean and adversarial).
+        unit_dim: the axis whose units (channels, features, heads) ``restoration_topk`` patches.
+        topk_frac: the share of most divergent units patched for ``restoration_topk``.
+    """
+    from interp.methods import probing
+
+    hooked = _as_hooked(model)
+    x, xa, y = _pair(hooked, clean, adversarial, labels)
+    chosen = hooked.resolve(names) if names is not None else probing.default_names(hooked)
+    acts_c, acts_a = _acts(hooked, x, chosen), _acts(hooked, xa, chosen)
+    acc_clean = (hooked(x).argmax(-1) == y).double().mean().item()
+    acc_adv = (hooked(xa).argmax(-1) == y).double().mean().item()
+    probe_c, probe_a = _probe_accuracies(hooked, x, y, acts_c, acts_a, chosen, train, C, seed)
+    div, cos, full, topk = [], [], [], []
+    for name in chosen:
+        d, c = divergence(acts_c[name], acts_a[name])
+        div.append(d)
+        cos.append(c)
+        full.append(_restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, None)), acc_clean, acc_adv))
+        scores = _unit_scores(acts_c[name], acts_a[name], unit_dim)
+        k = max(1, round(topk_frac * len(scores)))
+        units = scores.topk(k).indices
+        topk.append(_restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, units)), acc_clean, acc_adv))
+    as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return AttackProbe(chosen, as_t(div), as_t(cos), as_t(probe_c), as_t(probe_a), as_t(full), as_t(topk),
+                       acc_clean, acc_adv, {"unit_dim": unit_dim, "topk_frac": topk_frac, "C": C, "seed": seed,
+                                            "probe_data": "train" if train is not None else "half of clean"})  # fmt: skip
+
+
+def _probe_accuracies(
+    model: HookedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    acts_c: dict[str, torch.Tensor],
+    acts_a: dict[str, torch.Tensor],
+    names: list[str],
+    train: tuple[Any, Any] | None,
+    C: float,
+    seed: int,
+) -> tuple[list[float], list[float]]:
+    """Probes fitted on clean activations, scored on held-out clean and adversarial activations."""
+    from interp.methods import probing
+
+    flat = lambda t: rearrange(t, "b ... -> b (...)")  # noqa: E731
+    if train is not None:
+        feats = probing.collect_features(model, train[0], train[1], names)
+        fit = {n: (feats.values[n], feats.labels) for n in names}
+        eval_idx = torch.arange(len(y))
+    else:
+        train_idx, eval_idx = probing.split(y.cpu(), "classification", 0.5, seed)
+        fit = {n: (flat(acts_c[n])[train_idx].cpu(), y[train_idx].cpu()) for n in names}
+    clean_acc, adv_acc = [], []
+    for n in names:
+        feats_n, labels_n = fit[n]
+        idx = torch.arange(len(labels_n))
+        probe = probing.fit_probe(feats_n, labels_n, C=C, train_idx=idx, test_idx=idx, name=n)
+        clean_acc.append(probe.score(flat(acts_c[n])[eval_idx].cpu(), y[eval_idx].cpu()))
+        adv_acc.append(probe.score(flat(acts_a[n])[eval_idx].cpu(), y[eval_idx].cpu()))
+    return clean_acc, adv_acc
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+
+
+def attack_figure(attack: Attack, index: int = 0):
+    """Original | adversarial | perturbation heatmaps for one example, titled with the predictions."""
+    from plotly.subplots import make_subplots
+
+    if not 0 <= index < len(attack.x):
+        raise InputError(f"index {index} is outside the batch of {len(attack.x)} images")
+    p_clean = attack.logits_clean[index].softmax(-1)
+    p_adv = attack.logits_adv[index].softmax(-1)
+    c, a = int(p_clean.argmax()), int(p_adv.argmax())
+    img = lambda t: t[index].reshape(-1, t.shape[-1]).cpu().numpy() if t.ndim >= 3 else t[index][None].cpu().numpy()  # noqa: E731
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", "perturbation"))  # fmt: skip
+    low, high = attack.config.get("bounds", (0.0, 1.0))
+    fig.add_heatmap(z=img(attack.x)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=1)
+    fig.add_heatmap(z=img(attack.x_adv)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=2)
+    bound = max(float(attack.delta[index].abs().max()), 1e-12)
+    fig.add_heatmap(z=img(attack.delta)[::-1], colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound, row=1, col=3)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False, scaleanchor="x")
+    fig.update_layout(height=320, title=f"{attack.config['attack']} eps={attack.config['eps']}")
+    return fig
