@@ -49,6 +49,8 @@ PAGES = [
     st.Page(home, title="Home", default=True),
     st.Page("views/activations.py", title="Activations"),
     st.Page("views/attention.py", title="Attention"),
+    st.Page("views/adversarial.py", title="Adversarial"),
+    st.Page("views/probing.py", title="Probing"),
     st.Page("views/reproductions.py", title="Reproductions"),
 ]
 
