@@ -60,6 +60,24 @@ def _digits_model(name: str, report: Report, fast: bool, given: dict[str, nn.Mod
         return module
 
 
+def load_digits_model(name: str):
+    """``interp.load("zoo:NAME")`` for a digits model; where no checkpoint ships yet, the full recipe
+    trained once into the reproduction cache (about 30 s). Used by the explorer too."""
+    import interp
+    from interp.models import zoo
+
+    try:
+        return interp.load(f"zoo:{name}")
+    except CheckpointError:
+        directory = cache_dir() / "zoo-full"
+        try:
+            module, _ = zoo.load_zoo(name, directory=directory)
+        except CheckpointError:
+            zoo.train(name, directory, progress=False)
+            module, _ = zoo.load_zoo(name, directory=directory)
+        return interp.load(module, input_shape=(1, 8, 8), input_range=(0.0, 1.0), name=f"zoo:{name}")
+
+
 def _curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, restarts: int) -> dict[str, Any]:
     """FGSM and PGD accuracy at every eps, plus the worst invariant violations seen."""
     out: dict[str, Any] = {"fgsm": [], "pgd": [], "max_excess": 0.0, "out_of_range": 0}
