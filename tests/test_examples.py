@@ -1,0 +1,125 @@
+"""Dataset examples: the streamed top-k equals an in-memory argsort, digits logits pick their own
+class, transformer neurons and heads get token contexts, and bad input is a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from interp.errors import CheckpointError, InputError
+from interp.methods import examples as ex
+
+
+def zoo_model(request: pytest.FixtureRequest, name: str):
+    """The shipped zoo model, else one trained once into pytest's cache folder (seeded recipe)."""
+    import interp
+    from interp.models import zoo
+    from interp.models.module import ModuleModel
+
+    try:
+        return interp.load(f"zoo:{name}")
+    except CheckpointError:
+        folder = request.config.cache.mkdir("interp-zoo")
+        try:
+            module, _ = zoo.load_zoo(name, directory=folder)
+        except CheckpointError:
+            zoo.train(name, folder, progress=False)
+            module, _ = zoo.load_zoo(name, directory=folder)
+        return ModuleModel(module, f"zoo:{name}", input_shape=(1, 8, 8), input_range=(0.0, 1.0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cnn(request):
+    return zoo_model(request, "digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def test_set():
+    from interp.models.zoo import digits_data
+
+    _, _, x, y = digits_data()
+    return x, y
+
+
+def brute_force(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, U] scores -> ([U, k] indices, [U, k] scores) by a full stable argsort."""
+    order = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]
+    return order.T, scores.gather(0, order).T
+
+
+def test_streamed_top_k_equals_an_in_memory_argsort(cnn, test_set, tmp_path):
+    x, _ = test_set
+    top = ex.top_k(cnn, x, "conv2.hook_out", k=7, batch_size=50, out_dir=tmp_path / "cap")
+    _, cache = cnn.run_with_cache(x, names="conv2.hook_out")
+    act = cache["conv2.hook_out"]
+    indices, scores = brute_force(act.amax(dim=(2, 3)), 7)
+    torch.testing.assert_close(top.scores, scores)
+    assert torch.equal(top.indices, indices)
+    assert top.units == list(range(32))
+    torch.testing.assert_close(torch.as_tensor(top.maps[4][0]), act[indices[4, 0], 4])
+    assert (tmp_path / "cap" / "manifest.json").is_file()  # the capture store did the streaming
+
+    mean = ex.top_k(cnn, x, "conv2.hook_out", units=[3, 30], k=5, reduce_by="mean", batch_size=64)
+    indices, scores = brute_force(act[:, [3, 30]].mean(dim=(2, 3)), 5)
+    assert torch.equal(mean.indices, indices)
+    torch.testing.assert_close(mean.scores, scores)
+    fig = mean.figure(30)
+    assert len(fig.data) == 10  # 5 images above their 5 activation maps
+
+
+def test_top_logit_images_are_mostly_their_class(cnn, test_set):
+    x, y = test_set
+    seen = []
+    top = ex.top_k(cnn, x, "fc.hook_out", k=10, callback=lambda done, total: seen.append((done, total)))
+    purity = [(y[top.indices[c]] == c).float().mean().item() for c in range(10)]
+    assert min(purity) >= 0.9, purity
+    assert seen[-1] == (len(x), len(x))
+    assert top.maps[0][0] is None  # a linear layer has no activation map
+
+
+TEXTS = ["the cat sat on the mat", "a dog ran under the rug", "it was big and red", "the small blue cat ran"]
+
+
+def test_transformer_neurons_and_heads_give_token_contexts(gpt2_model):
+    top = ex.top_k(gpt2_model, TEXTS, "blocks.0.mlp.hook_post", units=[0, 5, 17], k=2, batch_size=3)
+    per_text = []
+    for text in TEXTS:
+        _, cache = gpt2_model.run_with_cache(text, names="blocks.0.mlp.hook_post")
+        per_text.append(cache["blocks.0.mlp.hook_post"][0][:, [0, 5, 17]].amax(0))
+    indices, scores = brute_force(torch.stack(per_text), 2)
+    assert torch.equal(top.indices, indices)
+    torch.testing.assert_close(top.scores, scores)
+    best = top.indices[1, 0].item()
+    assert top.str_tokens[1][0] == gpt2_model.to_tokens(TEXTS[best]).str_tokens[0]
+    html = top.html(5)
+    assert "ColoredTokens" in html and "<script" in html
+    assert json.dumps(" ‖ ")[1:-1] in html or " ‖ " in html  # the contexts' separator token
+
+    heads = ex.top_k(gpt2_model, TEXTS, "blocks.1.attn.hook_pattern", k=1)
+    assert heads.units == [0, 1, 2, 3]
+    _, cache = gpt2_model.run_with_cache(
+        TEXTS[heads.indices[2, 0].item()], names="blocks.1.attn.hook_pattern"
+    )
+    assert abs(cache["blocks.1.attn.hook_pattern"][0, 2].max().item() - heads.scores[2, 0].item()) < 1e-5
+
+
+def test_bad_units_and_layers_are_clear_input_errors(cnn, test_set):
+    x, _ = test_set
+    with pytest.raises(InputError, match=r"unit index 32 is out of range: conv2.hook_out has 32 units"):
+        ex.top_k(cnn, x[:20], "conv2.hook_out", units=[0, 32])
+    with pytest.raises(InputError, match=r"fc.hook_out has no spatial dimensions .* no channel maps"):
+        ex.channel_maps(cnn, x[:2], "fc.hook_out")
+    with pytest.raises(InputError, match=r"unit 3 was not collected"):
+        ex.top_k(cnn, x[:20], "fc.hook_out", units=[1], k=2).figure(3)
+    maps = ex.channel_maps(cnn, x[:2], "conv1.hook_out", units=[2])
+    assert maps.shape == (2, 1, 8, 8)

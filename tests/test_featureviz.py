@@ -1,0 +1,174 @@
+"""Feature visualization: analytic optima of linear units, class logits, diversity, batching
+invariants, reproducibility and the input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from interp.errors import CheckpointError, InputError
+from interp.methods import featureviz as fv
+
+
+def zoo_model(request: pytest.FixtureRequest, name: str):
+    """The shipped zoo model, else one trained once into pytest's cache folder (seeded recipe)."""
+    import interp
+    from interp.models import zoo
+    from interp.models.module import ModuleModel
+
+    try:
+        return interp.load(f"zoo:{name}")
+    except CheckpointError:
+        folder = request.config.cache.mkdir("interp-zoo")
+        try:
+            module, _ = zoo.load_zoo(name, directory=folder)
+        except CheckpointError:
+            zoo.train(name, folder, progress=False)
+            module, _ = zoo.load_zoo(name, directory=folder)
+        return ModuleModel(module, f"zoo:{name}", input_shape=(1, 8, 8), input_range=(0.0, 1.0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and far faster on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cnn(request):
+    return zoo_model(request, "digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def softmax(request):
+    return zoo_model(request, "digits-softmax")
+
+
+def assert_box_optimum(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+    """x [U, d] optimized for a_u(x) = w_u . x + b_u over [0, 1]^d: the optimum is 1[w > 0]."""
+    best = (w.clamp(min=0)).sum(-1) + b
+    worst = (w.clamp(max=0)).sum(-1) + b
+    reached = (x * w).sum(-1) + b
+    assert torch.all(best > 0)
+    assert torch.all(reached >= 0.99 * best), (reached, best)  # >= 99% of a(x*)
+    assert torch.all(reached - worst >= 0.99 * (best - worst))
+    match = ((x > 0.5) == (w > 0)).float().mean(-1)
+    assert torch.all(match >= 0.95), match
+
+
+def test_box_constrained_conv_neurons_reach_the_sign_pattern(cnn):
+    """All 16 first-layer (pre-ReLU) neurons at the centre, batched: x* = 1[w > 0] on the 3x3 field."""
+    vis = fv.render(
+        cnn, fv.neuron("conv1.hook_out", range(16), at=(4, 4)), transforms=None, steps=256, lr=0.1
+    )
+    patch = vis.images[:, 0, 3:6, 3:6].flatten(1)
+    conv = cnn.module.conv1
+    assert_box_optimum(patch, conv.weight.detach()[:, 0].flatten(1), conv.bias.detach())
+    assert torch.all(vis.scores > 0)
+
+
+def test_box_constrained_softmax_logits_and_l2_ball(softmax):
+    fc = softmax.module.fc
+    w, b = fc.weight.detach(), fc.bias.detach()
+    vis = fv.render(softmax, fv.class_logit(range(10)), transforms=None, steps=512, lr=0.1)
+    assert_box_optimum(vis.images.flatten(1), w, b)
+
+    ball = fv.render(
+        softmax, fv.class_logit(range(10)), constraint="l2", radius=3.0, transforms=None, steps=200
+    )
+    x = ball.images.flatten(1)
+    assert torch.allclose(x.norm(dim=-1), torch.full((10,), 3.0), atol=1e-3)
+    assert torch.all(torch.nn.functional.cosine_similarity(x, w, dim=-1) >= 0.99)
+
+
+def test_class_logits_beat_the_test_set_and_are_confident(cnn):
+    from interp.models.zoo import digits_data
+
+    _, _, x_test, _ = digits_data()
+    test_max = cnn(x_test).max(0).values
+    plain = fv.render(cnn, fv.class_logit(range(10)), transforms=None, steps=200)
+    logits = cnn(plain.images)
+    assert torch.all(logits.diagonal() >= test_max)
+    assert torch.allclose(plain.scores, logits.diagonal(), atol=1e-4)
+    robust = fv.render(cnn, fv.class_logit(range(10)), param="fourier", steps=200, seed=1)
+    assert torch.all(torch.softmax(cnn(robust.images), -1).diagonal() >= 0.99)
+    assert robust.images.min() >= 0 and robust.images.max() <= 1
+    assert robust.config["seed"] == 1 and robust.config["param"] == "fourier"
+
+
+def gram_cosine_numpy(act: np.ndarray) -> float:
+    """Independent reference: mean off-diagonal cosine of flattened per-image Gram matrices."""
+    flat = act.reshape(act.shape[0], act.shape[1], -1)
+    grams = np.stack([(f @ f.T).ravel() for f in flat])
+    grams = grams / np.linalg.norm(grams, axis=1, keepdims=True)
+    sims = grams @ grams.T
+    n = len(act)
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
+def test_diversity_lowers_the_gram_cosine(cnn):
+    same = fv.channel("conv2.hook_out", [11] * 4)
+    kwargs = {"steps": 128, "seed": 0}
+    plain = fv.render(cnn, same, **kwargs)
+    diverse = fv.render(cnn, same + fv.diversity("relu1.hook_out", 10.0), **kwargs)
+
+    def cos(images):
+        _, cache = cnn.run_with_cache(images, names="relu1.hook_out", stop_early=True)
+        act = cache["relu1.hook_out"]
+        assert abs(fv.gram_cosine(act).item() - gram_cosine_numpy(act.numpy())) < 1e-5
+        return gram_cosine_numpy(act.numpy())
+
+    assert cos(diverse.images) < cos(plain.images) - 0.2
+
+
+def test_direction_over_one_hot_vectors_equals_the_class_logits(cnn):
+    """Invariant: a direction on the logits layer with one-hot vectors is the class-logit objective."""
+    a = fv.render(cnn, fv.direction("fc.hook_out", torch.eye(10)), steps=24, seed=3)
+    b = fv.render(cnn, fv.class_logit(range(10)), steps=24, seed=3)
+    assert torch.allclose(a.images, b.images, atol=1e-5)
+    again = fv.render(cnn, fv.class_logit(range(10)), steps=24, seed=3)
+    assert torch.equal(b.images, again.images)  # seeded: reproducible
+
+
+def test_channels_match_their_own_single_unit_gradients(cnn):
+    """Batching is exact: image b's gradient only involves unit b (no cross-talk in eval mode)."""
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ctx_acts = {}
+    with cnn.hooks([("conv2.hook_out", lambda act, hook: ctx_acts.__setitem__("conv2.hook_out", act))]):
+        cnn.module(x)
+    score = fv.channel("conv2.hook_out", [0, 4, 9])(fv.Context(ctx_acts, None, x))
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    for b, unit in enumerate([0, 4, 9]):
+        xb = x[b : b + 1].detach().requires_grad_(True)
+        single = cnn.module.conv2(cnn.module.relu1(cnn.module.conv1(xb)))[0, unit].mean()
+        (g,) = torch.autograd.grad(single, xb)
+        assert torch.allclose(grad[b], g[0], atol=1e-6)
+
+
+def test_transforms_keep_shape_and_range_and_are_seeded():
+    x = torch.rand(5, 1, 8, 8)
+    out1 = fv.Transforms()(x, torch.Generator().manual_seed(0), 0.0)
+    out2 = fv.Transforms()(x, torch.Generator().manual_seed(0), 0.0)
+    assert out1.shape == x.shape and torch.equal(out1, out2)
+    assert out1.min() >= 0 and out1.max() <= 1
+    still = fv.Transforms(pad=0, jitter=0, scales=(1.0,), degrees=(0,))(x, torch.Generator(), 0.0)
+    assert torch.allclose(still, x, atol=1e-5)
+
+
+def test_bad_units_and_layers_are_clear_input_errors(cnn, gpt2_model):
+    with pytest.raises(InputError, match=r"unit index 32 is out of range: conv2.hook_out has 32 units"):
+        fv.render(cnn, fv.channel("conv2.hook_out", [1, 32]), steps=1)
+    with pytest.raises(InputError, match=r"fc.hook_out has no spatial dimensions .* no channel maps"):
+        fv.render(cnn, fv.channel("fc.hook_out", 3), steps=1)
+    with pytest.raises(InputError, match=r"unit index 10 is out of range: the output has 10 classes"):
+        fv.render(cnn, fv.class_logit(10), steps=1)
+    with pytest.raises(InputError, match=r"direction has 7 features"):
+        fv.render(cnn, fv.direction("conv2.hook_out", torch.ones(7)), steps=1)
+    with pytest.raises(InputError, match=r"transformer reads discrete tokens"):
+        fv.render(gpt2_model, fv.neuron("blocks.0.mlp.hook_post", 0), steps=1)
+    with pytest.raises(InputError, match=r"positive radius"):
+        fv.render(cnn, fv.class_logit(0), constraint="l2", steps=1)
