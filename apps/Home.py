@@ -52,6 +52,7 @@ PAGES = [
     st.Page("views/adversarial.py", title="Adversarial"),
     st.Page("views/probing.py", title="Probing"),
     st.Page("views/reproductions.py", title="Reproductions"),
+    st.Page("views/features.py", title="Features"),
 ]
 
 st.set_page_config(page_title="interp explorer", layout="wide")
