@@ -172,3 +172,53 @@ def test_bad_units_and_layers_are_clear_input_errors(cnn, gpt2_model):
         fv.render(gpt2_model, fv.neuron("blocks.0.mlp.hook_post", 0), steps=1)
     with pytest.raises(InputError, match=r"positive radius"):
         fv.render(cnn, fv.class_logit(0), constraint="l2", steps=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The explorer's Features page (AppTest, headless)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_features_page_draws_gallery_attribution_and_tokens(cnn):
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from interp.methods import attribution as at
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
+    page = AppTest.from_file(str(app), default_timeout=300).run()
+    page.switch_page("views/features.py").run()
+    assert not page.exception, [e.value for e in page.exception]
+    assert not page.error, [e.value for e in page.error]
+    assert page.title[0].value == "Features"
+    assert page.selectbox(key="features_layer::digits-cnn").value == "conv2.hook_out"
+    charts = [json.loads(c.proto.spec) for c in page.get("plotly_chart")]
+    gallery = charts[0]
+    assert len(gallery["data"]) == 32  # every channel of conv2, one optimization
+    assert "ch 0" in gallery["layout"]["annotations"][0]["text"]
+
+    page.slider(key="features_steps").set_value(16).run()
+    page.selectbox(key="features_method").set_value("Saliency").run()
+    page.number_input(key="features_image").set_value(3).run()
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    charts = [json.loads(c.proto.spec) for c in page.get("plotly_chart")]
+    from interp.models.zoo import digits_data
+
+    _, _, x, _ = digits_data()
+    expected = at.attribute(cnn, x[3:4], method="saliency").values[0, 0].numpy()
+    attr = next(c for c in charts if "saliency attribution" in json.dumps(c["layout"]))
+    z = attr["data"][1]["z"]
+    z = (
+        np.frombuffer(__import__("base64").b64decode(z["bdata"]), dtype=z["dtype"]).reshape(8, 8)
+        if isinstance(z, dict)
+        else np.asarray(z)
+    )
+    np.testing.assert_allclose(z[::-1], expected, rtol=1e-4, atol=1e-6)
+    assert page.get("iframe") or page.get("html")  # the circuitsvis token view (sidebar model: MiniLM)
+
+    page.number_input(key="features_token_target").set_value(10**6).run()
+    assert not page.exception
+    assert any("out of range" in e.value for e in page.error)

@@ -1,0 +1,153 @@
+"""Features: what the channels of a digits CNN layer respond to (optimized images beside their top
+test-set examples), pixel attribution maps for a chosen digit, and token attributions for the text."""
+
+from __future__ import annotations
+
+import common
+import streamlit as st
+import streamlit.components.v1 as components
+import torch
+
+import interp
+from interp.methods import attribution as at
+from interp.methods import examples as ex
+from interp.methods import featureviz as fv
+
+MODELS = ("digits-cnn", "digits-softmax")
+METHODS = {
+    "Integrated gradients": "ig",
+    "Saliency": "saliency",
+    "Gradient × input": "grad_x_input",
+    "Occlusion": "occlusion",
+}
+
+
+@st.cache_resource(show_spinner=False)
+def digits_model(name: str) -> interp.HookedModel:
+    """The zoo checkpoint, or the recipe trained once into the cache when none ships (~30 s)."""
+    from interp.reproductions.adversarial import load_digits_model
+
+    model = load_digits_model(name)
+    if getattr(model, "input_shape", None) is None:
+        model = interp.load(model.module, input_shape=(1, 8, 8), input_range=(0.0, 1.0), name=model.name)
+    return model
+
+
+@st.cache_data(show_spinner=False)
+def test_set() -> tuple[torch.Tensor, torch.Tensor]:
+    from interp.models import zoo
+
+    _, _, x, y = zoo.digits_data(0)
+    return x, y
+
+
+def progress_callback(label: str):
+    """A ``callback(done, total)`` for the library that drives an ``st.progress`` bar."""
+    bar = st.progress(0.0, text=label)
+
+    def update(done: int, total: int) -> None:
+        if done == total or done % 8 == 0:
+            bar.progress(done / total, text=f"{label}: {done}/{total}")
+
+    return update
+
+
+def gallery(model: interp.HookedModel, name: str) -> None:
+    x, _ = test_set()
+    layers = [
+        n for n, s in model.hook_shapes.items() if s is not None and len(s) == 4 and n.endswith("hook_out")
+    ]
+    if not layers:
+        st.info(f"{name} has no convolutional layer; pick digits-cnn for the channel gallery.")
+        return
+    columns = st.columns(3)
+    convs = [i for i, n in enumerate(layers) if n.startswith("conv")]
+    default = convs[-1] if convs else len(layers) - 1
+    layer = columns[0].selectbox("Layer", layers, index=default, key=f"features_layer::{name}")
+    steps = columns[1].slider("Optimization steps", 16, 512, 128, step=16, key="features_steps")
+    param = columns[2].selectbox("Parameterization", ["pixel", "fourier"], key="features_param")
+    key = (name, layer, steps, param)
+    store = st.session_state.setdefault("features_results", {})
+    if key not in store:
+        with common.guard():
+            vis = fv.visualize(
+                model, layer, steps=steps, param=param, callback=progress_callback("Optimizing")
+            )
+            top = ex.top_k(model, x, layer, k=6, callback=progress_callback("Dataset examples"))
+            store[key] = (vis, top)
+    if key not in store:
+        return
+    vis, top = store[key]
+    st.caption(
+        f"{len(top.units)} channels of `{layer}` optimized together in one batch ({steps} Adam steps, "
+        f"{param}, seed {vis.config['seed']}, jitter/scale/rotate). Titles: the channel's mean activation."
+    )
+    st.plotly_chart(
+        vis.figure([f"ch {u}: {s:.2g}" for u, s in zip(top.units, vis.scores.tolist(), strict=True)])
+    )
+    unit = st.number_input(
+        f"Channel (0-{len(top.units) - 1})", 0, len(top.units) - 1, 0, key=f"features_unit::{name}"
+    )
+    left, right = st.columns([1, 5])
+    with left:
+        st.markdown("**Optimized**")
+        st.plotly_chart(fv.image_grid_figure([vis.images[unit, 0]], [f"channel {unit}"]), key="features_opt")
+    with right:
+        st.markdown("**Top test images and their activation maps**")
+        st.plotly_chart(top.figure(int(unit)), key="features_top")
+
+
+def attribution_map(model: interp.HookedModel, name: str) -> None:
+    x, y = test_set()
+    columns = st.columns(3)
+    index = columns[0].number_input(f"Test image (0-{len(x) - 1})", 0, len(x) - 1, 0, key="features_image")
+    method = columns[1].selectbox("Method", list(METHODS), key="features_method")
+    target = columns[2].number_input("Target class (-1: predicted)", -1, 9, -1, key="features_target")
+    with common.guard():
+        result = at.attribute(
+            model, x[index : index + 1], target=None if target < 0 else int(target), method=METHODS[method]
+        )
+        delta = "" if result.delta is None else f"; IG completeness error δ = {float(result.delta[0]):.2e}"
+        st.caption(f"label {int(y[index])}, attributed class {int(result.target[0])}{delta}")
+        st.plotly_chart(result.figure(0), key="features_attr")
+
+
+def token_attributions() -> None:
+    model = common.current_model()
+    text = common.current_text()
+    if model is None or text is None:
+        return
+    if model.kind != "transformer":
+        st.info("Token attributions need a transformer: pick one in the sidebar (e.g. 'minilm').")
+        return
+    columns = st.columns(2)
+    method = columns[0].selectbox("Method", list(METHODS), key="features_token_method")
+    target = columns[1].number_input(
+        "Output index at the last token (-1: the largest)", -1, None, -1, key="features_token_target"
+    )
+    with common.guard():
+        result = at.attribute(
+            model, text, target=None if target < 0 else int(target), method=METHODS[method], n_steps=32
+        )
+        delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
+        st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{delta}")
+        components.html(result.html(0), height=120, scrolling=True)
+        st.plotly_chart(result.figure(0), key="features_token_attr")
+
+
+st.title("Features")
+name = st.selectbox("Image model", MODELS, key="features_model")
+try:
+    with st.spinner(f"Loading {name} (trained once if no checkpoint ships)..."):
+        image_model = digits_model(name)
+except Exception as err:
+    common.show_error(err)
+    image_model = None
+tabs = st.tabs(["Channel gallery", "Attribution map", "Token attributions"])
+if image_model is not None:
+    with tabs[0]:
+        gallery(image_model, name)
+    with tabs[1]:
+        attribution_map(image_model, name)
+with tabs[2]:
+    token_attributions()
