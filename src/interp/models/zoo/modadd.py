@@ -60,15 +60,21 @@ CONFIG: Config = {
     "num_threads": 1,
 }
 
-# Quick variant for the test-suite: a smaller prime and half the pairs for training groks in a
-# fraction of the epochs (more data -> faster generalisation, Power et al. 2022).
+# Quick variant for the test-suite: a smaller prime, more of the pairs as training data (more data ->
+# faster generalisation, Power et al. 2022), a half-width model and a larger learning rate. Same as
+# the fast config of interp.reproductions.grokking, so both paths analyse the same kind of run.
 FAST_OVERRIDES: Config = {
     "p": 53,
-    "frac_train": 0.5,
-    "max_epochs": 4_000,
+    "frac_train": 0.6,
+    "d_model": 64,
+    "d_mlp": 256,
+    "d_head": 16,
+    "lr": 3e-3,
+    "max_epochs": 1_500,
+    "log_every": 10,
+    "snapshot_every": 50,
     "stop_test_loss": 1e-2,
-    "stop_patience": 100,
-    "snapshot_every": 100,
+    "stop_patience": 300,
     "n_snapshots": 6,
     "num_threads": None,
 }
