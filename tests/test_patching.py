@@ -1,0 +1,291 @@
+"""Batched activation patching, ablation, path patching and AtP against independent references:
+TransformerLens 4.3's ``patching`` functions on the same bridge, and naive one-forward-per-patch
+loops through ``run_with_hooks``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import interp
+from interp.errors import CaptureTooLargeError, InputError, UnknownHookError
+from interp.methods import ablation, attribution_patching, path_patching
+from interp.methods import patching as P
+
+TOY = dict(
+    n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=24, d_vocab=40, attn_only=True, act_fn=None,
+    normalization_type="LN", positional_embedding_type="standard", seed=0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return interp.load(TOY)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    clean = torch.randint(0, 39, (2, 6))
+    corrupted = clean.clone()
+    corrupted[:, 1] = (clean[:, 1] + 5) % 39
+    corrupted[:, 3] = (clean[:, 3] + 7) % 39
+    return clean, corrupted
+
+
+def tl_metric(clean):
+    def metric(logits):
+        rows = torch.arange(clean.shape[0])
+        return (logits[rows, -1, clean[:, -1]] - logits[rows, -1, 3]).mean()
+
+    return metric
+
+
+def naive(model, base, source_cache, hook, index_sets, metric):
+    """One forward per patch: write source[:, *index] into the activation, like TL's loop."""
+    out = []
+    for index in index_sets:
+
+        def fn(act, ctx, index=index):
+            act = act.clone()
+            view = act if act.ndim != 3 or "hook_z" not in hook else act.view(*act.shape[:2], 4, -1)
+            src = source_cache if source_cache.ndim == view.ndim else source_cache.view(view.shape)
+            view[(slice(None), *index)] = src[(slice(None), *index)]
+            return act
+
+        out.append(float(metric(model.run_with_hooks(base, [(hook, fn)]))))
+    return torch.tensor(out)
+
+
+# --- exactness --------------------------------------------------------------------------------
+
+
+def test_head_pos_head_and_resid_match_transformer_lens(toy, pair):
+    import transformer_lens.patching as tlp
+
+    clean, corrupted = pair
+    bridge = toy.bridge.eval()
+    _, clean_cache = bridge.run_with_cache(clean)
+    metric = tl_metric(clean)
+    ours = P.patch(toy, clean, corrupted, "head_pos", P.logit_diff(clean[:, -1], 3))
+    assert ours.dims == ("layer", "pos", "head") and ours.values.shape == (2, 6, 4)
+    ref = tlp.get_act_patch_attn_head_out_by_pos(bridge, corrupted, clean_cache, metric)
+    assert (ours.values - ref).abs().max() <= 1e-4
+    ref = tlp.get_act_patch_resid_pre(bridge, corrupted, clean_cache, metric)
+    assert (P.patch(toy, clean, corrupted, "resid_pre", metric).values - ref).abs().max() <= 1e-4
+    ref = tlp.get_act_patch_attn_head_out_all_pos(bridge, corrupted, clean_cache, metric)
+    assert (P.patch(toy, clean, corrupted, "head", metric).values - ref).abs().max() <= 1e-4
+
+
+def test_hf_model_sites_match_a_naive_loop(gpt2_model):
+    torch.manual_seed(1)
+    clean = torch.randint(2, 20, (2, 6))
+    corrupted = clean.flip(1)
+    metric = P.prob(clean[:, -1])
+    _, cache = gpt2_model.run_with_cache(clean, names=["blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"])
+    ours = P.patch(gpt2_model, clean, corrupted, "mlp_out", metric, layers=[1])
+    ref = naive(
+        gpt2_model,
+        corrupted,
+        cache["blocks.1.hook_mlp_out"],
+        "blocks.1.hook_mlp_out",
+        [(p,) for p in range(6)],
+        metric,
+    )
+    assert (ours.values[0] - ref).abs().max() <= 1e-5
+    ours = P.patch(gpt2_model, clean, corrupted, "head_pos", metric, layers=[0], positions=[1, 4], heads=[2])
+    ref = naive(
+        gpt2_model, corrupted, cache["blocks.0.attn.hook_z"], "blocks.0.attn.hook_z", [(1, 2), (4, 2)], metric
+    )
+    assert ours.values.shape == (1, 2, 1) and (ours.values.flatten() - ref).abs().max() <= 1e-5
+    # neurons and raw hook names
+    assert P.patch(gpt2_model, clean, corrupted, "neuron", metric, neurons=[0, 5]).values.shape == (2, 2)
+    raw = P.patch(gpt2_model, clean, corrupted, "blocks.1.hook_mlp_out", metric)
+    assert raw.dims == ("hook", "pos") and torch.allclose(
+        raw.values[0], P.patch(gpt2_model, clean, corrupted, "mlp_out", metric).values[1]
+    )
+
+
+def test_minilm_cosine_matches_a_naive_loop(minilm):
+    clean = "The cat sat on the mat."
+    corrupted = "The dog sat on the rug."
+    metric = P.cosine()
+    result = P.patch(minilm, clean, corrupted, "resid_pre", metric, layers=[3], positions=[2, 6])
+    clean_out, cache = minilm.run_with_cache(clean, names=["blocks.3.hook_resid_pre"])
+    bound = metric.bind(clean_out, minilm(corrupted), None)
+    ref = naive(
+        minilm, corrupted, cache["blocks.3.hook_resid_pre"], "blocks.3.hook_resid_pre", [(2,), (6,)], bound
+    )
+    assert (result.values.flatten() - ref).abs().max() <= 1e-5
+    assert result.metric_clean == pytest.approx(1.0, abs=1e-5) and result.metric_corrupted < 1
+
+
+def test_chunking_progress_and_user_metrics_agree(toy, pair):
+    clean, corrupted = pair
+    calls = []
+    builtin = P.patch(toy, clean, corrupted, "head_pos", P.logit_diff(clean[:, -1], 3))
+    chunked = P.patch(
+        toy,
+        clean,
+        corrupted,
+        "head_pos",
+        tl_metric(clean),
+        batch_size=5,
+        progress=lambda d, t: calls.append((d, t)),
+    )
+    assert torch.allclose(builtin.values, chunked.values, atol=1e-5)
+    assert calls[-1] == (48, 48) and len(calls) == 10
+    assert builtin.metric_clean == pytest.approx(chunked.metric_clean, abs=1e-5)
+
+
+def test_result_normalizes_and_draws(toy, pair):
+    clean, corrupted = pair
+    result = P.patch(toy, clean, corrupted, "resid_pre", P.logit_diff(clean[:, -1], 3))
+    norm = result.normalized()
+    assert norm.values.shape == (2, 6)
+    fig = result.figure()
+    assert fig.data[0].type == "heatmap" and len(fig.data[0].y) == 2 and len(fig.data[0].x) == 6
+    heads = P.patch(toy, clean, corrupted, "head_pos", P.kl())
+    assert len(heads.figure().data[0].y) == 8  # layer x head rows
+    assert heads.values.min() >= -1e-6  # a KL
+    assert len(heads.top(3)) == 3 and heads.top(1)[0][0].startswith("layer=")
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_length_mismatch_is_explained(toy):
+    with pytest.raises(InputError, match=r"different token lengths: clean 1 x 6 tokens, corrupted 1 x 7"):
+        P.patch(toy, torch.arange(6)[None], torch.arange(7)[None], "resid_pre", P.kl())
+
+
+def test_wrong_metric_shape_names_the_required_shape(toy, pair):
+    clean, corrupted = pair
+    with pytest.raises(InputError, match=r"returned shape \(2,\); it must return a scalar \(shape \(\)"):
+        P.patch(toy, clean, corrupted, "resid_pre", lambda logits: logits[:, -1, 0])
+
+
+def test_unknown_sites_suggest_the_closest(toy, pair):
+    clean, corrupted = pair
+    with pytest.raises(UnknownHookError, match=r"neither a site .* Did you mean: blocks\.0\.hook_resid_pre"):
+        P.patch(toy, clean, corrupted, "blocks.0.hook_resid_pr", P.kl())
+    with pytest.raises(UnknownHookError, match=r"attention-only model: no MLP"):
+        P.patch(toy, clean, corrupted, "mlp_out", P.kl())
+
+
+def test_too_large_sweep_says_how_to_chunk_or_filter(toy, pair):
+    clean, corrupted = pair
+    with pytest.raises(CaptureTooLargeError, match=r"Filter the sweep \(layers=\[\.\.\.\], positions="):
+        P.patch(toy, clean, corrupted, "head_pos", P.kl(), memory_budget=1000)
+    with pytest.raises(CaptureTooLargeError, match=r"use batch_size<="):
+        P.patch(toy, clean, corrupted, "head_pos", P.kl(), memory_budget=2_000_000, batch_size=10_000)
+
+
+# --- ablation, path patching, AtP -------------------------------------------------------------
+
+
+def test_ablations_match_naive_hooks(toy, pair):
+    clean, reference = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    zero = ablation.ablate(toy, clean, "head", "zero", metric)
+    mean = ablation.ablate(toy, clean, "head", "mean", metric, reference=reference)
+    _, ref_cache = toy.run_with_cache(reference, names="blocks.*.attn.hook_z")
+    for layer in range(2):
+        for head in range(4):
+            name = f"blocks.{layer}.attn.hook_z"
+
+            def zero_fn(act, ctx, head=head):
+                act = act.clone().view(*act.shape[:2], 4, 8)
+                act[:, :, head] = 0
+                return act.view(*act.shape[:2], 32)
+
+            def mean_fn(act, ctx, head=head, name=name):
+                act = act.clone().view(*act.shape[:2], 4, 8)
+                act[:, :, head] = ref_cache[name].view(2, 6, 4, 8)[:, :, head].mean(0)
+                return act.view(*act.shape[:2], 32)
+
+            assert float(metric(toy.run_with_hooks(clean, [(name, zero_fn)]))) == pytest.approx(
+                float(zero.values[layer, head]), abs=1e-5
+            )
+            assert float(metric(toy.run_with_hooks(clean, [(name, mean_fn)]))) == pytest.approx(
+                float(mean.values[layer, head]), abs=1e-5
+            )
+    a = ablation.ablate(toy, clean, "head", "resample", metric, reference=reference, seed=3)
+    b = ablation.ablate(toy, clean, "head", "resample", metric, reference=reference, seed=3)
+    assert torch.equal(a.values, b.values) and a.method == "resample ablation"
+    with pytest.raises(InputError, match="same position"):
+        ablation.ablate(toy, clean, "head", "resample", metric, reference=reference[:, :4])
+
+
+def _naive_path_patch(model, clean, corrupted, sender, receivers, metric):
+    """Two forwards per sender, written out directly (Wang et al. 2022)."""
+    names = [f"blocks.{i}.attn.hook_z" for i in range(2)]
+    _, cc = model.run_with_cache(clean, names=names)
+    _, xc = model.run_with_cache(corrupted, names=names)
+
+    def freeze(act, ctx):
+        src = cc[ctx.name].clone().view(*act.shape[:2], 4, 8)
+        if ctx.layer == sender[0]:
+            src[:, :, sender[1]] = xc[ctx.name].view(*act.shape[:2], 4, 8)[:, :, sender[1]]
+        return src.view(act.shape)
+
+    if receivers == "logits":
+        return float(metric(model.run_with_hooks(clean, [("blocks.*.attn.hook_z", freeze)])))
+    q_names = [f"blocks.{layer}.attn.hook_{x}" for layer in {r[0] for r in receivers} for x in "qkv"]
+    _, step1 = model.run_with_cache(clean, names=q_names, hooks=[("blocks.*.attn.hook_z", freeze)])
+
+    def replay(act, ctx):
+        act = act.clone().view(*act.shape[:2], 4, 8)
+        for layer, head in receivers:
+            if layer == ctx.layer:
+                act[:, :, head] = step1[ctx.name].view(*act.shape[:2], 4, 8)[:, :, head]
+        return act.view(*act.shape[:2], 32)
+
+    return float(metric(model.run_with_hooks(clean, [(n, replay) for n in q_names])))
+
+
+def test_path_patching_matches_two_forwards_per_sender(toy, pair):
+    clean, corrupted = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    direct = path_patching.path_patch(toy, clean, corrupted, "logits", metric)
+    via = path_patching.path_patch(toy, clean, corrupted, [(1, 0), (1, 2)], metric, batch_size=3)
+    for head in (0, 3):
+        assert float(direct.values[0, head]) == pytest.approx(
+            _naive_path_patch(toy, clean, corrupted, (0, head), "logits", metric), abs=1e-5
+        )
+        assert float(via.values[0, head]) == pytest.approx(
+            _naive_path_patch(toy, clean, corrupted, (0, head), [(1, 0), (1, 2)], metric), abs=1e-5
+        )
+    assert torch.allclose(via.values[1], torch.tensor(via.metric_clean))  # no path from layer 1 to layer 1
+
+
+def test_atp_agrees_with_exact_patching_on_heads(toy, pair):
+    clean, corrupted = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    exact = P.patch(toy, clean, corrupted, "head_pos", metric)
+    estimate = attribution_patching.attribution_patch(toy, clean, corrupted, "head_pos", metric, exact=exact)
+    assert estimate.values.shape == exact.values.shape and estimate.method.startswith("attribution")
+    assert estimate.agreement > 0.9
+    assert estimate.metric_corrupted == pytest.approx(exact.metric_corrupted, abs=1e-5)
+    checked = attribution_patching.attribution_patch(toy, clean, corrupted, "head", metric, check=True)
+    assert checked.agreement is not None and checked.agreement > 0.8
+
+
+def test_edge_attribution_decomposes_node_attribution(toy, pair):
+    """Sender s in layer 0: node AtP(s) = sum over receivers of EAP(s -> r) + s's direct path to the output."""
+    clean, corrupted = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    edges = attribution_patching.attribution_patch_edges(toy, clean, corrupted, metric)
+    nodes = attribution_patching.attribution_patch(toy, clean, corrupted, "head", metric)
+    _, cache = toy.run_with_cache(
+        corrupted,
+        names=["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
+        grad_of=metric.bind(toy(clean), toy(corrupted), None),
+    )
+    _, clean_cache = toy.run_with_cache(clean, names=["blocks.0.attn.hook_z"])
+    delta = clean_cache["blocks.0.attn.hook_z"] - cache["blocks.0.attn.hook_z"]
+    results = attribution_patching._head_results(toy, 0, delta, 4)
+    direct = torch.einsum("bphd,bpd->h", results, cache.grads["blocks.1.hook_resid_post"])
+    node = nodes.values[0] - nodes.metric_corrupted
+    assert torch.allclose(node, edges.values[0, :, 1, :].sum(-1) + direct, atol=1e-4)
+    assert (edges.values[1] == 0).all()  # layer-1 senders have no later receivers
