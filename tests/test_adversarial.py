@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -31,13 +32,19 @@ def _quick_fit(module: torch.nn.Module, x, y, epochs: int, lr: float) -> torch.n
     return module.eval()
 
 
-@pytest.fixture(scope="module")
-def cnn(digits):
-    """digits-cnn trained briefly here (test accuracy ~0.95), loaded with shape and range checks."""
+@functools.cache
+def trained_cnn() -> interp.HookedModel:
+    """digits-cnn trained briefly here (3 epochs, test accuracy ~0.95), loaded with shape and range
+    checks; trained once per session and shared with test_probing."""
     torch.manual_seed(0)
-    x, y, _, _ = digits
+    x, y, _, _ = zoo.digits_data(0)
     module = _quick_fit(zoo.build("digits-cnn"), x, y, epochs=3, lr=3e-3)
     return interp.load(module, input_shape=(1, 8, 8), input_range=(0.0, 1.0), name="cnn")
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return trained_cnn()
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +165,7 @@ def test_adversarial_training_makes_pgd_weaker(cnn, digits):
     x_tr, y_tr, x, y = digits
     x, y = x[:200], y[:200]
     natural = A.pgd(cnn, x, y, 0.1, 0.025, 8).accuracy_adv
-    robust = A.adversarial_train(cnn.module, x_tr[:400], y_tr[:400], epochs=2, steps=3, alpha=0.04, lr=1e-3).module
+    robust = A.adversarial_train(cnn.module, x_tr[:600], y_tr[:600], epochs=3, steps=3, alpha=0.04, lr=1e-3).module
     assert A.pgd(robust, x, y, 0.1, 0.025, 8).accuracy_adv > natural + 0.05
     assert robust is not cnn.module
 

@@ -98,16 +98,16 @@ def collect_features(
         batch_size: inputs per forward.
     """
     chosen = model.resolve(names) if names is not None else default_names(model)
-    prepared = model.prepare(inputs)
+    prepared = model.prepare(_listed(inputs))
     n = _count(prepared)
-    y = torch.as_tensor(labels)
+    y = torch.as_tensor(_listed(labels))
     if y.shape[0] != n:
         raise InputError(
             f"got {y.shape[0]} labels for {n} inputs; pass one label per input (or, for a transformer, "
             "one per token as an [inputs, pos] tensor)."
         )
     per_token = model.kind == "transformer" and y.ndim == 2 and y.shape[1] == prepared.input_ids.shape[1]
-    rows, mask = _item_rows(model, prepared, y, per_token)
+    mask = _labelled_tokens(prepared, y) if per_token else None
     values: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
     shapes: dict[str, tuple[int, ...]] = {}
     for start in range(0, n, batch_size):
@@ -119,7 +119,14 @@ def collect_features(
             values[name].append(feats)
     labels_out = y[mask] if per_token else y
     types_out = _types(types, prepared, mask, per_token, n)
-    return Features({k: torch.cat(v) for k, v in values.items()}, labels_out[rows], types_out[rows], shapes)
+    return Features({k: torch.cat(v) for k, v in values.items()}, labels_out, types_out, shapes)
+
+
+def _listed(values: Any) -> Any:
+    """A ``datasets`` column (or any non-tensor sequence) as a list; tensors and strings unchanged."""
+    if values is None or isinstance(values, str | torch.Tensor | list | tuple | dict) or hasattr(values, "shape"):
+        return values
+    return list(values)
 
 
 def _count(prepared: Any) -> int:
@@ -146,13 +153,10 @@ def _real_mask(prepared: Any) -> torch.Tensor:
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool().to(ids.device)
 
 
-def _item_rows(model: HookedModel, prepared: Any, y: torch.Tensor, per_token: bool) -> tuple[Any, Any]:
-    """Which items carry a label: all inputs, or the labelled real tokens (per-token labels)."""
-    if not per_token:
-        return slice(None), None
-    real = _real_mask(prepared).cpu()
+def _labelled_tokens(prepared: Any, y: torch.Tensor) -> torch.Tensor:
+    """``[N, pos]`` the real (unpadded) tokens that carry a label (not -1, not NaN)."""
     labelled = ~torch.isnan(y) if torch.is_floating_point(y) else y >= 0
-    return slice(None), real & labelled
+    return _real_mask(prepared).cpu() & labelled
 
 
 def _select(
@@ -185,7 +189,7 @@ def _select(
 
 def _types(types: Any, prepared: Any, mask: Any, per_token: bool, n: int) -> torch.Tensor:
     if types is not None:
-        t = torch.as_tensor(types)
+        t = torch.as_tensor(_listed(types))
         if t.shape[0] != n:
             raise InputError(f"got {t.shape[0]} control types for {n} inputs; pass one type per input")
         return t[mask] if per_token and t.ndim == 2 else t
@@ -699,7 +703,8 @@ def key_frequency(model: HookedModel, p: int) -> int:
 
 def _embedding_matrix(model: HookedModel) -> torch.Tensor:
     for name, param in model.module.named_parameters():
-        if name.endswith(("embed.W_E", "tok_embed.weight", "embed.weight", "W_E")):
+        plain = name.replace("._original_component", "")  # TransformerBridge wraps every module
+        if plain.endswith(("embed.W_E", "tok_embed.weight", "embed.weight", "W_E")):
             return param.detach()
     raise InputError(f"could not find the token embedding matrix of {model.name}")
 
