@@ -142,8 +142,9 @@ def test_induction_2l_has_induction_heads_and_1l_control_does_not() -> None:
     assert m2["top_induction_head"][0] == 1 and m2["top_prev_token_head"][0] == 0
     assert abs(m2["first_half_loss"] - ln_v) <= 0.15
     assert m2["repeated_half_loss"] <= 0.3 * ln_v
-    _, one = zoo.load_zoo("induction-1l")
-    assert one["metrics"]["repeated_half_loss"] >= 0.8 * ln_v
+    _, one = zoo.load_zoo("induction-1l")  # the control cannot compose heads
+    assert one["metrics"]["max_induction_score"] < 0.3
+    assert one["metrics"]["repeated_half_loss"] > m2["repeated_half_loss"] + 1.0
     # the phase change is in the logged curve: plateau first, induction score rises later
     hist = two["history"]
     assert hist["loss"][0] > 4.0 and hist["loss"][-1] < 3.8
@@ -331,9 +332,8 @@ def _check_tms_retrain(name: str, tmp_path: Path) -> None:
     assert max(diffs) <= 1 and sum(diffs) <= 2
 
 
-@pytest.mark.parametrize("name", ["tms-5-2", "tms-20-5-linear"])
-def test_small_tms_retrain_reproduces_recorded_metrics(name: str, tmp_path: Path) -> None:
-    _check_tms_retrain(name, tmp_path)
+def test_tms_5_2_retrain_reproduces_recorded_metrics(tmp_path: Path) -> None:
+    _check_tms_retrain("tms-5-2", tmp_path)
 
 
 def test_fast_modadd_groks(tmp_path: Path) -> None:
@@ -347,6 +347,7 @@ def test_fast_modadd_groks(tmp_path: Path) -> None:
     assert_close_tree(zoo.evaluate("modadd-113", model, fast=True), loaded["metrics"], EVAL_RTOL, EVAL_ATOL)
 
 
+@pytest.mark.slow  # ~1,500 steps: about 2-3 min on 2 idle cores
 def test_fast_induction_forms_induction_head(tmp_path: Path) -> None:
     meta = zoo.train("induction-2l", tmp_path, fast=True, progress=False)
     induction = torch.tensor(meta["metrics"]["induction_scores"])
@@ -355,7 +356,7 @@ def test_fast_induction_forms_induction_head(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tms-5-2-uniform", "tms-20-5", "tms-200-20"])
+@pytest.mark.parametrize("name", ["tms-5-2-uniform", "tms-20-5", "tms-20-5-linear", "tms-200-20"])
 def test_tms_faithful_retrain(name: str, tmp_path: Path) -> None:
     _check_tms_retrain(name, tmp_path)
 

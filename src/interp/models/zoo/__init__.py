@@ -138,13 +138,13 @@ def train(
     threads_before = torch.get_num_threads()
     _seed_everything(recipe.seed)
     model = recipe.build(cfg)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = recipe.fit(model, cfg, progress)
         threads_used = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads_before)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model.eval()
     metrics = recipe.evaluate(model, cfg)
     meta: dict[str, Any] = {
@@ -156,7 +156,8 @@ def train(
         "config": cfg,
         "seed": recipe.seed,
         "metrics": metrics,
-        "training": {**result.training, "time_s": round(elapsed, 2)},
+        # wall-clock and CPU seconds: on a shared machine the wall time mostly measures the neighbours
+        "training": {**result.training, "time_s": round(elapsed, 2), "cpu_time_s": round(cpu, 2)},
         "history": result.history,
         "environment": {**_environment(), "num_threads": threads_used},
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -210,10 +211,11 @@ def _environment() -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
-    try:
-        import transformer_lens
+    from importlib.metadata import PackageNotFoundError, version
 
-        env["transformer_lens"] = getattr(transformer_lens, "__version__", None)
-    except ImportError:  # pragma: no cover
-        pass
+    for dist in ("transformer-lens", "safetensors"):
+        try:
+            env[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:  # pragma: no cover
+            env[dist.replace("-", "_")] = None
     return env
