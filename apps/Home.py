@@ -26,8 +26,11 @@ import common  # noqa: E402
 def home() -> None:
     st.title("interp explorer")
     st.markdown(
-        "Pick a model and type a text in the sidebar, then open a page: **Activations** shows any "
-        "hook point's activation for the text, **Attention** shows every head's attention pattern."
+        "Pick a model and type a text in the sidebar, then open a page: **Activations** and "
+        "**Attention** show what the model computes on the text; **Causal** patches, ablates and "
+        "attributes to find what matters; **Probing** and **Adversarial** train probes and attack "
+        "inputs to see where an attack bites; **Features** shows what units respond to; "
+        "**Reproductions** puts published findings next to ours."
     )
     model = common.current_model()
     text = common.current_text()
@@ -49,10 +52,11 @@ PAGES = [
     st.Page(home, title="Home", default=True),
     st.Page("views/activations.py", title="Activations"),
     st.Page("views/attention.py", title="Attention"),
-    st.Page("views/adversarial.py", title="Adversarial"),
+    st.Page("views/causal.py", title="Causal"),
     st.Page("views/probing.py", title="Probing"),
-    st.Page("views/reproductions.py", title="Reproductions"),
+    st.Page("views/adversarial.py", title="Adversarial"),
     st.Page("views/features.py", title="Features"),
+    st.Page("views/reproductions.py", title="Reproductions"),
 ]
 
 st.set_page_config(page_title="interp explorer", layout="wide")
