@@ -1,0 +1,47 @@
+"""The Reproductions page: the checkpoint table equals the library's, and problems are messages."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from interp import reproductions  # noqa: E402
+from interp.errors import CheckpointError  # noqa: E402
+
+APPS = Path(__file__).resolve().parents[1] / "apps"
+
+
+def _page() -> AppTest:
+    if str(APPS) not in sys.path:
+        sys.path.insert(0, str(APPS))
+    return AppTest.from_file(str(APPS / "views" / "reproductions.py"), default_timeout=300)
+
+
+def test_superposition_table_from_checkpoints_matches_the_library():
+    try:
+        expected = reproductions.from_checkpoints("superposition")
+    except CheckpointError as err:
+        pytest.skip(f"superposition checkpoints not shipped: {err}")
+    at = _page()
+    at.session_state["reproduction_finding"] = "superposition"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[-1].value
+    assert list(table["quantity"]) == [c.quantity for c in expected.checks]
+    assert list(table["ours"]) == [c.row()[2] for c in expected.checks]
+    verdicts = [m.value for m in (at.success if expected.passed else at.error)]
+    assert any(v.startswith("superposition") for v in verdicts)
+
+
+def test_missing_checkpoint_is_a_message_not_a_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("INTERP_ZOO_DIR", str(tmp_path))  # an empty checkpoint folder
+    at = _page()
+    at.session_state["reproduction_finding"] = "induction"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("interp zoo train" in e.value for e in at.error)
