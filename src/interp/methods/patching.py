@@ -26,7 +26,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from interp.errors import CaptureTooLargeError, InputError, UnknownHookError, closest
-from interp.hooks import concrete_numel, default_memory_budget, layer_of
+from interp.hooks import concrete_numel, default_memory_budget
 from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]  # (done, total): e.g. the explorer's st.progress
@@ -802,7 +802,9 @@ __all__ = [
     "cosine",
     "describe_sites",
     "kl",
-    "layer_of",
+    "has_logits",
+    "plan",
+    "sweep",
     "logit_diff",
     "patch",
     "prob",
