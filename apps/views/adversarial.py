@@ -16,7 +16,7 @@ from interp.methods import adversarial as A
 
 MODELS = ("digits-cnn", "digits-softmax")
 ATTACKS = {"FGSM": ("fgsm", None), "PGD (L∞)": ("pgd", "linf"), "PGD (L2)": ("pgd", "l2")}
-N_LAYER_IMAGES = 200  # test images attacked for the per-layer analysis
+N_LAYER_IMAGES = 100  # test images attacked for the per-layer analysis
 
 
 @st.cache_resource(show_spinner=False)
@@ -59,7 +59,7 @@ def layer_analysis(model_name: str, kind: str, eps: float, steps: int):
     x_tr, y_tr, x_te, y_te = digits()
     x, y = x_te[:N_LAYER_IMAGES], y_te[:N_LAYER_IMAGES]
     adv = attack(model, x, y, kind, eps, steps, None).x_adv
-    return A.attack_probe(model, x, adv, y, train=(x_tr[:600], y_tr[:600]), C=0.1)
+    return A.attack_probe(model, x, adv, y, train=(x_tr[:400], y_tr[:400]), C=0.1)
 
 
 st.title("Adversarial")
@@ -109,6 +109,12 @@ with common.guard():
     st.caption(f"|δ|∞ = {norms['linf'][0]:.3f}, |δ|₂ = {norms['l2'][0]:.3f}; true label {label}")
 
 st.subheader(f"Layer by layer, over the first {N_LAYER_IMAGES} test images")
+st.caption(
+    "Per-layer divergence of clean vs adversarial activations, linear probes (fitted on clean training "
+    "images) scored on both, and how much accuracy returns when clean activations are patched in."
+)
+if not st.toggle("Run the layer-by-layer analysis", value=False, key="adv_layers"):
+    st.stop()
 with common.guard(), st.spinner("Attacking and probing every layer..."):
     probe = layer_analysis(model_name, kind, float(eps), int(steps))
     st.plotly_chart(probe.figure())

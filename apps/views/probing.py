@@ -55,13 +55,17 @@ if model is None:
 default = P.default_names(model)
 names = st.multiselect("Hook points", model.hook_names, default=default, key=f"probe_names::{task}")
 left, right = st.columns(2)
-n = left.number_input("examples", 40, 1437 if task == "digits" else 1000, 400 if task == "digits" else 200, key="probe_n")
+n = left.number_input("examples", 40, 1437 if task == "digits" else 1000, 300 if task == "digits" else 160, key="probe_n")
 C = left.select_slider("C (inverse L2 strength)", [0.01, 0.1, 1.0, 10.0], value=0.1, key="probe_C")
 control = right.checkbox("control task", value=True, key="probe_control")
 labels_from = right.radio("labels", ["the property", "random (sanity check)"], key="probe_labels")
 if not names:
     st.info("Choose at least one hook point.")
     st.stop()
+if not st.button("Fit probes", type="primary", key="probe_run") and not st.session_state.get("probe_ran"):
+    st.info("Choose the property, hook points and settings, then fit the probes.")
+    st.stop()
+st.session_state["probe_ran"] = True
 with common.guard(), st.spinner("Capturing and fitting probes..."):
     sweep = run_sweep(task, tuple(names), float(C), bool(control), int(n), labels_from)
     st.plotly_chart(sweep.figure())

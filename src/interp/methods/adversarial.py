@@ -297,15 +297,21 @@ def _target(target: Any, targeted: bool, y: torch.Tensor) -> torch.Tensor | None
 
 
 class _eval:
-    """Put a module in eval mode for the attack and restore its mode afterwards."""
+    """For the attack: eval mode, and parameters frozen so autograd records only what the input
+    gradient needs (no activations kept for weight gradients). Both are restored afterwards."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module, self.was_training = module, module.training
+        self.params = [p for p in module.parameters() if p.requires_grad]
 
     def __enter__(self) -> nn.Module:
+        for p in self.params:
+            p.requires_grad_(False)
         return self.module.eval()
 
     def __exit__(self, *exc: object) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
         self.module.train(self.was_training)
 
 

@@ -14,7 +14,9 @@ Checks:
   accuracy, accuracy is monotone non-increasing in eps (FGSM and PGD), PGD never better than FGSM
   (+0.01);
 * adversarial training (PGD eps 0.1, alpha 0.025, 10 steps): clean >= 0.90, PGD accuracy at eps 0.1
-  >= 0.60 and >= 3x the natural model's, PGD-with-restarts within 0.1 of FGSM (Madry: 96.4 vs 89.6);
+  >= 0.60 and >= 3x the natural model's (also shown at eps 0.2, where the natural model is at ~0%
+  as Madry's is at eps 0.3 on MNIST: on 8x8 digits the natural CNN keeps ~half its accuracy at
+  eps 0.1), PGD-with-restarts within 0.1 of FGSM (Madry: 96.4 vs 89.6);
 * attack probes (no published number; descriptive): linear probes trained on clean activations lose
   accuracy on adversarial ones, and patching the clean values of the most divergent quarter of the
   last conv layer's channels into the adversarial run restores part of the lost accuracy.
@@ -119,8 +121,8 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
         Check.at_least("softmax regression clean test accuracy", "—", soft_clean, 0.94),
         Check.at_least("softmax regression FGSM eps=0.25 error", "99.9% (Goodfellow, MNIST)",
                        1 - soft_fgsm.accuracy_adv, 0.90),  # fmt: skip
-        Check.at_least("  its mean confidence on the wrong class", "79.3% (Goodfellow)",
-                       _wrong_confidence(soft_fgsm), 0.0),  # fmt: skip
+        Check.within("  its mean confidence on the wrong class", "79.3% (Goodfellow)",
+                     _wrong_confidence(soft_fgsm), 0.793, 0.15),  # fmt: skip
         Check.at_most("natural CNN, PGD eps=0.3 accuracy", "~0% (Madry, natural)", nat["pgd"][i03], 0.05),
         Check.at_least("natural CNN, accuracy lost to PGD eps=0.1 (points)", "large drop (Madry)",
                        100 * (nat["clean"] - nat["pgd"][i01]), 40.0),  # fmt: skip
@@ -150,6 +152,8 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
                        rob["pgd"][i01], 0.60),  # fmt: skip
         Check.at_least("  ratio to the natural CNN's PGD eps=0.1 accuracy", ">> 1 (natural ~0%)",
                        rob["pgd"][i01] / max(nat["pgd"][i01], 1e-9), 3.0),  # fmt: skip
+        Check.at_least("  the same ratio at eps=0.2 (where the natural CNN is at ~0%)", ">> 1 (natural ~0%)",
+                       rob["pgd"][EPS.index(0.2)] / max(nat["pgd"][EPS.index(0.2)], 1e-3), 3.0),  # fmt: skip
         Check.at_most("adv-trained: FGSM - PGD(restarts) accuracy at eps=0.1", "96.4 - 89.6 = 6.8 points",
                       rob["fgsm"][i01] - rob["pgd"][i01], 0.10),  # fmt: skip
     )
