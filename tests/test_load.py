@@ -113,3 +113,13 @@ def test_trust_remote_code_is_never_a_default():
 
     assert inspect.signature(interp.load).parameters["trust_remote_code"].default is False
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_zoo_modules_load_with_their_input_checks():
+    model = interp.load("zoo:digits-cnn")
+    assert model.hook_shapes["conv2.hook_out"] == ("batch", 32, 8, 8)
+    with pytest.raises(InputError, match=r"expects inputs in \[0.0, 1.0\]"):
+        model(torch.rand(2, 1, 8, 8) * 16)
+    with pytest.raises(InputError, match=r"shape \(1, 8, 8\)"):
+        model(torch.rand(2, 64))
+    assert interp.load("zoo:tms-5-2").input_shape == (10, 5)

@@ -109,18 +109,14 @@ def _load_native(config: Any, device: str) -> HookedModel:
 
 def _load_zoo(name: str, device: str) -> HookedModel:
     from interp.models import zoo
+    from interp.models.zoo.registry import get_recipe
 
-    if not hasattr(zoo, "load_zoo"):
-        raise ModelLoadError("the model zoo is not available in this installation")
-    module, meta = zoo.load_zoo(name)
+    module, _ = zoo.load_zoo(name)
+    recipe = get_recipe(name)
+    if _is_bridge(module):
+        return load(module.to(device), name=f"zoo:{name}")
     return load(
-        module.to(device),
-        name=f"zoo:{name}",
-        **(
-            {k: tuple(meta[k]) for k in ("input_shape", "input_range") if meta.get(k)}
-            if not _is_bridge(module)
-            else {}
-        ),
+        module.to(device), name=f"zoo:{name}", input_shape=recipe.input_shape, input_range=recipe.input_range
     )
 
 

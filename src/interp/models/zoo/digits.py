@@ -133,6 +133,8 @@ RECIPES = [
         build=build,
         fit=fit,
         evaluate=evaluate,
+        input_shape=(1, 8, 8),
+        input_range=(0.0, 1.0),
     ),
     Recipe(
         name="digits-softmax",
@@ -143,5 +145,7 @@ RECIPES = [
         build=build,
         fit=fit,
         evaluate=evaluate,
+        input_shape=(1, 8, 8),
+        input_range=(0.0, 1.0),
     ),
 ]

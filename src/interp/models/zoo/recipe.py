@@ -50,6 +50,8 @@ class Recipe:
     fit: Callable[[nn.Module, Config, bool], FitResult]
     evaluate: Callable[[nn.Module, Config], dict[str, Any]]
     fast_overrides: Mapping[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None  # one example, for module models (shape checks, hook shapes)
+    input_range: tuple[float, float] | None = None  # the range inputs must lie in
 
     def resolved_config(self, fast: bool = False) -> Config:
         """The config to build/train/evaluate with (a fresh, mutable copy)."""

@@ -181,6 +181,8 @@ def _recipe(name: str, description: str, **cfg: Any) -> Recipe:
         fit=fit,
         evaluate=evaluate,
         fast_overrides={"steps": 2_000} if full["n_features"] > 50 else {},
+        input_shape=(full["n_instances"], full["n_features"]),
+        input_range=(0.0, 1.0),
     )
 
 
