@@ -87,7 +87,10 @@ MODEL_SRC = textwrap.dedent(
 def ensure_venv() -> Path:
     """The torchattacks venv's python, created on first use (documented in the module docstring)."""
     python = VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import torchattacks"], capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([python, "-c", "import torchattacks"], capture_output=True).returncode == 0
+    ):
         return python
     print(f"creating {VENV} with torch=={torch.__version__} and torchattacks (--no-deps)...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -134,19 +137,23 @@ def main() -> int:
     save_file({"x": x.contiguous(), "y": y}, work / "batch.safetensors")
     (work / "interp_bench_model.py").write_text(MODEL_SRC)
     (work / "worker.py").write_text(WORKER)
-    workers = {side: _start(exe, side, work) for side, exe in (("ours", sys.executable), ("torchattacks", python))}
+    workers = {
+        side: _start(exe, side, work) for side, exe in (("ours", sys.executable), ("torchattacks", python))
+    }
     ours = load_file(work / "ours.safetensors")
     theirs = load_file(work / "torchattacks.safetensors")
     fgsm_equal = torch.equal(ours["fgsm"], theirs["fgsm"])
     pgd_diff = (ours["pgd"] - theirs["pgd"]).abs().max().item()
-    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each in its own worker process; {machine()}")
+    print(
+        f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each in its own worker process; {machine()}"
+    )
     print(f"FGSM eps={EPS}: identical bit for bit: {fgsm_equal}")
     print(f"PGD eps={EPS} alpha={ALPHA} steps={STEPS}, no random start: max |ours - theirs| = {pgd_diff:.2e}")
 
     times: dict[str, list[float]] = {f"{side} {k}": [] for k in ("fgsm", "pgd") for side in workers}
     for r in range(ROUNDS + 1):  # round 0 is the warm-up
         for name in ("fgsm", "pgd"):
-            for side in (("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours")):
+            for side in ("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours"):
                 worker = workers[side]
                 worker.stdin.write(name + "\n")
                 worker.stdin.flush()

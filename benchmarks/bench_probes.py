@@ -63,7 +63,9 @@ def main() -> int:
         warmup=0,
     )
     ours, theirs = results["ours"], results["sklearn"]
-    for name, a, b, c in zip(ours.names, ours.accuracy.tolist(), theirs, ours.control_accuracy.tolist(), strict=True):
+    for name, a, b, c in zip(
+        ours.names, ours.accuracy.tolist(), theirs, ours.control_accuracy.tolist(), strict=True
+    ):
         print(f"  {name:<18} ours {a:.3f}  sklearn {b:.3f}  control {c:.3f}  selectivity {a - c:.3f}")
     agree = all(abs(a - b) <= 0.02 for a, b in zip(ours.accuracy.tolist(), theirs, strict=True))
     report("probe sweep over 7 layers with control tasks", medians, [])

@@ -149,7 +149,9 @@ def test_attack_probe_layers_and_restoration(cnn, digits):
     assert probe.figure().data
     units = A.restoration_by_unit(cnn, x, adv, y, "relu2.hook_out", dim=1)
     assert units.shape == (32,) and units.max() <= 1.0
-    same = A.attack_probe(cnn, x[:80], x[:80], y[:80], names="pool.hook_out", train=(x_tr[:200], y_tr[:200]), C=0.1)
+    same = A.attack_probe(
+        cnn, x[:80], x[:80], y[:80], names="pool.hook_out", train=(x_tr[:200], y_tr[:200]), C=0.1
+    )
     assert same.divergence[0] == 0 and math.isnan(same.restoration[0])
 
 
@@ -165,7 +167,9 @@ def test_adversarial_training_makes_pgd_weaker(cnn, digits):
     x_tr, y_tr, x, y = digits
     x, y = x[:200], y[:200]
     natural = A.pgd(cnn, x, y, 0.1, 0.025, 8).accuracy_adv
-    robust = A.adversarial_train(cnn.module, x_tr[:600], y_tr[:600], epochs=3, steps=3, alpha=0.04, lr=1e-3).module
+    robust = A.adversarial_train(
+        cnn.module, x_tr[:600], y_tr[:600], epochs=3, steps=3, alpha=0.04, lr=1e-3
+    ).module
     assert A.pgd(robust, x, y, 0.1, 0.025, 8).accuracy_adv > natural + 0.05
     assert robust is not cnn.module
 

@@ -35,7 +35,9 @@ def test_classification_probe_matches_sklearn(digits):
     train, test = P.split(labels, "classification", 0.25, seed=0)
     probe = P.fit_probe(feats, labels, C=0.5, standardize=False, train_idx=train, test_idx=test, max_iter=500)
     ref = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(feats[train].numpy(), labels[train].numpy())
-    torch.testing.assert_close(probe.weight, torch.tensor(ref.coef_, dtype=torch.float64), atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(
+        probe.weight, torch.tensor(ref.coef_, dtype=torch.float64), atol=2e-3, rtol=1e-2
+    )
     agree = (probe.predict(feats[test]) == torch.tensor(ref.predict(feats[test].numpy()))).double().mean()
     assert agree >= 0.99
     assert abs(probe.test_score - ref.score(feats[test].numpy(), labels[test].numpy())) <= 0.01
@@ -46,7 +48,9 @@ def test_regression_probe_matches_sklearn_ridge():
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 20, generator=gen, dtype=torch.float64)
-    y = torch.stack([x[:, 0] - 2 * x[:, 3], x[:, 5]], 1) + 0.1 * torch.randn(300, 2, generator=gen, dtype=torch.float64)
+    y = torch.stack([x[:, 0] - 2 * x[:, 3], x[:, 5]], 1) + 0.1 * torch.randn(
+        300, 2, generator=gen, dtype=torch.float64
+    )
     train, test = P.split(y, "regression", 0.25, seed=0)
     probe = P.fit_probe(x, y, task="regression", C=0.1, standardize=False, train_idx=train, test_idx=test)
     ref = Ridge(alpha=10.0).fit(x[train].numpy(), y[train].numpy())

@@ -41,7 +41,9 @@ def read_upload(data: bytes, invert: bool) -> torch.Tensor:
     try:
         image = Image.open(io.BytesIO(data)).convert("L").resize((8, 8), Image.Resampling.LANCZOS)
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError("the uploaded file is not an image PIL can read; upload a PNG or JPEG of a digit.") from err
+        raise InputError(
+            "the uploaded file is not an image PIL can read; upload a PNG or JPEG of a digit."
+        ) from err
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(1.0 - pixels if invert else pixels)[None]
 

@@ -30,11 +30,18 @@ def dataset(task: str, n: int):
         x, y, _, _ = zoo.digits_data(0)
         return digits_model(), x[:n], y[:n], {}
     data = P.subject_number_dataset(n, seed=0)
-    return common.load_model("minilm"), data["text"], torch.tensor(data["label"]), {"position": -2, "types": data["noun"]}
+    return (
+        common.load_model("minilm"),
+        data["text"],
+        torch.tensor(data["label"]),
+        {"position": -2, "types": data["noun"]},
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def run_sweep(task: str, names: tuple[str, ...], C: float, control: bool, n: int, labels_from: str) -> P.ProbeSweep:
+def run_sweep(
+    task: str, names: tuple[str, ...], C: float, control: bool, n: int, labels_from: str
+) -> P.ProbeSweep:
     model, inputs, labels, kwargs = dataset(task, n)
     if labels_from == "random (sanity check)":
         labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
@@ -55,7 +62,9 @@ if model is None:
 default = P.default_names(model)
 names = st.multiselect("Hook points", model.hook_names, default=default, key=f"probe_names::{task}")
 left, right = st.columns(2)
-n = left.number_input("examples", 40, 1437 if task == "digits" else 1000, 300 if task == "digits" else 160, key="probe_n")
+n = left.number_input(
+    "examples", 40, 1437 if task == "digits" else 1000, 300 if task == "digits" else 160, key="probe_n"
+)
 C = left.select_slider("C (inverse L2 strength)", [0.01, 0.1, 1.0, 10.0], value=0.1, key="probe_C")
 control = right.checkbox("control task", value=True, key="probe_control")
 labels_from = right.radio("labels", ["the property", "random (sanity check)"], key="probe_labels")
@@ -79,4 +88,6 @@ with common.guard(), st.spinner("Capturing and fitting probes..."):
         },
         hide_index=True,
     )
-    st.caption(f"majority-class accuracy {sweep.chance:.3f}; {sweep.config['n_train']} train / {sweep.config['n_test']} test")
+    st.caption(
+        f"majority-class accuracy {sweep.chance:.3f}; {sweep.config['n_train']} train / {sweep.config['n_test']} test"
+    )

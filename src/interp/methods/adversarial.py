@@ -43,7 +43,9 @@ EPS_DIVISION = 1e-10  # torchattacks' guard when normalising L2 gradients
 # ------------------------------------------------------------------------------------------------
 
 
-def _module_and_bounds(model: HookedModel | nn.Module, bounds: tuple[float, float] | None) -> tuple[nn.Module, tuple[float, float]]:
+def _module_and_bounds(
+    model: HookedModel | nn.Module, bounds: tuple[float, float] | None
+) -> tuple[nn.Module, tuple[float, float]]:
     module = model.module if isinstance(model, HookedModel) else model
     if bounds is None:
         bounds = getattr(model, "input_range", None) or (0.0, 1.0)
@@ -217,7 +219,9 @@ def pgd(
     with _eval(module), torch.enable_grad():
         for _ in range(int(restarts)):
             start = _random_start(xt, eps, norm, bounds_, gen) if random_start else xt.clone().detach()
-            adv = _pgd_loop(module, xt, start, labels, eps, alpha, int(steps), norm, bounds_, goal is not None)
+            adv = _pgd_loop(
+                module, xt, start, labels, eps, alpha, int(steps), norm, bounds_, goal is not None
+            )
             if restarts == 1:
                 best = adv
                 break
@@ -292,7 +296,9 @@ def _target(target: Any, targeted: bool, y: torch.Tensor) -> torch.Tensor | None
     t = torch.as_tensor(target).long().to(y.device)
     t = t.expand(len(y)).clone() if t.ndim == 0 else t.reshape(-1)
     if len(t) != len(y):
-        raise InputError(f"got {len(t)} target labels for {len(y)} images; pass one target per image or one for all")
+        raise InputError(
+            f"got {len(t)} target labels for {len(y)} images; pass one target per image or one for all"
+        )
     return t
 
 
@@ -402,7 +408,9 @@ def adversarial_train(
         history["epoch"].append(epoch)
         history["train_loss"].append(total / len(yt))
         if eval_data is not None:
-            history["test_acc"].append((_logits(model, eval_data[0]).argmax(-1) == eval_data[1]).double().mean().item())
+            history["test_acc"].append(
+                (_logits(model, eval_data[0]).argmax(-1) == eval_data[1]).double().mean().item()
+            )
     config = {"eps": eps, "alpha": alpha, "steps": steps, "epochs": epochs, "lr": lr,
               "batch_size": batch_size, "seed": seed}  # fmt: skip
     return AdversarialTraining(model.eval(), history, config)
@@ -448,7 +456,9 @@ class EmbeddingAttack:
         return fig
 
 
-def flip_loss(clean_logits: torch.Tensor, position: int = -1, target: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def flip_loss(
+    clean_logits: torch.Tensor, position: int = -1, target: Any = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """An attack loss (lower = more successful) on the prediction at ``position``: with ``target``, the
     cross-entropy of the target token; without, minus the cross-entropy of the clean top token."""
     top = clean_logits[:, position].argmax(-1)
@@ -463,7 +473,9 @@ def embedding_hook(model: HookedModel) -> str:
     for name in ("hook_embed", "embed.hook_out", "embeddings.word_embeddings.hook_out"):
         if name in model.hook_names:
             return name
-    raise InputError(f"{model.name} has no token-embedding hook point (looked for hook_embed, embed.hook_out)")
+    raise InputError(
+        f"{model.name} has no token-embedding hook point (looked for hook_embed, embed.hook_out)"
+    )
 
 
 def embedding_pgd(
@@ -503,7 +515,9 @@ def embedding_pgd(
     gen = torch.Generator(device=model.device).manual_seed(seed)
     delta = torch.zeros(shape, device=model.device)
     if random_start:
-        delta = _project_positions(torch.empty(shape, device=model.device).uniform_(-eps, eps, generator=gen), eps, norm)
+        delta = _project_positions(
+            torch.empty(shape, device=model.device).uniform_(-eps, eps, generator=gen), eps, norm
+        )
     delta = delta * mask
 
     def run(d: torch.Tensor) -> torch.Tensor:
@@ -571,10 +585,18 @@ class AttackProbe:
         fig = make_subplots(rows=1, cols=3, subplot_titles=(
             "activation divergence", "probe accuracy", "restoration by patching clean"))  # fmt: skip
         x = self.names
-        fig.add_scatter(x=x, y=self.divergence.tolist(), mode="lines+markers", name="relative L2", row=1, col=1)
-        fig.add_scatter(x=x, y=self.probe_acc_clean.tolist(), mode="lines+markers", name="probe, clean", row=1, col=2)
-        fig.add_scatter(x=x, y=self.probe_acc_adv.tolist(), mode="lines+markers", name="probe, adversarial", row=1, col=2)
-        fig.add_scatter(x=x, y=self.restoration.tolist(), mode="lines+markers", name="patch whole layer", row=1, col=3)
+        fig.add_scatter(
+            x=x, y=self.divergence.tolist(), mode="lines+markers", name="relative L2", row=1, col=1
+        )
+        fig.add_scatter(
+            x=x, y=self.probe_acc_clean.tolist(), mode="lines+markers", name="probe, clean", row=1, col=2
+        )
+        fig.add_scatter(
+            x=x, y=self.probe_acc_adv.tolist(), mode="lines+markers", name="probe, adversarial", row=1, col=2
+        )
+        fig.add_scatter(
+            x=x, y=self.restoration.tolist(), mode="lines+markers", name="patch whole layer", row=1, col=3
+        )
         frac = self.config.get("topk_frac")
         fig.add_scatter(x=x, y=self.restoration_topk.tolist(), mode="lines+markers",
                         name=f"patch top {frac:.0%} units", row=1, col=3)  # fmt: skip
@@ -610,7 +632,9 @@ def _unit_scores(clean: torch.Tensor, adv: torch.Tensor, dim: int) -> torch.Tens
     return diff.mean(dim=other)
 
 
-def _patch_hook(clean: torch.Tensor, dim: int, units: torch.Tensor | None) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+def _patch_hook(
+    clean: torch.Tensor, dim: int, units: torch.Tensor | None
+) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
         if units is None:
             return clean
@@ -623,7 +647,9 @@ def _patch_hook(clean: torch.Tensor, dim: int, units: torch.Tensor | None) -> Ca
     return patch
 
 
-def _restored(model: HookedModel, adv: torch.Tensor, y: torch.Tensor, hook: tuple, acc_clean: float, acc_adv: float) -> float:
+def _restored(
+    model: HookedModel, adv: torch.Tensor, y: torch.Tensor, hook: tuple, acc_clean: float, acc_adv: float
+) -> float:
     out = model.run_with_hooks(adv, [hook])
     acc = (out.argmax(-1) == y).double().mean().item()
     gap = acc_clean - acc_adv
@@ -646,10 +672,14 @@ def restoration_by_unit(
     ])  # fmt: skip
 
 
-def _pair(model: HookedModel, clean: Any, adversarial: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair(
+    model: HookedModel, clean: Any, adversarial: Any, labels: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, xa = model.prepare(clean), model.prepare(adversarial)
     if x.shape != xa.shape:
-        raise InputError(f"clean and adversarial batches differ in shape: {tuple(x.shape)} vs {tuple(xa.shape)}")
+        raise InputError(
+            f"clean and adversarial batches differ in shape: {tuple(x.shape)} vs {tuple(xa.shape)}"
+        )
     y = torch.as_tensor(labels).long().reshape(-1).to(x.device)
     if len(y) != len(x):
         raise InputError(f"got {len(y)} labels for {len(x)} images; pass exactly one label per image")
@@ -692,11 +722,15 @@ def attack_probe(
         d, c = divergence(acts_c[name], acts_a[name])
         div.append(d)
         cos.append(c)
-        full.append(_restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, None)), acc_clean, acc_adv))
+        full.append(
+            _restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, None)), acc_clean, acc_adv)
+        )
         scores = _unit_scores(acts_c[name], acts_a[name], unit_dim)
         k = max(1, round(topk_frac * len(scores)))
         units = scores.topk(k).indices
-        topk.append(_restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, units)), acc_clean, acc_adv))
+        topk.append(
+            _restored(hooked, xa, y, (name, _patch_hook(acts_c[name], unit_dim, units)), acc_clean, acc_adv)
+        )
     as_t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return AttackProbe(chosen, as_t(div), as_t(cos), as_t(probe_c), as_t(probe_a), as_t(full), as_t(topk),
                        acc_clean, acc_adv, {"unit_dim": unit_dim, "topk_frac": topk_frac, "C": C, "seed": seed,
@@ -749,14 +783,25 @@ def attack_figure(attack: Attack, index: int = 0):
     p_clean = attack.logits_clean[index].softmax(-1)
     p_adv = attack.logits_adv[index].softmax(-1)
     c, a = int(p_clean.argmax()), int(p_adv.argmax())
-    img = lambda t: t[index].reshape(-1, t.shape[-1]).cpu().numpy() if t.ndim >= 3 else t[index][None].cpu().numpy()  # noqa: E731
+
+    def img(t: torch.Tensor):  # an image per row, as numpy
+        return (
+            t[index].reshape(-1, t.shape[-1]).cpu().numpy() if t.ndim >= 3 else t[index][None].cpu().numpy()
+        )
+
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
         f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", "perturbation"))  # fmt: skip
     low, high = attack.config.get("bounds", (0.0, 1.0))
-    fig.add_heatmap(z=img(attack.x)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=1)
-    fig.add_heatmap(z=img(attack.x_adv)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=2)
+    fig.add_heatmap(
+        z=img(attack.x)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=1
+    )
+    fig.add_heatmap(
+        z=img(attack.x_adv)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=2
+    )
     bound = max(float(attack.delta[index].abs().max()), 1e-12)
-    fig.add_heatmap(z=img(attack.delta)[::-1], colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound, row=1, col=3)
+    fig.add_heatmap(
+        z=img(attack.delta)[::-1], colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound, row=1, col=3
+    )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, scaleanchor="x")
     fig.update_layout(height=320, title=f"{attack.config['attack']} eps={attack.config['eps']}")

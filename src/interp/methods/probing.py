@@ -124,7 +124,11 @@ def collect_features(
 
 def _listed(values: Any) -> Any:
     """A ``datasets`` column (or any non-tensor sequence) as a list; tensors and strings unchanged."""
-    if values is None or isinstance(values, str | torch.Tensor | list | tuple | dict) or hasattr(values, "shape"):
+    if (
+        values is None
+        or isinstance(values, str | torch.Tensor | list | tuple | dict)
+        or hasattr(values, "shape")
+    ):
         return values
     return list(values)
 
@@ -183,7 +187,9 @@ def _select(
     lengths = real.sum(1)
     index = lengths + position if position < 0 else torch.full_like(lengths, position)
     if (index < 0).any() or (index >= lengths).any():
-        raise InputError(f"position {position} is outside some inputs (shortest has {lengths.min().item()} tokens)")
+        raise InputError(
+            f"position {position} is outside some inputs (shortest has {lengths.min().item()} tokens)"
+        )
     return act[torch.arange(act.shape[0]), index].cpu(), (act.shape[-1],)
 
 
@@ -275,7 +281,9 @@ def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
     return (1 - ss_res / ss_tot).mean().item()
 
 
-def split(labels: torch.Tensor, task: str, test_size: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split(
+    labels: torch.Tensor, task: str, test_size: float = 0.25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded train/test indices; stratified by class for classification.
 
     Raises InputError when a class has fewer than ``MIN_PER_CLASS`` examples (it could not appear in
@@ -380,7 +388,9 @@ def _check_task(task: str) -> None:
         raise InputError(f"task must be 'classification' or 'regression', got {task!r}")
 
 
-def _logistic(x: torch.Tensor, y: torch.Tensor, k: int, C: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _logistic(
+    x: torch.Tensor, y: torch.Tensor, k: int, C: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression minimising ``C * sum CE + ||W||²/2`` (sklearn's objective)."""
     w = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
@@ -502,7 +512,14 @@ def sweep_features(
     _check_task(task)
     y = features.labels
     train_idx, test_idx = split(y, task, test_size, seed)
-    kw = {"task": task, "C": C, "standardize": standardize, "train_idx": train_idx, "test_idx": test_idx, "seed": seed}
+    kw = {
+        "task": task,
+        "C": C,
+        "standardize": standardize,
+        "train_idx": train_idx,
+        "test_idx": test_idx,
+        "seed": seed,
+    }
     ctrl_y = control_labels(y, features.types, task, seed) if control else None
     if ctrl_y is not None and task == "classification":
         ctrl_split = split(ctrl_y, task, test_size, seed)
@@ -510,7 +527,11 @@ def sweep_features(
     for name, x in features.values.items():
         probes[name] = fit_probe(x, y, name=name, **kw)
         if ctrl_y is not None:
-            ckw = {**kw, "train_idx": ctrl_split[0], "test_idx": ctrl_split[1]} if task == "classification" else kw
+            ckw = (
+                {**kw, "train_idx": ctrl_split[0], "test_idx": ctrl_split[1]}
+                if task == "classification"
+                else kw
+            )
             controls[name] = fit_probe(x, ctrl_y, name=name, **ckw)
     names = list(features.values)
     nan = torch.full((len(names),), math.nan, dtype=torch.float64)
@@ -521,12 +542,22 @@ def sweep_features(
         names=names,
         accuracy=torch.tensor([probes[n].test_score for n in names], dtype=torch.float64),
         train_accuracy=torch.tensor([probes[n].train_score for n in names], dtype=torch.float64),
-        control_accuracy=torch.tensor([controls[n].test_score for n in names], dtype=torch.float64) if control else nan,
+        control_accuracy=torch.tensor([controls[n].test_score for n in names], dtype=torch.float64)
+        if control
+        else nan,
         chance=chance,
         probes=probes,
         task=task,
-        config={"C": C, "standardize": standardize, "test_size": test_size, "seed": seed, "control": control,
-                "n_items": len(y), "n_train": len(train_idx), "n_test": len(test_idx)},  # fmt: skip
+        config={
+            "C": C,
+            "standardize": standardize,
+            "test_size": test_size,
+            "seed": seed,
+            "control": control,
+            "n_items": len(y),
+            "n_train": len(train_idx),
+            "n_test": len(test_idx),
+        },  # fmt: skip
         control_probes=controls,
     )
 
@@ -550,7 +581,9 @@ def probe_sweep(
     """Probe every named hook point of ``model`` for ``labels``; see :func:`collect_features` for the
     inputs, labels, position and types, and :func:`fit_probe` for C and standardize."""
     _check_task(task)
-    feats = collect_features(model, inputs, labels, names, position=position, types=types, batch_size=batch_size)
+    feats = collect_features(
+        model, inputs, labels, names, position=position, types=types, batch_size=batch_size
+    )
     sweep = sweep_features(feats, task=task, control=control, C=C, standardize=standardize,
                            test_size=test_size, seed=seed)  # fmt: skip
     sweep.config.update({"model": model.name, "position": position})
@@ -575,7 +608,9 @@ def _edit_fn(
         flat = act[0].numel() == dim
         x = rearrange(act, "b ... -> b (...)") if flat else act
         if x.shape[-1] != dim:
-            raise InputError(f"the probe has {dim} features but the activation at {hook.name} is {tuple(act.shape)}")
+            raise InputError(
+                f"the probe has {dim} features but the activation at {hook.name} is {tuple(act.shape)}"
+            )
         u = basis.to(x.dtype).to(x.device)
         if mode == "project_out":
             c = centre.to(x.dtype).to(x.device)
@@ -623,7 +658,9 @@ class Intervention:
 
         fig = go.Figure(go.Bar(x=["clean", "probe edit", "random edit"],
                                y=[self.metric_clean, self.metric_edited, self.metric_random]))  # fmt: skip
-        fig.update_layout(title=f"{self.mode} at {self.name} (rank {self.rank})", yaxis_title="metric", height=360)
+        fig.update_layout(
+            title=f"{self.mode} at {self.name} (rank {self.rank})", yaxis_title="metric", height=360
+        )
         return fig
 
 

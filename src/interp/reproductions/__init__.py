@@ -10,6 +10,8 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
   control, ablations, K-composition and the phase change (Elhage et al. 2021; Olsson et al. 2022).
 * ``grokking``: modular addition memorised, then generalised through a handful of Fourier
   frequencies (Nanda et al. 2023).
+* ``adversarial``: FGSM and PGD on the digits models, adversarial training, and where inside the
+  CNN the attack bites (Goodfellow et al. 2015; Madry et al. 2018).
 * ``superposition``: toy models of superposition: the pentagon, the 1 and 1/2 plateaus, the linear
   twin (Elhage et al. 2022).
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from interp.errors import InputError, closest
 from interp.reproductions.report import Check, Report
 
-FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition")
+FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial")
 _ALIASES = {"induction-heads": "induction", "induction_heads": "induction", "tms": "superposition"}
 
 __all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]

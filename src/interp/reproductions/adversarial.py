@@ -117,30 +117,67 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
     soft_fgsm = A.fgsm(softmax, x_te, y_te, 0.25)
     i01, i03 = EPS.index(0.1), EPS.index(0.3)
     report.add(
-        Check.at_least("digits-cnn clean test accuracy", "MNIST CNN 99.2% (Madry natural)", nat["clean"], 0.97),
+        Check.at_least(
+            "digits-cnn clean test accuracy", "MNIST CNN 99.2% (Madry natural)", nat["clean"], 0.97
+        ),
         Check.at_least("softmax regression clean test accuracy", "—", soft_clean, 0.94),
-        Check.at_least("softmax regression FGSM eps=0.25 error", "99.9% (Goodfellow, MNIST)",
-                       1 - soft_fgsm.accuracy_adv, 0.90),  # fmt: skip
-        Check.within("  its mean confidence on the wrong class", "79.3% (Goodfellow)",
-                     _wrong_confidence(soft_fgsm), 0.793, 0.15),  # fmt: skip
+        Check.at_least(
+            "softmax regression FGSM eps=0.25 error",
+            "99.9% (Goodfellow, MNIST)",
+            1 - soft_fgsm.accuracy_adv,
+            0.90,
+        ),  # fmt: skip
+        Check.within(
+            "  its mean confidence on the wrong class",
+            "79.3% (Goodfellow)",
+            _wrong_confidence(soft_fgsm),
+            0.793,
+            0.15,
+        ),  # fmt: skip
         Check.at_most("natural CNN, PGD eps=0.3 accuracy", "~0% (Madry, natural)", nat["pgd"][i03], 0.05),
-        Check.at_least("natural CNN, accuracy lost to PGD eps=0.1 (points)", "large drop (Madry)",
-                       100 * (nat["clean"] - nat["pgd"][i01]), 40.0),  # fmt: skip
-        Check.at_most("max |x_adv - x|_inf - eps over all attacks", "by construction", nat["max_excess"], 1e-6),
+        Check.at_least(
+            "natural CNN, accuracy lost to PGD eps=0.1 (points)",
+            "large drop (Madry)",
+            100 * (nat["clean"] - nat["pgd"][i01]),
+            40.0,
+        ),  # fmt: skip
+        Check.at_most(
+            "max |x_adv - x|_inf - eps over all attacks", "by construction", nat["max_excess"], 1e-6
+        ),
         Check.equal("pixels outside [0, 1] over all attacks", "by construction", nat["out_of_range"], 0),
-        Check.equal("eps = 0 accuracy equals clean (FGSM, PGD)", "by construction",
-                    [nat["fgsm"][0], nat["pgd"][0]], [nat["clean"], nat["clean"]]),  # fmt: skip
-        Check.holds("FGSM accuracy vs eps " + str(list(EPS)), "non-increasing", nat["fgsm"],
-                    _monotone(nat["fgsm"]), "monotone non-increasing"),  # fmt: skip
-        Check.holds("PGD accuracy vs eps", "non-increasing", nat["pgd"], _monotone(nat["pgd"]),
-                    "monotone non-increasing"),  # fmt: skip
-        Check.holds("PGD <= FGSM accuracy at every eps", "PGD is the stronger attack",
-                    [round(p - f, 3) for p, f in zip(nat["pgd"], nat["fgsm"], strict=True)],
-                    all(p <= f + 0.01 for p, f in zip(nat["pgd"], nat["fgsm"], strict=True)), "pgd - fgsm <= 0.01"),  # fmt: skip
+        Check.equal(
+            "eps = 0 accuracy equals clean (FGSM, PGD)",
+            "by construction",
+            [nat["fgsm"][0], nat["pgd"][0]],
+            [nat["clean"], nat["clean"]],
+        ),  # fmt: skip
+        Check.holds(
+            "FGSM accuracy vs eps " + str(list(EPS)),
+            "non-increasing",
+            nat["fgsm"],
+            _monotone(nat["fgsm"]),
+            "monotone non-increasing",
+        ),  # fmt: skip
+        Check.holds(
+            "PGD accuracy vs eps",
+            "non-increasing",
+            nat["pgd"],
+            _monotone(nat["pgd"]),
+            "monotone non-increasing",
+        ),  # fmt: skip
+        Check.holds(
+            "PGD <= FGSM accuracy at every eps",
+            "PGD is the stronger attack",
+            [round(p - f, 3) for p, f in zip(nat["pgd"], nat["fgsm"], strict=True)],
+            all(p <= f + 0.01 for p, f in zip(nat["pgd"], nat["fgsm"], strict=True)),
+            "pgd - fgsm <= 0.01",
+        ),  # fmt: skip
     )
 
     start = time.perf_counter()
-    robust = A.adversarial_train(zoo.build("digits-cnn"), x_tr, y_tr, epochs=epochs, seed=0, **ADV_TRAIN).module
+    robust = A.adversarial_train(
+        zoo.build("digits-cnn"), x_tr, y_tr, epochs=epochs, seed=0, **ADV_TRAIN
+    ).module
     report.timings["adversarial_training"] = time.perf_counter() - start
     report.models["digits-cnn-adv"] = {"source": "adversarially trained here from zoo.build('digits-cnn')",
                                        "seed": 0, "config": {**ADV_TRAIN, "epochs": epochs, "lr": 1e-3,
@@ -148,19 +185,38 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
     rob = _curves(robust, x_te, y_te, steps, restarts)
     report.add(
         Check.at_least("adv-trained CNN clean accuracy", "98.8% (Madry MNIST)", rob["clean"], 0.90),
-        Check.at_least("adv-trained CNN, PGD eps=0.1 accuracy", "89.3-93.2% at eps=0.3 (Madry MNIST)",
-                       rob["pgd"][i01], 0.60),  # fmt: skip
-        Check.at_least("  ratio to the natural CNN's PGD eps=0.1 accuracy", ">> 1 (natural ~0%)",
-                       rob["pgd"][i01] / max(nat["pgd"][i01], 1e-9), 3.0),  # fmt: skip
-        Check.at_least("  the same ratio at eps=0.2 (where the natural CNN is at ~0%)", ">> 1 (natural ~0%)",
-                       rob["pgd"][EPS.index(0.2)] / max(nat["pgd"][EPS.index(0.2)], 1e-3), 3.0),  # fmt: skip
-        Check.at_most("adv-trained: FGSM - PGD(restarts) accuracy at eps=0.1", "96.4 - 89.6 = 6.8 points",
-                      rob["fgsm"][i01] - rob["pgd"][i01], 0.10),  # fmt: skip
+        Check.at_least(
+            "adv-trained CNN, PGD eps=0.1 accuracy",
+            "89.3-93.2% at eps=0.3 (Madry MNIST)",
+            rob["pgd"][i01],
+            0.60,
+        ),  # fmt: skip
+        Check.at_least(
+            "  ratio to the natural CNN's PGD eps=0.1 accuracy",
+            ">> 1 (natural ~0%)",
+            rob["pgd"][i01] / max(nat["pgd"][i01], 1e-9),
+            3.0,
+        ),  # fmt: skip
+        Check.at_least(
+            "  the same ratio at eps=0.2 (where the natural CNN is at ~0%)",
+            ">> 1 (natural ~0%)",
+            rob["pgd"][EPS.index(0.2)] / max(nat["pgd"][EPS.index(0.2)], 1e-3),
+            3.0,
+        ),  # fmt: skip
+        Check.at_most(
+            "adv-trained: FGSM - PGD(restarts) accuracy at eps=0.1",
+            "96.4 - 89.6 = 6.8 points",
+            rob["fgsm"][i01] - rob["pgd"][i01],
+            0.10,
+        ),  # fmt: skip
     )
     _probe_checks(report, cnn, x_tr, y_tr, x_te, y_te, steps)
     report.figures += [
         ("Accuracy vs eps (natural CNN)", _curve_figure(nat, "natural digits-cnn")),
-        ("Accuracy vs eps (adversarially trained CNN)", _curve_figure(rob, "adversarially trained digits-cnn")),
+        (
+            "Accuracy vs eps (adversarially trained CNN)",
+            _curve_figure(rob, "adversarially trained digits-cnn"),
+        ),
     ]
     return report
 
@@ -182,10 +238,18 @@ def _probe_checks(report: Report, cnn: nn.Module, x_tr, y_tr, x_te, y_te, steps:
     report.timings["attack_probe"] = time.perf_counter() - start
     last_conv = probe.names.index("relu2.hook_out")
     report.add(
-        Check.at_least("probe accuracy lost on adversarial inputs at relu2", "— (no published number)",
-                       float(probe.probe_acc_clean[last_conv] - probe.probe_acc_adv[last_conv]), 0.2),  # fmt: skip
-        Check.at_least("accuracy restored by patching the top 25% divergent relu2 channels", "—",
-                       float(probe.restoration_topk[last_conv]), 0.2),  # fmt: skip
+        Check.at_least(
+            "probe accuracy lost on adversarial inputs at relu2",
+            "— (no published number)",
+            float(probe.probe_acc_clean[last_conv] - probe.probe_acc_adv[last_conv]),
+            0.2,
+        ),  # fmt: skip
+        Check.at_least(
+            "accuracy restored by patching the top 25% divergent relu2 channels",
+            "—",
+            float(probe.restoration_topk[last_conv]),
+            0.2,
+        ),  # fmt: skip
     )
     report.figures.append(("Attack probe, PGD eps=0.1 (digits-cnn)", probe.figure()))
 
