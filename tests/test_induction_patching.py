@@ -38,8 +38,8 @@ def test_zoo_induction_heads_are_localized():
     _, meta = zoo.load_zoo("induction-2l")
     scores = meta["metrics"]
     prev = max(range(4), key=lambda h: scores["prev_token_scores"][0][h])
-    induction = max(range(4), key=lambda h: scores["induction_scores"][1][h])
     assert found.previous_token_head == (0, prev)
-    assert found.induction_head == (1, induction)
-    # the induction head alone restores most of the clean log-prob
-    assert float(found.heads.values[1, induction]) > 0.3
+    layer, head = found.induction_head
+    assert layer == 1 and scores["induction_scores"][1][head] > 0.5
+    # knocking out the previous-token head breaks most of the induction (one path for all heads)
+    assert float(found.heads.values[0, prev]) > 0.5 and float(found.heads.values[1, head]) > 0.3

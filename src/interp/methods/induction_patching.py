@@ -67,8 +67,8 @@ def second_half_logprob(clean: torch.Tensor) -> Metric:
 class InductionLocalization:
     """Head-level and head-by-position patching for the repeated-token pair, plus the verdict."""
 
-    heads: PatchResult  # [layer, head], normalized: 1 = restores the clean log-prob
-    head_pos: PatchResult  # [layer, pos, head], normalized
+    heads: PatchResult  # [layer, head], normalized: 1 = this head alone causes the whole loss gap
+    head_pos: PatchResult  # [layer, pos, head], normalized the same way
     previous_token_head: tuple[int, int]  # strongest head of the first layer on first-half positions
     induction_head: tuple[int, int]  # strongest head of later layers on second-half positions
     extras: dict[str, Any] = field(default_factory=dict)
@@ -77,23 +77,29 @@ class InductionLocalization:
 def localize_induction(
     model: HookedModel, half_len: int = 20, batch: int = 8, seed: int = 0, progress: Progress | None = None
 ) -> InductionLocalization:
-    """Find the previous-token head and the induction head by activation patching.
+    """Find the previous-token head and the induction head by (noising) activation patching.
 
-    The previous-token head is the layer-0 head whose patch on first-half positions (where it writes
-    "my previous token") restores most; the induction head the later-layer head whose patch on
-    second-half positions restores most.
+    Each head's output is taken from the corrupted run ``[BOS, s, r]`` into the clean run
+    ``[BOS, r, r]``; normalized values say how much of the induction loss gap that one head causes
+    (1 = all of it). Denoising (clean into corrupted) cannot single out the previous-token head: it
+    restores where the induction head looks but not the first-copy tokens it copies. The
+    previous-token head is the most damaging layer-0 head, the induction head the most damaging
+    later head; ``head_pos`` shows where (first-half positions for the former, second half for the latter).
     """
     clean, corrupted = repeated_tokens_pair(model, half_len, batch, seed)
     metric = second_half_logprob(clean)
-    heads = patch(model, clean, corrupted, "head", metric, progress=progress).normalized()
-    by_pos = patch(model, clean, corrupted, "head_pos", metric, progress=progress).normalized()
-    values = by_pos.values  # [layer, pos, head]
-    first = values[0, 1 : half_len + 1].sum(0)  # layer 0, first-half positions
-    later = values[1:, half_len + 1 :].sum(1)  # layers >= 1, second-half positions
+    heads = patch(model, corrupted, clean, "head", metric, progress=progress).normalized()
+    by_pos = patch(model, corrupted, clean, "head_pos", metric, progress=progress).normalized()
+    first = heads.values[0]
+    later = heads.values[1:]
     prev = (0, int(first.argmax()))
     flat = int(later.argmax())
     ind = (1 + flat // later.shape[1], flat % later.shape[1])
-    return InductionLocalization(heads, by_pos, prev, ind, {"first_half": first, "second_half": later})
+    extras = {
+        "first_half": by_pos.values[0, 1 : half_len + 1].sum(0),
+        "second_half": by_pos.values[1:, half_len + 1 :].sum(1),
+    }
+    return InductionLocalization(heads, by_pos, prev, ind, extras)
 
 
 __all__ = [
