@@ -96,3 +96,28 @@ class TinyCNN(nn.Module):
 def tiny_cnn() -> TinyCNN:
     torch.manual_seed(0)
     return TinyCNN().eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (much faster on a busy 2-core machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    """The shipped zoo:digits-cnn: [batch, 1, 8, 8] images in [0, 1] -> 10 logits."""
+    import interp
+
+    return interp.load("zoo:digits-cnn")
+
+
+@pytest.fixture(scope="module")
+def softmax():
+    """The shipped zoo:digits-softmax (softmax regression on the same images)."""
+    import interp
+
+    return interp.load("zoo:digits-softmax")

@@ -7,48 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from interp.errors import CheckpointError, InputError
+from interp.errors import InputError
 from interp.methods import featureviz as fv
 
-
-def zoo_model(request: pytest.FixtureRequest, name: str):
-    """The shipped zoo model, else one trained once into pytest's cache folder (seeded recipe)."""
-    import interp
-    from interp.models import zoo
-    from interp.models.module import ModuleModel
-
-    try:
-        model = interp.load(f"zoo:{name}")
-        if getattr(model, "input_shape", None) is not None:
-            return model
-        module = model.module  # a checkpoint whose metadata lacks the input shape
-    except CheckpointError:
-        folder = request.config.cache.mkdir("interp-zoo")
-        try:
-            module, _ = zoo.load_zoo(name, directory=folder)
-        except CheckpointError:
-            zoo.train(name, folder, progress=False)
-            module, _ = zoo.load_zoo(name, directory=folder)
-    return ModuleModel(module, f"zoo:{name}", input_shape=(1, 8, 8), input_range=(0.0, 1.0))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and far faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def cnn(request):
-    return zoo_model(request, "digits-cnn")
-
-
-@pytest.fixture(scope="module")
-def softmax(request):
-    return zoo_model(request, "digits-softmax")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: 1 thread is fastest
 
 
 def assert_box_optimum(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
