@@ -40,19 +40,6 @@ import interp
 from interp.reproductions._models import zoo_model
 from interp.reproductions.report import Check, Report
 
-FAST_CONFIG: dict[str, Any] = {
-    "p": 53,
-    "frac_train": 0.6,
-    "d_model": 64,
-    "d_mlp": 256,
-    "d_head": 16,
-    "lr": 3e-3,
-    "max_epochs": 1_500,
-    "log_every": 10,
-    "snapshot_every": 50,
-    "stop_test_loss": 1e-2,
-    "stop_patience": 300,
-}
 FVE_THRESHOLD = 0.85  # a neuron belongs to a frequency when that frequency explains >= 85% of its variance
 
 
@@ -324,7 +311,10 @@ def _get_model(fast: bool, report: Report, models: dict[str, nn.Module] | None):
         except Exception:  # no snapshots shipped: the progress measures are then missing (and fail)
             snapshots = {}
         return bridge, cfg, history, snapshots
-    cfg = {**get_recipe("modadd-113").resolved_config(), **FAST_CONFIG, "name": "modadd-fast"}
+    cfg = {
+        **get_recipe("modadd-113").resolved_config(fast=True),
+        "name": "modadd-fast",
+    }  # the zoo's fast recipe
     bridge, history, snapshots = train_fast(cfg)
     report.models["modadd-fast"] = {
         "source": "retrained here (fast grokking variant)",
