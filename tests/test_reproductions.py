@@ -10,21 +10,13 @@ import json
 import re
 
 import pytest
-import torch
 
 from interp import reproductions
 from interp.errors import InputError
 from interp.reproductions import Check, Report
 from interp.reproductions._models import has_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these are overhead-bound and the CI box is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # overhead-bound tiny models: 1 thread is fastest
 
 
 def _needs(*names: str) -> None:

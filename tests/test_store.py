@@ -34,13 +34,7 @@ LM_NAMES = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "blocks.0.
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # overhead-bound tiny models: 1 thread is fastest
 
 
 @pytest.fixture(scope="module")

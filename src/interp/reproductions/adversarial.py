@@ -49,14 +49,7 @@ def _digits_model(name: str, report: Report, fast: bool, given: dict[str, nn.Mod
     try:
         return zoo_model(name, report, fast=fast, given=given)[0]
     except CheckpointError:
-        from interp.models import zoo
-
-        directory = cache_dir() / "zoo-full"
-        try:
-            module, meta = zoo.load_zoo(name, directory=directory)
-        except CheckpointError:
-            zoo.train(name, directory, progress=False)
-            module, meta = zoo.load_zoo(name, directory=directory)
+        module, meta, directory = _trained_into_cache(name)
         report.add_model(name, f"no shipped checkpoint: full recipe trained here ({directory})", meta)
         report.notes.append(f"{name}: no shipped checkpoint, so the full zoo recipe was trained and cached.")
         return module
@@ -66,18 +59,30 @@ def load_digits_model(name: str):
     """``interp.load("zoo:NAME")`` for a digits model; where no checkpoint ships yet, the full recipe
     trained once into the reproduction cache (about 30 s). Used by the explorer too."""
     import interp
-    from interp.models import zoo
+    from interp.models.zoo.registry import get_recipe
 
     try:
         return interp.load(f"zoo:{name}")
     except CheckpointError:
-        directory = cache_dir() / "zoo-full"
-        try:
-            module, _ = zoo.load_zoo(name, directory=directory)
-        except CheckpointError:
-            zoo.train(name, directory, progress=False)
-            module, _ = zoo.load_zoo(name, directory=directory)
-        return interp.load(module, input_shape=(1, 8, 8), input_range=(0.0, 1.0), name=f"zoo:{name}")
+        module, _, _ = _trained_into_cache(name)
+        recipe = get_recipe(name)
+        return interp.load(
+            module, input_shape=recipe.input_shape, input_range=recipe.input_range, name=f"zoo:{name}"
+        )
+
+
+def _trained_into_cache(name: str):
+    """``(module, meta, folder)`` for a zoo model with no shipped checkpoint: the full recipe,
+    trained once into the reproduction cache and reused after."""
+    from interp.models import zoo
+
+    directory = cache_dir() / "zoo-full"
+    try:
+        module, meta = zoo.load_zoo(name, directory=directory)
+    except CheckpointError:
+        zoo.train(name, directory, progress=False)
+        module, meta = zoo.load_zoo(name, directory=directory)
+    return module, meta, directory
 
 
 def _curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, restarts: int) -> dict[str, Any]:
