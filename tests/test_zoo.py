@@ -367,6 +367,55 @@ def test_fast_modadd_groks(tmp_path: Path) -> None:
     assert_close_tree(zoo.evaluate("modadd-113", model, fast=True), loaded["metrics"], EVAL_RTOL, EVAL_ATOL)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_killed_modadd_run_resumes_bit_identically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run killed mid-training continues from its saved state and ends exactly where an
+    uninterrupted run ends: same weights, same logged curves, same snapshots."""
+    from interp.models.zoo import modadd
+    from interp.models.zoo.recipe import ResumeState
+
+    recipe = modadd.RECIPE
+    cfg = {**recipe.resolved_config(fast=True), "max_epochs": 120, "log_every": 10, "snapshot_every": 40}
+    cfg["num_threads"] = 1
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(recipe.seed)
+        return recipe.build(cfg)
+
+    straight = fresh()
+    want = modadd.fit(straight, cfg, progress=False)
+
+    state = ResumeState(tmp_path / "modadd-113.resume.pt", every_s=0.0)  # save at every log step
+    real, calls = modadd.last_position_logits, {"n": 0}
+
+    def crash_at_epoch_75(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 75 + 75 // 10 + 1:  # 75 training forwards + the test evals logged so far
+            raise KeyboardInterrupt("simulated kill")
+        return real(model, tokens)
+
+    monkeypatch.setattr(modadd, "last_position_logits", crash_at_epoch_75)
+    with pytest.raises(KeyboardInterrupt):
+        modadd.fit(fresh(), cfg, progress=False, resume=state)
+    monkeypatch.setattr(modadd, "last_position_logits", real)
+    assert state.path.is_file() and torch.load(state.path, weights_only=True)["epoch"] == 70
+
+    resumed = fresh()
+    got = modadd.fit(resumed, cfg, progress=False, resume=state)
+    assert got.training["resumed_at_epoch"] == 71
+    assert got.history == want.history
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert got.extra_tensors.keys() == want.extra_tensors.keys()
+    for suffix, tensors in want.extra_tensors.items():
+        assert tensors.keys() == got.extra_tensors[suffix].keys()
+        assert all(torch.equal(got.extra_tensors[suffix][k], t) for k, t in tensors.items())
+
+    other = {**cfg, "lr": 1e-2}  # a state is never continued under a different config
+    with pytest.raises(CheckpointError, match="different config"):
+        modadd.fit(fresh(), other, progress=False, resume=state)
+
+
 @pytest.mark.slow  # ~1,500 steps: about 2-3 min on 2 idle cores
 def test_fast_induction_forms_induction_head(tmp_path: Path) -> None:
     meta = zoo.train("induction-2l", tmp_path, fast=True, progress=False)

@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", default=None, help="directory for the checkpoint (default: the shipped one)"
     )
     zoo_train.add_argument("--fast", action="store_true", help="the small-budget variant used by the tests")
+    zoo_train.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore a saved training state (long recipes save one every minute) and start from scratch",
+    )
     zoo_train.set_defaults(run=_zoo_train)
 
     reproduce = sub.add_parser(
@@ -170,7 +175,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     from interp.models import zoo
 
-    meta = zoo.train(args.name, args.out, fast=args.fast, progress=True)
+    meta = zoo.train(args.name, args.out, fast=args.fast, progress=True, resume=not args.restart)
     print(json.dumps(meta.get("metrics", meta), indent=2, default=str))
     return 0
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from interp.errors import InputError
 from interp.models.zoo import checkpoint as _ckpt
+from interp.models.zoo.recipe import ResumeState
 from interp.models.zoo.registry import ZOO_NAMES, get_recipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,12 +120,16 @@ def train(
     *,
     fast: bool = False,
     progress: bool = True,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Retrain ``name`` from scratch with its recorded seed and config; write NAME.safetensors/.json.
 
     ``out_dir`` defaults to the package's checkpoints folder. ``fast=True`` runs the reduced-budget
     variant used by the tests; it must be given an explicit ``out_dir`` so it can never replace a
-    shipped checkpoint. Returns the metadata dict that was written.
+    shipped checkpoint. Long recipes (``recipe.resumable``, e.g. modadd-113) save their training
+    state to ``out_dir/NAME.resume.pt`` every minute; with ``resume=True`` a run that was killed
+    continues from there (bit-identical to an uninterrupted run), and the state is deleted once the
+    checkpoint is written. Returns the metadata dict that was written.
     """
     import torch
 
@@ -138,13 +143,19 @@ def train(
     threads_before = torch.get_num_threads()
     _seed_everything(recipe.seed)
     model = recipe.build(cfg)
+    state = None
+    if recipe.resumable:
+        state = ResumeState(_ckpt.checkpoint_dir(out_dir) / f"{name}.resume.pt")
+        if not resume:
+            state.clear()
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
-        result = recipe.fit(model, cfg, progress)
+        result = recipe.fit(model, cfg, progress, resume=state) if state else recipe.fit(model, cfg, progress)
         threads_used = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads_before)
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    elapsed = time.perf_counter() - start + result.training.pop("time_before_resume_s", 0.0)
+    cpu = time.process_time() - cpu_start + result.training.pop("cpu_time_before_resume_s", 0.0)
     model.eval()
     metrics = recipe.evaluate(model, cfg)
     meta: dict[str, Any] = {
@@ -162,7 +173,10 @@ def train(
         "environment": {**_environment(), "num_threads": threads_used},
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return _ckpt.save_checkpoint(name, model, meta, out_dir, result.extra_tensors)
+    written = _ckpt.save_checkpoint(name, model, meta, out_dir, result.extra_tensors)
+    if state is not None:
+        state.clear()
+    return written
 
 
 def evaluate(name: str, model: torch.nn.Module, *, fast: bool = False) -> dict[str, Any]:

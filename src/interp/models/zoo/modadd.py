@@ -25,14 +25,17 @@ Read them back with :func:`load_snapshots`.
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 from typing import Any
 
 import einops
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from interp.models.zoo.recipe import Config, FitResult, Recipe
+from interp.models.zoo.recipe import Config, FitResult, Recipe, ResumeState
 
 NAME = "modadd-113"
 
@@ -208,8 +211,39 @@ def _pick_snapshot_epochs(history: dict[str, list[Any]], available: list[int], n
     return chosen
 
 
-def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
-    """Full-batch AdamW until test loss < ``stop_test_loss`` for ``stop_patience`` epochs."""
+class _Snapshots:
+    """Trainable weights every ``snapshot_every`` epochs: in memory, or one file each when resumable."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.memory: dict[int, dict[str, torch.Tensor]] = {}
+
+    def add(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
+        if self.directory is None:
+            self.memory[epoch] = tensors
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f"epoch{epoch:05d}.tmp"
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+        tmp.replace(self.directory / f"epoch{epoch:05d}.safetensors")
+
+    def epochs(self) -> list[int]:
+        if self.directory is None:
+            return sorted(self.memory)
+        return sorted(int(f.stem.removeprefix("epoch")) for f in self.directory.glob("epoch*.safetensors"))
+
+    def get(self, epoch: int) -> dict[str, torch.Tensor]:
+        if self.directory is None:
+            return self.memory[epoch]
+        return load_file(str(self.directory / f"epoch{epoch:05d}.safetensors"))
+
+
+def fit(model: nn.Module, cfg: Config, progress: bool = True, resume: ResumeState | None = None) -> FitResult:
+    """Full-batch AdamW until test loss < ``stop_test_loss`` for ``stop_patience`` epochs.
+
+    With ``resume``, the full training state is saved every ``resume.every_s`` seconds and a saved
+    state is picked up where it stopped; the continued run is bit-identical to an uninterrupted one.
+    """
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     train_x, train_y, test_x, test_y = dataset(cfg)
@@ -219,10 +253,38 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
     history: dict[str, list[Any]] = {
         k: [] for k in ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
     }
-    snapshots: dict[int, dict[str, torch.Tensor]] = {0: _trainable_state(model)}
+    snapshots = _Snapshots(resume.snapshot_dir if resume is not None else None)
     below_since: int | None = None
-    epoch = 0
-    bar = tqdm(range(1, int(cfg["max_epochs"]) + 1), desc=NAME, disable=not progress, mininterval=2.0)
+    start_epoch, earlier = 1, {"time_s": 0.0, "cpu_time_s": 0.0}
+    saved = resume.load(cfg) if resume is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        history, below_since = saved["history"], saved["below_since"]
+        start_epoch, earlier = saved["epoch"] + 1, saved["elapsed"]
+    else:
+        snapshots.add(0, _trainable_state(model))
+    clock, cpu_clock = time.perf_counter(), time.process_time()
+
+    def save_state(epoch: int) -> None:
+        assert resume is not None
+        elapsed = {
+            "time_s": earlier["time_s"] + time.perf_counter() - clock,
+            "cpu_time_s": earlier["cpu_time_s"] + time.process_time() - cpu_clock,
+        }
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history}
+        resume.save(cfg, {**state, "below_since": below_since, "epoch": epoch, "elapsed": elapsed})
+
+    epoch = start_epoch - 1
+    max_epochs = int(cfg["max_epochs"])
+    bar = tqdm(
+        range(start_epoch, max_epochs + 1),
+        desc=NAME,
+        disable=not progress,
+        mininterval=2.0,
+        initial=start_epoch - 1,
+        total=max_epochs,
+    )
     for epoch in bar:
         logits = last_position_logits(model, train_x)
         loss = loss_fn(logits, train_y)
@@ -230,7 +292,7 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
         loss.backward()
         opt.step()
         if epoch % cfg["snapshot_every"] == 0:
-            snapshots[epoch] = _trainable_state(model)
+            snapshots.add(epoch, _trainable_state(model))
         if epoch % cfg["log_every"] == 0 or epoch == 1:
             with torch.no_grad():
                 test_logits = last_position_logits(model, test_x)
@@ -247,18 +309,21 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
                     break
             else:
                 below_since = None
+            if resume is not None and resume.due():
+                save_state(epoch)
     bar.close()
     model.eval()
-    snapshots[epoch] = _trainable_state(model)
+    if epoch not in snapshots.epochs():
+        snapshots.add(epoch, _trainable_state(model))
 
-    chosen = _pick_snapshot_epochs(history, sorted(snapshots), int(cfg["n_snapshots"]))
+    chosen = _pick_snapshot_epochs(history, snapshots.epochs(), int(cfg["n_snapshots"]))
     extra: dict[str, dict[str, torch.Tensor]] = {}
     per_file = int(cfg["snapshots_per_file"])
     for k in range(math.ceil(len(chosen) / per_file)):
         extra[f"snapshots-{k}"] = {
             f"epoch{e:05d}/{key}": t
             for e in chosen[k * per_file : (k + 1) * per_file]
-            for key, t in snapshots[e].items()
+            for key, t in snapshots.get(e).items()
         }
 
     def first_epoch(column: str, pred: Any) -> int | None:
@@ -278,6 +343,9 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
         "snapshot_epochs": chosen,
         "n_train": len(train_y),
         "n_test": len(test_y),
+        "resumed_at_epoch": start_epoch if saved is not None else None,
+        "time_before_resume_s": round(earlier["time_s"], 2),
+        "cpu_time_before_resume_s": round(earlier["cpu_time_s"], 2),
     }
     return FitResult(history=history, training=training, extra_tensors=extra)
 
@@ -317,6 +385,7 @@ RECIPE = Recipe(
     fit=fit,
     evaluate=evaluate,
     fast_overrides=FAST_OVERRIDES,
+    resumable=True,
 )
 
 __all__ = ["RECIPE", "all_pairs", "dataset", "last_position_logits", "loss_fn", "split_snapshots"]

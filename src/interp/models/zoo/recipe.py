@@ -8,8 +8,11 @@ adding a model to the zoo means writing one module that returns ``Recipe`` objec
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,6 +36,69 @@ class FitResult:
     extra_tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class ResumeState:
+    """Where a long training loop keeps its full state, so a killed run continues where it stopped.
+
+    ``path`` holds weights, optimizer state, logs and counters (``torch.save`` of tensors and plain
+    Python values, read back with ``weights_only=True``); ``snapshot_dir`` holds one safetensors
+    file per in-training snapshot, so they survive a crash without living in memory. The state is
+    written atomically every ``every_s`` seconds; the config is stored with it, and a state written
+    under a different config is refused rather than silently continued.
+    """
+
+    path: Path
+    every_s: float = 60.0
+    _last_save: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.path.with_suffix(".snapshots")
+
+    def load(self, cfg: Config) -> dict[str, Any] | None:
+        """The saved state, or None if there is none; a state from another config is an error."""
+        from interp.errors import CheckpointError
+
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise CheckpointError(
+                f"Training state {self.path} is unreadable ({exc}). Delete it to start the run from scratch."
+            ) from exc
+        if state.get("config") != _comparable(cfg):
+            raise CheckpointError(
+                f"Training state {self.path} was written with a different config; delete it (and "
+                f"{self.snapshot_dir}) to start from scratch, or train with the config it was written with."
+            )
+        return state
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last_save >= self.every_s
+
+    def save(self, cfg: Config, state: dict[str, Any]) -> None:
+        """Write ``state`` (plus the config) atomically: a kill mid-write leaves the previous state."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "config": _comparable(cfg)}, tmp)
+        os.replace(tmp, self.path)
+        self._last_save = time.monotonic()
+
+    def clear(self) -> None:
+        """Remove the state and its snapshots once the finished checkpoint has been written."""
+        self.path.unlink(missing_ok=True)
+        if self.snapshot_dir.is_dir():
+            for f in self.snapshot_dir.iterdir():
+                f.unlink()
+            self.snapshot_dir.rmdir()
+
+
+def _comparable(cfg: Config) -> dict[str, Any]:
+    """The config as plain values (lists for tuples), so a saved copy compares equal to a fresh one."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(cfg.items())}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One zoo model: name, what it is, what it eats, and how to build, train and score it.
@@ -47,11 +113,12 @@ class Recipe:
     input: str
     config: Mapping[str, Any]
     build: Callable[[Config], nn.Module]
-    fit: Callable[[nn.Module, Config, bool], FitResult]
+    fit: Callable[..., FitResult]  # fit(model, cfg, progress[, resume=ResumeState]) if resumable
     evaluate: Callable[[nn.Module, Config], dict[str, Any]]
     fast_overrides: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None  # one example, for module models (shape checks, hook shapes)
     input_range: tuple[float, float] | None = None  # the range inputs must lie in
+    resumable: bool = False  # fit accepts resume=ResumeState and continues a killed run
 
     def resolved_config(self, fast: bool = False) -> Config:
         """The config to build/train/evaluate with (a fresh, mutable copy)."""
