@@ -217,6 +217,39 @@ def test_ablations_match_naive_hooks(toy, pair):
         ablation.ablate(toy, clean, "head", "resample", metric, reference=reference[:, :4])
 
 
+def test_group_ablation_hooks_match_naive_hooks(toy, pair):
+    """Ablating several heads together equals writing zeros / reference means into all of them."""
+    clean, reference = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    group = [(0, 1), (1, 0), (1, 3)]
+    names = ["blocks.0.attn.hook_z", "blocks.1.attn.hook_z"]
+    _, ref_cache = toy.run_with_cache(reference, names=names)
+
+    def naive_fn(kind):
+        def fn(act, ctx):
+            act = act.clone().view(*act.shape[:2], 4, 8)
+            for layer, head in group:
+                if ctx.name == names[layer]:
+                    mean = ref_cache[ctx.name].view(2, 6, 4, 8)[:, :, head].mean(0)
+                    act[:, :, head] = 0 if kind == "zero" else mean
+            return act.view(*act.shape[:2], 32)
+
+        return fn
+
+    for kind in ("zero", "mean"):
+        hooks = ablation.ablation_hooks(toy, clean, group, "head", kind, reference=reference)
+        want = float(metric(toy.run_with_hooks(clean, [(n, naive_fn(kind)) for n in names])))
+        assert float(metric(toy.run_with_hooks(clean, hooks))) == pytest.approx(want, abs=1e-5)
+    # a group of one is the single-unit sweep's entry
+    single = ablation.ablate(toy, clean, "head", "zero", metric)
+    one = ablation.ablation_hooks(toy, clean, [(1, 2)], "head", "zero")
+    assert float(metric(toy.run_with_hooks(clean, one))) == pytest.approx(float(single.values[1, 2]), abs=1e-5)
+    with pytest.raises(InputError, match="out of range"):
+        ablation.ablation_hooks(toy, clean, [(1, 4)], "head")
+    with pytest.raises(InputError, match="whole units"):
+        ablation.ablation_hooks(toy, clean, [(1, 0)], "head_pos")
+
+
 def _naive_path_patch(model, clean, corrupted, sender, receivers, metric):
     """Two forwards per sender, written out directly (Wang et al. 2022)."""
     names = [f"blocks.{i}.attn.hook_z" for i in range(2)]

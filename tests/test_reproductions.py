@@ -120,10 +120,6 @@ def test_superposition_fails_on_random_models():
     assert "tms-200-20: dims per feature, densest instance" in failed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4 open: the shipped induction-2l has four redundant layer-1 induction heads (scores 0.80-0.86), so single-head ablation costs 0.30 nats (< 1), ablating L0H1 cuts the score by 76% (< 80%), and K-composition does not single out one pair (1.27x < 3x); the checks need to treat the heads as a group",
-)
 def test_induction_fast(tmp_path):
     _needs("induction-2l", "induction-1l")
     report = reproductions.run("induction", fast=True, out_dir=tmp_path, quiet=True)
@@ -141,7 +137,7 @@ def test_induction_fails_on_random_models():
     failed = _failed(report)
     assert "repeated-half loss (nats)" in failed
     assert any(q.startswith("max layer-1 induction score") for q in failed)
-    assert "top K-composition / mean of other pairs" in failed
+    assert "path patching: top sender into each induction head's keys" in failed
 
 
 def test_grokking_fast(tmp_path):

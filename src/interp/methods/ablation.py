@@ -2,8 +2,12 @@
 
 An ablation is a patch whose source is not a second prompt: zeros, the mean activation over a
 reference distribution, or the activation on a randomly drawn reference prompt (resampling,
-Chan et al. 2022). Each unit is ablated on its own, many per forward, with the same engine and
-``PatchResult`` as :func:`interp.methods.patching.patch`.
+Chan et al. 2022). :func:`ablate` ablates each unit on its own, many per forward, with the same
+engine and ``PatchResult`` as :func:`interp.methods.patching.patch`. :func:`ablation_hooks` ablates
+a *group* of units together (say, every induction head), as hooks for any forward:
+
+    >>> hooks = ablation_hooks(model, tokens, [(1, 0), (1, 3)], "head", "mean")
+    >>> logits = model.run_with_hooks(tokens, hooks)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from interp.methods.patching import (
     copies_per_forward,
     default_metric,
     plan,
+    splice,
     sweep,
     unit_view,
 )
@@ -94,6 +99,57 @@ def ablate(
         site=site,
         metric=metric_.name,
     )
+
+
+def ablation_hooks(
+    model: HookedModel,
+    inputs: Any,
+    units: Sequence[tuple[int, int | None]],
+    site: str = "head",
+    kind: Kind = "zero",
+    *,
+    reference: Any = None,
+    seed: int = 0,
+) -> list[tuple[str, Callable]]:
+    """Hooks that ablate every unit in ``units`` at once, for ``run_with_hooks`` / ``run_with_cache``.
+
+    Redundant units (several heads doing one job) each look harmless when ablated alone; their joint
+    ablation shows what the group does. The replacement values are those :func:`ablate` uses.
+
+    Args:
+        units: ``(layer, index)`` pairs: heads for ``site="head"``, neurons for ``"neuron"``; for a
+            whole-layer site (``"attn"``, ``"mlp"``) the index is ignored (give ``None``).
+        kind, reference, seed: as in :func:`ablate`.
+
+    Returns:
+        ``[(hook_name, fn), ...]`` valid for forwards on ``inputs`` (same prompts, same length).
+    """
+    if kind not in ("zero", "mean", "resample"):
+        raise InputError(f"unknown ablation kind {kind!r}; use 'zero', 'mean' or 'resample'")
+    spec = SITES.get(site)
+    if spec is None or spec.per_pos or not spec.layers:
+        whole = [name for name, s in SITES.items() if s.layers and not s.per_pos]
+        raise InputError(f"ablation_hooks ablates whole units; use one of the sites {whole} (got {site!r})")
+    if not units:
+        raise InputError("ablation_hooks needs at least one (layer, index) unit to ablate")
+    base = model.prepare(inputs)
+    layers = sorted({int(layer) for layer, _ in units})
+    plan_ = plan(model, site, base.input_ids.shape[1], layers=layers)
+    hooks = sorted(set(plan_.hooks), key=model.hook_names.index)
+    _, cache = model.run_with_cache(base, names=hooks)
+    sources = _sources(model, base, cache, hooks, plan_.units, kind, reference, seed)
+    masks = {h: torch.zeros(1, base.input_ids.shape[1], plan_.units[h], dtype=torch.bool) for h in hooks}
+    for layer, index in units:
+        hook = spec.hook.format(layer=int(layer))
+        n_units = plan_.units[hook]
+        if spec.unit is None:
+            masks[hook][:] = True
+            continue
+        if index is None or not 0 <= int(index) < n_units:
+            raise InputError(f"{spec.unit} index {index} of layer {layer} is out of range: valid 0..{n_units - 1}")
+        masks[hook][:, :, int(index)] = True
+    device = base.input_ids.device
+    return [(h, splice(masks[h].to(device), sources[h], plan_.units[h])) for h in hooks]
 
 
 def _sources(model, base, cache, hooks, units, kind, reference, seed) -> dict[str, torch.Tensor]:
