@@ -97,10 +97,6 @@ def test_cli_exit_code(monkeypatch, tmp_path, capsys, passing, code):
 TMS = ("tms-5-2", "tms-5-2-uniform", "tms-20-5", "tms-20-5-linear", "tms-200-20")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 4 open: tms-20-5's sparsest instance represents 14 of 20 features, below the proposed >= 15 (a [P] bound from reproductions.md)",
-)
 def test_superposition_fast(tmp_path):
     _needs(*TMS)
     report = reproductions.run("superposition", fast=True, out_dir=tmp_path, quiet=True)
