@@ -16,7 +16,9 @@ Parameterizations: ``"pixel"`` or ``"fourier"`` (lucent's 1/f-scaled spectrum). 
 ``"box"`` (a sigmoid onto the model's input range), ``"l2"`` (the ball of ``radius``) or
 ``"none"``. Transformation robustness (``Transforms``): pad, jitter, scale and rotate sized for
 8x8 inputs (lucent's defaults of pad 12 / jitter 8 assume 224 px), drawn from a seeded
-``torch.Generator`` so a run is reproducible from its recorded config.
+``torch.Generator`` so a run is reproducible from its recorded config. ``transformed_scores``
+measures that robustness afterwards (the objective under seeded random jitters), and ``tv`` the
+high-frequency content of an image.
 """
 
 from __future__ import annotations
@@ -260,7 +262,11 @@ def gram_cosine(act: torch.Tensor) -> torch.Tensor:
 
 
 def tv(images: torch.Tensor) -> torch.Tensor:
-    """Total variation per image ``[B]`` (anisotropic)."""
+    """Total variation per image ``[B]`` of a ``[B, ..., H, W]`` batch (anisotropic: the sum of
+    absolute differences between vertical and horizontal neighbours, over all channels).
+
+    A high-frequency measure: the noisy patterns an unregularized optimization finds have high
+    total variation; blur, a TV penalty or transformation robustness lower it."""
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs()
     return reduce(dy, "b ... -> b", "sum") + reduce(dx, "b ... -> b", "sum")
@@ -375,6 +381,8 @@ class Transforms:
 
 
 STANDARD = Transforms()
+JITTER = Transforms(scales=(1.0,), degrees=(0.0,))
+"""Whole-pixel shifts only (pad 1, jitter 1): the held-out check of ``transformed_scores``."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,6 +504,75 @@ def visualize(
         units = range(shape[1] if len(shape) > 1 else 1)
     build = channel if kind == "channel" else neuron
     return render(model, build(layer, units), **kwargs)
+
+
+def transformed_scores(
+    model: HookedModel,
+    objective: Objective,
+    images: torch.Tensor,
+    *,
+    transforms: Transforms | str = "jitter",
+    draws: int = 100,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The objective on ``draws`` randomly transformed copies of ``images``: ``[draws, B]``.
+
+    Measures transformation robustness: an image that scores high only at one exact pixel
+    alignment is a brittle, adversarial-like pattern rather than the feature itself, so its score
+    collapses when it is shifted. Compare ``scores.mean(0)`` of two renders of the same objective,
+    e.g. with and without ``transforms=``.
+
+    Args:
+        model: the model the images were optimized for.
+        objective: scored on every transformed batch (a batch-wide term is given to every image).
+        images: ``[B, *input_shape]``, e.g. ``render(...).images``.
+        transforms: ``"jitter"`` (``JITTER``: shifts of up to one pixel), ``"standard"`` (the
+            render default: also scale and rotate) or any ``Transforms``.
+        draws: how many transformed batches; each image gets its own draw in every batch.
+        seed: seeds every draw (``torch.Generator``), so the result is reproducible.
+    """
+    _check_model(model)
+    for check in objective.checks:
+        check(model)
+    tf = _named_transforms(transforms)
+    if not isinstance(draws, int) or draws < 1:
+        raise InputError(f"draws must be a positive integer, got {draws!r}")
+    images = _check_images(model, objective, images)
+    fill = tuple(model.input_range)[0] if getattr(model, "input_range", None) else 0.0
+    gen = torch.Generator().manual_seed(seed)
+    store: dict[str, torch.Tensor] = {}
+    scores = []
+    with torch.no_grad(), model.hooks(_readers(objective, store)):
+        for _ in range(draws):
+            seen = tf(images, gen, fill)
+            scores.append(_per_image(objective, _run(model, objective, seen, images, store), len(images)))
+    return torch.stack(scores)
+
+
+def _named_transforms(transforms: Transforms | str) -> Transforms:
+    """``"jitter"`` -> ``JITTER``, ``"standard"`` -> ``STANDARD``, a ``Transforms`` as it is."""
+    tf = (
+        {"jitter": JITTER, "standard": STANDARD}.get(transforms)
+        if isinstance(transforms, str)
+        else transforms
+    )
+    if not isinstance(tf, Transforms):
+        raise InputError(f"transforms must be 'jitter', 'standard' or a Transforms, got {transforms!r}")
+    return tf
+
+
+def _check_images(model: HookedModel, objective: Objective, images: torch.Tensor) -> torch.Tensor:
+    """``images`` as a float tensor on the model's device, after checking its shape against the
+    model's input shape and the objective's unit count."""
+    images = torch.as_tensor(images).float().to(model.device)
+    expected = tuple(model.input_shape)
+    if images.ndim != len(expected) + 1 or tuple(images.shape[1:]) != expected:
+        raise InputError(
+            f"images must have shape [B, {', '.join(map(str, expected))}], got {tuple(images.shape)}"
+        )
+    if objective.batch and len(images) != objective.batch:
+        raise InputError(f"the objective has {objective.batch} units but {len(images)} images were given")
+    return images
 
 
 def _check_model(model: HookedModel) -> None:
