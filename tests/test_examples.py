@@ -52,8 +52,8 @@ def test_top_logit_images_are_mostly_their_class(cnn, test_set):
     x, y = test_set
     seen = []
     top = ex.top_k(cnn, x, "fc.hook_out", k=10, callback=lambda done, total: seen.append((done, total)))
-    purity = [(y[top.indices[c]] == c).float().mean().item() for c in range(10)]
-    assert min(purity) >= 0.9, purity
+    hits = [int((y[top.indices[c]] == c).sum()) for c in range(10)]
+    assert min(hits) >= 9, hits  # >= 90% of the top 10 (counted: 9/10 in float32 is 0.89999998)
     assert seen[-1] == (len(x), len(x))
     assert top.maps[0][0] is None  # a linear layer has no activation map
 
