@@ -4,6 +4,7 @@ class, transformer neurons and heads get token contexts, and bad input is a clea
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -94,3 +95,54 @@ def test_bad_units_and_layers_are_clear_input_errors(cnn, test_set):
         ex.top_k(cnn, x[:20], "fc.hook_out", units=[1], k=2).figure(3)
     maps = ex.channel_maps(cnn, x[:2], "conv1.hook_out", units=[2])
     assert maps.shape == (2, 1, 8, 8)
+
+
+def per_text_max(model, texts, layer: str, unit: int) -> torch.Tensor:
+    """Independent reference: each text's largest activation of ``unit`` (last axis), one forward per
+    text so no padding enters the max."""
+    out = []
+    for text in texts:
+        _, cache = model.run_with_cache(text, names=layer)
+        out.append(cache[layer][0, :, unit].max())
+    return torch.stack(out)
+
+
+def test_unit_layers_and_sample_inputs_name_neurons_and_heads(minilm):
+    kinds = ex.unit_layers(minilm)
+    assert list(kinds) == ["MLP neurons", "Heads: output norm", "Heads: max attention"]
+    assert kinds["MLP neurons"] == [f"blocks.{i}.mlp.hook_post" for i in range(minilm.n_layers)]
+    assert kinds["Heads: output norm"][2] == "blocks.2.attn.hook_z"
+    texts = ex.sample_inputs(minilm)
+    assert texts == list(ex.SAMPLE_TEXTS) and len(set(texts)) == len(texts) >= 40
+
+
+def test_neuron_samples_view_and_strongest_units(minilm, cnn):
+    layer, texts = "blocks.1.mlp.hook_post", list(ex.SAMPLE_TEXTS[:12])
+    top = ex.top_k(minilm, texts, layer, k=4, batch_size=5)
+    best = torch.stack([per_text_max(minilm, texts, layer, u) for u in (3, 700)], 1).amax(0)
+    torch.testing.assert_close(top.scores[[3, 700], 0], best, rtol=1e-5, atol=1e-5)
+    ranked = top.strongest(3)
+    assert [u for u, _ in ranked] == torch.argsort(top.scores[:, 0], descending=True)[:3].tolist()
+
+    unit = ranked[0][0]
+    html = top.samples_html(unit, k=3, unit_name="Neuron")
+    assert "CircuitsVis.TopkSamples" in html and not re.findall(r"<script\b[^>]*\bsrc=", html)
+    where = [html.index(json.dumps(top.str_tokens[top.row(unit)][r])) for r in range(3)]
+    assert where == sorted(where)  # best context first
+    assert json.dumps(top.str_tokens[top.row(unit)][3]) not in html  # k=3 of the 4 collected
+    with pytest.raises(InputError, match="samples_html\\(\\) shows token contexts"):
+        ex.top_k(cnn, torch.rand(4, 1, 8, 8), "fc.hook_out", k=1).samples_html(0)
+
+
+def test_a_model_without_tokenizer_gets_repeated_tokens_and_id_strings(cnn):
+    import interp
+
+    model = interp.load("zoo:induction-2l")
+    assert list(ex.unit_layers(model)) == ["Heads: max attention"]  # attention-only, flat hook_z
+    ids = ex.sample_inputs(model, n=6, half_len=5)
+    assert ids.shape == (6, 10) and torch.equal(ids[:, :5], ids[:, 5:])
+    assert torch.equal(ids, ex.sample_inputs(model, n=6, half_len=5))  # seeded
+    top = ex.top_k(model, ids, "blocks.1.attn.hook_pattern", k=2)
+    assert top.str_tokens[0][0] == [str(int(t)) for t in ids[top.indices[0, 0]]]
+    with pytest.raises(InputError, match="not a transformer"):
+        ex.unit_layers(cnn)

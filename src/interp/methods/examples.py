@@ -19,6 +19,14 @@ A *unit* and its *map* per kind of activation (one example, no batch axis):
   ``[head, query, key]`` (``hook_pattern``): unit = head, map = each query's largest weight.
 
 A unit's score for an example is the max (or mean) of its map.
+
+For transformers, ``unit_layers(model)`` lists the hooks whose units are neurons or heads, and
+``sample_inputs(model)`` is a small built-in dataset (``SAMPLE_TEXTS``, or repeated random token
+sequences for a model without a tokenizer), so a unit's examples can be looked at without data:
+
+    >>> top = top_k(lm, sample_inputs(lm), unit_layers(lm)["MLP neurons"][2], k=10)
+    >>> top.strongest(5)                                                 # the units worth a look
+    >>> top.samples_html(7)                                              # one row per context
 """
 
 from __future__ import annotations
@@ -41,6 +49,61 @@ if TYPE_CHECKING:  # pragma: no cover
     from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]
+
+SAMPLE_TEXTS: tuple[str, ...] = (
+    "When Mary and John went to the store, John gave a drink to Mary.",
+    "The cat sat on the mat, and then the cat fell asleep in the sun.",
+    "Paris is the capital of France, and Berlin is the capital of Germany.",
+    "She paid $42.50 for three books on 12 March 2021.",
+    "def add(a, b):\n    return a + b",
+    "import numpy as np\nx = np.zeros((3, 4))",
+    "The mitochondria is the powerhouse of the cell.",
+    "Water boils at 100 degrees Celsius at sea level.",
+    "He scored two goals in the second half, and the crowd went wild.",
+    "The stock market fell sharply on Monday after the announcement.",
+    "Please send the report to alice@example.com by Friday.",
+    "Once upon a time, in a small village, there lived an old woman.",
+    "The quick brown fox jumps over the lazy dog.",
+    "I don't think that's a good idea, but let's try it anyway.",
+    "The patient was given 5 mg of the drug twice a day.",
+    "Photosynthesis converts light energy into chemical energy.",
+    "The court ruled that the law was unconstitutional.",
+    "Add two cups of flour, one egg and a pinch of salt.",
+    "The train to London leaves at 9:15 from platform 4.",
+    "Shakespeare wrote Hamlet, Macbeth and King Lear.",
+    "The Pacific Ocean is larger than all of the land on Earth combined.",
+    "Why did the chicken cross the road? To get to the other side!",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
+    "Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday",
+    "The red ball, the blue ball and the green ball rolled down the hill.",
+    "Harry Potter and the Philosopher's Stone was published in 1997.",
+    "The algorithm runs in O(n log n) time and uses linear memory.",
+    "Tokyo, New York and London are among the largest cities in the world.",
+    "The rain in Spain stays mainly in the plain.",
+    "If it rains tomorrow, we will stay at home and watch a film.",
+    "The committee will meet again next week to discuss the budget.",
+    "A dog, a cat and a horse were standing in the field.",
+    "Einstein published the theory of general relativity in 1915.",
+    "The password must contain at least eight characters and one number.",
+    "Click the button below to download the latest version.",
+    "Bananas are yellow, apples are red, and grapes are purple.",
+    "The museum is open from 10 am to 6 pm, except on Mondays.",
+    "She whispered, 'Do not open the door,' and then she left.",
+    "The ship sank in the storm, but all of the sailors survived.",
+    "Mr. Smith said that Mr. Smith would never forget that day.",
+    "The sun rises in the east and sets in the west.",
+    "Our new phone has a faster chip, a better camera and a bigger battery.",
+    "The war ended in 1945, and the treaty was signed two years later.",
+    "To be, or not to be, that is the question.",
+    "The function returns None if the key is not found in the dictionary.",
+    "Green tea, black tea and coffee all contain caffeine.",
+    "The children laughed and played in the snow all afternoon.",
+    "Alice gave Bob the keys, and Bob gave Alice the map.",
+)
+"""The built-in text set for dataset examples of transformer units: 48 short texts of varied
+kinds (names, places, numbers, dates, prices, code, lists, quotes, repeated names), so that
+different units can show different preferences. Small enough that the top contexts of every unit
+of one MiniLM layer take about 1.5 s on one CPU thread."""
 
 
 @dataclass
@@ -112,6 +175,38 @@ class TopExamples:
         top = max(max(abs(v) for v in values), 1e-12)
         return colored_tokens(tokens, values, min_value=-top, max_value=top).local_src
 
+    def strongest(self, n: int = 10) -> list[tuple[int, float]]:
+        """The ``n`` units whose best example scores highest, as ``(unit, score)``: where to look
+        first among a layer's many neurons."""
+        best = self.scores[:, 0]
+        order = torch.argsort(best, descending=True, stable=True)[:n]
+        return [(self.units[i], float(best[i])) for i in order.tolist()]
+
+    def samples_html(self, unit: int, k: int | None = None, unit_name: str = "Unit") -> str:
+        """Transformers: the top ``k`` (default all) contexts of ``unit``, best first, one row of
+        circuitsvis colored tokens per context on a shared color scale (circuitsvis
+        ``topk_samples``, script inlined, so it renders offline). Unlike ``html()``, each context
+        gets its own row, and the one JavaScript bundle serves them all."""
+        from circuitsvis.topk_samples import topk_samples
+
+        if self.str_tokens is None:
+            raise InputError("samples_html() shows token contexts; for an image model use figure(unit)")
+        r = self.row(unit)
+        k = len(self.str_tokens[r]) if k is None else k
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"k must be a positive integer, got {k!r}")
+        tokens = [[str(t) for t in strs] for strs in self.str_tokens[r][:k]]
+        values = [np.round(np.asarray(m, dtype=float), 4).tolist() for m in self.maps[r][:k]]
+        view = topk_samples(
+            [[tokens]],
+            [[values]],
+            zeroth_dimension_name="Layer",
+            first_dimension_name=unit_name,
+            zeroth_dimension_labels=[self.layer],
+            first_dimension_labels=[str(unit)],
+        )
+        return view.local_src
+
 
 def top_k(
     model: HookedModel,
@@ -152,6 +247,51 @@ def top_k(
         result = _scan(model, ds, name, units, k, reduce_by, batch_size, inputs, callback)
     result.config["out_dir"] = None if out_dir is None else str(out_dir)
     return result
+
+
+def unit_layers(model: HookedModel) -> dict[str, list[str]]:
+    """A transformer's hooks whose units are neurons or heads, by kind (kinds it lacks are left out).
+
+    * ``"MLP neurons"``: ``blocks.{i}.mlp.hook_post``, one unit per neuron, its map the neuron's
+      activation at each token.
+    * ``"Heads: output norm"``: ``blocks.{i}.attn.hook_z`` where it has a head axis; the map is the
+      norm of the head's z (its value-weighted mix, before ``W_O``) at each token: how much the
+      head moves there.
+    * ``"Heads: max attention"``: ``blocks.{i}.attn.hook_pattern``; the map is each query token's
+      largest attention weight (how sharply the head attends from there).
+    """
+    if model.kind != "transformer":
+        raise InputError(
+            f"{model.name} is not a transformer; its units are channels (see top_k and figure())"
+        )
+    shapes = model.hook_shapes
+    kinds = {
+        "MLP neurons": [n for n in shapes if n.endswith(".mlp.hook_post")],
+        "Heads: output norm": [
+            n for n, s in shapes.items() if n.endswith(".attn.hook_z") and s is not None and len(s) == 4
+        ],
+        "Heads: max attention": [n for n in shapes if n.endswith(".attn.hook_pattern")],
+    }
+    return {kind: names for kind, names in kinds.items() if names}
+
+
+def sample_inputs(model: HookedModel, *, n: int = 48, half_len: int = 16, seed: int = 0) -> Any:
+    """A small built-in dataset for the dataset examples of a transformer's units.
+
+    A model with a tokenizer gets the first ``n`` of ``SAMPLE_TEXTS``. One that reads token ids only
+    (e.g. ``zoo:induction-2l``) gets ``n`` seeded sequences of ``half_len`` random tokens repeated
+    once, ``[r, r]``: on these, previous-token and induction heads show their pattern.
+    """
+    if model.kind != "transformer":
+        raise InputError(f"{model.name} is not a transformer; pass its own inputs (e.g. an image tensor)")
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"n must be a positive integer, got {n!r}")
+    if getattr(model, "tokenizer", None) is not None:
+        return list(SAMPLE_TEXTS[:n])
+    half = min(half_len, (model.n_ctx or 2 * half_len) // 2)
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randint(0, model.d_vocab or 2, (n, half), generator=gen)
+    return torch.cat([r, r], dim=1)
 
 
 def channel_maps(
@@ -234,8 +374,15 @@ def _winners(
         maps.append(per_rank)
     if not transformer:
         return maps, None
-    strs = [[list(rows[i]["str_tokens"]) for i in indices[u].tolist()] for u in range(len(chosen))]
+    strs = [[_str_tokens(rows[i]) for i in indices[u].tolist()] for u in range(len(chosen))]
     return maps, strs
+
+
+def _str_tokens(row: dict[str, Any]) -> list[str]:
+    """One captured example's token strings; the token ids as text for a model without a tokenizer."""
+    if "str_tokens" in row:
+        return list(row["str_tokens"])
+    return [str(int(t)) for t in row["input_ids"]]
 
 
 def _unit_maps(act: torch.Tensor, name: str, transformer: bool) -> torch.Tensor:
