@@ -146,3 +146,66 @@ def test_a_model_without_tokenizer_gets_repeated_tokens_and_id_strings(cnn):
     assert top.str_tokens[0][0] == [str(int(t)) for t in ids[top.indices[0, 0]]]
     with pytest.raises(InputError, match="not a transformer"):
         ex.unit_layers(cnn)
+
+
+# ------------------------------------------------------------------------------------------------
+# The explorer's Features page: neuron and head contexts (AppTest, headless)
+# ------------------------------------------------------------------------------------------------
+
+
+def contexts_view(page) -> str:
+    """The srcdoc of the page's circuitsvis top-contexts view (the one iframe that renders TopkSamples)."""
+    (html,) = [f.proto.srcdoc for f in page.get("iframe") if "CircuitsVis.TopkSamples" in f.proto.srcdoc]
+    assert not re.findall(r"<script\b[^>]*\bsrc=", html)  # script inlined: renders offline
+    return html
+
+
+def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
+    page = AppTest.from_file(str(app), default_timeout=300).run()
+    page.switch_page("views/features.py").run()  # sidebar model: the default, MiniLM
+    assert not page.exception and not page.error, [e.value for e in page.exception or page.error]
+    assert page.selectbox(key="features_ctx_kind").options == list(ex.unit_layers(minilm))
+    layer = page.selectbox(key="features_ctx_layer::minilm::MLP neurons").value
+    assert layer == "blocks.3.mlp.hook_post"
+    assert any("Top contexts of every unit" in p.proto.text for p in page.get("progress"))
+
+    unit = 146  # fires on prices, dates and times; its top contexts are well separated
+    page.number_input(key=f"features_ctx_unit::minilm::{layer}").set_value(unit).run()
+    page.slider(key="features_ctx_k").set_value(4).run()
+    assert not page.exception and not page.error, [e.value for e in page.exception or page.error]
+    reference = per_text_max(minilm, ex.SAMPLE_TEXTS, layer, unit).sort(descending=True)
+    caption = next(c.value for c in page.caption if c.value.startswith(f"Neuron {unit} of `{layer}`"))
+    assert f"best score {reference.values[0].item():.3g}" in caption and "48 built-in" in caption
+    html = contexts_view(page)
+    tokens = [minilm.to_tokens(ex.SAMPLE_TEXTS[i]).str_tokens[0] for i in reference.indices[:5].tolist()]
+    where = [html.index(json.dumps(t)) for t in tokens[:4]]
+    assert where == sorted(where)  # the reference's best four, best first
+    assert json.dumps(tokens[4]) not in html  # k = 4
+
+    page.selectbox(key="features_ctx_kind").set_value("Heads: max attention").run()
+    page.number_input(key="features_ctx_unit::minilm::blocks.3.attn.hook_pattern").set_value(11).run()
+    assert not page.exception and not page.error, [e.value for e in page.exception or page.error]
+    caption = next(
+        c.value for c in page.caption if c.value.startswith("Head 11 of `blocks.3.attn.hook_pattern`")
+    )
+    assert "ranked by the mean over tokens" in caption  # the max ties causal heads at 1
+    assert '"Head"' in contexts_view(page)
+
+    page.text_input(key="model_spec").input("zoo:induction-2l").run()  # no tokenizer: token ids
+    assert not page.exception
+    assert page.selectbox(key="features_ctx_kind").options == ["Heads: max attention"]
+    page.selectbox(key="features_ctx_layer::zoo:induction-2l::Heads: max attention").set_value(
+        "blocks.0.attn.hook_pattern"
+    ).run()
+    assert re.search(r'\[\["\d+", "\d+"', contexts_view(page))  # contexts of token-id strings
+    assert any("Strongest heads here: 1 (" in c.value for c in page.caption)  # L0H1: previous-token head
+
+    page.text_input(key="model_spec").input("zoo:digits-cnn").run()
+    assert not page.exception
+    assert any("Neuron and head contexts need a transformer" in i.value for i in page.info)

@@ -1,11 +1,11 @@
 """Features: what the channels of a digits CNN layer respond to (optimized images beside their top
-test-set examples), pixel attribution maps for a chosen digit, and token attributions for the text."""
+test-set examples), pixel attribution maps for a chosen digit, token attributions for the text, and
+the top-activating contexts of a transformer's MLP neurons and attention heads."""
 
 from __future__ import annotations
 
 import common
 import streamlit as st
-import streamlit.components.v1 as components
 import torch
 
 import interp
@@ -14,6 +14,11 @@ from interp.methods import examples as ex
 from interp.methods import featureviz as fv
 
 MODELS = ("digits-cnn", "digits-softmax")
+CONTEXTS = 10  # contexts collected per unit; the view shows the first k of them
+NOUNS = {"MLP neurons": "Neuron", "Heads: output norm": "Head", "Heads: max attention": "Head"}
+# A causal head's first query attends only to itself (weight 1), so the max over tokens would tie
+# every context at 1; the mean ranks heads and contexts by how sharply they attend overall.
+REDUCE = {"Heads: max attention": "mean"}
 METHODS = {
     "Integrated gradients": "ig",
     "Saliency": "saliency",
@@ -131,8 +136,80 @@ def token_attributions() -> None:
         )
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
         st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{delta}")
-        components.html(result.html(0), height=120, scrolling=True)
+        st.iframe(result.html(0), height="content", alt="token attributions")
         st.plotly_chart(result.figure(0), key="features_token_attr")
+
+
+def unit_contexts(model: interp.HookedModel, layer: str, reduce_by: str) -> ex.TopExamples | None:
+    """Every unit's top contexts in ``layer`` over the built-in sample set, computed once per model
+    and layer (so picking another unit is instant); None after showing an error."""
+    store = st.session_state.setdefault("features_contexts", {})
+    key = (common.current_spec(), layer, reduce_by)
+    if key not in store:
+        with common.guard():
+            inputs = ex.sample_inputs(model)
+            bar = progress_callback(f"Top contexts of every unit of {layer}")
+            store[key] = ex.top_k(
+                model, inputs, layer, k=CONTEXTS, reduce_by=reduce_by, batch_size=8, callback=bar
+            )
+    return store.get(key)
+
+
+def token_contexts() -> None:
+    """One MLP neuron or attention head of the sidebar transformer: its top-k contexts in the
+    built-in sample set, each as a row of circuitsvis colored tokens."""
+    model = common.current_model()
+    if model is None:
+        return
+    if model.kind != "transformer":
+        st.info("Neuron and head contexts need a transformer: pick one in the sidebar (e.g. 'minilm').")
+        return
+    kinds: dict[str, list[str]] | None = None
+    with common.guard():
+        kinds = ex.unit_layers(model)
+    if kinds is None:
+        return
+    if not kinds:
+        st.info(f"{model.name} has no MLP neuron or attention-head hook to read.")
+        return
+    spec = common.current_spec()  # widget keys per model: layers and unit counts differ
+    columns = st.columns(4)
+    kind = columns[0].selectbox("Units", list(kinds), key="features_ctx_kind")
+    layers = kinds[kind]
+    layer = columns[1].selectbox(
+        "Layer", layers, index=len(layers) // 2, key=f"features_ctx_layer::{spec}::{kind}"
+    )
+    top = unit_contexts(model, layer, REDUCE.get(kind, "max"))
+    if top is None:
+        return
+    noun = NOUNS.get(kind, "Unit")
+    unit = columns[2].number_input(
+        f"{noun} (0-{len(top.units) - 1})",
+        0,
+        len(top.units) - 1,
+        0,
+        key=f"features_ctx_unit::{spec}::{layer}",
+    )
+    k = columns[3].slider("Contexts (k)", 1, CONTEXTS, 5, key="features_ctx_k")
+    show_contexts(top, int(unit), int(k), noun)
+
+
+def show_contexts(top: ex.TopExamples, unit: int, k: int, noun: str) -> None:
+    """The caption, the strongest units of the layer and the colored-token view of ``unit``."""
+    row = top.row(unit)
+    strongest = ", ".join(f"{u} ({s:.3g})" for u, s in top.strongest(8))
+    st.caption(
+        f"{noun} {unit} of `{top.layer}`: its {k} best of {top.config['n_examples']} built-in "
+        f"sequences, ranked by the {top.config['reduce_by']} over tokens (best score "
+        f"{float(top.scores[row, 0]):.3g}). Strongest {noun.lower()}s here: {strongest}."
+        + (" The view pages 5 contexts at a time ('Samples per page' shows more)." if k > 5 else "")
+    )
+    with common.guard():
+        st.iframe(
+            top.samples_html(unit, k=k, unit_name=noun),
+            height="content",
+            alt=f"top contexts of {noun} {unit}",
+        )
 
 
 st.title("Features")
@@ -143,7 +220,7 @@ try:
 except Exception as err:
     common.show_error(err)
     image_model = None
-tabs = st.tabs(["Channel gallery", "Attribution map", "Token attributions"])
+tabs = st.tabs(["Channel gallery", "Attribution map", "Token attributions", "Neuron & head contexts"])
 if image_model is not None:
     with tabs[0]:
         gallery(image_model, name)
@@ -151,3 +228,5 @@ if image_model is not None:
         attribution_map(image_model, name)
 with tabs[2]:
     token_attributions()
+with tabs[3]:
+    token_contexts()
