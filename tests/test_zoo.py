@@ -234,7 +234,7 @@ def test_digits_models_and_data() -> None:
         "fc",
     ]
     acc = (cnn(x_te).argmax(-1) == y_te).float().mean().item()
-    assert acc == pytest.approx(meta["metrics"]["test_acc"], abs=1e-6) and acc >= 0.96  # float32 accuracy
+    assert acc == pytest.approx(meta["metrics"]["test_acc"], abs=1e-6) and acc >= 0.97  # float32 accuracy
     soft, meta = zoo.load_zoo("digits-softmax")
     assert (soft(x_te).argmax(-1) == y_te).float().mean().item() >= 0.94
 
