@@ -174,6 +174,73 @@ def test_adversarial_training_makes_pgd_weaker(cnn, digits):
     assert robust is not cnn.module
 
 
+def _curves(pgd_at: dict[float, float], clean: float = 0.98, gap: float = 0.02) -> dict:
+    """Accuracy curves in the reproduction's ``_curves`` layout (FGSM a little above PGD)."""
+    from interp.reproductions.adversarial import EPS
+
+    pgd = [clean if e == 0 else pgd_at[e] for e in EPS]
+    return {"clean": clean, "pgd": pgd, "fgsm": [min(clean, p + gap) for p in pgd]}
+
+
+def _verdicts(nat: dict, rob: dict) -> dict[str, bool]:
+    from interp.reproductions.adversarial import robustness_checks
+
+    rows = robustness_checks(nat, rob, 360)
+    return {"error 0.1": rows[2].passed, "accuracy 0.2": rows[3].passed}
+
+
+def test_the_3x_ratio_is_checked_where_the_natural_model_is_broken():
+    # digits as measured: natural keeps 0.44 at eps 0.1 (3x would need 1.3), 0 at eps 0.2
+    nat = _curves({0.05: 0.86, 0.1: 0.44, 0.2: 0.0, 0.3: 0.0})
+    rob = _curves({0.05: 0.93, 0.1: 0.84, 0.2: 0.16, 0.3: 0.02})
+    assert _verdicts(nat, rob) == {"error 0.1": True, "accuracy 0.2": True}
+    # Madry-like: natural broken already at eps 0.1
+    madry = _curves({0.05: 0.3, 0.1: 0.0, 0.2: 0.0, 0.3: 0.0})
+    assert _verdicts(madry, rob) == {"error 0.1": True, "accuracy 0.2": True}
+    # adversarial training that did not help fails both
+    assert _verdicts(nat, nat) == {"error 0.1": False, "accuracy 0.2": False}
+    # robust at eps 0.1 only a little (error 0.56 -> 0.25: 2.2x) fails the eps 0.1 row alone
+    weak = _curves({0.05: 0.9, 0.1: 0.75, 0.2: 0.16, 0.3: 0.02})
+    assert _verdicts(nat, weak) == {"error 0.1": False, "accuracy 0.2": True}
+    # a natural accuracy of 0 counts as one image: 2 robust images of 360 are not 3x, 3 are
+    for images, passed in ((0, False), (2, False), (3, True)):
+        rob_02 = _curves({0.05: 0.93, 0.1: 0.84, 0.2: images / 360, 0.3: 0.0})
+        assert _verdicts(nat, rob_02)["accuracy 0.2"] is passed
+
+
+def _reference_pgd_accuracy(module, x, y, eps, alpha, steps, restarts, seed) -> float:
+    """Independent PGD: an image counts as robust only if no iterate of any restart fools the model."""
+    gen = torch.Generator().manual_seed(seed)
+    robust = torch.ones(len(y), dtype=torch.bool)
+    for _ in range(restarts):
+        adv = (x + torch.empty_like(x).uniform_(-eps, eps, generator=gen)).clamp(0, 1)
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(module(adv), y, reduction="sum"), adv)
+            adv = (x + (adv.detach() + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+            with torch.no_grad():
+                robust &= module(adv).argmax(-1) == y
+    return robust.double().mean().item()
+
+
+def test_the_shipped_cnn_keeps_its_pgd_accuracy_under_a_stronger_attack(digits):
+    """The reproduction's PGD (40 steps, 5 restarts, alpha eps/4) is near converged on the shipped
+    digits-cnn at eps 0.1: an independent PGD with 2.5x the steps at a smaller alpha, counting any
+    fooling iterate, finds at most 2 more of 120 images. What is left (over a third) is why the
+    reproduction does not check a 3x accuracy ratio at eps 0.1."""
+    model = interp.load("zoo:digits-cnn")
+    _, _, x, y = digits
+    x, y = x[:120], y[:120]
+    ours = A.pgd(model, x, y, 0.1, 0.025, 40, restarts=5, seed=0).accuracy_adv
+    module = model.module.eval().requires_grad_(False)
+    try:
+        reference = _reference_pgd_accuracy(module, x, y, 0.1, 0.01, 100, 4, seed=1)
+    finally:
+        module.requires_grad_(True)
+    assert reference >= ours - 2 / 120
+    assert reference > 1 / 3 and module(x).argmax(-1).eq(y).double().mean().item() >= 0.95
+
+
 def test_embedding_pgd_flips_a_transformer_prediction():
     torch.manual_seed(0)
     model = interp.load(zoo.build("induction-2l"))

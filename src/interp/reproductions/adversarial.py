@@ -14,15 +14,24 @@ Checks:
   accuracy, accuracy is monotone non-increasing in eps (FGSM and PGD), PGD never better than FGSM
   (+0.01);
 * adversarial training (PGD eps 0.1, alpha 0.025, 10 steps): clean >= 0.90, PGD accuracy at eps 0.1
-  >= 0.60 and >= 3x the natural model's (also shown at eps 0.2, where the natural model is at ~0%
-  as Madry's is at eps 0.3 on MNIST: on 8x8 digits the natural CNN keeps ~half its accuracy at
-  eps 0.1), PGD-with-restarts within 0.1 of FGSM (Madry: 96.4 vs 89.6);
+  >= 0.60, PGD-with-restarts within 0.1 of FGSM (Madry: 96.4 vs 89.6), and "robust accuracy >= 3x
+  the natural model's" stated where it means something (see below);
+* where the 3x ratio is checked: the spec asks for it at eps 0.1, but it assumes the natural model
+  is broken there (Madry's natural MNIST net is at ~0% at eps 0.3). On 8x8 digits the natural CNN
+  still keeps 0.436 under PGD-40 x 5 at eps 0.1, and this is not a weak attack: 100 steps x 20
+  restarts counting any misclassified iterate find 0.433 (xent) and 0.436 (CW margin loss); for the
+  earlier 40-epoch model, 200 x 20 left the 0.475 of PGD-40 x 5. A 3x accuracy ratio would need an
+  accuracy of 1.3. So the accuracy ratio is checked at eps 0.2, where the natural CNN is at ~0%;
+  at eps 0.1 the check is on PGD *error* (natural error / adversarially trained error >= 3, as
+  Goodfellow's adversarial training took MNIST FGSM error from 89.4% to 17.9%, 5x), and the eps 0.1
+  accuracy ratio itself goes to the report notes;
 * attack probes (no published number; descriptive): linear probes trained on clean activations lose
   accuracy on adversarial ones, and patching the clean values of the most divergent quarter of the
   last conv layer's channels into the adversarial run restores part of the lost accuracy.
 
 Variants: the faithful run attacks with PGD-40 x 5 restarts and trains adversarially for 40 epochs;
-``fast`` uses PGD-20 x 2 restarts and 12 adversarial epochs, same bounds. Both use the shipped
+``fast`` uses PGD-20 x 2 restarts and 12 adversarial epochs, same bounds (a smoke run: after 12
+epochs the eps 0.1 error ratio is ~2.4, under its 3, and fails there). Both use the shipped
 digits checkpoints; where none ships yet, the full digits recipe (about 30 s) is trained into the
 reproduction cache and the report says so.
 """
@@ -188,33 +197,8 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
                                        "seed": 0, "config": {**ADV_TRAIN, "epochs": epochs, "lr": 1e-3,
                                                              "batch_size": 64}}  # fmt: skip
     rob = _curves(robust, x_te, y_te, steps, restarts)
-    report.add(
-        Check.at_least("adv-trained CNN clean accuracy", "98.8% (Madry MNIST)", rob["clean"], 0.90),
-        Check.at_least(
-            "adv-trained CNN, PGD eps=0.1 accuracy",
-            "89.3-93.2% at eps=0.3 (Madry MNIST)",
-            rob["pgd"][i01],
-            0.60,
-        ),  # fmt: skip
-        Check.at_least(
-            "  ratio to the natural CNN's PGD eps=0.1 accuracy",
-            ">> 1 (natural ~0%)",
-            rob["pgd"][i01] / max(nat["pgd"][i01], 1e-9),
-            3.0,
-        ),  # fmt: skip
-        Check.at_least(
-            "  the same ratio at eps=0.2 (where the natural CNN is at ~0%)",
-            ">> 1 (natural ~0%)",
-            rob["pgd"][EPS.index(0.2)] / max(nat["pgd"][EPS.index(0.2)], 1e-3),
-            3.0,
-        ),  # fmt: skip
-        Check.at_most(
-            "adv-trained: FGSM - PGD(restarts) accuracy at eps=0.1",
-            "96.4 - 89.6 = 6.8 points",
-            rob["fgsm"][i01] - rob["pgd"][i01],
-            0.10,
-        ),  # fmt: skip
-    )
+    report.add(*robustness_checks(nat, rob, len(y_te)))
+    report.notes.append(_ratio_note(nat, rob, len(y_te), shipped=not (given and "digits-cnn" in given)))
     _probe_checks(report, cnn, x_tr, y_tr, x_te, y_te, steps)
     report.figures += [
         ("Accuracy vs eps (natural CNN)", _curve_figure(nat, "natural digits-cnn")),
@@ -224,6 +208,65 @@ def reproduce(fast: bool = False, given: dict[str, nn.Module] | None = None) -> 
         ),
     ]
     return report
+
+
+def robustness_checks(nat: dict[str, Any], rob: dict[str, Any], n_test: int) -> list[Check]:
+    """The adversarial-training rows, from the natural and adversarially trained ``_curves``.
+
+    The spec's "PGD eps=0.1 accuracy >= 3x the natural model's" is checked where it is meaningful:
+    as an accuracy ratio at eps 0.2 (the natural CNN is at ~0% there, as Madry's is at eps 0.3), and
+    as an error ratio at eps 0.1, where the natural CNN keeps over a third of its accuracy and a 3x
+    accuracy ratio cannot be reached. An accuracy of 0 counts as one image (``1 / n_test``).
+    """
+    i01, i02 = EPS.index(0.1), EPS.index(0.2)
+    one_image = 1 / n_test
+    return [
+        Check.at_least("adv-trained CNN clean accuracy", "98.8% (Madry MNIST)", rob["clean"], 0.90),
+        Check.at_least(
+            "adv-trained CNN, PGD eps=0.1 accuracy",
+            "89.3-93.2% at eps=0.3 (Madry MNIST)",
+            rob["pgd"][i01],
+            0.60,
+        ),  # fmt: skip
+        Check.at_least(
+            "  PGD error ratio at eps=0.1, natural / adv-trained (why not 3x accuracy: notes)",
+            "FGSM error 89.4% -> 17.9%: 5x (Goodfellow)",
+            (1 - nat["pgd"][i01]) / max(1 - rob["pgd"][i01], one_image),
+            3.0,
+        ),  # fmt: skip
+        Check.at_least(
+            "  PGD accuracy ratio at eps=0.2, adv-trained / natural (0 counts as 1 image)",
+            ">> 1, natural ~0% (Madry)",
+            rob["pgd"][i02] / max(nat["pgd"][i02], one_image),
+            3.0,
+        ),  # fmt: skip
+        Check.at_most(
+            "adv-trained: FGSM - PGD(restarts) accuracy at eps=0.1",
+            "96.4 - 89.6 = 6.8 points",
+            rob["fgsm"][i01] - rob["pgd"][i01],
+            0.10,
+        ),  # fmt: skip
+    ]
+
+
+def _ratio_note(nat: dict[str, Any], rob: dict[str, Any], n_test: int, shipped: bool) -> str:
+    """Why the 3x accuracy ratio is not checked at eps 0.1, with the eps 0.1 numbers."""
+    i01 = EPS.index(0.1)
+    strength = (
+        " (not a weak attack: on the shipped digits-cnn, PGD with 100 steps x 20 restarts that counts "
+        "any misclassified iterate finds 0.433 where PGD-40 x 5 finds 0.436)"
+        if shipped
+        else ""
+    )
+    return (
+        f"Adversarial training, PGD eps=0.1: accuracy natural {nat['pgd'][i01]:.3f}, adv-trained "
+        f"{rob['pgd'][i01]:.3f}, ratio {rob['pgd'][i01] / max(nat['pgd'][i01], 1 / n_test):.2f}. The spec's "
+        "'>= 3x the natural model's' is not checked at this eps: it presumes the natural model is broken "
+        f"(Madry: ~0%), but on 8x8 digits the natural CNN keeps this much under PGD at eps=0.1{strength}, "
+        f"so 3x would need an accuracy of {3 * nat['pgd'][i01]:.2f}. The table checks the 3x accuracy "
+        "ratio at eps=0.2, where the natural CNN is at ~0%, and at eps=0.1 the ratio of errors (natural / "
+        "adv-trained >= 3; Goodfellow's adversarial training cut MNIST FGSM error 89.4% -> 17.9%)."
+    )
 
 
 def _wrong_confidence(attack: A.Attack) -> float:
