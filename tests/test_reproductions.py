@@ -168,3 +168,9 @@ def test_faithful(tmp_path, finding, needs):
     _needs(*needs)
     report = reproductions.run(finding, fast=False, out_dir=tmp_path, quiet=True)
     assert report.passed, report.table()
+
+
+def test_adversarial_fast(tmp_path):
+    report = reproductions.run("adversarial", fast=True, out_dir=tmp_path, quiet=True)
+    assert report.passed, report.table()
+    assert report.models["digits-cnn"]["seed"] is not None
