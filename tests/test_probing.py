@@ -135,6 +135,21 @@ def test_modadd_fourier_probe_targets():
     assert P.key_frequency(model, 113) == 7
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_induction_2l_knows_a_repeat_only_after_its_induction_layer():
+    """Repeats at a random offset (not readable from position): chance from the token embedding and
+    after layer 0, high only after layer 1, where the induction heads are."""
+    model = interp.load("zoo:induction-2l")
+    seqs = P.copied_span_tokens(64, seed=3)
+    labels = P.repeat_labels(seqs)
+    assert int(labels.eq(1).sum()) == 64 * 10  # exactly the copied span repeats
+    names = ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    sweep = P.probe_sweep(model, seqs, labels, names=names, position=None, C=0.1)
+    embed, layer0, layer1 = sweep.accuracy.tolist()
+    assert embed <= sweep.chance + 0.02 and layer0 <= sweep.chance + 0.1  # measured 0.75, 0.78 (chance 0.75)
+    assert layer1 >= 0.9 and layer1 - layer0 >= 0.1  # measured 0.96
+
+
 def test_minilm_subject_number_is_read_from_context(minilm):
     data = P.subject_number_dataset(160, seed=0)
     assert set(data.column_names) == {"text", "label", "noun"}

@@ -720,6 +720,30 @@ def repeat_labels(tokens: torch.Tensor, ignore_first: int = 1) -> torch.Tensor:
     return labels
 
 
+def copied_span_tokens(
+    batch: int, vocab: int = 64, base_len: int = 30, span: int = 10, seed: int = 0
+) -> torch.Tensor:
+    """``[batch, 1 + base_len + span]`` token ids (BOS = ``vocab``) whose only repeats are one copied span.
+
+    ``base_len`` distinct tokens, then a copy of ``span`` of them inserted at a random later point. On
+    ``[BOS, r, r]`` "is this a repeat?" is the same as "is this in the second half", so a probe can
+    read it from position alone; here the repeats sit at a different offset in every sequence.
+    """
+    if base_len > vocab or not 0 < span < base_len:
+        raise InputError(
+            f"need 0 < span < base_len <= vocab, got span={span}, base_len={base_len}, vocab={vocab}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        base = torch.randperm(vocab, generator=gen)[:base_len]
+        start = int(torch.randint(0, base_len - span, (1,), generator=gen))
+        insert = int(torch.randint(start + span, base_len + 1, (1,), generator=gen))
+        seq = torch.cat([base[:insert], base[start : start + span], base[insert:]])
+        rows.append(torch.cat([torch.tensor([vocab]), seq]))
+    return torch.stack(rows)
+
+
 def fourier_targets(tokens: torch.Tensor, p: int, k: int) -> torch.Tensor:
     """``[N, 2]``: cos and sin of ``2πk(a + b)/p`` for modular-addition inputs ``(a, b, =)``."""
     angle = 2 * math.pi * k * (tokens[:, 0] + tokens[:, 1]).double() / p
