@@ -150,6 +150,23 @@ def test_induction_2l_knows_a_repeat_only_after_its_induction_layer():
     assert layer1 >= 0.9 and layer1 - layer0 >= 0.1  # measured 0.96
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_modadd_113_mlp_computes_cos_sin_of_the_sum():
+    """Nanda et al. 2023: the MLP neurons compute cos/sin(w_k (a + b)) for the key frequencies; a linear
+    probe reads them from the MLP output but not from the token embedding."""
+    from interp.models.zoo import modadd
+
+    model = interp.load("zoo:modadd-113")
+    k = P.key_frequency(model, 113)
+    grid = modadd.all_pairs(113)
+    names = ["hook_embed", "blocks.0.hook_resid_mid", "blocks.0.mlp.hook_post"]
+    sweep = P.probe_sweep(model, grid, P.fourier_targets(grid, 113, k), names=names, task="regression",
+                          control=False)  # fmt: skip
+    embed, before_mlp, mlp = sweep.accuracy.tolist()  # R^2 on held-out pairs
+    assert abs(embed) <= 0.01  # the '=' token's embedding is the same for every pair
+    assert mlp >= 0.99 and mlp - before_mlp >= 0.1  # measured 0.998 vs 0.77 after attention
+
+
 def test_minilm_subject_number_is_read_from_context(minilm):
     data = P.subject_number_dataset(160, seed=0)
     assert set(data.column_names) == {"text", "label", "noun"}

@@ -31,10 +31,7 @@ EVAL_RTOL, EVAL_ATOL = 1e-4, 1e-6
 # Checkpoints not shipped yet, each for a stated reason. Their tests are strict xfails: they run and
 # must fail while the file is missing, and the suite fails as soon as the file ships and this set is
 # not emptied.
-UNSHIPPED = {
-    "modadd-113": "the faithful grokking run (~15k full-batch epochs, ~35-60 CPU-minutes alone) has "
-    "not completed on a shared 2-core machine yet; retrain with `interp zoo train modadd-113`",
-}
+UNSHIPPED: dict[str, str] = {}
 SHIPPED = [n for n in zoo.ZOO_NAMES if n not in UNSHIPPED]
 
 

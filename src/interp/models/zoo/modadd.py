@@ -8,8 +8,11 @@ test loss collapses once weight decay cleans up the memorizing weights.
 The recipe follows the TransformerLens ``Grokking_Demo`` notebook: inputs ``(a, b, =)`` with ``=``
 the token 113, split by ``torch.manual_seed(598); randperm(113**2)``, full-batch AdamW
 (lr 1e-3, weight decay 1.0, betas 0.9/0.98), float64 cross-entropy at the last position, all
-biases frozen at zero, model seed 999. It runs until test loss has stayed below 1e-3 for 500 epochs
-(or 25k epochs).
+biases frozen at zero, model seed 999. It runs the demo's full 25,000 epochs. Stopping once test loss
+is low is not enough: measured on this recipe, test loss falls below 1 at epoch 16,440 and below
+1e-3 at 17,660, but the MLP neurons are still being cleaned up then. The share of neurons that one
+frequency explains (>= 85% of their variance; the paper reports 84.6%) is 10% at epoch 16,400, 32% at
+17,700 and 46% at 18,160, still rising.
 
 Training speed-up (numerically the same model): only the final position's logits enter the loss
 and attention is causal, so :func:`last_position_logits` runs the query, MLP and unembedding for that
@@ -54,8 +57,8 @@ CONFIG: Config = {
     "weight_decay": 1.0,
     "betas": [0.9, 0.98],
     "max_epochs": 25_000,
-    "stop_test_loss": 1e-3,
-    "stop_patience": 500,
+    "stop_test_loss": None,  # no early stop: the circuit keeps cleaning up after test loss collapses
+    "stop_patience": None,
     "log_every": 20,
     "snapshot_every": 100,
     "n_snapshots": 12,
@@ -79,7 +82,7 @@ FAST_OVERRIDES: Config = {
     "stop_test_loss": 1e-2,
     "stop_patience": 300,
     "n_snapshots": 6,
-    "num_threads": None,
+    "num_threads": 1,  # a tiny model: one thread is fastest, and a busy second core cannot stall it
 }
 
 
@@ -239,7 +242,8 @@ class _Snapshots:
 
 
 def fit(model: nn.Module, cfg: Config, progress: bool = True, resume: ResumeState | None = None) -> FitResult:
-    """Full-batch AdamW until test loss < ``stop_test_loss`` for ``stop_patience`` epochs.
+    """Full-batch AdamW for ``max_epochs``, or until test loss < ``stop_test_loss`` for ``stop_patience``
+    epochs when ``stop_test_loss`` is set (the fast variant).
 
     With ``resume``, the full training state is saved every ``resume.every_s`` seconds and a saved
     state is picked up where it stopped; the continued run is bit-identical to an uninterrupted one.
@@ -303,7 +307,7 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True, resume: ResumeStat
                 history["train_acc"].append((logits.argmax(-1) == train_y).float().mean().item())
                 history["test_acc"].append((test_logits.argmax(-1) == test_y).float().mean().item())
             bar.set_postfix(train=f"{loss.item():.2e}", test=f"{test_loss:.2e}", refresh=False)
-            if test_loss < cfg["stop_test_loss"]:
+            if cfg["stop_test_loss"] is not None and test_loss < cfg["stop_test_loss"]:
                 below_since = epoch if below_since is None else below_since
                 if epoch - below_since >= cfg["stop_patience"]:
                     break
