@@ -243,7 +243,9 @@ def test_group_ablation_hooks_match_naive_hooks(toy, pair):
     # a group of one is the single-unit sweep's entry
     single = ablation.ablate(toy, clean, "head", "zero", metric)
     one = ablation.ablation_hooks(toy, clean, [(1, 2)], "head", "zero")
-    assert float(metric(toy.run_with_hooks(clean, one))) == pytest.approx(float(single.values[1, 2]), abs=1e-5)
+    assert float(metric(toy.run_with_hooks(clean, one))) == pytest.approx(
+        float(single.values[1, 2]), abs=1e-5
+    )
     with pytest.raises(InputError, match="out of range"):
         ablation.ablation_hooks(toy, clean, [(1, 4)], "head")
     with pytest.raises(InputError, match="whole units"):

@@ -146,7 +146,9 @@ def ablation_hooks(
             masks[hook][:] = True
             continue
         if index is None or not 0 <= int(index) < n_units:
-            raise InputError(f"{spec.unit} index {index} of layer {layer} is out of range: valid 0..{n_units - 1}")
+            raise InputError(
+                f"{spec.unit} index {index} of layer {layer} is out of range: valid 0..{n_units - 1}"
+            )
         masks[hook][:, :, int(index)] = True
     device = base.input_ids.device
     return [(h, splice(masks[h].to(device), sources[h], plan_.units[h])) for h in hooks]
