@@ -381,7 +381,7 @@ RECIPE = Recipe(
     kind="transformer",
     description=(
         "Grokking (Nanda et al. 2023): 1-layer transformer, d_model 128, 4 heads, ReLU MLP 512, no LN, "
-        "trained full-batch on 30% of (a + b) mod 113 until it generalises; snapshots for progress measures."
+        "trained full-batch on 30% of (a + b) mod 113 for 25,000 epochs, past grokking; snapshots for progress measures."
     ),
     input="tokens [batch, 3] = (a, b, 113) with a, b in 0..112; logits at the last position give (a+b) mod 113",
     config=CONFIG,
