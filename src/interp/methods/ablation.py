@@ -136,8 +136,11 @@ def ablation_hooks(
     layers = sorted({int(layer) for layer, _ in units})
     plan_ = plan(model, site, base.input_ids.shape[1], layers=layers)
     hooks = sorted(set(plan_.hooks), key=model.hook_names.index)
-    _, cache = model.run_with_cache(base, names=hooks)
-    sources = _sources(model, base, cache, hooks, plan_.units, kind, reference, seed)
+    if kind == "zero":  # nothing to read from a forward pass: a zero broadcasts into any unit
+        sources = {h: torch.zeros(1, 1, 1, 1, device=base.input_ids.device) for h in hooks}
+    else:
+        _, cache = model.run_with_cache(base, names=hooks)
+        sources = _sources(model, base, cache, hooks, plan_.units, kind, reference, seed)
     masks = {h: torch.zeros(1, base.input_ids.shape[1], plan_.units[h], dtype=torch.bool) for h in hooks}
     for layer, index in units:
         hook = spec.hook.format(layer=int(layer))
