@@ -324,3 +324,96 @@ def test_edge_attribution_decomposes_node_attribution(toy, pair):
     node = nodes.values[0] - nodes.metric_corrupted
     assert torch.allclose(node, edges.values[0, :, 1, :].sum(-1) + direct, atol=1e-4)
     assert (edges.values[1] == 0).all()  # layer-1 senders have no later receivers
+
+
+# --- shared prefix: the forward runs once up to the patched hook -------------------------------
+
+TOY_MLP = {**TOY, "attn_only": False, "d_mlp": 64, "act_fn": "gelu"}
+
+
+def without_sharing(model):
+    """The same model object with every tiling plan switched off (copies tiled at the input)."""
+
+    class Plain:
+        def __enter__(self):
+            model.tiling_plans = lambda name: []
+
+        def __exit__(self, *exc):
+            del model.tiling_plans
+
+    return Plain()
+
+
+def verified(model, op_sequence):
+    """Whether a plan with these ops (e.g. ("tile", "untile", "tile")) was verified and kept."""
+    return any(
+        ok and tuple(op for _, op in key[0]) == op_sequence for key, ok in model._prefix_checks.items()
+    )
+
+
+@pytest.mark.parametrize("site", ["head_pos", "attn_out", "mlp_out", "neuron", "resid_mid", "resid_post"])
+def test_shared_prefix_sweeps_equal_tiled_inputs(site, pair):
+    """Running the forward once up to the patched hook changes nothing: every value equals the sweep
+    whose copies are tiled at the input, and the branch plan (stack the residual, keep one copy
+    through attention/MLP, stack again at the hook) is the one that was verified and used."""
+    model = interp.load(TOY_MLP)
+    clean, corrupted = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    shared = P.patch(model, clean, corrupted, site, metric, neurons=[0, 7, 63])
+    with without_sharing(model):
+        tiled = P.patch(model, clean, corrupted, site, metric, neurons=[0, 7, 63])
+    assert (shared.values - tiled.values).abs().max() <= 1e-5
+    if site in ("head_pos", "attn_out", "mlp_out", "neuron"):
+        assert verified(model, ("tile", "untile", "tile"))
+    else:
+        assert verified(model, ("tile",))
+
+
+def test_prefix_plans_are_verified_on_the_model_not_assumed(gpt2_model):
+    """On an HF model a padded batch of two prompts carries a [batch, ...] attention mask built before
+    the blocks, so no plan survives the check and the sweep falls back to tiled inputs; one prompt
+    shares. Both give the naive loop's values."""
+    clean = ["the cat sat on the mat", "a dog ran"]
+    corrupted = ["the dog sat on the mat", "a cat ran"]
+    metric = P.prob(gpt2_model.to_tokens(clean).input_ids[:, 1])
+    prepared = gpt2_model.prepare(corrupted)
+    assert prepared.attention_mask is not None
+    assert not gpt2_model.shares_prefix(prepared, "blocks.1.hook_resid_pre")
+    padded = P.patch(gpt2_model, clean, corrupted, "resid_pre", metric, layers=[1])
+    with without_sharing(gpt2_model):
+        assert torch.allclose(
+            padded.values,
+            P.patch(gpt2_model, clean, corrupted, "resid_pre", metric, layers=[1]).values,
+            atol=1e-6,
+        )
+    one = gpt2_model.prepare(clean[:1])
+    assert gpt2_model.shares_prefix(one, "blocks.1.hook_resid_pre")
+
+
+def test_the_check_catches_copies_that_mix(monkeypatch, pair):
+    """The numerical check jitters each copy differently after the hook, so a tiling that put rows
+    in the wrong order (copy-major vs prompt-major) would fail it and never be used."""
+    import interp.models.base as base
+
+    model = interp.load(TOY_MLP)
+    prepared = model.prepare(pair[1])
+    plan = (("blocks.1.hook_resid_pre", "tile"),)
+    assert model._check_plan(prepared, plan)
+    monkeypatch.setattr(base, "tile_batch", lambda copies: lambda act: act.repeat_interleave(copies, dim=0))
+    assert not model._check_plan(prepared, plan)
+
+
+@pytest.mark.parametrize("which", ["native", "hf"])
+def test_writing_resid_mid_changes_the_residual_stream(which, gpt2_model):
+    """In pre-LN blocks ``hook_resid_mid`` is read at the MLP's input; a write there must still
+    replace the residual stream: with resid_mid zeroed, resid_post is exactly the MLP's output,
+    and the MLP's output is the MLP applied to zeros."""
+    model = interp.load(TOY_MLP) if which == "native" else gpt2_model
+    tokens = torch.randint(2, 20, (2, 6))
+    names = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.ln2.hook_in"]
+    zero = [("blocks.1.hook_resid_mid", lambda act, ctx: torch.zeros_like(act))]
+    _, cache = model.run_with_cache(tokens, names=names, hooks=zero)
+    assert torch.equal(cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_mlp_out"])
+    assert cache["blocks.1.ln2.hook_in"].abs().max() == 0
+    _, plain = model.run_with_cache(tokens, names=names)
+    assert (plain["blocks.1.hook_resid_post"] - plain["blocks.1.hook_mlp_out"]).abs().max() > 0.01

@@ -136,9 +136,13 @@ def _replace_first(value: Any, new: torch.Tensor) -> Any:
     raise TypeError(f"cannot replace the activation inside a {type(value).__name__}")
 
 
-def _check_replacement(site: HookSite, old: torch.Tensor, new: Any) -> torch.Tensor:
+def _check_replacement(
+    site: HookSite, old: torch.Tensor, new: Any, batch_may_change: bool = False
+) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
         raise TypeError(f"hook on {site.name!r} returned {type(new).__name__}; return a tensor or None")
+    if batch_may_change and new.shape[1:] == old.shape[1:]:
+        return new
     if new.shape != old.shape:
         raise ValueError(
             f"hook on {site.name!r} returned shape {tuple(new.shape)} but the activation has shape "
@@ -148,15 +152,23 @@ def _check_replacement(site: HookSite, old: torch.Tensor, new: Any) -> torch.Ten
 
 
 def attach(
-    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]
+    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None], *, batch_may_change: bool = False
 ) -> torch.utils.hooks.RemovableHandle:
-    """Register ``fn(activation) -> replacement | None`` on ``site``; returns the removable handle."""
+    """Register ``fn(activation) -> replacement | None`` on ``site``; returns the removable handle.
+
+    A replacement must keep the activation's shape; ``batch_may_change`` also lets it stack or drop
+    copies along the batch axis (see ``tile_batch``).
+    """
+
+    def checked(act: torch.Tensor, new: Any) -> torch.Tensor:
+        return _check_replacement(site, act, new, batch_may_change)
+
     if site.side == "output":
 
         def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
             act = _first_tensor(output)
             new = fn(act)
-            return None if new is None else _replace_first(output, _check_replacement(site, act, new))
+            return None if new is None else _replace_first(output, checked(act, new))
 
         return site.module.register_forward_hook(forward_hook)
 
@@ -164,12 +176,12 @@ def attach(
         if args:
             act = _first_tensor(args)
             new = fn(act)
-            return None if new is None else ((_check_replacement(site, act, new), *args[1:]), kwargs)
+            return None if new is None else ((checked(act, new), *args[1:]), kwargs)
         key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
         new = fn(kwargs[key])
         if new is None:
             return None
-        return args, {**kwargs, key: _check_replacement(site, kwargs[key], new)}
+        return args, {**kwargs, key: checked(kwargs[key], new)}
 
     return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
@@ -177,16 +189,28 @@ def attach(
 @contextmanager
 def attached(
     pairs: Iterable[tuple[HookSite, Callable[[torch.Tensor], torch.Tensor | None]]],
+    *,
+    batch_may_change: bool = False,
 ) -> Iterator[None]:
     """Attach hooks for the duration of a ``with`` block; removed even when the run raises."""
     handles = []
     try:
         for site, fn in pairs:
-            handles.append(attach(site, fn))
+            handles.append(attach(site, fn, batch_may_change=batch_may_change))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def tile_batch(copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook body that stacks ``copies`` copies of the batch: row ``k * batch + b`` is row ``b``."""
+    return lambda act: act.repeat(copies, *([1] * (act.ndim - 1)))
+
+
+def untile_batch(copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The inverse of ``tile_batch`` where all copies are still equal: keep the first copy."""
+    return lambda act: act[: act.shape[0] // copies]
 
 
 class StopForward(Exception):

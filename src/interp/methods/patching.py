@@ -1,9 +1,12 @@
 """Batched activation patching: many patches per forward pass, one result type for every method.
 
 TransformerLens 4.3's ``patching`` runs one full forward per patched (layer, position, head). Here the
-clean run is cached once, then each forward carries K copies of the base input along the batch axis;
-copy ``k`` replaces exactly one unit (a position, a head, a neuron...) through a boolean mask in the
-hook of its layer. K comes from the memory budget, so a sweep of any size runs in bounded memory.
+clean and corrupted runs share one forward, then each forward carries K copies of the base input
+along the batch axis; copy ``k`` replaces exactly one unit (a position, a head, a neuron...) through
+a boolean mask in the hook of its layer. The copies are identical until that hook, so the model
+runs once up to it and the copies are stacked there (``HookedModel.run_copies``; on a head sweep,
+the q/k/v projections and attention pattern of the patched layer also run once). K comes from the
+memory budget, so a sweep of any size runs in bounded memory.
 
     >>> from interp.methods import patching as P
     >>> result = P.patch(model, clean, corrupted, site="head_pos", metric=P.logit_diff(7, 3))
@@ -17,7 +20,7 @@ The same engine runs ablations (:mod:`interp.methods.ablation`) and path patchin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -579,11 +582,18 @@ def check_pair(model: HookedModel, clean: Any, corrupted: Any):
     return clean_t, corrupt_t
 
 
-def tiled(tokens, copies: int):
-    """``copies`` stacked copies of a prepared batch: row ``k * batch + b`` is prompt ``b``."""
-    ids = tokens.input_ids.repeat(copies, 1)
-    mask = None if tokens.attention_mask is None else tokens.attention_mask.repeat(copies, 1)
-    return type(tokens)(ids, mask, None)
+def run_pair(model: HookedModel, clean_t, corrupt_t, names: Sequence[str], memory_budget: int | None = None):
+    """Clean and corrupted runs in one forward: ``(clean output, corrupted output, clean cache of names)``."""
+    batch = clean_t.input_ids.shape[0]
+    mask = clean_t.attention_mask
+    both = type(clean_t)(
+        torch.cat([clean_t.input_ids, corrupt_t.input_ids]),
+        None if mask is None else torch.cat([mask, mask]),
+        None,
+    )
+    output, cache = model.run_with_cache(both, names=names, memory_budget=memory_budget)
+    clean_cache = {name: act[:batch] for name, act in cache.items()}
+    return output[:batch], output[batch:], clean_cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,26 +689,23 @@ def sweep(
     *,
     copies: int,
     progress: Progress | None = None,
-    extra_hooks: Callable[[int], list] | None = None,
     desc: str = "patching",
 ) -> torch.Tensor:
     """Run every patch of ``plan_`` on the ``base`` input, ``copies`` patches per forward.
 
     ``sources[hook]`` is the ``[batch|1, pos, unit, rest]`` value a patch writes (the clean
-    activation for patching; zeros, a mean or a resample for ablation). Returns the metric per patch,
-    shaped like ``plan_.shape``.
+    activation for patching; zeros, a mean or a resample for ablation). Each forward holds patches
+    of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). Returns the
+    metric per patch, shaped like ``plan_.shape``.
     """
     n_pos = base.input_ids.shape[1]
     out = torch.empty(len(plan_.patches))
     total = len(plan_.patches)
     bar = tqdm(total=total, desc=desc, disable=progress is not None or total <= copies, leave=False)
-    for start in range(0, total, copies):
-        chunk = plan_.patches[start : start + copies]
+    for start, chunk in _chunks(plan_.patches, copies):
         masks = _masks(chunk, plan_, n_pos, base.input_ids.device)
         hooks = [(h, splice(m, sources[h], plan_.units[h])) for h, m in masks.items()]
-        if extra_hooks is not None:
-            hooks += extra_hooks(len(chunk))
-        output = model.run_with_hooks(tiled(base, len(chunk)), hooks)
+        output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))
         out[start : start + len(chunk)] = metric.batched(output).detach().float().cpu()
         bar.update(len(chunk))
@@ -706,6 +713,18 @@ def sweep(
             progress(min(start + len(chunk), total), total)
     bar.close()
     return out.reshape(plan_.shape)
+
+
+def _chunks(patches: list[Patch], copies: int) -> Iterator[tuple[int, list[Patch]]]:
+    """``(start, patches)`` per forward: at most ``copies`` consecutive patches of one hook, so that
+    each forward runs the model once up to that hook (``HookedModel.run_copies``)."""
+    start = 0
+    while start < len(patches):
+        stop = start + 1
+        while stop < len(patches) and stop - start < copies and patches[stop].hook == patches[start].hook:
+            stop += 1
+        yield start, patches[start:stop]
+        start = stop
 
 
 # ------------------------------------------------------------------------------------------------
@@ -753,12 +772,13 @@ def patch(
         model, site, clean_t.input_ids.shape[1], str_tokens, layers=layers, positions=positions, units=units
     )
     needed = sorted(set(plan_.hooks), key=model.hook_names.index)
-    held = cached_bytes(model, needed, clean_t)
+    held = cached_bytes(model, needed, clean_t, copies=2)  # captured from the clean + corrupted forward
     copies = copies_per_forward(
         model, corrupt_t, len(plan_.patches), held, memory_budget, batch_size, "patching sweep"
     )
-    clean_out, cache = model.run_with_cache(clean_t, names=needed, memory_budget=max(held, 1) * 2)
-    corrupt_out = model(corrupt_t)
+    clean_out, corrupt_out, cache = run_pair(
+        model, clean_t, corrupt_t, needed, memory_budget=max(held, 1) * 4
+    )
     metric_ = default_metric(model) if metric is None else as_metric(metric)
     metric_ = metric_.bind(clean_out, corrupt_out, clean_t.attention_mask)
     sources = {h: unit_view(cache[h], plan_.units[h]) for h in needed}

@@ -32,7 +32,6 @@ from interp.methods.patching import (
     copies_per_forward,
     default_metric,
     n_heads,
-    tiled,
     unit_view,
 )
 from interp.models.base import HookedModel
@@ -84,10 +83,10 @@ def path_patch(
         frozen += [(name, _fixed(clean_cache[name], len(chunk))) for name in (mlp if freeze_mlps else [])]
         recorded: dict[str, torch.Tensor] = {}
         record = [(name, _recorder(recorded)) for name in rec_hooks]
-        output = model.run_with_hooks(tiled(clean_t, len(chunk)), frozen + record)
+        output = model.run_with_hooks(model.tile_input(clean_t, len(chunk)), frozen + record)
         if receiver_list is not None:
             output = model.run_with_hooks(
-                tiled(clean_t, len(chunk)), _replay_hooks(recorded, receiver_list, heads)
+                model.tile_input(clean_t, len(chunk)), _replay_hooks(recorded, receiver_list, heads)
             )
         effects = metric_.batched(rearrange(output, "(k b) ... -> k b ...", k=len(chunk)))
         for (layer, h), value in zip(chunk, effects.detach().float().cpu(), strict=True):

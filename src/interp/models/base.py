@@ -7,6 +7,7 @@ matching, capture, replacement hooks, early stopping, gradients, the memory chec
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -26,7 +27,11 @@ from interp.hooks import (
     check_budget,
     layer_of,
     match_names,
+    tile_batch,
+    untile_batch,
 )
+
+TilingPlan = tuple[tuple[str, str], ...]  # ((hook, "tile" | "untile"), ...): see HookedModel.tiling_plans
 
 
 class HookedModel:
@@ -102,12 +107,130 @@ class HookedModel:
     @contextmanager
     def hooks(self, hooks: Sequence[tuple[Names, HookFn]]):
         """Context manager that keeps hooks attached for several runs; removes them on exit."""
-        pairs = []
+        pairs, carries = [], []
         for pattern, fn in hooks:
             for name in self.resolve(pattern):
-                pairs.append((self._sites[name], _bind(fn, name)))
-        with attached(pairs):
+                bound = _bind(fn, name)
+                partner = self._write_through.get(name)
+                if partner is None:
+                    pairs.append((self._sites[name], bound))
+                else:
+                    edit, carry = _written_through(self._sites[name], self._sites[partner], bound)
+                    pairs.append(edit)
+                    carries.append(carry)
+        with attached(carries + pairs):  # a carried edit lands before other hooks at its site see it
             yield self
+
+    @property
+    def _write_through(self) -> dict[str, str]:
+        """Hook names whose site is not the stream they name, mapped to where an edit must also land.
+
+        A pre-LN block reads ``hook_resid_mid`` at the MLP's input (``ln2.hook_in``); the residual
+        add uses the same tensor but bypasses the hook. The change an edit makes there is therefore
+        also added at ``hook_resid_post``, so ``resid_post = new resid_mid + mlp(ln2(new resid_mid))``,
+        as the name promises (and ``hook_mlp_out`` still reads the MLP's output).
+        """
+        return {}
+
+    def tile_input(self, prepared: Any, copies: int) -> Any:
+        """``copies`` stacked copies of a prepared batch: row ``k * batch + b`` is input ``b``."""
+        return tile_batch(copies)(prepared)
+
+    def run_copies(
+        self,
+        inputs: Any,
+        copies: int,
+        hooks: Sequence[tuple[Names, HookFn]],
+        *,
+        shared_until: str | None = None,
+    ) -> Any:
+        """Run ``copies`` stacked copies of ``inputs`` with ``hooks``; row ``k * batch + b`` is input ``b``.
+
+        This is how batched patching gives each copy its own edit. With ``shared_until`` (a hook
+        name that every hook acts at or after), the computation before that hook runs once, not once
+        per copy (see ``tiling_plans``), which is exact and saves the repeated work. A plan is used
+        only once ``shares_prefix`` has verified it on inputs like these; if such a forward still
+        fails (say a padding mask read after the hook), the copies are rerun from a tiled input.
+        """
+        prepared = self.prepare(inputs)
+        if shared_until is not None:
+            plan = self._verified_plan(prepared, shared_until)
+            if plan is not None:
+                try:
+                    with self._tiled(plan, copies):
+                        return self.run_with_hooks(prepared, hooks)
+                except (RuntimeError, ValueError, IndexError):
+                    self._prefix_checks[self._plan_key(prepared, plan)] = False
+        return self.run_with_hooks(self.tile_input(prepared, copies), hooks)
+
+    def tiling_plans(self, name: str) -> list[TilingPlan]:
+        """Ways to run the forward once up to hook ``name`` and per copy after it, most sharing first.
+
+        A plan is a sequence of ``(hook, "tile" | "untile")``: stack the copies at a hook, or keep
+        one copy where all are still equal. The plain plan stacks them at ``name``;
+        ``TransformerModel`` adds plans that keep a block's residual stream stacked while its
+        attention or MLP branch runs once up to ``name``.
+        """
+        return [((name, "tile"),)]
+
+    def shares_prefix(self, prepared: Any, name: str) -> bool:
+        """Whether some tiling plan for ``name`` is verified on inputs like ``prepared``."""
+        return self._verified_plan(prepared, name) is not None
+
+    def _verified_plan(self, prepared: Any, name: str) -> TilingPlan | None:
+        """The first plan for ``name`` whose output equals tiling the input.
+
+        Checked numerically once per (plan, batch size, padding mask or not) and remembered: both
+        ways run two copies, each jittered differently right after ``name``, and must give the same
+        output (so copies neither mix nor reorder). A model that computes a batch-shaped tensor
+        before the plan's hooks and uses it after (e.g. a padding mask, for batches > 1) fails.
+        """
+        for plan in self.tiling_plans(name):
+            key = self._plan_key(prepared, plan)
+            if key not in self._prefix_checks:
+                self._prefix_checks[key] = self._check_plan(prepared, plan)
+            if self._prefix_checks[key]:
+                return plan
+        return None
+
+    @contextmanager
+    def _tiled(self, plan: TilingPlan, copies: int):
+        """Forwards inside this block follow ``plan`` for ``copies`` copies of the batch."""
+        ops = {"tile": tile_batch(copies), "untile": untile_batch(copies)}
+        with attached([(self._sites[hook], ops[op]) for hook, op in plan], batch_may_change=True):
+            yield self
+
+    def _plan_key(self, prepared: Any, plan: TilingPlan) -> tuple:
+        """Plans are checked per layer-free template: blocks share their structure."""
+        template = tuple((re.sub(r"\.\d+\.", ".{}.", hook, count=1), op) for hook, op in plan)
+        batch = self.dim_sizes(prepared).get("batch")
+        return template, batch, getattr(prepared, "attention_mask", None) is None
+
+    @cached_property
+    def _prefix_checks(self) -> dict[tuple, bool]:
+        return {}
+
+    def _check_plan(self, prepared: Any, plan: TilingPlan) -> bool:
+        copies, noise = 2, {}
+        generator = torch.Generator().manual_seed(0)
+        last = plan[-1][0]
+
+        def jitter(act: torch.Tensor, _ctx: HookContext) -> torch.Tensor:
+            if "value" not in noise:
+                scale = 0.1 * act.float().std().clamp_min(1e-3)
+                noise["value"] = (torch.randn(act.shape, generator=generator) * scale).to(act)
+            return act + noise["value"]
+
+        try:
+            reference = self.run_with_hooks(self.tile_input(prepared, copies), [(last, jitter)])
+            with self._tiled(plan, copies):
+                shared = self.run_with_hooks(prepared, [(last, jitter)])
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return False
+        if shared.shape != reference.shape:
+            return False
+        scale = float(reference.abs().max().clamp_min(1.0))
+        return bool(torch.allclose(shared, reference, rtol=1e-4, atol=1e-5 * scale))
 
     def run_with_cache(
         self,
@@ -217,6 +340,25 @@ class HookedModel:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {len(self._sites)} hook points>"
+
+
+def _written_through(
+    site: HookSite, partner: HookSite, fn: Callable
+) -> tuple[tuple[HookSite, Callable], tuple[HookSite, Callable]]:
+    """``fn`` at ``site``, plus a hook at ``partner`` that adds the change ``fn`` made (see ``_write_through``)."""
+    change: dict[str, torch.Tensor] = {}
+
+    def edit(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act)
+        if new is not None:
+            change["delta"] = new - act
+        return new
+
+    def carry(act: torch.Tensor) -> torch.Tensor | None:
+        delta = change.pop("delta", None)
+        return None if delta is None else act + delta
+
+    return (site, edit), (partner, carry)
 
 
 def _bind(fn: HookFn, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -23,13 +24,20 @@ import torch
 from torch import nn
 
 from interp.errors import InputError
-from interp.hooks import HookPoint, HookSite, heads_first, heads_last
-from interp.models.base import HookedModel
+from interp.hooks import HookPoint, HookSite, heads_first, heads_last, layer_of
+from interp.models.base import HookedModel, TilingPlan
 from interp.models.tracing import trace_sites
 
 ATTENTION_IMPLEMENTATION = "interp"
 ATTENTION_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 _PROBE_LEN = 13  # a prime unlikely to equal any model dimension; marks the "pos" axis in traces
+
+
+# (residual streams to stack before a branch, the branch's input hooks, substrings naming hooks inside it)
+_BRANCHES = (
+    (("hook_resid_pre",), ("ln1.hook_in", "attn.hook_in"), (".attn.", "hook_attn_out")),
+    (("hook_resid_mid", "hook_resid_pre"), ("ln2.hook_in", "mlp.hook_in"), (".mlp.", "hook_mlp_out")),
+)
 
 
 @dataclass
@@ -79,6 +87,51 @@ class TransformerModel(HookedModel):
             ids = torch.as_tensor(inputs)
             tokens = Tokens(ids.unsqueeze(0) if ids.ndim == 1 else ids)
         return self._check_tokens(tokens)
+
+    def tile_input(self, prepared: Tokens, copies: int) -> Tokens:
+        """``copies`` stacked copies of the token ids and mask: row ``k * batch + b`` is prompt ``b``."""
+        mask = None if prepared.attention_mask is None else prepared.attention_mask.repeat(copies, 1)
+        return Tokens(prepared.input_ids.repeat(copies, 1), mask, None)
+
+    @cached_property
+    def _write_through(self) -> dict[str, str]:
+        sites, out = self._sites, {}
+        for i in range(getattr(self, "n_layers", 0) or 0):
+            mid, ln2, post = (f"blocks.{i}.{n}" for n in ("hook_resid_mid", "ln2.hook_in", "hook_resid_post"))
+            if mid in sites and ln2 in sites and post in sites and sites[mid].module is sites[ln2].module:
+                out[mid] = post
+        return out
+
+    def tiling_plans(self, name: str) -> list[TilingPlan]:
+        """For a hook in block L: one plan that shares more than stacking at the hook, one that shares less.
+
+        1. Inside the attention (or MLP) branch: stack the copies on the residual stream entering
+           the branch (``hook_resid_pre``; for the MLP ``hook_resid_mid``, or ``hook_resid_pre`` where
+           ``hook_resid_mid`` is only the MLP's input), keep one copy at the
+           branch input (``ln1``/``attn`` ``.hook_in``), stack again at ``name``. The branch up to
+           ``name`` runs once and the residual add after it sees every copy; on a head sweep this
+           skips every copy's q/k/v projections and attention pattern.
+        2. (after the plain plan, which fails inside a branch unless the batch is one prompt) Stack
+           at the residual stream entering block L: blocks < L run once.
+        """
+        layer = layer_of(name)
+        if layer is None:
+            return super().tiling_plans(name)
+        order = {hook: i for i, hook in enumerate(self.hook_names)}
+        plans: list[TilingPlan] = []
+        for streams, inputs, markers in _BRANCHES:
+            if not any(marker in name for marker in markers):
+                continue
+            for stream in (f"blocks.{layer}.{hook}" for hook in streams if f"blocks.{layer}.{hook}" in order):
+                candidates = [f"blocks.{layer}.{hook}" for hook in inputs]
+                branch_in = [h for h in candidates if order[stream] < order.get(h, -1) < order[name]]
+                if branch_in:
+                    plans.append(((stream, "tile"), (branch_in[0], "untile"), (name, "tile")))
+        plans += super().tiling_plans(name)  # exact where nothing batch-shaped is reused after name
+        entry = f"blocks.{layer}.hook_resid_pre"
+        if entry != name and order.get(entry, len(order)) < order[name]:
+            plans.append(((entry, "tile"),))
+        return plans
 
     def _check_tokens(self, tokens: Tokens) -> Tokens:
         ids = tokens.input_ids
