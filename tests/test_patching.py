@@ -306,24 +306,54 @@ def test_atp_agrees_with_exact_patching_on_heads(toy, pair):
     assert checked.agreement is not None and checked.agreement > 0.8
 
 
-def test_edge_attribution_decomposes_node_attribution(toy, pair):
-    """Sender s in layer 0: node AtP(s) = sum over receivers of EAP(s -> r) + s's direct path to the output."""
+@pytest.mark.parametrize("attn_only", [True, False])
+def test_edge_attribution_decomposes_node_attribution(attn_only, pair):
+    """Every sender's row of edge scores sums to its node AtP estimate (heads, MLPs, embeddings),
+    edges to the logits equal the sender's output change dotted with the gradient at the final
+    residual stream, and receivers never read senders that come after them."""
+    model = interp.load(TOY if attn_only else TOY_MLP)
     clean, corrupted = pair
     metric = P.logit_diff(clean[:, -1], 3)
-    edges = attribution_patching.attribution_patch_edges(toy, clean, corrupted, metric)
-    nodes = attribution_patching.attribution_patch(toy, clean, corrupted, "head", metric)
-    _, cache = toy.run_with_cache(
+    edges = attribution_patching.attribution_patch_edges(model, clean, corrupted, metric)
+    senders, receivers = edges.labels["sender"], edges.labels["receiver"]
+    assert senders[0] == "embed" and receivers[-1] == "logits"
+    assert ("MLP1" in senders) is (not attn_only)
+    rows = edges.values.sum(-1)
+
+    def node(site, **kw):
+        estimate = attribution_patching.attribution_patch(model, clean, corrupted, site, metric, **kw)
+        return estimate.values - estimate.metric_corrupted
+
+    heads = node("head")  # [layer, head]
+    for layer in range(2):
+        got = rows[[senders.index(f"L{layer}H{h}") for h in range(4)]]
+        assert torch.allclose(got, heads[layer], atol=1e-4)
+    assert rows[0] == pytest.approx(float(node("pos").sum()), abs=1e-4)
+    if not attn_only:
+        mlps = node("mlp")
+        assert torch.allclose(rows[[senders.index("MLP0"), senders.index("MLP1")]], mlps, atol=1e-4)
+    # an edge into the logits, computed independently from the final stream's gradient
+    _, cache = model.run_with_cache(
         corrupted,
         names=["blocks.1.hook_resid_post", "blocks.0.attn.hook_z"],
-        grad_of=metric.bind(toy(clean), toy(corrupted), None),
+        grad_of=metric.bind(model(clean), model(corrupted), None),
     )
-    _, clean_cache = toy.run_with_cache(clean, names=["blocks.0.attn.hook_z"])
+    _, clean_cache = model.run_with_cache(clean, names=["blocks.0.attn.hook_z"])
     delta = clean_cache["blocks.0.attn.hook_z"] - cache["blocks.0.attn.hook_z"]
-    results = attribution_patching._head_results(toy, 0, delta, 4)
+    results = attribution_patching._head_results(model, 0, delta, 4)
     direct = torch.einsum("bphd,bpd->h", results, cache.grads["blocks.1.hook_resid_post"])
-    node = nodes.values[0] - nodes.metric_corrupted
-    assert torch.allclose(node, edges.values[0, :, 1, :].sum(-1) + direct, atol=1e-4)
-    assert (edges.values[1] == 0).all()  # layer-1 senders have no later receivers
+    assert torch.allclose(edges.values[1:5, -1], direct, atol=1e-5)
+    # heads of one layer do not read each other; nothing reads layer 1 but later nodes
+    l0 = [senders.index(f"L0H{h}") for h in range(4)]
+    assert (edges.values[l0][:, [receivers.index(f"L0H{h}") for h in range(4)]] == 0).all()
+    assert (
+        edges.values[[senders.index(f"L1H{h}") for h in range(4)]][:, : receivers.index("L1H3") + 1] == 0
+    ).all()
+
+
+def test_edge_attribution_refuses_post_ln_models(minilm):
+    with pytest.raises(InputError, match="post-LN"):
+        attribution_patching.attribution_patch_edges(minilm, "The cat sat.", "The dog sat.")
 
 
 # --- shared prefix: the forward runs once up to the patched hook -------------------------------

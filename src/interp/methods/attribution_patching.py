@@ -7,15 +7,16 @@ outputs) and known to be poor for the residual stream and early MLPs, and it mis
 attention saturation; so the result reports its Pearson correlation with exact patching whenever an
 exact result is given (``exact=``, or ``check=True`` to compute it).
 
-Edges (EAP, Syed et al. 2023): ``attribution_patch_edges`` scores sender head -> receiver head
-(q, k or v input) pairs: ``(result_clean[s] - result_corrupted[s]) . d metric / d x_r``, where
-``x_r`` is the residual stream entering receiver ``r``'s query/key/value path only.
+Edges (EAP, Syed et al. 2023): ``attribution_patch_edges`` scores every sender -> receiver edge of
+the residual graph (embeddings, heads and MLPs -> later heads' q/k/v, MLPs and the logits):
+``(out_clean[s] - out_corrupted[s]) . d metric / d x_r``, where ``x_r`` is the residual stream as
+receiver ``r`` alone reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -138,7 +139,7 @@ def _gather(plan_, attributions: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# Edge attribution patching, head -> head
+# Edge attribution patching over the residual graph
 # ------------------------------------------------------------------------------------------------
 
 
@@ -150,21 +151,19 @@ def attribution_patch_edges(
     *,
     inputs: Sequence[str] = ("q", "k", "v"),
 ) -> PatchResult:
-    """EAP scores for every sender head -> later receiver head edge, summed over q/k/v inputs.
+    """EAP scores for every edge of the residual graph, from one forward and one backward pass.
 
-    ``values[sender_layer, sender_head, receiver_layer, receiver_head]`` is the estimated change
-    of the metric when only that edge carries the clean sender output (0 where the receiver is not
-    later than the sender). Needs per-head q/k/v hooks and a pre-LN residual stream.
+    Senders write into the residual stream: the embeddings (``embed``), each head (``L1H3``) and
+    each MLP (``MLP1``). Receivers read it: each head through its ``inputs`` (query, key, value),
+    each MLP, and the unembedding (``logits``). ``values[sender, receiver]`` is
+    ``(out_clean[s] - out_corrupted[s]) . d metric / d x_r``, where ``x_r`` is the residual stream
+    as receiver ``r`` alone reads it; 0 where ``r`` does not read ``s``'s output. Summed over its
+    receivers, a sender's row is its node AtP estimate (``attribution_patch``). Needs a pre-LN
+    model (the residual stream is the sum of the senders' outputs).
     """
     clean_t, corrupt_t = check_pair(model, clean, corrupted)
-    heads, n_layers = n_heads(model), model.n_layers
-    z_names = [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
-    in_names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
-    qkv = [f"blocks.{i}.attn.hook_{x}" for i in range(n_layers) for x in inputs]
-    missing = [n for n in [*z_names, *in_names, *qkv] if n not in model._sites]
-    if missing:
-        raise InputError(f"edge attribution needs hooks {missing[:3]}..., which {model.name} does not have")
-    clean_out, clean_cache = model.run_with_cache(clean_t, names=z_names)
+    graph = _ResidualGraph.of(model, inputs)
+    clean_out, clean_cache = model.run_with_cache(clean_t, names=graph.sender_hooks)
     corrupt_out = model(corrupt_t)
     metric_ = (default_metric(model) if metric is None else as_metric(metric)).bind(
         clean_out, corrupt_out, clean_t.attention_mask
@@ -175,37 +174,134 @@ def attribution_patch_edges(
         store[ctx.name] = act
 
     with torch.enable_grad():
-        output = model.run_with_hooks(corrupt_t, [(n, keep) for n in [*z_names, *in_names, *qkv]], grad=True)
+        output = model.run_with_hooks(corrupt_t, [(n, keep) for n in graph.all_hooks], grad=True)
         value = metric_(output)
+        read = graph.read_hooks
         grads = dict(
-            zip(qkv, torch.autograd.grad(value, [store[n] for n in qkv], retain_graph=True), strict=True)
+            zip(read, torch.autograd.grad(value, [store[n] for n in read], retain_graph=True), strict=True)
         )
-        receiver_grads = [_receiver_grads(store, grads, layer, inputs, heads) for layer in range(n_layers)]
-    results = [
-        _head_results(model, layer, clean_cache[z_names[layer]] - store[z_names[layer]].detach(), heads)
-        for layer in range(n_layers)
-    ]
-    values = torch.zeros(n_layers, heads, n_layers, heads)
-    for s in range(n_layers):
-        for r in range(s + 1, n_layers):
-            values[s, :, r, :] = (
-                einsum(results[s], receiver_grads[r], "b p hs d, b p hr d -> hs hr").float().cpu()
-            )
-    labels = {
-        "sender_layer": [f"L{i}" for i in range(n_layers)],
-        "sender_head": [f"H{h}" for h in range(heads)],
-    }
-    labels |= {"receiver_layer": labels["sender_layer"], "receiver_head": labels["sender_head"]}
+        receivers = graph.receiver_grads(store, grads)  # [b, p, receiver, d_model]
+    senders = graph.sender_deltas(model, clean_cache, store)  # [b, p, sender, d_model]
+    values = einsum(senders, receivers, "b p s d, b p r d -> s r").float().cpu() * graph.reads
     return PatchResult(
         values,
-        ("sender_layer", "sender_head", "receiver_layer", "receiver_head"),
-        labels,
+        ("sender", "receiver"),
+        {"sender": graph.senders, "receiver": graph.receivers},
         metric_clean=float(metric_(clean_out)),
         metric_corrupted=float(value.detach()),
         method="edge attribution patching (EAP)",
-        site="head->head",
+        site="residual graph",
         metric=metric_.name,
     )
+
+
+@dataclass
+class _ResidualGraph:
+    """The nodes of a pre-LN transformer's residual graph and the hooks that carry them."""
+
+    n_layers: int
+    heads: int
+    mlps: bool
+    inputs: Sequence[str]
+
+    @classmethod
+    def of(cls, model: HookedModel, inputs: Sequence[str]) -> _ResidualGraph:
+        sites = model._sites
+        n_layers = model.n_layers
+        mlps = "blocks.0.hook_mlp_out" in sites
+        graph = cls(n_layers, n_heads(model), mlps, tuple(inputs))
+        missing = [n for n in graph.all_hooks if n not in sites]
+        if missing:
+            raise InputError(
+                f"edge attribution needs hooks {missing[:3]}..., which {model.name} does not have"
+            )
+        order = {name: i for i, name in enumerate(model.hook_names)}
+        if order["blocks.0.hook_attn_out"] < order.get("blocks.0.ln1.hook_in", -1):
+            raise InputError(
+                f"{model.name} normalizes after each sublayer (post-LN, like BERT), so its residual stream is "
+                "not a sum of node outputs and edges have no additive scores; use attribution_patch for nodes"
+            )
+        return graph
+
+    # --- names ----------------------------------------------------------------------------------
+
+    @property
+    def senders(self) -> list[str]:
+        names = ["embed"]
+        for layer in range(self.n_layers):
+            names += [f"L{layer}H{h}" for h in range(self.heads)] + ([f"MLP{layer}"] if self.mlps else [])
+        return names
+
+    @property
+    def receivers(self) -> list[str]:
+        return self.senders[1:] + ["logits"]
+
+    @property
+    def reads(self) -> torch.Tensor:
+        """``[sender, receiver]``: 1 where the receiver reads the stream after the sender wrote it.
+
+        Stages: the embeddings write at 0; layer l's heads read and write at 2l + 1 (so heads of one
+        layer do not read each other), its MLP at 2l + 2; the logits read at 2 n_layers + 1.
+        """
+        per_layer = [
+            [2 * layer + 1] * self.heads + ([2 * layer + 2] if self.mlps else [])
+            for layer in range(self.n_layers)
+        ]
+        stages = torch.tensor(
+            [0] + [stage for layer in per_layer for stage in layer] + [2 * self.n_layers + 1]
+        )
+        return (stages[None, 1:] > stages[:-1, None]).float()
+
+    @property
+    def sender_hooks(self) -> list[str]:
+        hooks = ["blocks.0.hook_resid_pre"]
+        for layer in range(self.n_layers):
+            hooks.append(f"blocks.{layer}.attn.hook_z")
+            hooks += [f"blocks.{layer}.hook_mlp_out"] if self.mlps else []
+        return hooks
+
+    @property
+    def read_hooks(self) -> list[str]:
+        """Where receivers read: each head's q/k/v, each MLP's normalized input, the final stream."""
+        hooks = []
+        for layer in range(self.n_layers):
+            hooks += [f"blocks.{layer}.attn.hook_{x}" for x in self.inputs]
+            hooks += [f"blocks.{layer}.ln2.hook_out"] if self.mlps else []
+        return hooks + [f"blocks.{self.n_layers - 1}.hook_resid_post"]
+
+    @property
+    def all_hooks(self) -> list[str]:
+        streams = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)]
+        streams += [f"blocks.{layer}.hook_resid_mid" for layer in range(self.n_layers)] if self.mlps else []
+        return list(dict.fromkeys([*self.sender_hooks, *streams, *self.read_hooks]))
+
+    # --- tensors --------------------------------------------------------------------------------
+
+    def sender_deltas(self, model: HookedModel, clean_cache, store) -> torch.Tensor:
+        """Each sender's clean - corrupted output in the residual stream, ``[b, p, sender, d]``."""
+
+        def delta(name: str) -> torch.Tensor:
+            return clean_cache[name] - store[name].detach()
+
+        outs = [delta("blocks.0.hook_resid_pre")[:, :, None]]
+        for layer in range(self.n_layers):
+            outs.append(_head_results(model, layer, delta(f"blocks.{layer}.attn.hook_z"), self.heads))
+            outs += [delta(f"blocks.{layer}.hook_mlp_out")[:, :, None]] if self.mlps else []
+        return torch.cat(outs, dim=2)
+
+    def receiver_grads(self, store, grads) -> torch.Tensor:
+        """d metric / d residual stream along each receiver's own read, ``[b, p, receiver, d]``."""
+        outs = []
+        for layer in range(self.n_layers):
+            outs.append(_receiver_grads(store, grads, layer, self.inputs, self.heads))
+            if self.mlps:
+                mlp_in = f"blocks.{layer}.ln2.hook_out"
+                (g,) = torch.autograd.grad(
+                    store[mlp_in], store[f"blocks.{layer}.hook_resid_mid"], grads[mlp_in], retain_graph=True
+                )
+                outs.append(g[:, :, None])
+        outs.append(grads[f"blocks.{self.n_layers - 1}.hook_resid_post"][:, :, None])
+        return torch.cat(outs, dim=2).detach()
 
 
 def _receiver_grads(store, grads, layer: int, inputs: Sequence[str], heads: int) -> torch.Tensor:
