@@ -399,25 +399,42 @@ def test_shared_prefix_sweeps_equal_tiled_inputs(site, pair):
         assert verified(model, ("tile",))
 
 
-def test_prefix_plans_are_verified_on_the_model_not_assumed(gpt2_model):
-    """On an HF model a padded batch of two prompts carries a [batch, ...] attention mask built before
-    the blocks, so no plan survives the check and the sweep falls back to tiled inputs; one prompt
-    shares. Both give the naive loop's values."""
+def test_prefix_plans_are_verified_on_the_model_not_assumed(gpt2_model, minilm):
+    """Which plan is exact depends on the model's code, so each is checked before use. GPT-2 (HF):
+    stacking at a head's output alone breaks the residual add for two prompts and is refused; the
+    branch plan and the block-entry plan pass, with a padded batch too (the attention mask built
+    before the blocks is stacked to match). MiniLM (BERT) reshapes the attention output with the
+    batch size read before the hook, so only the block-entry plan passes. Every sweep still gives
+    the values of copies tiled at the input."""
     clean = ["the cat sat on the mat", "a dog ran"]
     corrupted = ["the dog sat on the mat", "a cat ran"]
-    metric = P.prob(gpt2_model.to_tokens(clean).input_ids[:, 1])
     prepared = gpt2_model.prepare(corrupted)
-    assert prepared.attention_mask is not None
-    assert not gpt2_model.shares_prefix(prepared, "blocks.1.hook_resid_pre")
-    padded = P.patch(gpt2_model, clean, corrupted, "resid_pre", metric, layers=[1])
-    with without_sharing(gpt2_model):
-        assert torch.allclose(
-            padded.values,
-            P.patch(gpt2_model, clean, corrupted, "resid_pre", metric, layers=[1]).values,
-            atol=1e-6,
-        )
-    one = gpt2_model.prepare(clean[:1])
-    assert gpt2_model.shares_prefix(one, "blocks.1.hook_resid_pre")
+    assert prepared.attention_mask is not None and not prepared.attention_mask.all()
+    z = "blocks.1.attn.hook_z"
+    branch = (("blocks.1.hook_resid_pre", "tile"), ("blocks.1.ln1.hook_in", "untile"), (z, "tile"))
+    assert not gpt2_model._check_plan(prepared, ((z, "tile"),))
+    assert gpt2_model._check_plan(prepared, branch)
+    assert gpt2_model.shares_prefix(prepared, "blocks.1.hook_resid_pre")
+    metric = P.prob(gpt2_model.to_tokens(clean).input_ids[:, 1])
+    for site in ("resid_pre", "head_pos"):
+        shared = P.patch(gpt2_model, clean, corrupted, site, metric, layers=[1])
+        with without_sharing(gpt2_model):
+            tiled = P.patch(gpt2_model, clean, corrupted, site, metric, layers=[1])
+        assert (shared.values - tiled.values).abs().max() <= 1e-6
+
+    bert = minilm.prepare(["The cat sat on the mat.", "A dog ran."])
+    bert_branch = (
+        ("blocks.2.hook_resid_pre", "tile"),
+        ("blocks.2.attn.hook_in", "untile"),
+        ("blocks.2.attn.hook_z", "tile"),
+    )
+    assert not minilm._check_plan(bert, bert_branch)
+    assert minilm._check_plan(bert, (("blocks.2.hook_resid_pre", "tile"),))
+    pair_ = ["The cat sat on the mat.", "A dog ran."], ["The dog sat on the rug.", "A cat ran."]
+    shared = P.patch(minilm, *pair_, "head_pos", P.cosine(), layers=[2], heads=[0, 5])
+    with without_sharing(minilm):
+        tiled = P.patch(minilm, *pair_, "head_pos", P.cosine(), layers=[2], heads=[0, 5])
+    assert (shared.values - tiled.values).abs().max() <= 1e-5
 
 
 def test_the_check_catches_copies_that_mix(monkeypatch, pair):

@@ -44,6 +44,7 @@ class HookedModel:
     """
 
     kind: str = "module"
+    _stacking: bool = False  # inside ``_tiled``: copies are stacked mid-forward
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module.eval()
@@ -197,8 +198,12 @@ class HookedModel:
     def _tiled(self, plan: TilingPlan, copies: int):
         """Forwards inside this block follow ``plan`` for ``copies`` copies of the batch."""
         ops = {"tile": tile_batch(copies), "untile": untile_batch(copies)}
-        with attached([(self._sites[hook], ops[op]) for hook, op in plan], batch_may_change=True):
-            yield self
+        self._stacking = True
+        try:
+            with attached([(self._sites[hook], ops[op]) for hook, op in plan], batch_may_change=True):
+                yield self
+        finally:
+            self._stacking = False
 
     def _plan_key(self, prepared: Any, plan: TilingPlan) -> tuple:
         """Plans are checked per layer-free template: blocks share their structure."""

@@ -210,7 +210,10 @@ def _hooked_attention(
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+        mask = attention_mask[..., : key.shape[-2]]
+        if mask.shape[0] not in (1, scores.shape[0]):  # copies stacked after the mask was built
+            mask = mask.repeat(scores.shape[0] // mask.shape[0], *([1] * (mask.ndim - 1)))
+        scores = scores + mask
     scores = points["hook_attn_scores"](scores)
     pattern = points["hook_pattern"](nn.functional.softmax(scores, dim=-1).to(value.dtype))
     weights = nn.functional.dropout(pattern, p=dropout, training=module.training)
@@ -363,15 +366,17 @@ class HFTransformer(TransformerModel):
 
     # --- running --------------------------------------------------------------------------------
 
-    def _select_attention(self) -> None:
-        """Eager attention with hook points when any is hooked, else the model's fast default."""
+    def _select_attention(self, prepared: Tokens) -> None:
+        """Eager attention with hook points when any is hooked, or when copies of a padded batch
+        are stacked mid-forward (it stacks the attention mask to match); else the fast default."""
         hooked = any(p._forward_hooks for points in self._attention_points.values() for p in points.values())
-        wanted = ATTENTION_IMPLEMENTATION if hooked else self._fast_attention
+        stacked_mask = self._stacking and prepared.attention_mask is not None and len(prepared.input_ids) > 1
+        wanted = ATTENTION_IMPLEMENTATION if hooked or stacked_mask else self._fast_attention
         if self.module.config._attn_implementation != wanted:
             self.module.set_attn_implementation(wanted)
 
     def _forward(self, prepared: Tokens) -> torch.Tensor:
-        self._select_attention()
+        self._select_attention(prepared)
         out = self.module(
             input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False
         )
