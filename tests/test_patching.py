@@ -291,7 +291,34 @@ def test_path_patching_matches_two_forwards_per_sender(toy, pair):
         assert float(via.values[0, head]) == pytest.approx(
             _naive_path_patch(toy, clean, corrupted, (0, head), [(1, 0), (1, 2)], metric), abs=1e-5
         )
+    for head in (1, 3):  # layer-1 senders: layer 0 runs once for the whole chunk
+        assert float(direct.values[1, head]) == pytest.approx(
+            _naive_path_patch(toy, clean, corrupted, (1, head), "logits", metric), abs=1e-5
+        )
     assert torch.allclose(via.values[1], torch.tensor(via.metric_clean))  # no path from layer 1 to layer 1
+
+
+def test_path_patching_with_frozen_mlps_matches_a_naive_forward(pair):
+    """With freeze_mlps=True only the sender's direct path reaches the logits: every MLP output is
+    the clean one, written here as one hooked forward per sender."""
+    model = interp.load(TOY_MLP)
+    clean, corrupted = pair
+    metric = P.logit_diff(clean[:, -1], 3)
+    result = path_patching.path_patch(model, clean, corrupted, "logits", metric, freeze_mlps=True)
+    names = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.hook_z", "hook_mlp_out")]
+    _, cc = model.run_with_cache(clean, names=names)
+    _, xc = model.run_with_cache(corrupted, names=names)
+    for layer, head in [(0, 2), (1, 1)]:
+
+        def freeze(act, ctx, layer=layer, head=head):
+            value = cc[ctx.name].clone()
+            if ctx.name.endswith("hook_z") and ctx.layer == layer:
+                view, src = value.view(*value.shape[:2], 4, 8), xc[ctx.name].view(*value.shape[:2], 4, 8)
+                view[:, :, head] = src[:, :, head]
+            return value
+
+        naive_value = float(metric(model.run_with_hooks(clean, [(n, freeze) for n in names])))
+        assert float(result.values[layer, head]) == pytest.approx(naive_value, abs=1e-5)
 
 
 def test_atp_agrees_with_exact_patching_on_heads(toy, pair):

@@ -9,8 +9,9 @@ For each sender head ``s``:
    measure the metric.
 
 So only the path ``s -> receivers`` carries the corrupted signal. With ``receivers="logits"`` the
-metric is read from step 1 directly (the direct path to the output). Like patching, K senders go
-through each forward, one per batch copy.
+metric is read from step 1 directly (the direct path to the output). Like patching, K senders of
+one layer go through each forward, one per batch copy, and the clean run before that layer (before
+the first receiver, in step 2) runs once for all of them (``HookedModel.run_copies``).
 """
 
 from __future__ import annotations
@@ -77,22 +78,23 @@ def path_patch(
     )
     base = float(metric_(clean_out))
     values = torch.full((n_layers, heads), base)
-    for start in range(0, len(senders), copies):
-        chunk = senders[start : start + copies]
-        frozen = _freeze_hooks(model, chunk, z, clean_cache, corrupt_cache, heads)
-        frozen += [(name, _fixed(clean_cache[name], len(chunk))) for name in (mlp if freeze_mlps else [])]
+    done = 0
+    for chunk in _by_layer(senders, copies):
+        first = chunk[0][0]  # on the clean input, freezing heads and MLPs before the sender is a no-op
+        frozen = _freeze_hooks(model, chunk, z[first:], clean_cache, corrupt_cache, heads, first)
+        frozen += [(n, _fixed(clean_cache[n], len(chunk))) for n in (mlp[first:] if freeze_mlps else [])]
         recorded: dict[str, torch.Tensor] = {}
         record = [(name, _recorder(recorded)) for name in rec_hooks]
-        output = model.run_with_hooks(model.tile_input(clean_t, len(chunk)), frozen + record)
+        output = model.run_copies(clean_t, len(chunk), frozen + record, shared_until=_entry(model, first))
         if receiver_list is not None:
-            output = model.run_with_hooks(
-                model.tile_input(clean_t, len(chunk)), _replay_hooks(recorded, receiver_list, heads)
-            )
+            replay = _replay_hooks(recorded, receiver_list, heads)
+            output = model.run_copies(clean_t, len(chunk), replay, shared_until=_entry(model, last))
         effects = metric_.batched(rearrange(output, "(k b) ... -> k b ...", k=len(chunk)))
         for (layer, h), value in zip(chunk, effects.detach().float().cpu(), strict=True):
             values[layer, h] = value
+        done += len(chunk)
         if progress is not None:
-            progress(min(start + copies, len(senders)), len(senders))
+            progress(done, len(senders))
     target = "logits" if receiver_list is None else ", ".join(f"L{a}H{b}" for a, b in receiver_list)
     return PatchResult(
         values,
@@ -137,10 +139,28 @@ def _receiver_hooks(model: HookedModel, receivers, inputs: Sequence[str]) -> lis
     return names
 
 
-def _freeze_hooks(model, chunk, z_names, clean_cache, corrupt_cache, heads) -> list:
-    """Every head's output frozen to clean, except copy k's sender, which takes its corrupted output."""
+def _by_layer(senders: list[tuple[int, int]], copies: int) -> list[list[tuple[int, int]]]:
+    """At most ``copies`` senders per forward, all from one layer (so the layers before run once)."""
+    chunks: list[list[tuple[int, int]]] = []
+    for sender in senders:
+        if chunks and len(chunks[-1]) < copies and chunks[-1][0][0] == sender[0]:
+            chunks[-1].append(sender)
+        else:
+            chunks.append([sender])
+    return chunks
+
+
+def _entry(model: HookedModel, layer: int) -> str | None:
+    """The residual stream entering ``layer``: every copy is the same clean run up to there."""
+    name = f"blocks.{layer}.hook_resid_pre"
+    return name if 0 < layer < model.n_layers and name in model._sites else None
+
+
+def _freeze_hooks(model, chunk, z_names, clean_cache, corrupt_cache, heads, first_layer: int = 0) -> list:
+    """Every head's output from ``first_layer`` on frozen to clean, except copy k's sender, which
+    takes its corrupted output."""
     hooks = []
-    for layer, name in enumerate(z_names):
+    for layer, name in enumerate(z_names, start=first_layer):
         mask = torch.zeros(len(chunk), 1, 1, heads, 1, dtype=torch.bool)
         for k, (s_layer, s_head) in enumerate(chunk):
             if s_layer == layer:

@@ -147,11 +147,13 @@ class HookedModel:
     ) -> Any:
         """Run ``copies`` stacked copies of ``inputs`` with ``hooks``; row ``k * batch + b`` is input ``b``.
 
-        This is how batched patching gives each copy its own edit. With ``shared_until`` (a hook
-        name that every hook acts at or after), the computation before that hook runs once, not once
-        per copy (see ``tiling_plans``), which is exact and saves the repeated work. A plan is used
-        only once ``shares_prefix`` has verified it on inputs like these; if such a forward still
-        fails (say a padding mask read after the hook), the copies are rerun from a tiled input.
+        This is how batched patching gives each copy its own edit. With ``shared_until``, the
+        computation before that hook runs once, not once per copy (see ``tiling_plans``), which is
+        exact and saves the repeated work. It must be either the one hook that all ``hooks`` act on,
+        or a residual-stream hook (``blocks.L.hook_resid_pre``) that every hooked activation is
+        computed after. A plan is used only once ``shares_prefix`` has verified it on inputs like
+        these; if such a forward still fails (say a tensor built before the hook for one prompt per
+        row), the copies are rerun from a tiled input.
         """
         prepared = self.prepare(inputs)
         if shared_until is not None:
