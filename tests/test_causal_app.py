@@ -32,9 +32,11 @@ def test_patching_atp_dla_and_lens_render(page):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     charts = at.get("plotly_chart")
-    assert len(charts) >= 3  # exact, AtP, DLA bars
+    assert len(charts) >= 4  # exact, AtP, EAP edges, DLA bars
     assert any("Pearson r" in c.value for c in at.caption)
-    assert len(at.dataframe) >= 2  # top patches, logit lens
+    assert len(at.dataframe) >= 3  # top patches, top edges, logit lens
+    edges = at.dataframe[1].value
+    assert edges["edge"].str.startswith("sender=").all()
 
 
 def test_mismatched_prompts_show_the_library_message(page):
@@ -44,3 +46,15 @@ def test_mismatched_prompts_show_the_library_message(page):
     at.button(key="causal_run").click().run()
     assert not at.exception
     assert any("different token lengths" in e.value for e in at.error)
+
+
+def test_post_ln_encoder_explains_why_it_has_no_edges(page):
+    """MiniLM (BERT, post-LN): patching and AtP render; the edge section says why there are no edge scores."""
+    page.session_state["model_spec"] = "minilm"
+    at = page.run()
+    at.selectbox(key="causal_site::minilm").set_value("resid_pre").run()
+    at.button(key="causal_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert any("post-LN" in i.value for i in at.info)
+    assert len(at.get("plotly_chart")) >= 2

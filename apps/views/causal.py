@@ -1,4 +1,5 @@
-"""Causal: activation patching with the attribution-patching estimate beside it, DLA and logit lens.
+"""Causal: activation patching with the attribution-patching estimate beside it, edge attribution,
+DLA and logit lens.
 
 Clean and corrupted prompts (or generated repeated-token pairs for toy models), a metric, a patching
 site; the library does everything, and long sweeps report progress through its callback.
@@ -11,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
+from interp.errors import InputError
 from interp.methods import attribution_patching, lens
 from interp.methods import patching as P
 from interp.methods.induction_patching import repeated_tokens_pair, second_half_logprob
@@ -78,11 +80,15 @@ if st.button("Run patching", type="primary", key="causal_run") and metric is not
         )
         estimate = attribution_patching.attribution_patch(model, clean, corrupted, site, metric, exact=exact)
         bar.empty()
-        st.session_state["causal_result"] = (model.name, exact, estimate)
+        try:
+            edges = attribution_patching.attribution_patch_edges(model, clean, corrupted, metric)
+        except InputError as err:  # e.g. post-LN models: edges have no additive scores
+            edges = str(err)
+        st.session_state["causal_result"] = (model.name, exact, estimate, edges)
 
 stored = st.session_state.get("causal_result")
 if stored and stored[0] == model.name:
-    _, exact, estimate = stored
+    _, exact, estimate, edges = stored
     st.caption(
         f"metric clean {exact.metric_clean:.4g}, corrupted {exact.metric_corrupted:.4g}; "
         f"AtP vs exact: Pearson r = {estimate.agreement:.3f}"
@@ -93,6 +99,17 @@ if stored and stored[0] == model.name:
     st.dataframe(
         {"patch": [n for n, _ in exact.top(8)], "metric": [v for _, v in exact.top(8)]}, hide_index=True
     )
+    st.subheader("Edges (edge attribution patching)")
+    if isinstance(edges, str):
+        st.info(edges)
+    else:
+        st.caption(
+            "Estimated change of the metric when only the edge sender -> receiver carries the clean "
+            "sender output; each sender's row sums to its node estimate."
+        )
+        st.plotly_chart(edges.figure(title="EAP: sender (rows) -> receiver (columns)"), key="causal_edges")
+        top = edges.top(10)
+        st.dataframe({"edge": [n for n, _ in top], "estimate": [v for _, v in top]}, hide_index=True)
 
 if is_lm and clean is not None:
     st.subheader("Direct logit attribution and logit lens")
