@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import interp
-from interp.errors import InputError, ModelLoadError
+from interp.errors import InputError, ModelLoadError, UnknownHookError
 
 TESTS = Path(__file__).parent
 
@@ -123,3 +123,45 @@ def test_zoo_modules_load_with_their_input_checks():
     with pytest.raises(InputError, match=r"shape \(1, 8, 8\)"):
         model(torch.rand(2, 64))
     assert interp.load("zoo:tms-5-2").input_shape == (10, 5)
+
+
+def _tiny_granite(directory: str) -> str:
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32, residual_multiplier=0.5, eos_token_id=0,
+        bos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    GraniteForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_attn_and_mlp_out_are_what_the_block_adds(gpt2_model, tmp_path):
+    """hook_attn_out and hook_mlp_out must be the residual stream's additive parts. They are on GPT-2;
+    Granite scales each sublayer's output before the add (residual_multiplier), so there the aliases
+    would lie: they are withheld, with an error that says why and names the module's own output."""
+    tokens = torch.randint(2, 20, (2, 7))
+    names = [
+        f"blocks.1.{n}"
+        for n in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+    ]
+    _, c = gpt2_model.run_with_cache(tokens, names=names)
+    assert torch.allclose(c[names[0]] + c[names[1]], c[names[2]], atol=1e-5)
+    assert torch.allclose(c[names[2]] + c[names[3]], c[names[4]], atol=1e-5)
+    assert gpt2_model.withheld == {}
+
+    granite = interp.load(_tiny_granite(str(tmp_path)))
+    assert (
+        "blocks.1.hook_attn_out" not in granite.hook_names and "blocks.1.attn.hook_out" in granite.hook_names
+    )
+    with pytest.raises(UnknownHookError, match="not what the block adds.*blocks.1.attn.hook_out"):
+        granite.run_with_cache(tokens, names=["blocks.1.hook_attn_out"])
+    _, c = granite.run_with_cache(
+        tokens, names=["blocks.1.hook_resid_pre", "blocks.1.attn.hook_out", "blocks.1.hook_resid_mid"]
+    )
+    scaled = c["blocks.1.hook_resid_pre"] + 0.5 * c["blocks.1.attn.hook_out"]
+    assert torch.allclose(
+        scaled, c["blocks.1.hook_resid_mid"], atol=1e-5
+    )  # the multiplier, not a bug of ours

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interp.errors import UnknownHookError
 from interp.hooks import (
     ActivationCache,
     HookContext,
@@ -84,7 +85,22 @@ class HookedModel:
 
     def resolve(self, names: Names) -> list[str]:
         """Exact names, globs or regexes -> valid hook names (raises with suggestions if unknown)."""
-        return match_names(names, self.hook_names)
+        try:
+            return match_names(names, self.hook_names)
+        except UnknownHookError as err:
+            asked = [names] if isinstance(names, str) else list(names or [])
+            why = [self.withheld[n] for n in asked if isinstance(n, str) and n in self.withheld]
+            if why:
+                raise UnknownHookError(f"{err} {' '.join(why)}") from None
+            raise
+
+    @property
+    def withheld(self) -> dict[str, str]:
+        """Hook names this model does not offer because they would not carry what they name, with why."""
+        self._sites  # noqa: B018 (building the sites fills it)
+        return self._withheld
+
+    _withheld: dict[str, str] = {}  # noqa: RUF012 (instances that withhold names set their own)
 
     # --- running ------------------------------------------------------------------------------
 

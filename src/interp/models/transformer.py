@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from interp.errors import InputError
-from interp.hooks import HookPoint, HookSite, heads_first, heads_last, layer_of
+from interp.hooks import HookPoint, HookSite, attached, heads_first, heads_last, layer_of
 from interp.models.base import HookedModel, TilingPlan
 from interp.models.tracing import trace_sites
 
@@ -38,6 +38,27 @@ _BRANCHES = (
     (("hook_resid_pre",), ("ln1.hook_in", "attn.hook_in"), (".attn.", "hook_attn_out")),
     (("hook_resid_mid", "hook_resid_pre"), ("ln2.hook_in", "mlp.hook_in"), (".mlp.", "hook_mlp_out")),
 )
+
+
+def _residual_identities(
+    block: str, values: dict[str, torch.Tensor]
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(alias checked, left side, right side)`` of a pre-LN block's residual identities, where present."""
+    pre, attn, mid, mlp, post = (
+        values.get(f"{block}.{p}")
+        for p in ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+    )
+    checks = []
+    if pre is not None and attn is not None and mid is not None:
+        checks.append((f"{block}.hook_attn_out", pre + attn, mid))
+    if mid is not None and mlp is not None and post is not None:
+        checks.append((f"{block}.hook_mlp_out", mid + mlp, post))
+    if mid is None and None not in (pre, attn, mlp, post):
+        checks += [
+            (f"{block}.hook_attn_out", pre + attn + mlp, post),
+            (f"{block}.hook_mlp_out", pre + attn + mlp, post),
+        ]
+    return checks
 
 
 @dataclass
@@ -335,7 +356,39 @@ class HFTransformer(TransformerModel):
             ordered[name] = site
             for alias in aliases.get(name, []):
                 ordered[alias] = HookSite(alias, site.module, site.side, site.shape)
-        return ordered
+        self._withheld = self._non_additive(ordered)
+        return {name: site for name, site in ordered.items() if name not in self._withheld}
+
+    def _non_additive(self, sites: dict[str, HookSite]) -> dict[str, str]:
+        """``hook_attn_out`` / ``hook_mlp_out`` aliases that are not what the block adds to its residual
+        stream, with why. Some architectures scale or normalize a sublayer's output before the add
+        (Granite's residual multiplier, OLMo 2's post-sublayer norm); there the module output is not
+        the additive contribution that patching, DLA and edge attribution assume. Checked on one
+        forward in pre-LN blocks: resid_pre + attn_out = resid_mid, resid_mid + mlp_out = resid_post
+        (resid_pre + attn_out + mlp_out = resid_post without a resid_mid)."""
+        parts = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+        names = [f"blocks.{i}.{p}" for i in range(self.n_layers) for p in parts if f"blocks.{i}.{p}" in sites]
+        values: dict[str, torch.Tensor] = {}
+        readers = [(sites[n], lambda act, n=n: values.setdefault(n, act.detach().clone())) for n in names]
+        with attached(readers), torch.no_grad():
+            self._forward(self._probe_tokens())
+        order = {name: i for i, name in enumerate(sites)}
+        withheld: dict[str, str] = {}
+        for i in range(self.n_layers):
+            b = f"blocks.{i}"
+            if order.get(f"{b}.attn.o.hook_out", -1) < order.get(f"{b}.ln1.hook_in", -1):
+                continue  # post-LN (BERT): the stream is normalized after each add by design
+            for name, lhs, rhs in _residual_identities(b, values):
+                if not torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-5 * float(rhs.abs().max().clamp_min(1.0))):
+                    module = name.replace("hook_attn_out", "attn.hook_out").replace(
+                        "hook_mlp_out", "mlp.hook_out"
+                    )
+                    withheld[name] = (
+                        f"{name} is not offered on {self.name}: the {name.split('_')[-2]} output it would name is "
+                        "not what the block adds to its residual stream (the residual identities fail on a test "
+                        f"input; the architecture scales or normalizes it first). The module's own output is {module}."
+                    )
+        return withheld
 
     def _aliases(self, order: list[str]) -> dict[str, list[str]]:
         """TransformerLens's canonical names, keyed by the site name each one points at."""
