@@ -383,6 +383,27 @@ def test_edge_attribution_refuses_post_ln_models(minilm):
         attribution_patching.attribution_patch_edges(minilm, "The cat sat.", "The dog sat.")
 
 
+def test_metrics_at_one_position_unembed_only_there(toy, pair, monkeypatch):
+    """Built-in metrics read one position per prompt, so a sweep keeps only that position before the
+    unembedding: the metric then sees one position, and every value equals the same metric written
+    as a plain function of the full logits."""
+    clean, corrupted = pair
+    seen = []
+    batched = P.KL.batched
+    monkeypatch.setattr(P.KL, "batched", lambda self, out: seen.append(out.shape) or batched(self, out))
+    result = P.patch(toy, clean, corrupted, "head_pos", P.kl(pos=3))
+    sweeps = [shape for shape in seen if shape[0] > 1]  # (the unpatched runs are read in full)
+    assert sweeps and all(shape[2] == 1 for shape in sweeps)  # [copies, batch, 1 position, vocab]
+    reference = toy(clean)[:, 3].log_softmax(-1)
+
+    def kl_at_3(logits):
+        logp = logits[:, 3].log_softmax(-1)
+        return (reference.exp() * (reference - logp)).sum(-1).mean()
+
+    full = P.patch(toy, clean, corrupted, "head_pos", kl_at_3)
+    assert (result.values - full.values).abs().max() <= 1e-5
+
+
 # --- shared prefix: the forward runs once up to the patched hook -------------------------------
 
 TOY_MLP = {**TOY, "attn_only": False, "d_mlp": 64, "act_fn": "gelu"}

@@ -141,8 +141,8 @@ def _check_replacement(
 ) -> torch.Tensor:
     if not isinstance(new, torch.Tensor):
         raise TypeError(f"hook on {site.name!r} returned {type(new).__name__}; return a tensor or None")
-    if batch_may_change and new.shape[1:] == old.shape[1:]:
-        return new
+    if batch_may_change and new.ndim == old.ndim and new.shape[2:] == old.shape[2:]:
+        return new  # the library's own reshaping ops: stacked/unstacked copies, kept positions
     if new.shape != old.shape:
         raise ValueError(
             f"hook on {site.name!r} returned shape {tuple(new.shape)} but the activation has shape "
@@ -157,7 +157,7 @@ def attach(
     """Register ``fn(activation) -> replacement | None`` on ``site``; returns the removable handle.
 
     A replacement must keep the activation's shape; ``batch_may_change`` also lets it stack or drop
-    copies along the batch axis (see ``tile_batch``).
+    copies along the batch axis (see ``tile_batch``) or keep fewer positions (``keep_positions``).
     """
 
     def checked(act: torch.Tensor, new: Any) -> torch.Tensor:
@@ -211,6 +211,17 @@ def tile_batch(copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def untile_batch(copies: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The inverse of ``tile_batch`` where all copies are still equal: keep the first copy."""
     return lambda act: act[: act.shape[0] // copies]
+
+
+def keep_positions(index: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook body that keeps one position per row of a ``[rows, pos, ...]`` activation: row
+    ``k * batch + b`` keeps position ``index[b]`` (stacked copies share their prompt's position)."""
+
+    def keep(act: torch.Tensor) -> torch.Tensor:
+        positions = index.to(act.device).repeat(act.shape[0] // len(index))
+        return act[torch.arange(act.shape[0], device=act.device), positions].unsqueeze(1)
+
+    return keep
 
 
 class StopForward(Exception):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,6 +35,7 @@ from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]  # (done, total): e.g. the explorer's st.progress
 MAX_COPIES = 256  # more copies per forward stop paying off on CPU and only cost memory
+UNEMBED_INPUT = "unembed.hook_in"  # where a sweep keeps only the positions its metric reads
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,6 +61,15 @@ class Metric:
         return self.batched(output.unsqueeze(0))[0]
 
     def batched(self, output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def positions_read(self) -> torch.Tensor | None:
+        """``[batch]``: the one output position per prompt the metric reads, if it reads only that
+        (then sweeps compute the unembedding there alone); None if it may read any position."""
+        return None
+
+    def at_kept_positions(self) -> Metric:
+        """The same metric on outputs that keep only ``positions_read()`` (one position per prompt)."""
         raise NotImplementedError
 
 
@@ -87,6 +98,12 @@ class _AtPosition(Metric):
 
     def bind(self, clean, corrupted, mask):
         return replace(self, _index=_last_index(self.pos, mask, clean.shape[0]))
+
+    def positions_read(self) -> torch.Tensor | None:
+        return self._index
+
+    def at_kept_positions(self) -> Metric:
+        return replace(self, pos=0, _index=torch.zeros_like(self._index))
 
     def _at(self, output: torch.Tensor) -> torch.Tensor:
         """``output[copies, batch, pos, vocab]`` -> ``[copies, batch, vocab]``."""
@@ -695,19 +712,24 @@ def sweep(
 
     ``sources[hook]`` is the ``[batch|1, pos, unit, rest]`` value a patch writes (the clean
     activation for patching; zeros, a mean or a resample for ablation). Each forward holds patches
-    of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). Returns the
-    metric per patch, shaped like ``plan_.shape``.
+    of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). When the
+    metric reads one position per prompt (``Metric.positions_read``), the unembedding is computed
+    there alone. Returns the metric per patch, shaped like ``plan_.shape``.
     """
     n_pos = base.input_ids.shape[1]
     out = torch.empty(len(plan_.patches))
     total = len(plan_.patches)
     bar = tqdm(total=total, desc=desc, disable=progress is not None or total <= copies, leave=False)
+    kept = metric.positions_read()
+    narrow = kept is not None and UNEMBED_INPUT in model._sites
+    read = metric.at_kept_positions() if narrow else metric
     for start, chunk in _chunks(plan_.patches, copies):
         masks = _masks(chunk, plan_, n_pos, base.input_ids.device)
         hooks = [(h, splice(m, sources[h], plan_.units[h])) for h, m in masks.items()]
-        output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
+        with model.keeping_positions(UNEMBED_INPUT, kept) if narrow else nullcontext():
+            output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))
-        out[start : start + len(chunk)] = metric.batched(output).detach().float().cpu()
+        out[start : start + len(chunk)] = read.batched(output).detach().float().cpu()
         bar.update(len(chunk))
         if progress is not None:
             progress(min(start + len(chunk), total), total)

@@ -26,6 +26,7 @@ from interp.hooks import (
     StopForward,
     attached,
     check_budget,
+    keep_positions,
     layer_of,
     match_names,
     tile_batch,
@@ -211,6 +212,17 @@ class HookedModel:
             if self._prefix_checks[key]:
                 return plan
         return None
+
+    @contextmanager
+    def keeping_positions(self, name: str, index: torch.Tensor):
+        """Forwards inside this block keep only position ``index[b]`` of prompt ``b`` from hook ``name``
+        on (for every stacked copy of it), so the work after ``name`` is done for one position.
+
+        Exact for a position-wise computation after ``name`` whose output is read only at those
+        positions: the unembedding, when a metric reads one position per prompt.
+        """
+        with attached([(self._sites[name], keep_positions(index))], batch_may_change=True):
+            yield self
 
     @contextmanager
     def _tiled(self, plan: TilingPlan, copies: int):
