@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -126,3 +128,36 @@ def test_unknown_hook_name_suggests_closest(gpt2_model, tiny_cnn):
         interp.load(tiny_cnn, input_shape=(1, 8, 8)).run_with_cache(torch.rand(1, 1, 8, 8), names="conv1")
     with pytest.raises(UnknownHookError, match="No hook point matches 'blocks.9.\\*'"):
         gpt2_model.run_with_hooks("the cat", [("blocks.9.*", lambda a, h: None)])
+
+
+def test_a_run_with_hooks_holds_the_model_against_other_threads():
+    """Hooks live on the shared module (the explorer shares one model between sessions), so while one
+    thread's hooks are attached, another thread's plain forward waits instead of running through them."""
+    import threading
+    import time
+
+    model = interp.load(
+        dict(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=10, attn_only=True, act_fn=None,
+             normalization_type="LN", positional_embedding_type="standard", seed=0)
+    )  # fmt: skip
+    tokens = torch.arange(6).unsqueeze(0)
+    reference = model(tokens)
+    attached, seen = threading.Event(), {}
+
+    def hooked():
+        with model.hooks([("blocks.0.hook_attn_out", lambda act, ctx: torch.zeros_like(act) + 100.0)]):
+            attached.set()
+            time.sleep(0.5)
+
+    def plain():
+        attached.wait()
+        seen["out"] = model(tokens)
+
+    threads = [threading.Thread(target=hooked), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.equal(seen["out"], reference)
+    clone = copy.deepcopy(model)  # a copy gets its own lock
+    assert clone._lock is not model._lock and torch.equal(clone(tokens), reference)

@@ -8,6 +8,7 @@ matching, capture, replacement hooks, early stopping, gradients, the memory chec
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -51,6 +52,16 @@ class HookedModel:
     def __init__(self, module: nn.Module, name: str) -> None:
         self.module = module.eval()
         self.name = name
+        # Hooks are attached to the shared module, so a run and its hooks hold the model: a forward
+        # from another thread (another explorer session) never sees them. Re-entrant for nested runs.
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:  # copies (copy.deepcopy) get a lock of their own
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # --- what a subclass provides -------------------------------------------------------------
 
@@ -107,8 +118,9 @@ class HookedModel:
 
     def __call__(self, inputs: Any) -> torch.Tensor:
         """Plain forward, no hooks: returns the main output (logits, or the last hidden state)."""
-        with torch.no_grad():
-            return self._forward(self.prepare(inputs))
+        prepared = self.prepare(inputs)
+        with self._lock, torch.no_grad():
+            return self._forward(prepared)
 
     def run_with_hooks(
         self, inputs: Any, hooks: Sequence[tuple[Names, HookFn]], *, grad: bool = False
@@ -119,7 +131,7 @@ class HookedModel:
         ``grad=True`` keeps autograd on (for attacks and attribution through hooks).
         """
         prepared = self.prepare(inputs)
-        with self.hooks(hooks), torch.set_grad_enabled(grad):
+        with self._lock, self.hooks(hooks), torch.set_grad_enabled(grad):
             return self._forward(prepared)
 
     @contextmanager
@@ -136,7 +148,7 @@ class HookedModel:
                     edit, carry = _written_through(self._sites[name], self._sites[partner], bound)
                     pairs.append(edit)
                     carries.append(carry)
-        with attached(carries + pairs):  # a carried edit lands before other hooks at its site see it
+        with self._lock, attached(carries + pairs):  # a carried edit lands before other hooks see it
             yield self
 
     @property
@@ -221,19 +233,20 @@ class HookedModel:
         Exact for a position-wise computation after ``name`` whose output is read only at those
         positions: the unembedding, when a metric reads one position per prompt.
         """
-        with attached([(self._sites[name], keep_positions(index))], batch_may_change=True):
+        with self._lock, attached([(self._sites[name], keep_positions(index))], batch_may_change=True):
             yield self
 
     @contextmanager
     def _tiled(self, plan: TilingPlan, copies: int):
         """Forwards inside this block follow ``plan`` for ``copies`` copies of the batch."""
         ops = {"tile": tile_batch(copies), "untile": untile_batch(copies)}
-        self._stacking = True
-        try:
-            with attached([(self._sites[hook], ops[op]) for hook, op in plan], batch_may_change=True):
-                yield self
-        finally:
-            self._stacking = False
+        with self._lock:
+            self._stacking = True
+            try:
+                with attached([(self._sites[hook], ops[op]) for hook, op in plan], batch_may_change=True):
+                    yield self
+            finally:
+                self._stacking = False
 
     def _plan_key(self, prepared: Any, plan: TilingPlan) -> tuple:
         """Plans are checked per layer-free template: blocks share their structure."""
@@ -318,7 +331,7 @@ class HookedModel:
 
         output = None
         readers = [(site, make_reader(site)) for site in sites]
-        with self.hooks(hooks), attached(readers), torch.set_grad_enabled(grad_of is not None):
+        with self._lock, self.hooks(hooks), attached(readers), torch.set_grad_enabled(grad_of is not None):
             try:
                 output = self._forward(prepared)
             except StopForward:
