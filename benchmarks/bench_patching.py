@@ -58,6 +58,27 @@ def without_shared_prefix(model, run):
         del model.tiling_plans
 
 
+def head_and_resid_sweeps(model, bridge, clean, corrupted, metric, tl_metric, clean_cache) -> dict:
+    """interp's and TL's per-head-by-position and residual sweeps, same inputs and metric."""
+    import transformer_lens.patching as tlp
+
+    return {
+        "interp head_pos": lambda: P.patch(model, clean, corrupted, "head_pos", metric),
+        "TL get_act_patch_attn_head_out_by_pos": lambda: tlp.get_act_patch_attn_head_out_by_pos(
+            bridge, corrupted, clean_cache, tl_metric
+        ),
+        "interp resid_pre": lambda: P.patch(model, clean, corrupted, "resid_pre", metric),
+        "TL get_act_patch_resid_pre": lambda: tlp.get_act_patch_resid_pre(
+            bridge, corrupted, clean_cache, tl_metric
+        ),
+    }
+
+
+def check_sweeps(runs: dict) -> bool:
+    ok = check("head_pos", runs["interp head_pos"]().values, runs["TL get_act_patch_attn_head_out_by_pos"]())
+    return ok & check("resid_pre", runs["interp resid_pre"]().values, runs["TL get_act_patch_resid_pre"]())
+
+
 def check(label: str, ours: torch.Tensor, ref: torch.Tensor) -> bool:
     diff = (ours.flatten() - ref.flatten()).abs().max().item()
     ok = diff <= TOLERANCE
@@ -66,7 +87,6 @@ def check(label: str, ours: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def toy_workload(rounds: int) -> bool:
-    import transformer_lens.patching as tlp
 
     model, what = induction_model()
     bridge = model.module.eval()
@@ -77,21 +97,13 @@ def toy_workload(rounds: int) -> bool:
     print(f"\n# {what}: batch 4 x {n_pos} tokens; TL: {n_layers * n_pos * n_heads} forwards per head sweep")
 
     runs = {
-        "interp head_pos": lambda: P.patch(model, clean, corrupted, "head_pos", metric),
-        "TL get_act_patch_attn_head_out_by_pos": lambda: tlp.get_act_patch_attn_head_out_by_pos(
-            bridge, corrupted, clean_cache, metric
-        ),
-        "interp resid_pre": lambda: P.patch(model, clean, corrupted, "resid_pre", metric),
-        "TL get_act_patch_resid_pre": lambda: tlp.get_act_patch_resid_pre(
-            bridge, corrupted, clean_cache, metric
-        ),
+        **head_and_resid_sweeps(model, bridge, clean, corrupted, metric, metric, clean_cache),
         "interp AtP head_pos": lambda: atp.attribution_patch(model, clean, corrupted, "head_pos", metric),
         "interp head_pos, copies tiled at the input": lambda: without_shared_prefix(
             model, lambda: P.patch(model, clean, corrupted, "head_pos", metric)
         ),
     }
-    ok = check("head_pos", runs["interp head_pos"]().values, runs["TL get_act_patch_attn_head_out_by_pos"]())
-    ok &= check("resid_pre", runs["interp resid_pre"]().values, runs["TL get_act_patch_resid_pre"]())
+    ok = check_sweeps(runs)
     exact = runs["interp head_pos"]()
     estimate = atp.with_agreement(runs["interp AtP head_pos"](), exact)
     print(f"  AtP vs exact head_pos: Pearson r = {estimate.agreement:.4f}")
@@ -187,7 +199,6 @@ def gpt2_small_workload(rounds: int) -> bool:
     the agreement check do not depend on the weights."""
     import tempfile
 
-    import transformer_lens.patching as tlp
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with tempfile.TemporaryDirectory() as directory:
@@ -209,18 +220,8 @@ def gpt2_small_workload(rounds: int) -> bool:
     print(
         f"\n# GPT-2 small architecture (random init): 1 x 15 tokens; TL: {12 * 15 * 12} forwards per head sweep"
     )
-    runs = {
-        "interp head_pos": lambda: P.patch(model, clean, corrupted, "head_pos", metric),
-        "TL get_act_patch_attn_head_out_by_pos": lambda: tlp.get_act_patch_attn_head_out_by_pos(
-            bridge, corrupted, clean_cache, tl_metric
-        ),
-        "interp resid_pre": lambda: P.patch(model, clean, corrupted, "resid_pre", metric),
-        "TL get_act_patch_resid_pre": lambda: tlp.get_act_patch_resid_pre(
-            bridge, corrupted, clean_cache, tl_metric
-        ),
-    }
-    ok = check("head_pos", runs["interp head_pos"]().values, runs["TL get_act_patch_attn_head_out_by_pos"]())
-    ok &= check("resid_pre", runs["interp resid_pre"]().values, runs["TL get_act_patch_resid_pre"]())
+    runs = head_and_resid_sweeps(model, bridge, clean, corrupted, metric, tl_metric, clean_cache)
+    ok = check_sweeps(runs)
     medians = interleaved(runs, rounds=rounds, warmup=0)
     return ok & report(
         "GPT-2 small sweeps",
