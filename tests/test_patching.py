@@ -498,15 +498,23 @@ def test_the_check_catches_copies_that_mix(monkeypatch, pair):
     assert not model._check_plan(prepared, plan)
 
 
+ZEROING = {
+    "returns a new tensor": lambda act, ctx: torch.zeros_like(act),
+    "edits in place and returns it": lambda act, ctx: act.zero_(),
+    "edits in place and returns None": lambda act, ctx: (act.zero_(), None)[1],
+}
+
+
+@pytest.mark.parametrize("style", list(ZEROING))
 @pytest.mark.parametrize("which", ["native", "hf"])
-def test_writing_resid_mid_changes_the_residual_stream(which, gpt2_model):
+def test_writing_resid_mid_changes_the_residual_stream(which, style, gpt2_model):
     """In pre-LN blocks ``hook_resid_mid`` is read at the MLP's input; a write there must still
-    replace the residual stream: with resid_mid zeroed, resid_post is exactly the MLP's output,
-    and the MLP's output is the MLP applied to zeros."""
+    replace the residual stream, however the hook writes: with resid_mid zeroed, resid_post is
+    exactly the MLP's output, and the MLP's output is the MLP applied to zeros."""
     model = interp.load(TOY_MLP) if which == "native" else gpt2_model
     tokens = torch.randint(2, 20, (2, 6))
     names = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.ln2.hook_in"]
-    zero = [("blocks.1.hook_resid_mid", lambda act, ctx: torch.zeros_like(act))]
+    zero = [("blocks.1.hook_resid_mid", ZEROING[style])]
     _, cache = model.run_with_cache(tokens, names=names, hooks=zero)
     assert torch.equal(cache["blocks.1.hook_resid_post"], cache["blocks.1.hook_mlp_out"])
     assert cache["blocks.1.ln2.hook_in"].abs().max() == 0

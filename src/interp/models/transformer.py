@@ -127,13 +127,13 @@ class TransformerModel(HookedModel):
         """For a hook in block L: one plan that shares more than stacking at the hook, one that shares less.
 
         1. Inside the attention (or MLP) branch: stack the copies on the residual stream entering
-           the branch (``hook_resid_pre``; for the MLP ``hook_resid_mid``, or ``hook_resid_pre`` where
-           ``hook_resid_mid`` is only the MLP's input), keep one copy at the
-           branch input (``ln1``/``attn`` ``.hook_in``), stack again at ``name``. The branch up to
-           ``name`` runs once and the residual add after it sees every copy; on a head sweep this
-           skips every copy's q/k/v projections and attention pattern.
-        2. (after the plain plan, which fails inside a branch unless the batch is one prompt) Stack
-           at the residual stream entering block L: blocks < L run once.
+           the branch, keep one copy at the branch input (``ln1``/``attn`` ``.hook_in``), and stack
+           again at ``name``. The branch up to ``name`` runs once and the residual add after it sees
+           every copy; on a head sweep this skips every copy's q/k/v projections and attention
+           pattern. The stream is ``hook_resid_pre`` for attention; for the MLP it is
+           ``hook_resid_mid``, or ``hook_resid_pre`` where ``hook_resid_mid`` is only the MLP's input.
+        2. After the plain plan (which fails inside a branch unless the batch is one prompt): stack
+           at the residual stream entering block L, so blocks < L run once.
         """
         layer = layer_of(name)
         if layer is None:
