@@ -35,6 +35,7 @@ from interp.methods.patching import (
     n_heads,
     patch,
     plan,
+    run_pair,
     unit_view,
 )
 from interp.models.base import HookedModel
@@ -76,8 +77,7 @@ def attribution_patch(
         model, site, clean_t.input_ids.shape[1], str_tokens, layers=layers, positions=positions, units=units
     )
     hooks = sorted(set(plan_.hooks), key=model.hook_names.index)
-    clean_out, clean_cache = model.run_with_cache(clean_t, names=hooks)
-    corrupt_out = model(corrupt_t)
+    clean_out, corrupt_out, clean_cache = run_pair(model, clean_t, corrupt_t, hooks)
     metric_ = (default_metric(model) if metric is None else as_metric(metric)).bind(
         clean_out, corrupt_out, clean_t.attention_mask
     )
@@ -163,8 +163,7 @@ def attribution_patch_edges(
     """
     clean_t, corrupt_t = check_pair(model, clean, corrupted)
     graph = _ResidualGraph.of(model, inputs)
-    clean_out, clean_cache = model.run_with_cache(clean_t, names=graph.sender_hooks)
-    corrupt_out = model(corrupt_t)
+    clean_out, corrupt_out, clean_cache = run_pair(model, clean_t, corrupt_t, graph.sender_hooks)
     metric_ = (default_metric(model) if metric is None else as_metric(metric)).bind(
         clean_out, corrupt_out, clean_t.attention_mask
     )

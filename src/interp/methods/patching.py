@@ -20,7 +20,7 @@ The same engine runs ablations (:mod:`interp.methods.ablation`) and path patchin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -723,30 +723,32 @@ def sweep(
     kept = metric.positions_read()
     narrow = kept is not None and UNEMBED_INPUT in model._sites
     read = metric.at_kept_positions() if narrow else metric
-    for start, chunk in _chunks(plan_.patches, copies):
+    start = 0
+    for chunk in chunks_by(plan_.patches, copies, key=lambda patch: patch.hook):
         masks = _masks(chunk, plan_, n_pos, base.input_ids.device)
         hooks = [(h, splice(m, sources[h], plan_.units[h])) for h, m in masks.items()]
         with model.keeping_positions(UNEMBED_INPUT, kept) if narrow else nullcontext():
             output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))
         out[start : start + len(chunk)] = read.batched(output).detach().float().cpu()
+        start += len(chunk)
         bar.update(len(chunk))
         if progress is not None:
-            progress(min(start + len(chunk), total), total)
+            progress(start, total)
     bar.close()
     return out.reshape(plan_.shape)
 
 
-def _chunks(patches: list[Patch], copies: int) -> Iterator[tuple[int, list[Patch]]]:
-    """``(start, patches)`` per forward: at most ``copies`` consecutive patches of one hook, so that
-    each forward runs the model once up to that hook (``HookedModel.run_copies``)."""
-    start = 0
-    while start < len(patches):
-        stop = start + 1
-        while stop < len(patches) and stop - start < copies and patches[stop].hook == patches[start].hook:
-            stop += 1
-        yield start, patches[start:stop]
-        start = stop
+def chunks_by(items: Sequence, copies: int, key: Callable[[Any], Any]) -> list[list]:
+    """Consecutive ``items`` in runs of at most ``copies`` that share ``key``: one forward each, so
+    that the model runs once up to where they differ (``HookedModel.run_copies``)."""
+    chunks: list[list] = []
+    for item in items:
+        if chunks and len(chunks[-1]) < copies and key(chunks[-1][0]) == key(item):
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    return chunks
 
 
 # ------------------------------------------------------------------------------------------------

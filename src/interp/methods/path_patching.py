@@ -30,6 +30,7 @@ from interp.methods.patching import (
     as_metric,
     cached_bytes,
     check_pair,
+    chunks_by,
     copies_per_forward,
     default_metric,
     n_heads,
@@ -79,7 +80,7 @@ def path_patch(
     base = float(metric_(clean_out))
     values = torch.full((n_layers, heads), base)
     done = 0
-    for chunk in _by_layer(senders, copies):
+    for chunk in chunks_by(senders, copies, key=lambda sender: sender[0]):  # one layer per forward
         first = chunk[0][0]  # on the clean input, freezing heads and MLPs before the sender is a no-op
         frozen = _freeze_hooks(model, chunk, z[first:], clean_cache, corrupt_cache, heads, first)
         frozen += [(n, _fixed(clean_cache[n], len(chunk))) for n in (mlp[first:] if freeze_mlps else [])]
@@ -137,17 +138,6 @@ def _receiver_hooks(model: HookedModel, receivers, inputs: Sequence[str]) -> lis
             f"{model.name} has no per-head query/key/value hooks ({missing[0]}); path patching needs them"
         )
     return names
-
-
-def _by_layer(senders: list[tuple[int, int]], copies: int) -> list[list[tuple[int, int]]]:
-    """At most ``copies`` senders per forward, all from one layer (so the layers before run once)."""
-    chunks: list[list[tuple[int, int]]] = []
-    for sender in senders:
-        if chunks and len(chunks[-1]) < copies and chunks[-1][0][0] == sender[0]:
-            chunks[-1].append(sender)
-        else:
-            chunks.append([sender])
-    return chunks
 
 
 def _entry(model: HookedModel, layer: int) -> str | None:
