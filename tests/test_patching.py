@@ -171,6 +171,8 @@ def test_unknown_sites_suggest_the_closest(toy, pair):
         P.patch(toy, clean, corrupted, "blocks.0.hook_resid_pr", P.kl())
     with pytest.raises(UnknownHookError, match=r"attention-only model: no MLP"):
         P.patch(toy, clean, corrupted, "mlp_out", P.kl())
+    with pytest.raises(UnknownHookError, match=r"Did you mean the site 'head_pos'\?"):
+        P.patch(toy, clean, corrupted, "head_po", P.kl())
 
 
 def test_too_large_sweep_says_how_to_chunk_or_filter(toy, pair):

@@ -530,8 +530,10 @@ def _plan_hooks(model, names, n_pos, str_tokens, positions) -> Plan:
     try:
         hooks = model.resolve(names)
     except UnknownHookError as err:
+        near = closest(names, list(SITES)) if isinstance(names, str) else []
+        hint = f" Did you mean the site {near[0]!r}?" if near else ""
         raise UnknownHookError(
-            f"{names!r} is neither a site ({', '.join(SITES)}) nor a hook name. {err}"
+            f"{names!r} is neither a site ({', '.join(SITES)}) nor a hook name.{hint} {err}"
         ) from None
     bad = [h for h in hooks if not _is_pos_shaped(model.hook_shapes.get(h))]
     if bad:
