@@ -27,6 +27,7 @@ from interp.errors import InputError
 from interp.hooks import HookPoint, HookSite, attached, heads_first, heads_last, layer_of
 from interp.models.base import HookedModel, TilingPlan
 from interp.models.tracing import trace_sites
+from interp.models.weights import WeightsMixin
 
 ATTENTION_IMPLEMENTATION = "interp"
 ATTENTION_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
@@ -70,7 +71,7 @@ class Tokens:
     str_tokens: list[list[str]] | None = None
 
 
-class TransformerModel(HookedModel):
+class TransformerModel(WeightsMixin, HookedModel):
     """Shared input handling: text or token ids in, ``Tokens`` out, with length checks."""
 
     kind = "transformer"
