@@ -190,3 +190,31 @@ def test_apply_ln_refuses_post_ln_models(minilm, one_thread):
     _, cache = minilm.run_with_cache("the cat sat", names=["blocks.*.hook_resid_pre", "blocks.*.ln1.hook_in"])
     with pytest.raises(InputError, match="post-LN"):
         cache.accumulated_resid(layer=2, apply_ln=True)
+
+
+def test_a_norm_not_of_layernorm_form_is_refused_not_misapplied(tmp_path, one_thread):
+    """Gemma's RMSNorm multiplies by (1 + weight): applying it from its parameters would be silently wrong."""
+    from test_weights import _tokenizer
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    config = GemmaConfig(
+        vocab_size=20, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
+    )  # fmt: skip
+    GemmaForCausalLM(config).save_pretrained(tmp_path)
+    _tokenizer(tmp_path)
+    _, cache = interp.load(str(tmp_path)).run_with_cache(torch.tensor([[0, 2, 3, 2]]))
+    with pytest.raises(InputError, match="GemmaRMSNorm"):
+        cache.accumulated_resid(apply_ln=True)
+    assert cache.accumulated_resid(layer=1, apply_ln=True).shape == (2, 1, 4, 32)  # scale only: defined
+
+
+def test_logit_attrs_reads_a_string_token(raw_pair, one_thread):
+    ours, theirs = raw_pair
+    stack, t_stack = ours.decompose_resid(pos_slice=-1), theirs.decompose_resid(pos_slice=-1)
+    _same(
+        ours.logit_attrs(stack, "cat", "dog", pos_slice=-1),
+        theirs.logit_attrs(t_stack, "cat", "dog", pos_slice=-1),
+    )
+    _same(ours.logit_attrs(stack, "cat", pos_slice=-1), ours.logit_attrs(stack, 4, pos_slice=-1))

@@ -65,11 +65,11 @@ class CacheHelpers:
         """A full hook name for ``key``: a full name, TL shorthand (``"k6"``), or TL's tuples
         ``(name, layer)`` / ``(name, layer, layer_type)`` with negative layers counted from the end,
         exactly as TL's ``utils.get_act_name``."""
+        if isinstance(key, str) and key in self.activations:
+            return key
         from transformer_lens.utilities import get_act_name
 
         if isinstance(key, str):
-            if key in self.activations:
-                return key
             full = get_act_name(key)
             if full in self.activations:
                 return full
@@ -382,17 +382,9 @@ class CacheHelpers:
             )
 
     def _final_norm(self, stack: torch.Tensor) -> torch.Tensor:
-        """The final norm applied to each component with its own statistics, from its parameters."""
-        model = self._model()
-        module = model.norm_module(None)
-        centered = stack - stack.mean(-1, keepdim=True) if model.norm_centers(None) else stack
-        out = centered / model.norm_scale(stack, None)
-        weight = next(
-            (getattr(module, n) for n in ("weight", "w") if getattr(module, n, None) is not None), None
-        )
-        bias = next((getattr(module, n) for n in ("bias", "b") if getattr(module, n, None) is not None), None)
-        out = out * weight.detach() if weight is not None else out
-        return out + bias.detach() if bias is not None else out
+        """The final norm applied to each component with its own statistics (from its parameters:
+        no hook runs)."""
+        return self._model().apply_norm(stack, None)
 
     def _residual_directions(self, tokens: Any) -> torch.Tensor:
         """``W_U[:, tokens]`` with d_model last (TL's ``tokens_to_residual_directions``)."""

@@ -337,9 +337,46 @@ class WeightsMixin:
         x = x - x.mean(-1, keepdim=True) if self.norm_centers(layer) else x
         return (x.pow(2).mean(-1, keepdim=True) + float(eps)).sqrt()
 
+    def apply_norm(self, x: torch.Tensor, layer: int | None = None, mlp_input: bool = False) -> torch.Tensor:
+        """That norm applied to ``x`` from its parameters (center?, divide by the scale, weight, bias).
+
+        It never calls the module, so no hook runs. On plain HF models the formula is first checked
+        against the module's own (hook-free) ``forward`` on a random sample, and an architecture
+        whose norm is not of this form (Gemma's ``1 + weight``) gets a clear error instead of a wrong number.
+        """
+        module = self.norm_module(layer, mlp_input)
+        weight, bias = (_param(module, *names) for names in (("weight", "w"), ("bias", "b")))
+
+        def norm(v: torch.Tensor) -> torch.Tensor:
+            out = (v - v.mean(-1, keepdim=True) if self.norm_centers(layer) else v) / self.norm_scale(
+                v, layer, mlp_input
+            )
+            out = out * weight if weight is not None else out
+            return out + bias if bias is not None else out
+
+        if self._bridge is None:
+            generator = torch.Generator().manual_seed(0)
+            sample = torch.randn(3, x.shape[-1], generator=generator).to(x)
+            with torch.no_grad():
+                expected = module.forward(sample)
+            if not torch.allclose(norm(sample), expected, rtol=1e-4, atol=1e-5):
+                raise InputError(
+                    f"cannot express {self.name}'s {type(module).__name__} as a LayerNorm or RMSNorm from its "
+                    "parameters, so applying it to a stack of residual components is not supported for this model"
+                )
+        return norm(x)
+
     def norm_centers(self, layer: int | None = None) -> bool:
         """Whether the norm before ``layer`` subtracts the mean (LayerNorm) or not (RMSNorm); TL's rule."""
         final = layer is None or layer == self.n_layers
         return self.cfg.normalization_type in ("LN", "LNPre") and not (
             final and getattr(self.cfg, "final_rms", False)
         )
+
+
+def _param(module: nn.Module, *names: str) -> torch.Tensor | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, torch.Tensor):
+            return value.detach()
+    return None
