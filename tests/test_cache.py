@@ -218,3 +218,13 @@ def test_logit_attrs_reads_a_string_token(raw_pair, one_thread):
         theirs.logit_attrs(t_stack, "cat", "dog", pos_slice=-1),
     )
     _same(ours.logit_attrs(stack, "cat", pos_slice=-1), ours.logit_attrs(stack, 4, pos_slice=-1))
+
+
+def test_compute_head_results_and_stack_activation_equal_tl(raw_pair, one_thread):
+    ours, theirs = raw_pair
+    cache = type(ours)(dict(ours.activations), model=ours.model)
+    cache.compute_head_results()
+    theirs.compute_head_results()
+    _same(cache["result", 1], theirs["result", 1])
+    _same(cache.stack_activation("pattern"), theirs.stack_activation("pattern"))
+    _same(cache.stack_activation("post", 1, "mlp"), theirs.stack_activation("post", 1, "mlp"))

@@ -177,3 +177,13 @@ def test_composition_baseline_is_the_score_of_random_matrices(one_thread):
     assert baseline == composition_baseline(d_model, d_head, n_samples=400, seed=0)
     with pytest.raises(InputError, match="d_head"):
         composition_baseline(64, 0)
+
+
+def test_tokens_to_residual_directions_equal_tl(gpt2_model, gpt2_bridge, one_thread):
+    batch = torch.tensor([[4, 5], [6, 7]])
+    expected = gpt2_bridge.tokens_to_residual_directions(batch).detach()
+    assert torch.equal(gpt2_model.tokens_to_residual_directions(batch), expected)
+    assert torch.equal(gpt2_model.tokens_to_residual_directions("cat"), gpt2_model.W_U[:, 4])
+    assert torch.equal(gpt2_model.tokens_to_residual_directions(torch.tensor(5)), gpt2_model.W_U[:, 5])
+    with pytest.raises(InputError):
+        gpt2_model.tokens_to_residual_directions("the cat")

@@ -234,6 +234,20 @@ class CacheHelpers:
         dtype = torch.promote_types(z.dtype, w_o.dtype)
         return torch.einsum("...hd,hdm->...hm", z.to(dtype), w_o.to(dtype))
 
+    def compute_head_results(self) -> None:
+        """Store every layer's per-head output under ``blocks.L.attn.hook_result`` (TL's method): after
+        it, ``cache["result", L]`` works as in TL. Existing entries are kept."""
+        for layer in range(self._n_layers()):
+            self.activations[f"blocks.{layer}.attn.hook_result"] = self.head_results(layer)
+
+    def stack_activation(
+        self, activation_name: str, layer: int = -1, sublayer_type: str | None = None
+    ) -> torch.Tensor:
+        """``cache[activation_name, l, sublayer_type]`` for every layer before ``layer`` (default all),
+        stacked on a new leading axis (TL's method)."""
+        layer = self._n_layers() if layer is None or layer == -1 else layer
+        return torch.stack([self[activation_name, i, sublayer_type] for i in range(layer)])
+
     def stack_head_results(
         self,
         layer: int = -1,
@@ -386,30 +400,6 @@ class CacheHelpers:
         no hook runs)."""
         return self._model().apply_norm(stack, None)
 
-    def _residual_directions(self, tokens: Any) -> torch.Tensor:
-        """``W_U[:, tokens]`` with d_model last (TL's ``tokens_to_residual_directions``)."""
-        w_u = self._model().W_U
-        if isinstance(tokens, torch.Tensor) and tokens.numel() > 1:
-            return rearrange(w_u[:, tokens.to(w_u.device)], "d_model ... -> ... d_model")
-        return w_u[:, self._token_id(tokens)]
-
-    def _token_id(self, token: Any) -> int:
-        if isinstance(token, torch.Tensor) and token.numel() == 1:
-            return int(token.item())
-        if isinstance(token, int):
-            return token
-        if isinstance(token, str):
-            model = self._model()
-            if hasattr(model, "to_single_token"):
-                return int(model.to_single_token(token))
-            ids = (
-                model.tokenizer.encode(token, add_special_tokens=False) if model.tokenizer is not None else []
-            )
-            if len(ids) != 1:
-                raise InputError(f"{token!r} is {len(ids)} tokens, not one; pass a token id instead")
-            return ids[0]
-        raise InputError(f"tokens must be a string, an int or an integer tensor, got {type(token).__name__}")
-
     def logit_attrs(
         self,
         residual_stack: torch.Tensor,
@@ -425,15 +415,16 @@ class CacheHelpers:
         ``tokens``: a string or id, a ``[batch]`` tensor (one per prompt), a 1-d tensor of another
         length (one per position), or ``[batch, pos]``, as TL. Like TL, no ``b_U`` and no norm weight.
         """
-        correct = self._residual_directions(tokens)
+        model = self._model()
+        correct = model.tokens_to_residual_directions(tokens)
         if incorrect_tokens is not None:
-            shape = _token_shape(tokens, self._token_id)
-            if shape != _token_shape(incorrect_tokens, self._token_id):
+            shape = _token_shape(tokens, model._token_index)
+            if shape != _token_shape(incorrect_tokens, model._token_index):
                 raise InputError(
                     f"tokens and incorrect_tokens must have the same shape, got {tuple(shape)} and "
-                    f"{tuple(_token_shape(incorrect_tokens, self._token_id))}"
+                    f"{tuple(_token_shape(incorrect_tokens, model._token_index))}"
                 )
-            correct = correct - self._residual_directions(incorrect_tokens)
+            correct = correct - model.tokens_to_residual_directions(incorrect_tokens)
         scaled = self.apply_ln_to_stack(
             residual_stack,
             layer=-1,

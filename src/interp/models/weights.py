@@ -263,6 +263,35 @@ class WeightsMixin:
     def b_U(self) -> torch.Tensor:
         return self._unembed()[1]
 
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        """``W_U[:, tokens]`` with ``d_model`` last: the residual direction each token's logit reads (TL's
+        method of the same name). A string must be a single token. Without folded norms (plain HF
+        models) this ignores the final norm's weight, as TL warns."""
+        w_u = self.W_U
+        if isinstance(tokens, torch.Tensor) and tokens.numel() > 1:
+            return rearrange(w_u[:, tokens.to(w_u.device)], "d_model ... -> ... d_model")
+        return w_u[:, self._token_index(tokens)]
+
+    def _token_index(self, token: str | int | torch.Tensor) -> int:
+        if isinstance(token, torch.Tensor) and token.numel() == 1:
+            return int(token.item())
+        if isinstance(token, int):
+            return token
+        if not isinstance(token, str):
+            raise InputError(
+                f"tokens must be a string, an int or an integer tensor, got {type(token).__name__}"
+            )
+        single = getattr(self, "to_single_token", None)
+        if single is not None:
+            return int(single(token))
+        tokenizer = getattr(self, "tokenizer", None)
+        ids = tokenizer.encode(token, add_special_tokens=False) if tokenizer is not None else []
+        if len(ids) != 1:
+            raise InputError(
+                f"{token!r} is {len(ids)} tokens for {self.name}, not one; pass a token id instead"
+            )
+        return ids[0]
+
     # --- circuits -------------------------------------------------------------------------------
 
     def _expand_kv(self, w: torch.Tensor) -> torch.Tensor:
