@@ -266,9 +266,7 @@ class CacheHelpers:
         if heads:
             stack = rearrange(torch.cat(heads, dim=-2), "... component d_model -> component ... d_model")
         else:
-            stack = torch.zeros(
-                0, *pos.apply(self["hook_embed"], dim=-2).shape, dtype=self["hook_embed"].dtype
-            )
+            stack = self._empty_stack(pos)
         if incl_remainder:
             stack, labels = self._with_remainder(
                 stack, labels, pos.apply(self["resid_post", layer - 1], dim=-2)
@@ -316,15 +314,18 @@ class CacheHelpers:
         if parts:
             stack = rearrange(torch.cat(parts, dim=-2), "... component d_model -> component ... d_model")
         else:
-            stack = torch.zeros(
-                0, *pos.apply(self["hook_embed"], dim=-2).shape, dtype=self["hook_embed"].dtype
-            )
+            stack = self._empty_stack(pos)
         if incl_remainder:
             target = self["resid_mid", layer] if mlp_input else self["resid_post", layer - 1]
             stack, labels = self._with_remainder(stack, labels, pos.apply(target, dim=-2))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
+
+    def _empty_stack(self, pos) -> torch.Tensor:
+        """A stack of no components, shaped like one residual entry (TL: from ``hook_embed``)."""
+        embed = pos.apply(self["hook_embed"], dim=-2)
+        return torch.zeros(0, *embed.shape, dtype=embed.dtype, device=embed.device)
 
     @staticmethod
     def _with_remainder(

@@ -253,7 +253,8 @@ class WeightsMixin:
         if self._bridge is not None:
             return self._bridge.W_U.detach(), self._bridge.b_U.detach()
         weight, bias = linear_in_out(module)
-        return weight, torch.zeros(weight.shape[1], dtype=weight.dtype) if bias is None else bias
+        zeros = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return weight, zeros if bias is None else bias
 
     @property
     def W_U(self) -> torch.Tensor:
@@ -380,12 +381,13 @@ class WeightsMixin:
             out = (v - v.mean(-1, keepdim=True) if self.norm_centers(layer) else v) / self.norm_scale(
                 v, layer, mlp_input
             )
-            out = out * weight if weight is not None else out
-            return out + bias if bias is not None else out
+            out = out * weight.to(v) if weight is not None else out
+            return out + bias.to(v) if bias is not None else out
 
         if self._bridge is None:
-            generator = torch.Generator().manual_seed(0)
-            sample = torch.randn(3, x.shape[-1], generator=generator).to(x)
+            param = next(module.parameters(), x)
+            sample = torch.randn(3, x.shape[-1], generator=torch.Generator().manual_seed(0))
+            sample = sample.to(device=param.device, dtype=param.dtype)
             with torch.no_grad():
                 expected = module.forward(sample)
             if not torch.allclose(norm(sample), expected, rtol=1e-4, atol=1e-5):
