@@ -124,9 +124,9 @@ def test_keys_negative_layers_three_parts_and_clear_errors(raw_pair, one_thread)
             continue
         _same(ours[key], theirs[key], atol=1e-5)
     assert torch.equal(ours["resid_post", -1], ours["blocks.1.hook_resid_post"])
-    with pytest.raises(UnknownHookError, match="has 2 layers"):
+    with pytest.raises(UnknownHookError, match="layer 2 does not exist.*has 2 layers"):
         ours["resid_post", 2]
-    with pytest.raises(UnknownHookError, match="has 2 layers"):
+    with pytest.raises(UnknownHookError, match="layer -3 does not exist.*has 2 layers"):
         ours["resid_post", -3]
     with pytest.raises(UnknownHookError, match="hook_nothing"):
         ours["nothing", 0]

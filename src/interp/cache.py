@@ -79,6 +79,7 @@ class CacheHelpers:
                 f"cache keys are names or (name, layer[, layer_type]) tuples, got {key!r}; e.g. cache['resid_post', -1]"
             )
         name, layer, *rest = (*key, None) if len(key) == 1 else key
+        asked = layer
         if isinstance(layer, int) and layer < 0:
             layer += self._n_layers()
         full = get_act_name(name, layer, rest[0] if rest else None)
@@ -88,15 +89,15 @@ class CacheHelpers:
         hits = [n for n in self.activations if n.endswith(suffix) and _layer_of(n) == layer]
         if len(hits) == 1:
             return hits[0]
-        return self._unknown(full, layer)
+        return self._unknown(full, layer, asked)
 
-    def _unknown(self, full: str, layer: int | None = None) -> str:
+    def _unknown(self, full: str, layer: int | None = None, asked: Any = None) -> str:
         from interp.hooks import _unknown_message
 
         n_layers = getattr(self.model, "n_layers", None)
         if layer is not None and n_layers is not None and not 0 <= layer < n_layers:
             raise UnknownHookError(
-                f"layer {layer - n_layers if layer >= n_layers else layer} does not exist: "
+                f"layer {asked} does not exist: "
                 f"{getattr(self.model, 'name', 'the model')} has {n_layers} layers (0..{n_layers - 1}, or -1..-{n_layers})"
             )
         template = _template(full)
