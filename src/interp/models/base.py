@@ -85,6 +85,47 @@ class HookedModel:
     def _sites(self) -> dict[str, HookSite]:
         return self._build_sites()
 
+    @contextmanager
+    def extra_sites(self, groups: dict[str, Sequence[HookSite]]):
+        """Extension point: inside this block, ``groups[host]``'s sites are hook names too, listed
+        right after ``host``; the previous site table comes back on exit, even on error.
+
+        Spliced dictionaries (``interp.sae``) use it so their latents are hook points for every
+        tool (capture, ``run_with_hooks``, patching). Nested blocks stack. Holds the model's lock.
+        """
+        with self._lock:
+            before = self._sites
+            clash = [s.name for sites in groups.values() for s in sites if s.name in before]
+            if clash:
+                raise ValueError(f"hook names already exist: {clash[:3]}")
+            extended: dict[str, HookSite] = {}
+            for name, site in before.items():
+                extended[name] = site
+                extended.update((s.name, s) for s in groups.get(name, ()))
+            self.__dict__["_sites"] = extended
+            try:
+                yield self
+            finally:
+                self.__dict__["_sites"] = before
+
+    def saes(self, saes: Any, *, use_error_term: bool | None = None):
+        """``with model.saes([sae, ...]):`` splices dictionaries in (see ``interp.sae.splicing``)."""
+        from interp.sae.splicing import splice  # the dictionary layer sits above models
+
+        return splice(self, saes, use_error_term=use_error_term)
+
+    def run_with_saes(self, inputs: Any, saes: Any, **kwargs: Any) -> Any:
+        """One forward with dictionaries spliced in (SAELens's ``run_with_saes``)."""
+        from interp.sae.splicing import run_with_saes
+
+        return run_with_saes(self, inputs, saes, **kwargs)
+
+    def run_with_cache_with_saes(self, inputs: Any, saes: Any, **kwargs: Any) -> Any:
+        """``run_with_cache`` with dictionaries spliced in; latents are cached like any hook."""
+        from interp.sae.splicing import run_with_cache_with_saes
+
+        return run_with_cache_with_saes(self, inputs, saes, **kwargs)
+
     @property
     def hook_names(self) -> list[str]:
         """Every hook name, in the order activations are computed."""

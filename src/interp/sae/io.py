@@ -1,0 +1,202 @@
+"""SAELens's on-disk format, read and written: ``cfg.json`` + ``sae_weights.safetensors``.
+
+Weights are read with safetensors only (no pickle). ``save`` also writes ``checksums.json``, a
+sidecar holding the sha256 of the weights file; ``load`` refuses weights whose hash differs (a
+modified file, or weights and cfg from different runs). Directories written by SAELens itself have
+no sidecar: load them with ``verify=False``, which still checks every key and shape.
+
+Each file is written under a temporary name and renamed into place, so a kill mid-save leaves the
+previous file whole, and a mismatched pair is caught by the hash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from interp.errors import CheckpointError, closest
+from interp.models.zoo.checkpoint import sha256
+from interp.sae.config import SAEConfig
+from interp.sae.modules import SAE
+
+CFG = "cfg.json"
+WEIGHTS = "sae_weights.safetensors"
+CHECKSUMS = "checksums.json"
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+
+def save(sae: SAE, directory: str | os.PathLike) -> Path:
+    """Write ``sae`` to ``directory`` in SAELens's format; returns the directory.
+
+    A BatchTopK dictionary is written as ``jumprelu`` with its inference threshold, as SAELens does.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = sae.cfg.to_dict()
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sae.state_dict().items()}
+    if sae.cfg.architecture == "batchtopk":
+        cfg["architecture"] = "jumprelu"
+        cfg.pop("k", None)
+        cfg.setdefault("metadata", {})["trained_as"] = "batchtopk"
+    weights = out / WEIGHTS
+    _atomic(weights, lambda tmp: save_file(tensors, str(tmp)))
+    _atomic(out / CFG, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8"))
+    sums = {WEIGHTS: {"sha256": sha256(weights), "bytes": weights.stat().st_size}}
+    _atomic(out / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8"))
+    return out
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    verify: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    use_error_term: bool = False,
+) -> SAE:
+    """Load a dictionary from a SAELens-format directory or ``"zoo:NAME"``.
+
+    Args:
+        source: a directory holding ``cfg.json`` and ``sae_weights.safetensors``, or ``zoo:NAME``.
+        verify: check the weights against the sha256 in ``checksums.json`` (written by ``save``).
+            Directories saved by SAELens have no such file: pass ``verify=False`` for them.
+        device, dtype: where and in what to make the weights (default: the cfg's).
+        use_error_term: see ``SAE``.
+
+    Raises:
+        CheckpointError: missing or corrupt files, wrong keys or shapes, or a hash mismatch.
+        InputError: a cfg that names an unknown architecture or impossible sizes.
+    """
+    path = _resolve(source)
+    cfg = SAEConfig.from_dict(_read_cfg(path))
+    if device is not None:
+        cfg.device = str(device)
+    if dtype is not None:
+        cfg.dtype = str(dtype).removeprefix("torch.")
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{path} is a partial SAE checkpoint: {CFG} is there but {WEIGHTS} is missing. "
+            "Save it again (sae.save(dir)) or copy the weights file next to cfg.json."
+        )
+    if verify:
+        _verify(path, weights)
+    tensors = _read_weights(weights)
+    sae = SAE(cfg, use_error_term=use_error_term)
+    _fill(sae, tensors, weights)
+    return sae
+
+
+def _resolve(source: str | os.PathLike) -> Path:
+    text = str(source)
+    if text.startswith("zoo:"):
+        name = text.removeprefix("zoo:")
+        path = ZOO_DIR / name
+        if not (path / CFG).is_file():
+            have = (
+                sorted(p.name for p in ZOO_DIR.iterdir() if (p / CFG).is_file()) if ZOO_DIR.is_dir() else []
+            )
+            near = closest(name, have, n=3)
+            raise CheckpointError(
+                f"no zoo dictionary {name!r}."
+                + (f" Did you mean: {', '.join(near)}?" if near else "")
+                + f" Available: {', '.join(have) or 'none yet'}."
+            )
+        return path
+    path = Path(source)
+    if not path.is_dir():
+        if path.is_file() and path.name in (CFG, WEIGHTS):
+            return path.parent
+        raise CheckpointError(
+            f"SAE directory {path} not found; pass the folder that holds {CFG} and {WEIGHTS}"
+        )
+    if not (path / CFG).is_file():
+        what = f" ({WEIGHTS} is there)" if (path / WEIGHTS).is_file() else ""
+        raise CheckpointError(
+            f"{path} is not an SAE checkpoint: {CFG} is missing{what}. Save it again with sae.save(dir)."
+        )
+    return path
+
+
+def _read_cfg(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((path / CFG).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise CheckpointError(
+            f"{path / CFG} is corrupt (unreadable JSON: {exc}). Save the SAE again."
+        ) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path / CFG} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _verify(path: Path, weights: Path) -> None:
+    sums = path / CHECKSUMS
+    if not sums.is_file():
+        raise CheckpointError(
+            f"{path} has no {CHECKSUMS}, so its weights cannot be verified. If SAELens (or you) wrote it, "
+            "load it with interp.sae.load(dir, verify=False); interp's sae.save writes the checksum."
+        )
+    try:
+        recorded = json.loads(sums.read_text(encoding="utf-8"))[WEIGHTS]["sha256"]
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{sums} is corrupt ({exc}); save the SAE again or load with verify=False"
+        ) from exc
+    if sha256(weights) != recorded:
+        raise CheckpointError(
+            f"{weights} does not match the sha256 recorded in {sums} (the file was modified, truncated, "
+            "or comes from another run). Save the SAE again; pass verify=False only if you trust the file."
+        )
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{weights} is corrupt (not a readable safetensors file: {exc}). Save the SAE again."
+        ) from exc
+
+
+def _fill(sae: SAE, tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not fit a {sae.cfg.architecture} SAE (missing: {missing or 'none'}; "
+            f"unexpected: {unexpected or 'none'}). The cfg.json and the weights disagree: save the SAE again."
+        )
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs cfg {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{weights} has shapes that do not match cfg.json ({'; '.join(wrong[:3])}); "
+            "the cfg's d_in/d_sae and the weights come from different SAEs."
+        )
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(
+            f"{weights} holds NaN or inf in {', '.join(bad)}; the training diverged. Retrain it."
+        )
+    with torch.no_grad():
+        for key, value in expected.items():
+            value.copy_(tensors[key].to(value.dtype))

@@ -1,0 +1,306 @@
+"""interp.sae: SAELens-format dictionaries, splicing with latents as hook points, evaluation.
+
+Oracles: hand computations (identity and mean-predicting dictionaries, the EV example from
+SAELens's tests, a steering edit equal to adding the decoder row at the site), the unspliced
+model (error-term exactness), and SAELens 6.54 itself in its own venv (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import interp
+from interp import sae as S
+from interp.errors import CheckpointError, InputError, UnknownHookError
+from interp.methods import patching as P
+from interp.sae.evaluation import _Stats
+
+SAELENS_PY = Path(os.environ.get("INTERP_SAELENS_VENV", "/work/venvs/saelens")) / "bin" / "python"
+INTEROP = Path(__file__).parent / "interop" / "saelens_roundtrip.py"
+SITE = "blocks.0.hook_resid_post"
+TEXTS = ["the cat sat on the mat", "a dog ran under the rug and then it was big", "the red cat"]
+
+
+def _random_sae(arch: str = "standard", d_in: int = 32, d_sae: int = 48, seed: int = 0, **kw) -> S.SAE:
+    extra = {"k": 6} if arch in ("topk", "batchtopk") else {}
+    if arch in ("transcoder", "skip_transcoder"):
+        extra = {"hook_name_out": "blocks.0.hook_mlp_out", "apply_b_dec_to_input": False}
+    cfg = S.SAEConfig(
+        d_in=d_in, d_sae=d_sae, architecture=arch, hook_name=kw.pop("hook", SITE), **extra, **kw
+    )
+    sae = S.SAE(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.3)
+    return sae
+
+
+def _identity_sae(d_in: int, hook: str) -> S.SAE:
+    """W_dec = [I; -I], W_enc = W_decᵀ, zero biases: relu(x) - relu(-x) = x exactly."""
+    sae = S.SAE(S.SAEConfig(d_in=d_in, d_sae=2 * d_in, hook_name=hook))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.cat([eye, -eye]))
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae
+
+
+# --- format ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "transcoder", "skip_transcoder"])
+def test_save_load_roundtrip_keeps_weights_and_outputs(tmp_path, arch):
+    sae = _random_sae(arch)
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == arch and cfg["metadata"]["hook_name"] == SITE
+    assert set(load_file(str(tmp_path / "sae_weights.safetensors"))) == set(sae.state_dict())
+    assert tuple(sae.W_enc.shape) == (32, 48) and tuple(sae.W_dec.shape[:1]) == (48,)
+    back = S.load(tmp_path)
+    x = torch.randn(5, 32)
+    assert back.cfg.to_dict() == sae.cfg.to_dict()
+    assert torch.equal(back.encode(x), sae.encode(x))
+    assert torch.equal(back.reconstruct(x), sae.reconstruct(x))
+
+
+def test_batchtopk_is_saved_as_jumprelu_with_its_threshold(tmp_path):
+    sae = _random_sae("batchtopk")
+    x = torch.randn(7, 32)
+    sae.save(tmp_path)
+    back = S.load(tmp_path)
+    assert back.cfg.architecture == "jumprelu" and back.cfg.metadata["trained_as"] == "batchtopk"
+    pre = sae.pre_acts(x)
+    expected = torch.relu(pre) * (pre > sae.threshold)
+    assert torch.equal(back.encode(x), expected) and torch.equal(sae.encode(x), expected)
+    sae.train()  # training: k * tokens latents kept over the whole batch
+    assert int((sae.encode(x) > 0).sum()) <= 6 * 7
+
+
+def test_hand_explained_variance_and_mean_prediction():
+    sae = S.SAE(S.SAEConfig(d_in=2, d_sae=2))
+    stats = _Stats(sae)
+    x = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    stats.add(x, torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.zeros(2, 2))
+    assert stats.metrics(0.1)[0]["explained_variance"] == pytest.approx(0.8, abs=1e-12)
+    stats = _Stats(sae)
+    stats.add(x, x.mean(0).expand(2, 2), torch.zeros(2, 2))
+    assert stats.metrics(0.1)[0]["explained_variance"] == pytest.approx(0.0, abs=1e-12)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_architecture_is_refused_with_a_suggestion():
+    with pytest.raises(InputError, match="unknown SAE architecture 'top_k'.*'topk'"):
+        S.SAEConfig(d_in=4, d_sae=8, architecture="top_k")
+
+
+def test_corrupt_partial_and_unverified_checkpoints(tmp_path):
+    sae = _random_sae()
+    good = tmp_path / "good"
+    sae.save(good)
+    weights = good / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        S.load(good)
+    weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        S.load(good, verify=False)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="partial SAE checkpoint.*sae_weights.safetensors is missing"):
+        S.load(good)
+    other = tmp_path / "other"
+    sae.save(other)
+    (other / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match="verify=False"):
+        S.load(other)
+    assert torch.equal(S.load(other, verify=False).W_enc, sae.W_enc)
+    cfg = json.loads((other / "cfg.json").read_text())
+    (other / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 40}))
+    with pytest.raises(CheckpointError, match="W_enc: file \\(32, 48\\) vs cfg \\(32, 40\\)"):
+        S.load(other, verify=False)
+
+
+def test_width_mismatch_names_both_widths(gpt2_model):
+    sae = _random_sae(d_in=16)
+    with pytest.raises(InputError, match="d_in=16 but blocks.0.hook_resid_post .* has width 32"):
+        gpt2_model.saes([sae]).__enter__()
+
+
+def test_unknown_hook_suggests_the_closest(gpt2_model):
+    sae = _random_sae(hook="blocks.0.hook_resid_pots")
+    with pytest.raises(UnknownHookError, match="Did you mean: blocks.0.hook_resid_post"):
+        gpt2_model.run_with_saes(TEXTS[0], [sae])
+
+
+def test_sae_at_a_hook_the_forward_never_reaches():
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = interp.load(WithUnused())
+    sae = _random_sae(d_in=4, d_sae=8, hook="unused.hook_out")
+    with pytest.raises(InputError, match="never reached that hook"):
+        model.run_with_saes(torch.randn(2, 4), [sae])
+    assert "unused.hook_out.hook_sae_acts_post" not in model.hook_names
+
+
+# --- splicing: latents as hook points --------------------------------------------------------
+
+
+def test_error_term_keeps_the_output_exactly(gpt2_model):
+    sae = _random_sae()
+    base = gpt2_model(TEXTS)
+    assert torch.equal(gpt2_model.run_with_saes(TEXTS, [sae], use_error_term=True), base)
+    assert not torch.allclose(gpt2_model.run_with_saes(TEXTS, [sae]), base, atol=1e-3)
+    before = list(gpt2_model.hook_names)
+    with pytest.raises(RuntimeError, match="boom"), gpt2_model.saes([sae]):
+        assert f"{SITE}.hook_sae_acts_post" in gpt2_model.hook_names
+        raise RuntimeError("boom")
+    assert gpt2_model.hook_names == before  # the site table is restored
+
+
+def test_latent_capture_equals_encode_of_the_site(gpt2_model):
+    sae = _random_sae("topk")
+    _, plain = gpt2_model.run_with_cache(TEXTS, names=SITE)
+    names = [f"{SITE}.{p}" for p in S.HOOK_POINTS]
+    _, cache = gpt2_model.run_with_cache_with_saes(TEXTS, [sae], names=names, use_error_term=True)
+    assert torch.equal(cache[f"{SITE}.hook_sae_acts_post"], sae.encode(plain[SITE]))
+    assert torch.equal(cache[f"{SITE}.hook_sae_input"], plain[SITE])
+    recons, error = cache[f"{SITE}.hook_sae_recons"], cache[f"{SITE}.hook_sae_error"]
+    assert torch.allclose(recons + error, plain[SITE], atol=1e-6)
+    assert gpt2_model.hook_shapes.get(f"{SITE}.hook_sae_acts_post") is None  # gone after the run
+    with gpt2_model.saes(sae):
+        assert gpt2_model.hook_shapes[f"{SITE}.hook_sae_acts_post"] == ("batch", "pos", 48)
+
+
+def test_steering_a_latent_adds_its_decoder_row(gpt2_model):
+    sae = _random_sae()
+    latent, alpha = 5, 2.5
+    steered = gpt2_model.run_with_saes(
+        TEXTS[1],
+        [sae],
+        use_error_term=True,
+        hooks=[(f"{SITE}.hook_sae_acts_post", S.steering_hook(latent, alpha))],
+    )
+    direction = sae.W_dec[latent].detach()
+    by_hand = gpt2_model.run_with_hooks(TEXTS[1], [(SITE, lambda act, hook: act + alpha * direction)])
+    assert torch.allclose(steered, by_hand, atol=1e-5)
+    assert not torch.allclose(steered, gpt2_model(TEXTS[1]), atol=1e-3)
+
+
+def test_transcoder_replaces_the_mlp_output(gpt2_model):
+    tc = _random_sae("skip_transcoder", hook="blocks.0.mlp.hook_in")
+    base = gpt2_model(TEXTS)
+    assert torch.equal(gpt2_model.run_with_saes(TEXTS, [tc], use_error_term=True), base)
+    _, plain = gpt2_model.run_with_cache(TEXTS, names="blocks.0.mlp.hook_in")
+    _, cache = gpt2_model.run_with_cache_with_saes(TEXTS, [tc], names="blocks.0.hook_mlp_out")
+    assert torch.allclose(
+        cache["blocks.0.hook_mlp_out"], tc.reconstruct(plain["blocks.0.mlp.hook_in"]), atol=1e-6
+    )
+
+
+def test_patching_engine_sweeps_latent_hooks(gpt2_model):
+    sae = _random_sae()
+    clean, corrupt = "the cat sat on the mat", "the dog ran on the rug"
+    hook = f"{SITE}.hook_sae_acts_post"
+    metric = P.logit_diff(gpt2_model.to_tokens("mat").input_ids[0, 0].item(), 3)
+    with gpt2_model.saes([sae], use_error_term=True):
+        result = P.patch(gpt2_model, clean, corrupt, site=hook, metric=metric)
+        _, cache = gpt2_model.run_with_cache(clean, names=hook)
+        for pos in (0, 3):
+
+            def put(act, ctx, pos=pos):
+                act = act.clone()
+                act[:, pos] = cache[hook][:, pos]
+                return act
+
+            by_hand = float(metric(gpt2_model.run_with_hooks(corrupt, [(hook, put)])))
+            assert result.values[0, pos].item() == pytest.approx(by_hand, abs=1e-4)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+def test_identity_sae_evaluates_perfectly(gpt2_model):
+    result = S.evaluate(gpt2_model, _identity_sae(32, SITE), TEXTS, batch_size=2)
+    assert result["explained_variance"] == 1.0 and result["mse"] == 0.0
+    assert result["l0"] == 32.0 and result["cossim"] == pytest.approx(1.0, abs=1e-12)
+    assert result["ce_loss_score"] == 1.0 and result["kl_div_score"] == pytest.approx(1.0, abs=1e-6)
+    assert result["ce_loss_with_sae"] == result["ce_loss_without_sae"]
+    assert result["ce_loss_with_ablation"] != result["ce_loss_without_sae"]
+    assert result.nested()["sparsity"]["l0"] == 32.0
+    real = sum(len(t.split()) for t in TEXTS)
+    assert result["total_tokens_evaluated"] == real  # padding excluded
+
+
+def test_mean_predicting_sae_explains_no_variance(gpt2_model):
+    _, cache = gpt2_model.run_with_cache(TEXTS, names=SITE)
+    mask = cache.meta["attention_mask"].bool()
+    mean = cache[SITE][mask].double().mean(0).float()
+    sae = S.SAE(S.SAEConfig(d_in=32, d_sae=4, hook_name=SITE, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.b_dec.copy_(mean)
+    result = S.evaluate(gpt2_model, sae, TEXTS, ablation="mean")
+    assert result["explained_variance"] == pytest.approx(0.0, abs=1e-6)
+    assert result["l0"] == 0.0 and result["dead_fraction"] == 1.0
+    assert result["ce_loss_with_sae"] == pytest.approx(result["ce_loss_with_ablation"], abs=1e-5)
+
+
+# --- SAELens interop (its own venv) ----------------------------------------------------------
+
+needs_saelens = pytest.mark.skipif(not SAELENS_PY.exists(), reason="no SAELens venv (see tests/interop/)")
+ARCHS = ["standard", "topk", "jumprelu", "transcoder", "skip_transcoder"]
+
+
+def _run_saelens(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(SAELENS_PY), str(INTEROP), *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _compare(sae: S.SAE, directory: Path) -> None:
+    x = load_file(str(directory / "x.safetensors"))["x"]
+    ref = load_file(str(directory / "saelens_out.safetensors"))
+    with torch.no_grad():
+        acts = sae.encode(x)
+        assert torch.equal(acts, ref["acts"])
+        assert torch.equal(sae.decode(acts, x), ref["decoded"])
+        assert torch.equal(sae(x), ref["forward"])
+
+
+@needs_saelens
+def test_saelens_reads_ours_and_we_read_theirs(tmp_path):
+    ours = []
+    for arch in ARCHS:
+        d = tmp_path / "ours" / arch
+        _random_sae(arch, d_in=8, d_sae=24).save(d)
+        save_file({"x": torch.randn(16, 8)}, str(d / "x.safetensors"))
+        ours.append(str(d))
+    _run_saelens("both", str(tmp_path / "theirs"), *ours)
+    for arch, d in zip(ARCHS, ours, strict=True):
+        _compare(S.load(d), Path(d))
+        theirs = tmp_path / "theirs" / arch
+        loaded = S.load(theirs, verify=False)
+        assert loaded.cfg.architecture == arch
+        _compare(loaded, theirs)
