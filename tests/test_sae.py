@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -304,3 +305,109 @@ def test_saelens_reads_ours_and_we_read_theirs(tmp_path):
         loaded = S.load(theirs, verify=False)
         assert loaded.cfg.architecture == arch
         _compare(loaded, theirs)
+
+
+# --- training --------------------------------------------------------------------------------
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "rug", "and", "then", "it", "big"]
+
+
+@pytest.fixture(scope="module")
+def corpus(gpt2_model):
+    gen = torch.Generator().manual_seed(0)
+    texts = [
+        " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (10,), generator=gen)) for _ in range(96)
+    ]
+    _, cache = gpt2_model.run_with_cache(texts, names=SITE)
+    return texts, cache[SITE].reshape(-1, 32)  # no padding: every text has 10 tokens
+
+
+def _fit(model, data, **kw):
+    opts = {
+        "arch": "topk",
+        "d_sae": 64,
+        "k": 4,
+        "tokens": 64 * 60,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "progress": False,
+    }
+    return S.train(model, SITE, data, **{**opts, **kw})
+
+
+def test_topk_training_fits_and_records_its_config(gpt2_model, corpus, tmp_path):
+    texts, acts = corpus
+    sae = _fit(gpt2_model, acts, seed=3, out=tmp_path, tokens=64 * 150)
+    result = S.evaluate(gpt2_model, sae, texts)
+    assert result["explained_variance"] > 0.8 and result["l0"] == 4.0
+    assert sae.history[0]["mse"] > 3 * sae.history[-1]["mse"]
+    record = sae.cfg.metadata["training"]
+    assert record["seed"] == 3 and record["k"] == 4 and record["steps_done"] == 150
+    assert record["data"].startswith("activations")
+    final = S.load(tmp_path / "final")  # verified against its checksum
+    assert torch.equal(final.W_dec, sae.W_dec) and final.cfg.metadata["training"]["seed"] == 3
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5)  # unit decoder rows
+    again, other = _fit(gpt2_model, acts, seed=3, tokens=64 * 150), _fit(gpt2_model, acts, seed=4)
+    assert torch.equal(again.W_enc, sae.W_enc) and not torch.equal(other.W_enc[:, :4], sae.W_enc[:, :4])
+
+
+def test_capture_tensor_and_model_inputs_train_the_same_sae(gpt2_model, corpus, tmp_path):
+    texts, acts = corpus
+    interp.capture_to_disk(gpt2_model, texts, SITE, tmp_path / "cap", batch_size=8, progress=False)
+    from_tensor = _fit(gpt2_model, acts)
+    from_capture = _fit(gpt2_model, tmp_path / "cap")
+    from_model = _fit(gpt2_model, texts, model_batch_size=8)
+    assert torch.equal(from_capture.W_enc, from_tensor.W_enc)
+    assert torch.allclose(from_model.W_enc, from_tensor.W_enc, atol=1e-5)
+    assert from_capture.cfg.metadata["training"]["data"].startswith("capture:")
+
+
+def test_nan_stops_naming_the_step_keeps_the_checkpoint_and_resume_is_exact(gpt2_model, corpus, tmp_path):
+    _, acts = corpus
+    bad = acts.clone()
+    bad[64 * 9 + 5] = float("nan")  # in the 10th batch of the first pass
+    with pytest.raises(InputError, match=r"training stopped at step \d+ .*NaN or inf") as err:
+        _fit(gpt2_model, bad, out=tmp_path, checkpoint_every=4, buffer_batches=2)
+    stopped, kept = (int(n) for n in re.findall(r"step (\d+)", str(err.value))[:2])
+    assert 8 <= kept <= stopped and kept % 4 == 0  # the NaN row is first read in step 8 or later
+    assert S.load(tmp_path / "checkpoint").cfg.metadata["training"]["steps_done"] == kept
+    resumed = _fit(gpt2_model, acts, out=tmp_path, checkpoint_every=4, buffer_batches=2)
+    straight = _fit(gpt2_model, acts, checkpoint_every=4, buffer_batches=2)
+    assert torch.equal(resumed.W_enc, straight.W_enc) and torch.equal(resumed.b_dec, straight.b_dec)
+    assert len(resumed.history) == straight.cfg.metadata["training"]["steps_done"]
+
+
+def test_l1_training_with_resampling_and_warmups(gpt2_model, corpus):
+    _, acts = corpus
+    opts = {"arch": "standard", "l1_coefficient": 0.05, "l1_warmup_steps": 20, "lr_warmup_steps": 10}
+    sae = _fit(gpt2_model, acts, resample_every=15, dead_after_tokens=64 * 10, lr_decay_steps=20, **opts)
+    lrs = [h["lr"] for h in sae.history]
+    assert (
+        lrs[0] == pytest.approx(3e-4)
+        and max(lrs) == pytest.approx(3e-3)
+        and lrs[-1] == pytest.approx(3e-3 / 20)
+    )
+    assert sae.history[-1]["l1"] > 0
+    trainer_sae = _fit(gpt2_model, acts, tokens=64 * 15, resample_every=0, dead_after_tokens=64 * 10, **opts)
+    from interp.sae.training import TrainConfig, _Trainer
+
+    cfg = TrainConfig(hook=SITE, arch="standard", d_sae=64, batch_size=64, dead_after_tokens=1)
+    trainer = _Trainer(gpt2_model, cfg, trainer_sae.cfg, acts, "auto", None, False)
+    trainer.sae.load_state_dict(trainer_sae.state_dict())
+    trainer.since_fired[:5] = 10  # five dead latents
+    trainer.resample(acts[:64], acts[:64])
+    rows = trainer.sae.W_dec[:5]
+    directions = acts[:64] / acts[:64].norm(dim=-1, keepdim=True)
+    assert torch.allclose(rows.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert ((rows @ directions.T).max(dim=-1).values > 1 - 1e-5).all()  # each is a data direction
+    assert torch.equal(trainer.sae.W_dec[5:], trainer_sae.W_dec[5:])
+
+
+def test_training_bad_input(gpt2_model, corpus):
+    _, acts = corpus
+    with pytest.raises(InputError, match="Train 'batchtopk'"):
+        _fit(gpt2_model, acts, arch="jumprelu")
+    with pytest.raises(InputError, match="unknown training option"):
+        _fit(gpt2_model, acts, learning_rate=1e-3)
+    with pytest.raises(UnknownHookError, match="Did you mean"):
+        S.train(gpt2_model, "blocks.0.hook_resid_pst", acts, d_sae=8, k=2, progress=False)

@@ -22,6 +22,7 @@ from interp.sae.splicing import (
     splice,
     steering_hook,
 )
+from interp.sae.training import TRAINABLE, TrainConfig, train
 
 __all__ = [
     "ARCHITECTURES",
@@ -29,6 +30,8 @@ __all__ = [
     "HOOK_POINTS",
     "SAE",
     "SAEConfig",
+    "TRAINABLE",
+    "TrainConfig",
     "check_fits",
     "evaluate",
     "latent_hook",
@@ -38,4 +41,5 @@ __all__ = [
     "save",
     "splice",
     "steering_hook",
+    "train",
 ]
