@@ -21,6 +21,7 @@ from torch import nn
 import interp
 from interp import sae as S
 from interp.errors import CheckpointError, InputError, UnknownHookError
+from interp.methods import attribution_patching as A
 from interp.methods import patching as P
 from interp.sae.evaluation import _Stats
 
@@ -235,6 +236,36 @@ def test_patching_engine_sweeps_latent_hooks(gpt2_model):
 
             by_hand = float(metric(gpt2_model.run_with_hooks(corrupt, [(hook, put)])))
             assert result.values[0, pos].item() == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_sae_latent_site_patches_one_latent_at_one_position(gpt2_model):
+    sae = _random_sae()
+    clean, corrupt = "the cat sat on the mat", "the dog ran on the rug"
+    hook = f"{SITE}.hook_sae_acts_post"
+    metric = P.logit_diff(gpt2_model.to_tokens("mat").input_ids[0, 0].item(), 3)
+    with pytest.raises(InputError, match="none is spliced"):
+        P.patch(gpt2_model, clean, corrupt, site="sae_latent", metric=metric)
+    with gpt2_model.saes([sae], use_error_term=True):
+        result = P.patch(
+            gpt2_model, clean, corrupt, site="sae_latent", metric=metric, positions=[1, 4], neurons=[0, 7]
+        )
+        assert result.dims == ("sae", "pos", "latent") and result.values.shape == (1, 2, 2)
+        _, cache = gpt2_model.run_with_cache(clean, names=hook)
+        _, base = gpt2_model.run_with_cache(corrupt, names=hook)
+
+        def put(act, ctx):
+            act = act.clone()
+            act[:, 4, 7] = cache[hook][:, 4, 7]
+            return act
+
+        by_hand = float(metric(gpt2_model.run_with_hooks(corrupt, [(hook, put)])))
+        assert result.values[0, 1, 1].item() == pytest.approx(by_hand, abs=1e-4)
+        atp = A.attribution_patch(gpt2_model, clean, corrupt, site="sae_latent", metric=metric, neurons=[7])
+        leaf = base[hook].clone().requires_grad_(True)  # the gradient by hand, through a leaf
+        out = gpt2_model.run_with_hooks(corrupt, [(hook, lambda act, ctx: leaf)], grad=True)
+        (grad,) = torch.autograd.grad(metric(out), leaf)
+        expected = atp.metric_corrupted + (grad[0, :, 7] * (cache[hook][0, :, 7] - base[hook][0, :, 7]))
+        assert torch.allclose(atp.values[0, :, 0], expected.float(), atol=1e-5)
 
 
 # --- evaluation ------------------------------------------------------------------------------

@@ -484,7 +484,10 @@ def plan(
     positions: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
 ) -> Plan:
-    """Enumerate the patches of a sweep over ``site`` (a name in ``SITES`` or hook names / a glob)."""
+    """Enumerate the patches of a sweep over ``site`` (a name in ``SITES``, ``"sae_latent"``, or
+    hook names / a glob)."""
+    if site == SAE_LATENT:
+        return _plan_latents(model, n_pos, str_tokens, positions, units)
     spec = SITES.get(site)
     if spec is None:
         return _plan_hooks(model, site, n_pos, str_tokens, positions)
@@ -515,6 +518,39 @@ def plan(
         labels[spec.unit] = [f"{spec.unit[0].upper()}{u}" for u in unit_list]
     shape = tuple(len(labels[d]) for d in spec.dims)
     return Plan(site, spec.dims, labels, shape, patches, hooks, dict.fromkeys(hooks, n_units))
+
+
+SAE_LATENT = "sae_latent"  # one patch per latent and position of every spliced dictionary
+LATENT_SUFFIX = ".hook_sae_acts_post"
+
+
+def _plan_latents(model, n_pos, str_tokens, positions, units) -> Plan:
+    """``sae_latent``: each spliced SAE's ``hook_sae_acts_post``, one patch per (latent, position)."""
+    hooks = [h for h in model.hook_names if h.endswith(LATENT_SUFFIX)]
+    if not hooks:
+        raise InputError(
+            "site 'sae_latent' patches the latents of spliced dictionaries, and none is spliced. "
+            "Run it inside `with model.saes([sae]):` (see interp.sae)."
+        )
+    widths = {int(model.hook_shapes[h][-1]) for h in hooks}
+    if len(widths) > 1:
+        raise InputError(
+            f"the spliced dictionaries have different sizes {sorted(widths)}; sweep one at a time "
+            "(site='<hook>.hook_sae_acts_post' for whole vectors, or splice one SAE)"
+        )
+    n_units = widths.pop()
+    pos_list = _subset(list(range(n_pos)), positions, "positions")
+    unit_list = _subset(list(range(n_units)), units, "latents")
+    patches = [Patch(h, p, u) for h in hooks for p in pos_list for u in unit_list]
+    labels = {
+        "sae": [h.removesuffix(LATENT_SUFFIX) for h in hooks],
+        "pos": [_pos_label(p, str_tokens) for p in pos_list],
+        "latent": [f"F{u}" for u in unit_list],
+    }
+    shape = (len(hooks), len(pos_list), len(unit_list))
+    return Plan(
+        SAE_LATENT, ("sae", "pos", "latent"), labels, shape, patches, hooks, dict.fromkeys(hooks, n_units)
+    )
 
 
 def _n_units(model: HookedModel, spec: Site, hook: str) -> int:
@@ -779,7 +815,9 @@ def patch(
         model: any transformer from ``interp.load`` (toy, zoo, MiniLM, HF directory).
         clean, corrupted: inputs of the same token length (text, token ids, or batches of them).
         site: one of ``SITES`` (``resid_pre``, ``attn_out``, ``mlp_out``, ``head``, ``head_pos``,
-            ``pos``, ...) or hook names / a glob (then one patch per hook and position).
+            ``pos``, ...), ``"sae_latent"`` (each latent at each position of the dictionaries
+            spliced with ``model.saes``; ``neurons`` then picks latents), or hook names / a glob
+            (then one patch per hook and position).
         metric: ``logit_diff(...)``, ``prob(...)``, ``kl()``, ``cosine()`` or ``fn(output) -> scalar``.
             Default: KL from clean for language models, cosine for encoders.
         layers, positions, heads, neurons: restrict the sweep to these indices.
@@ -840,6 +878,7 @@ def describe_sites(model: HookedModel) -> dict[str, str]:
 
 
 __all__ = [
+    "SAE_LATENT",
     "SITES",
     "Metric",
     "Patch",
