@@ -442,3 +442,40 @@ def test_training_bad_input(gpt2_model, corpus):
         _fit(gpt2_model, acts, learning_rate=1e-3)
     with pytest.raises(UnknownHookError, match="Did you mean"):
         S.train(gpt2_model, "blocks.0.hook_resid_pst", acts, d_sae=8, k=2, progress=False)
+
+
+def test_cli_sae_train_and_eval(gpt2_dir, corpus, tmp_path, capsys):
+    from interp.cli import main
+
+    texts, _ = corpus
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(texts) + "\n")
+    args = ["--model", gpt2_dir, "--hook", SITE, "--data", str(data), "--out", str(tmp_path / "run")]
+    sizes = ["--arch", "topk", "--k", "4", "--d-sae", "64", "--tokens", "640", "--batch-size", "64"]
+    assert main(["sae", "train", *args, *sizes, "--lr", "3e-3"]) == 0
+    sae = S.load(tmp_path / "run" / "final")
+    assert sae.cfg.k == 4 and sae.cfg.metadata["training"]["steps_done"] == 10
+    out_json = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "sae",
+                "eval",
+                "--model",
+                gpt2_dir,
+                "--sae",
+                str(tmp_path / "run" / "final"),
+                "--data",
+                str(data),
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "explained_variance" in printed and "ce_loss_score" in printed
+    assert json.loads(out_json.read_text())["metrics"]["l0"] == 4.0
+    bad = ["sae", "train", "--model", gpt2_dir, "--hook", "blocks.0.hook_resid_pots", "--data", str(data)]
+    assert main([*bad, "--out", str(tmp_path / "x")]) == 2
+    assert "Did you mean: blocks.0.hook_resid_post" in capsys.readouterr().err

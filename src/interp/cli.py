@@ -6,6 +6,7 @@ interp capture --model M --hooks PATTERN --input FILE --out DIR
 interp explore                              the Streamlit explorer at http://localhost:8501
 interp zoo list | interp zoo train NAME     the models trained here
 interp reproduce FINDING                    published findings, paper vs ours
+interp sae train ... | interp sae eval ...  sparse dictionaries (SAELens format)
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fast", action="store_true", help="small budgets, same checks, looser bounds")
     reproduce.add_argument("--out", default=None, help="report directory (default: reports/FINDING)")
     reproduce.set_defaults(run=_reproduce)
+
+    from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
+
+    add_sae_commands(sub)
     return parser
 
 
