@@ -268,6 +268,28 @@ def test_sae_latent_site_patches_one_latent_at_one_position(gpt2_model):
         assert torch.allclose(atp.values[0, :, 0], expected.float(), atol=1e-5)
 
 
+def test_top_k_examples_and_logit_effects_of_a_latent(gpt2_model, corpus):
+    from interp.methods.examples import top_k
+
+    texts, _ = corpus
+    texts = texts[:12]
+    sae = _random_sae()
+    hook = f"{SITE}.hook_sae_acts_post"
+    with gpt2_model.saes([sae], use_error_term=True):
+        top = top_k(gpt2_model, texts, hook, units=[3], k=2, batch_size=4)
+    _, cache = gpt2_model.run_with_cache(texts, names=SITE)
+    best = sae.encode(cache[SITE])[..., 3].amax(dim=1)
+    assert list(top.indices[0]) == torch.argsort(best, descending=True)[:2].tolist()
+    assert torch.allclose(torch.as_tensor(top.scores[0]), best.sort(descending=True).values[:2], atol=1e-5)
+    effects = S.logit_effects(gpt2_model, sae, 3, k=4)
+    by_hand = torch.einsum(
+        "d,vd->v", sae.W_dec[3].detach(), gpt2_model.tokens_to_residual_directions(torch.arange(20))
+    )
+    assert torch.allclose(effects.values, by_hand, atol=1e-5)
+    assert effects.top_ids == torch.argsort(by_hand, descending=True)[:4].tolist()
+    assert effects.bottom_values[0] == pytest.approx(float(by_hand.min()), abs=1e-5)
+
+
 # --- evaluation ------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from interp.sae.analysis import LogitEffects, logit_effects
 from interp.sae.config import ARCHITECTURES, SAEConfig
 from interp.sae.evaluation import EvalResult, evaluate
 from interp.sae.io import load, save
@@ -28,6 +29,7 @@ __all__ = [
     "ARCHITECTURES",
     "EvalResult",
     "HOOK_POINTS",
+    "LogitEffects",
     "SAE",
     "SAEConfig",
     "TRAINABLE",
@@ -36,6 +38,7 @@ __all__ = [
     "evaluate",
     "latent_hook",
     "load",
+    "logit_effects",
     "run_with_cache_with_saes",
     "run_with_saes",
     "save",
