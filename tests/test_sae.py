@@ -177,6 +177,13 @@ def test_error_term_keeps_the_output_exactly(gpt2_model):
         assert f"{SITE}.hook_sae_acts_post" in gpt2_model.hook_names
         raise RuntimeError("boom")
     assert gpt2_model.hook_names == before  # the site table is restored
+    other = _random_sae("topk", hook="blocks.1.hook_resid_post")
+    with gpt2_model.saes([sae], use_error_term=True), gpt2_model.saes([other], use_error_term=True):
+        assert torch.equal(gpt2_model(TEXTS), base)  # nested splices stack
+        assert "blocks.1.hook_resid_post.hook_sae_acts_post" in gpt2_model.hook_names
+        with pytest.raises(InputError, match="already spliced"):
+            gpt2_model.saes([sae]).__enter__()
+    assert gpt2_model.hook_names == before
 
 
 def test_latent_capture_equals_encode_of_the_site(gpt2_model):

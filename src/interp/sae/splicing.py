@@ -122,6 +122,12 @@ def splice(model: Any, saes: SAE | Sequence[SAE], *, use_error_term: bool | None
     items = _as_list(saes)
     for sae in items:
         check_fits(model, sae)
+    already = [latent_hook(s) for s in items if latent_hook(s) in model._sites]
+    if already:
+        raise InputError(
+            f"an SAE is already spliced under {already[0].rsplit('.', 1)[0]}; splice one dictionary per hook "
+            "(leave the outer `with model.saes(...)` first)"
+        )
     outs = [s.cfg.hook_out for s in items]
     taken = {h for h in outs if outs.count(h) > 1}
     if taken:
