@@ -508,3 +508,13 @@ def test_cli_sae_train_and_eval(gpt2_dir, corpus, tmp_path, capsys):
     bad = ["sae", "train", "--model", gpt2_dir, "--hook", "blocks.0.hook_resid_pots", "--data", str(data)]
     assert main([*bad, "--out", str(tmp_path / "x")]) == 2
     assert "Did you mean: blocks.0.hook_resid_post" in capsys.readouterr().err
+
+
+def test_a_cfg_saved_on_a_gpu_loads_on_cpu(tmp_path):
+    sae = _random_sae()
+    sae.save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "device": "cuda:0", "dtype": "torch.float32"}))
+    loaded = S.load(tmp_path)
+    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    assert torch.equal(loaded.W_dec, sae.W_dec)

@@ -64,7 +64,7 @@ def load(
     source: str | os.PathLike,
     *,
     verify: bool = True,
-    device: str | torch.device | None = None,
+    device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     use_error_term: bool = False,
 ) -> SAE:
@@ -74,7 +74,9 @@ def load(
         source: a directory holding ``cfg.json`` and ``sae_weights.safetensors``, or ``zoo:NAME``.
         verify: check the weights against the sha256 in ``checksums.json`` (written by ``save``).
             Directories saved by SAELens have no such file: pass ``verify=False`` for them.
-        device, dtype: where and in what to make the weights (default: the cfg's).
+        device: where to make the weights (default CPU, as SAELens's ``load_from_disk``; the
+            cfg's own ``device`` may name a GPU this machine lacks).
+        dtype: what to make them in (default: the cfg's ``dtype``).
         use_error_term: see ``SAE``.
 
     Raises:
@@ -83,8 +85,7 @@ def load(
     """
     path = _resolve(source)
     cfg = SAEConfig.from_dict(_read_cfg(path))
-    if device is not None:
-        cfg.device = str(device)
+    cfg.device = str(device)
     if dtype is not None:
         cfg.dtype = str(dtype).removeprefix("torch.")
     weights = path / WEIGHTS
