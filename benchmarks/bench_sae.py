@@ -105,14 +105,14 @@ def training(model, acts: torch.Tensor, capture_dir: str) -> bool:
         medians,
         [
             (
-                "reference / S.train (speed ratio)",
+                "S.train speed / reference loop speed",
                 "plain-torch reference loop",
                 "S.train from a tensor",
                 1.0,
                 "min",
             ),
             (
-                "tensor / shards (speed ratio)",
+                "speed from shards / from a tensor",
                 "S.train from a tensor",
                 "S.train from Arrow shards",
                 0.9,

@@ -228,12 +228,26 @@ def _capture_rows(path: Path, names: list[str]) -> Iterator[tuple[torch.Tensor, 
     if missing:
         have = [c for c in ds.column_names if c not in ("example", "input_ids", "str_tokens")]
         raise InputError(f"the capture in {path} has no column {missing[0]!r}; it holds {have}")
-    step = 64  # examples per read: one Arrow slice, not one lookup per example
+    table = getattr(ds.data, "table", ds.data)  # the memory-mapped Arrow table under the Dataset
+    step = 64  # examples per read: one Arrow slice, flattened to [tokens, d] without Python objects
     for start in range(0, len(ds), step):
-        block = ds[start : start + step]
-        columns = [block[n] if isinstance(block[n], list) else list(block[n]) for n in names]
-        for row in zip(*columns, strict=True):
-            yield tuple(torch.as_tensor(t).reshape(-1, t.shape[-1]) for t in row)
+        part = table.slice(start, step)
+        yield tuple(_flat_rows(part.column(n), ds, n, start, step) for n in names)
+
+
+def _flat_rows(column: Any, ds: Any, name: str, start: int, step: int) -> torch.Tensor:
+    """A column of nested lists (one ``[tokens, d]`` or ``[d]`` row per example) as ``[tokens, d]``."""
+    import pyarrow as pa
+
+    values = column.combine_chunks()
+    inner = values
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        inner, values = values, values.flatten()
+    if not pa.types.is_floating(values.type):  # not a plain float capture: let datasets convert it
+        rows = ds[start : start + step][name]
+        return torch.cat([torch.as_tensor(r).reshape(-1, torch.as_tensor(r).shape[-1]) for r in rows])
+    width = len(values) // max(1, len(inner))
+    return torch.from_numpy(values.to_numpy(zero_copy_only=False).copy()).reshape(-1, width)
 
 
 def _model_rows(
