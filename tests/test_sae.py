@@ -3,6 +3,11 @@
 Oracles: hand computations (identity and mean-predicting dictionaries, the EV example from
 SAELens's tests, a steering edit equal to adding the decoder row at the site), the unspliced
 model (error-term exactness), and SAELens 6.54 itself in its own venv (skipped when absent).
+
+The SAELens venv (SAELens pins transformer-lens<4, so it cannot share our environment):
+    python -m venv /work/venvs/saelens
+    /work/venvs/saelens/bin/pip install torch==2.13.0 && /work/venvs/saelens/bin/pip install sae-lens
+(sae-lens 6.54.12 with transformer-lens 3.9.0 here; point $INTERP_SAELENS_VENV elsewhere to move it).
 """
 
 from __future__ import annotations
