@@ -26,6 +26,7 @@ from torch import nn
 import interp
 from interp import sae as S
 from interp.errors import CheckpointError, InputError, UnknownHookError
+from interp.methods import ablation as AB
 from interp.methods import attribution_patching as A
 from interp.methods import patching as P
 from interp.sae.evaluation import _Stats
@@ -272,6 +273,18 @@ def test_sae_latent_site_patches_one_latent_at_one_position(gpt2_model):
 
         by_hand = float(metric(gpt2_model.run_with_hooks(corrupt, [(hook, put)])))
         assert result.values[0, 1, 1].item() == pytest.approx(by_hand, abs=1e-4)
+        ablated = AB.ablate(
+            gpt2_model, corrupt, site="sae_latent", kind="zero", metric=metric, positions=[4], neurons=[7]
+        )
+
+        def zero(act, ctx):
+            act = act.clone()
+            act[:, 4, 7] = 0.0
+            return act
+
+        assert ablated.values[0, 0, 0].item() == pytest.approx(
+            float(metric(gpt2_model.run_with_hooks(corrupt, [(hook, zero)]))), abs=1e-4
+        )
         atp = A.attribution_patch(gpt2_model, clean, corrupt, site="sae_latent", metric=metric, neurons=[7])
         leaf = base[hook].clone().requires_grad_(True)  # the gradient by hand, through a leaf
         out = gpt2_model.run_with_hooks(corrupt, [(hook, lambda act, ctx: leaf)], grad=True)
