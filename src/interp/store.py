@@ -541,7 +541,7 @@ def _inspect(out: Path, manifest: dict[str, Any], *, verify: bool) -> _Report:
     try:
         features = _checked_fields(manifest)
         expected = 0
-        for index, entry in enumerate(manifest["shards"]):
+        for index, entry in enumerate(manifest["shards"]):  # features is not None when shards are listed
             report.parts.append(_checked_shard(out, index, entry, expected, manifest, features, verify))
             report.shards.append(entry)
             expected = entry["stop"]
@@ -598,7 +598,7 @@ def _checked_shard(
     entry: Any,
     expected: int,
     manifest: dict[str, Any],
-    features: datasets.Features | None,
+    features: datasets.Features,
     verify: bool,
 ) -> datasets.Dataset:
     """Shard entry ``index`` against its file; the file opened. Raises ``_Bad`` naming what fails."""
@@ -673,10 +673,8 @@ def _check_checksum(path: Path, recorded: Any) -> None:
         )
 
 
-def _schema_diff(part: datasets.Dataset, features: datasets.Features | None) -> str:
+def _schema_diff(part: datasets.Dataset, features: datasets.Features) -> str:
     """The first column whose type differs between a shard and the manifest, in words."""
-    if features is None:
-        return "the manifest has none"
     ours, theirs = dict(part.features), dict(features)
     for column in dict.fromkeys([*ours, *theirs]):
         if column not in ours or column not in theirs:
@@ -889,8 +887,7 @@ class _ShardWriter:
         self.writer.close()
         self.file.close()  # flushes and fsyncs (the sink's close)
         final = self.out / self.name
-        os.replace(self.tmp, final)
-        _fsync_dir(self.out)
+        os.replace(self.tmp, final)  # made durable by the manifest write that lists it (its dir fsync)
         return {
             "file": self.name,
             "start": self.start,
