@@ -459,8 +459,8 @@ def _open_manifest(out: Path, header: dict[str, Any], resume: bool, verify: bool
         kept = report.shards[-1]["stop"] if report.shards else 0
         if report.problem is not None:
             warnings.warn(
-                f"{out}: {report.problem}. Keeping {_count(len(report.shards), 'shard')} before it "
-                f"({_count(kept, 'example')}), which verify, and capturing the rest again.",
+                f"{out}: {report.problem}. Keeping what verifies ({_count(len(report.shards), 'shard')}, "
+                f"{_count(kept, 'example')}) and capturing the rest again.",
                 stacklevel=3,
             )
         manifest = {**existing, "batch_size": header["batch_size"], "shards": report.shards}
