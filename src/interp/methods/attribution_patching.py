@@ -330,6 +330,6 @@ def _head_results(model: HookedModel, layer: int, delta_z: torch.Tensor, heads: 
     eye = torch.eye(heads, dtype=z.dtype, device=z.device)
     per_head = einsum(z, eye, "b p h d, h g -> b p g h d")  # head g keeps only its own slice
     flat = rearrange(per_head, "b p g h d -> (b p g) (h d)")
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         out = proj(flat) - proj(torch.zeros_like(flat[:1]))
     return rearrange(out, "(b p g) m -> b p g m", b=b, p=p)
