@@ -255,3 +255,68 @@ def test_dla_on_an_hf_model_inside_hooks_equals_the_baked_model(gpt2_model, gpt2
 
     twin = _bake(gpt2_model, kind, twin=interp.load(gpt2_dir))  # HF models load afresh (no deepcopy)
     _same(_inside(gpt2_model, kind, run), run(twin))
+
+
+def test_embedding_pgd_top_k_and_induction_patching_inside_hooks_equal_the_baked_model(zoo):
+    from interp.methods import adversarial, examples, induction_patching
+
+    tokens = _tokens(zoo, batch=2, n=8)
+    twin = _baked(zoo, "zero_head")
+    hooked = _inside(zoo, "zero_head", lambda m: adversarial.embedding_pgd(m, tokens, eps=0.5, steps=3))
+    reference = adversarial.embedding_pgd(twin, tokens, eps=0.5, steps=3)
+    torch.testing.assert_close(hooked.delta, reference.delta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hooked.logits_adv, reference.logits_adv, atol=1e-4, rtol=1e-4)
+
+    many = _tokens(zoo, batch=12, n=8, seed=2)
+    top = _inside(
+        zoo, "zero_head", lambda m: examples.top_k(m, many, "blocks.1.hook_attn_out", units=[0, 5], k=3)
+    )
+    ref = examples.top_k(twin, many, "blocks.1.hook_attn_out", units=[0, 5], k=3)
+    assert torch.equal(top.indices, ref.indices)
+    torch.testing.assert_close(top.scores, ref.scores, atol=1e-5, rtol=1e-5)
+
+    def localize(m):
+        return induction_patching.localize_induction(m, half_len=6, batch=2)
+
+    found, expected = _inside(zoo, "zero_head", localize), localize(twin)
+    _same(found.heads, expected.heads)
+    assert found.induction_head == expected.induction_head
+
+
+@pytest.fixture(scope="module")
+def cnn_pair():
+    """A CNN inside a hook doubling relu1's output, and its twin with conv2's weight doubled."""
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    module = TinyCNN().eval()
+    twin = copy.deepcopy(module)
+    with torch.no_grad():
+        twin.conv2.weight.mul_(2.0)
+    return interp.load(module, input_shape=(1, 8, 8), input_range=(0.0, 1.0)), interp.load(
+        twin, input_shape=(1, 8, 8), input_range=(0.0, 1.0)
+    )
+
+
+def test_image_methods_inside_hooks_equal_the_baked_model(cnn_pair):
+    from interp.methods import adversarial, featureviz
+
+    model, twin = cnn_pair
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    hook = [("relu1.hook_out", lambda act, h: act * 2.0)]
+    with model.hooks(hook):
+        fgsm = adversarial.fgsm(model, x, y, eps=0.1)
+        pgd = adversarial.pgd(model, x, y, eps=0.1, steps=3)
+        ig = attribution.attribute(model, x, target=y, method="ig", n_steps=8)
+        art = featureviz.render(model, featureviz.channel("conv2.hook_out", [0, 1]), steps=8, transforms=None)
+    torch.testing.assert_close(fgsm.x_adv, adversarial.fgsm(twin, x, y, eps=0.1).x_adv)
+    torch.testing.assert_close(pgd.x_adv, adversarial.pgd(twin, x, y, eps=0.1, steps=3).x_adv)
+    torch.testing.assert_close(
+        ig.values, attribution.attribute(twin, x, target=y, method="ig", n_steps=8).values
+    )
+    reference = featureviz.render(
+        twin, featureviz.channel("conv2.hook_out", [0, 1]), steps=8, transforms=None
+    )
+    torch.testing.assert_close(art.images, reference.images, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(art.scores, reference.scores, atol=1e-5, rtol=1e-4)
