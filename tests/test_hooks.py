@@ -359,3 +359,19 @@ def test_a_transformer_lens_style_partial_hook_gets_hook_by_keyword(gpt2_model):
     tl_style = gpt2_model.run_with_hooks(tokens, [("blocks.0.attn.hook_z", partial(ablate_head, head=2))])
     assert torch.equal(tl_style, gpt2_model.run_with_hooks(tokens, [("blocks.0.attn.hook_z", by_hand)]))
     assert not torch.equal(tl_style, gpt2_model(tokens))
+
+
+def test_a_copy_keeps_persistent_hooks_but_not_those_of_an_open_hooks_block(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = model(x)
+    model.add_hook("fc.hook_out", lambda act, hook: act + 1.0)
+    with model.hooks([("fc.hook_out", lambda act, hook: act * 0.0)]):
+        assert torch.equal(model(x), torch.zeros_like(plain))
+        twin = copy.deepcopy(model)  # e.g. attribution.randomized(model) inside the block
+    torch.testing.assert_close(twin(x), plain + 1.0)
+    twin.reset_hooks()  # removes the copy's persistent hook from the copy only
+    assert torch.equal(twin(x), plain) and _no_hooks_left(twin.module)
+    torch.testing.assert_close(model(x), plain + 1.0)
+    model.reset_hooks()
+    assert _no_hooks_left(tiny_cnn)

@@ -7,6 +7,7 @@ matching, capture, replacement hooks, early stopping, gradients, the memory chec
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import threading
@@ -70,14 +71,30 @@ class HookedModel:
         # from another thread (another explorer session) never sees them. Re-entrant for nested runs.
         self._lock = threading.RLock()
         self._persistent: list[_Persistent] = []
+        self._open_handles: list[torch.utils.hooks.RemovableHandle] = []  # of open hooks(...) blocks
 
     def __getstate__(self) -> dict[str, Any]:  # copies (copy.deepcopy) get a lock of their own
-        # (a copy keeps the persistent hooks on its copy of the module, with handles that remove them there)
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_lock", "_open_handles")}
+
+    def __deepcopy__(self, memo: dict) -> HookedModel:
+        """A copy with its own lock. It keeps the persistent hooks (``add_hook``) on its copy of the
+        module, with handles that remove them there, as TransformerLens's copies do; the hooks of an
+        open ``hooks(...)`` block stay with that block and are not copied (they would never be removed)."""
+        with self._lock:
+            twin = type(self).__new__(type(self))
+            memo[id(self)] = twin
+            twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            for handle in self._open_handles:
+                for hooks in (handle.hooks_dict_ref(), *(ref() for ref in handle.extra_dict_ref or ())):
+                    copied = memo.get(id(hooks)) if hooks is not None else None
+                    if copied is not None:
+                        copied.pop(handle.id, None)
+            return twin
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._open_handles = []
 
     # --- what a subclass provides -------------------------------------------------------------
 
@@ -171,11 +188,14 @@ class HookedModel:
         """
         with self._lock:
             handles = self._attach_user(hooks, bwd_hooks)
+            self._open_handles += handles
             try:
                 yield self
             finally:
                 for handle in handles:
                     handle.remove()
+                mine = {id(handle) for handle in handles}
+                self._open_handles = [h for h in self._open_handles if id(h) not in mine]
 
     def add_hook(
         self, name: Names, hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False
