@@ -320,3 +320,22 @@ def test_image_methods_inside_hooks_equal_the_baked_model(cnn_pair):
     )
     torch.testing.assert_close(art.images, reference.images, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(art.scores, reference.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_a_user_hook_on_the_logits_sees_every_position_in_a_patching_sweep(zoo):
+    """Sweeps compute the unembedding only at the position the metric reads, unless a user hook sits
+    there: one that edits position 0's logits cannot change a logit difference read at the last
+    position, so the sweep inside it equals the sweep without it (narrowed, it would see +5)."""
+    clean, corrupted = _tokens(zoo), _tokens(zoo, seed=1)
+    metric = P.logit_diff(3, 5)
+
+    def bump_first_position(logits, hook):
+        logits = logits.clone()
+        logits[:, 0, 3] += 5.0
+        return logits
+
+    with zoo.hooks([("unembed.hook_out", bump_first_position)]):
+        assert not zoo.can_keep_positions("unembed.hook_in")
+        hooked = P.patch(zoo, clean, corrupted, "resid_pre", metric)
+    assert zoo.can_keep_positions("unembed.hook_in")
+    _same(hooked, P.patch(zoo, clean, corrupted, "resid_pre", metric))

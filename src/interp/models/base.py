@@ -45,11 +45,16 @@ Hooks = Sequence[tuple[Names, HookFn]]
 
 
 @dataclass
-class _Persistent:
-    """Hooks added with ``add_hook``: their torch handles, and whether ``reset_hooks()`` keeps them."""
+class _Attached:
+    """User hooks attached by one call: their torch handles and the hook names they sit on."""
 
     handles: list[torch.utils.hooks.RemovableHandle]
-    permanent: bool
+    names: list[str]
+    permanent: bool = False  # add_hook(is_permanent=True): reset_hooks() keeps it
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class HookedModel:
@@ -70,11 +75,11 @@ class HookedModel:
         # Hooks are attached to the shared module, so a run and its hooks hold the model: a forward
         # from another thread (another explorer session) never sees them. Re-entrant for nested runs.
         self._lock = threading.RLock()
-        self._persistent: list[_Persistent] = []
-        self._open_handles: list[torch.utils.hooks.RemovableHandle] = []  # of open hooks(...) blocks
+        self._persistent: list[_Attached] = []  # from add_hook
+        self._open: list[_Attached] = []  # from open hooks(...) blocks
 
     def __getstate__(self) -> dict[str, Any]:  # copies (copy.deepcopy) get a lock of their own
-        return {key: value for key, value in self.__dict__.items() if key not in ("_lock", "_open_handles")}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_lock", "_open")}
 
     def __deepcopy__(self, memo: dict) -> HookedModel:
         """A copy with its own lock. It keeps the persistent hooks (``add_hook``) on its copy of the
@@ -84,7 +89,7 @@ class HookedModel:
             twin = type(self).__new__(type(self))
             memo[id(self)] = twin
             twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-            for handle in self._open_handles:
+            for handle in (handle for block in self._open for handle in block.handles):
                 for hooks in (handle.hooks_dict_ref(), *(ref() for ref in handle.extra_dict_ref or ())):
                     copied = memo.get(id(hooks)) if hooks is not None else None
                     if copied is not None:
@@ -94,7 +99,7 @@ class HookedModel:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
-        self._open_handles = []
+        self._open = []
 
     # --- what a subclass provides -------------------------------------------------------------
 
@@ -187,15 +192,13 @@ class HookedModel:
         each of its forwards and never to its internal probes (see ``_internal``).
         """
         with self._lock:
-            handles = self._attach_user(hooks, bwd_hooks)
-            self._open_handles += handles
+            block = self._attach_user(hooks, bwd_hooks)
+            self._open.append(block)
             try:
                 yield self
             finally:
-                for handle in handles:
-                    handle.remove()
-                mine = {id(handle) for handle in handles}
-                self._open_handles = [h for h in self._open_handles if id(h) not in mine]
+                block.remove()
+                self._open = [other for other in self._open if other is not block]
 
     def add_hook(
         self, name: Names, hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False
@@ -212,8 +215,9 @@ class HookedModel:
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         with self._lock:
             pair = [(name, hook)]
-            handles = self._attach_user(pair, ()) if dir == "fwd" else self._attach_user((), pair)
-            self._persistent.append(_Persistent(handles, is_permanent))
+            added = self._attach_user(pair, ()) if dir == "fwd" else self._attach_user((), pair)
+            added.permanent = is_permanent
+            self._persistent.append(added)
 
     def reset_hooks(self, clear_contexts: bool = True, including_permanent: bool = False) -> None:
         """Remove the hooks ``add_hook`` attached (permanent ones only with ``including_permanent``);
@@ -224,13 +228,12 @@ class HookedModel:
                 if entry.permanent and not including_permanent:
                     kept.append(entry)
                     continue
-                for handle in entry.handles:
-                    handle.remove()
+                entry.remove()
             self._persistent = kept
             if clear_contexts:
                 self._hook_contexts.clear()
 
-    def _attach_user(self, hooks: Hooks, bwd_hooks: Hooks) -> list[torch.utils.hooks.RemovableHandle]:
+    def _attach_user(self, hooks: Hooks, bwd_hooks: Hooks) -> _Attached:
         """Attach the caller's forward and backward hooks; every name is resolved before any is attached.
 
         Each is bound to its name and ``hook.ctx`` and skipped inside internal probes. A forward hook
@@ -238,9 +241,10 @@ class HookedModel:
         every other hook there; backward hooks come after this call's forward hooks, so they see the
         gradient of the activation as those leave it.
         """
-        pairs, carries, grads = [], [], []
+        pairs, carries, grads, names = [], [], [], []
         for pattern, fn in hooks:
             for name in self.resolve(pattern):
+                names.append(name)
                 bound = outside_probes(_bind(fn, name, self._hook_ctx(name)))
                 partner = self._write_through.get(name)
                 if partner is None:
@@ -250,6 +254,7 @@ class HookedModel:
                     pairs.append(edit)
                     carries.append(carry)
         for pattern, fn in bwd_hooks:
+            names += self.resolve(pattern)
             grads += [
                 (self._sites[name], outside_probes(_bind(fn, name, self._hook_ctx(name))))
                 for name in self.resolve(pattern)
@@ -263,7 +268,12 @@ class HookedModel:
             for handle in handles:
                 handle.remove()
             raise
-        return handles
+        return _Attached(handles, names)
+
+    @property
+    def _user_hooked(self) -> set[str]:
+        """Hook names that carry a user hook right now (open ``hooks`` blocks and ``add_hook``)."""
+        return {name for block in (*self._open, *self._persistent) for name in block.names}
 
     def _hook_ctx(self, name: str) -> dict[str, Any]:
         """The ``hook.ctx`` dict of the hook point ``name`` sits on (aliases share it)."""
@@ -365,10 +375,18 @@ class HookedModel:
         on (for every stacked copy of it), so the work after ``name`` is done for one position.
 
         Exact for a position-wise computation after ``name`` whose output is read only at those
-        positions: the unembedding, when a metric reads one position per prompt.
+        positions: the unembedding, when a metric reads one position per prompt. Not while a user
+        hook sits at or after ``name`` (it must see every position): check ``can_keep_positions``.
         """
+        if not self.can_keep_positions(name):
+            raise RuntimeError(f"a user hook sits at or after {name!r}; forwards must keep every position")
         with self._lock, attached([(self._sites[name], keep_positions(index))], batch_may_change=True):
             yield self
+
+    def can_keep_positions(self, name: str) -> bool:
+        """Whether ``keeping_positions(name, ...)`` applies: no user hook at or after hook ``name``."""
+        order = {hook: i for i, hook in enumerate(self.hook_names)}
+        return all(order[hook] < order[name] for hook in self._user_hooked)
 
     @contextmanager
     def _tiled(self, plan: TilingPlan, copies: int):
