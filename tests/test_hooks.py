@@ -281,6 +281,15 @@ def test_backward_hooks_read_the_gradient_of_the_activation(tiny_cnn):
     _, cache = model.run_with_cache(x, names="conv2.hook_out", grad_of=lambda o: o[:, 3].sum())
     torch.testing.assert_close(seen["conv2.hook_out"], cache.grads["conv2.hook_out"], atol=1e-6, rtol=0)
     assert _no_hooks_left(tiny_cnn)
+    seen.clear()
+    model.add_hook("conv2.hook_out", read, dir="bwd")
+    with model._internal():  # a library probe's forward does not register the user's backward hook
+        probe = model.run_with_hooks(x, grad=True)
+    probe.sum().backward()
+    assert seen == {}
+    model.run_with_hooks(x, grad=True).sum().backward()
+    assert set(seen) == {"conv2.hook_out"}
+    model.reset_hooks()
 
 
 def test_a_backward_hook_that_edits_the_gradient_changes_the_input_gradient_as_predicted(tiny_cnn):

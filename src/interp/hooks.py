@@ -312,7 +312,7 @@ def attach(
 
 
 def attach_grad(
-    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]
+    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None], *, user: bool = False
 ) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn(grad) -> replacement | None`` with the gradient of the activation ``site`` carries.
 
@@ -320,6 +320,10 @@ def attach_grad(
     over every use of it; a returned tensor replaces it and flows on to everything computed before.
     Registered on the activation of each forward run while this is attached (one that needs
     gradients); it fires when backward runs through that forward, also after the hook is removed.
+    ``run_with_cache(grad_of=...)`` reports the gradient at this hook point as it arrives (before
+    the replacement) and, at earlier hook points, what the replacement leads to. A ``user`` hook
+    is not registered by forwards inside internal probes (``outside_probes``), wherever their
+    backward later runs (on GPU, autograd runs hooks on its own threads).
     """
 
     def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
@@ -338,7 +342,7 @@ def attach_grad(
         if act.requires_grad:
             act.register_hook(on_grad)
 
-    return attach(site, register)
+    return attach(site, outside_probes(register) if user else register)
 
 
 @contextmanager

@@ -189,7 +189,9 @@ class HookedModel:
         ``hooks`` are ``(names, fn)`` pairs: a name, glob, regex or filter ``lambda name: bool``, and
         ``fn(activation, hook)`` (TransformerLens's hook signature: ``hook.name``, ``hook.layer()``,
         ``hook.ctx``). Every method run inside analyses the hooked model: these hooks apply once to
-        each of its forwards and never to its internal probes (see ``_internal``).
+        each of its forwards and never to its internal probes (see ``_internal``). Hooks should treat
+        the rows of a batch independently: batched methods stack prompts and patched copies along
+        the batch axis, so a hook that mixes rows (a mean over the batch) would mix those too.
         """
         with self._lock:
             block = self._attach_user(hooks, bwd_hooks)
@@ -205,7 +207,9 @@ class HookedModel:
     ) -> None:
         """Attach ``hook`` to every hook point ``name`` matches until ``reset_hooks()``, as
         TransformerLens's ``add_hook``: it applies to every later run (plain calls, ``run_with_hooks``,
-        ``run_with_cache``, every method) and never to internal probes. ``dir="bwd"`` hooks the gradient.
+        ``run_with_cache``, every method) and never to internal probes. ``dir="bwd"`` hooks the gradient
+        (``fn(grad, hook)``) of runs with autograd on: plain calls run without it, so backpropagate
+        from ``run_with_hooks(inputs, grad=True)``.
         ``is_permanent=True`` survives ``reset_hooks()`` unless ``including_permanent=True``.
 
         Unlike ``hooks(...)``, a persistent hook stays on the shared module between runs, so other
@@ -256,14 +260,13 @@ class HookedModel:
         for pattern, fn in bwd_hooks:
             names += self.resolve(pattern)
             grads += [
-                (self._sites[name], outside_probes(_bind(fn, name, self._hook_ctx(name))))
-                for name in self.resolve(pattern)
+                (self._sites[name], _bind(fn, name, self._hook_ctx(name))) for name in self.resolve(pattern)
             ]
         handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             handles += [attach(site, fn, prepend=True) for site, fn in carries]
             handles += [attach(site, fn) for site, fn in pairs]
-            handles += [attach_grad(site, fn) for site, fn in grads]
+            handles += [attach_grad(site, fn, user=True) for site, fn in grads]
         except BaseException:
             for handle in handles:
                 handle.remove()
