@@ -258,10 +258,9 @@ class HookedModel:
                     pairs.append(edit)
                     carries.append(carry)
         for pattern, fn in bwd_hooks:
-            names += self.resolve(pattern)
-            grads += [
-                (self._sites[name], _bind(fn, name, self._hook_ctx(name))) for name in self.resolve(pattern)
-            ]
+            for name in self.resolve(pattern):
+                names.append(name)
+                grads.append((self._sites[name], _bind(fn, name, self._hook_ctx(name))))
         handles: list[torch.utils.hooks.RemovableHandle] = []
         try:
             handles += [attach(site, fn, prepend=True) for site, fn in carries]
