@@ -384,3 +384,15 @@ def test_a_copy_keeps_persistent_hooks_but_not_those_of_an_open_hooks_block(tiny
     torch.testing.assert_close(model(x), plain + 1.0)
     model.reset_hooks()
     assert _no_hooks_left(tiny_cnn)
+
+
+def test_malformed_hook_lists_get_a_clear_error(tiny_cnn):
+    model = interp.load(tiny_cnn, input_shape=(1, 8, 8))
+    x = torch.rand(1, 1, 8, 8)
+    with pytest.raises(InputError, match=r"hooks must be a list of \(names, fn\) pairs"):
+        model.run_with_hooks(x, [lambda act, hook: act])  # the name is missing
+    with pytest.raises(InputError, match=r"bwd_hooks must be a list of \(names, fn\) pairs"):
+        model.run_with_hooks(x, bwd_hooks=[("fc.hook_out", "not a function")])
+    with pytest.raises(InputError, match=r"wrap the one pair in a list"):
+        model.run_with_hooks(x, ("fc.hook_out", lambda act, hook: act * 0.0))
+    assert _no_hooks_left(tiny_cnn)

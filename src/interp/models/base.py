@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from interp.errors import UnknownHookError
+from interp.errors import InputError, UnknownHookError
 from interp.hooks import (
     ActivationCache,
     HookContext,
@@ -245,6 +245,7 @@ class HookedModel:
         every other hook there; backward hooks come after this call's forward hooks, so they see the
         gradient of the activation as those leave it.
         """
+        hooks, bwd_hooks = _checked_pairs(hooks, "hooks"), _checked_pairs(bwd_hooks, "bwd_hooks")
         pairs, carries, grads, names = [], [], [], []
         for pattern, fn in hooks:
             for name in self.resolve(pattern):
@@ -563,6 +564,23 @@ def _written_through(
         return None if delta is None else act + delta
 
     return (site, edit), (partner, carry)
+
+
+def _checked_pairs(hooks: Hooks, what: str) -> list[tuple[Names, HookFn]]:
+    """``hooks`` as a list of ``(names, fn)`` pairs, or an InputError saying what is wrong and how to fix it."""
+    if isinstance(hooks, tuple) and len(hooks) == 2 and callable(hooks[1]):
+        raise InputError(
+            f"{what} takes a list of (names, fn) pairs: wrap the one pair in a list, [(names, fn)]"
+        )
+    out = []
+    for item in hooks:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and callable(item[1])):
+            raise InputError(
+                f"{what} must be a list of (names, fn) pairs, e.g. [('blocks.0.hook_resid_pre', fn)] with "
+                f"fn(activation, hook); got the item {item!r:.80}"
+            )
+        out.append((item[0], item[1]))
+    return out
 
 
 def _bind(
