@@ -339,3 +339,15 @@ def test_a_user_hook_on_the_logits_sees_every_position_in_a_patching_sweep(zoo):
         hooked = P.patch(zoo, clean, corrupted, "resid_pre", metric)
     assert zoo.can_keep_positions("unembed.hook_in")
     _same(hooked, P.patch(zoo, clean, corrupted, "resid_pre", metric))
+
+
+def test_edge_attribution_refuses_a_hook_between_the_heads_and_the_residual_stream(gpt2_model):
+    """Its head results go through the unhooked output projection: with a hook on that projection's
+    output the scores would silently describe another model, so it says so."""
+    tokens, other = torch.tensor([[2, 3, 4, 5, 6, 7]]), torch.tensor([[7, 3, 4, 5, 6, 2]])
+    doubled = [("blocks.1.attn.o.hook_out", lambda out, hook: out * 2.0)]
+    refused = pytest.raises(interp.errors.InputError, match=r"a hook on blocks\.1\.attn\.o\.hook_out")
+    with gpt2_model.hooks(doubled), refused:
+        attribution_patching.attribution_patch_edges(gpt2_model, tokens, other, P.logit_diff(3, 5))
+    with gpt2_model.hooks([("blocks.1.attn.hook_z", _double)]):  # on the heads themselves: fine
+        attribution_patching.attribution_patch_edges(gpt2_model, tokens, other, P.logit_diff(3, 5))
