@@ -509,7 +509,8 @@ def embedding_pgd(
         clean_logits = model(prepared)
     loss = loss or flip_loss(clean_logits)
     alpha = eps / 4 if alpha is None else alpha
-    shape = tuple(model.run_with_cache(prepared, names=hook, stop_early=True)[1][hook].shape)
+    with model._internal():  # a shape probe: the user's hooks must not run on it
+        shape = tuple(model.run_with_cache(prepared, names=hook, stop_early=True)[1][hook].shape)
     mask = torch.zeros(shape[:2] + (1,), device=model.device)
     mask[:, list(positions) if positions is not None else slice(None)] = 1.0
     gen = torch.Generator(device=model.device).manual_seed(seed)

@@ -76,7 +76,7 @@ def final_norm(model: HookedModel, sample: torch.Tensor) -> FinalNorm:
         getattr(model, "cfg", None), "uses_rms_norm", False
     )
     norm = FinalNorm(weight, bias, float(eps), centered=not rms)
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         if (norm(sample) - module(sample)).abs().max() > 1e-4 * (1 + sample.abs().max()):
             raise InputError(
                 f"cannot express the final norm of {model.name} ({type(module).__name__}) as a LayerNorm or "
@@ -99,7 +99,7 @@ def unembed_direction(
     """``u[b, d]`` with ``unembed(y)[correct] - unembed(y)[incorrect] = y . u + bias[b]`` (linear readout)."""
     module = _module(model, "unembed")
     d_model = model.hook_shapes["ln_final.hook_in"][-1]
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         basis = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(model.device)
         table = module(basis)  # row 0: bias; rows 1..: W_U
     bias, w_u = table[0], table[1:] - table[0]
@@ -170,7 +170,7 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d]
     if positions is not None:
         stack = stack[:, :, list(positions)]
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # the readout is the unhooked norm and unembedding
         logits = unembed(norm_module(stack))
     labels = ["embed", *[f"L{i}" for i in range(n_layers)]]
     return LensResult(
@@ -234,7 +234,8 @@ def direct_logit_attribution(
             "whose residual stream is the sum of embeddings and block outputs"
         )
     parts["bias"] = constant
-    return _dla_result(model, by, at, g, parts, float(target.mean()))
+    with model._internal():  # the per-head/neuron weight readouts are probes, not the analysed run
+        return _dla_result(model, by, at, g, parts, float(target.mean()))
 
 
 def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -326,6 +327,7 @@ def _dla_result(model, by, at, g, parts, target) -> PatchResult:
                 :, 0
             ]
             per_head = einsum(z, weight, "b h d, b h d -> b h")
+            _check_units_add_up(parts[f"L{i} attn"], per_head, proj, g, f"blocks.{i}.attn.o", z[0].numel())
             rows.append(per_head.mean(0))
             extras[f"L{i} attn bias"] = mean[f"L{i} attn"] - float(per_head.sum(-1).mean())
             extras |= {f"L{i} mlp": mean[f"L{i} mlp"]} if f"L{i} mlp" in mean else {}
@@ -336,11 +338,30 @@ def _dla_result(model, by, at, g, parts, target) -> PatchResult:
         post = at[f"blocks.{i}.mlp.hook_post"]
         proj = component(model, f"blocks.{i}.mlp.out")
         per_neuron = post * _linear_readout(proj, post, g)
+        _check_units_add_up(parts[f"L{i} mlp"], per_neuron, proj, g, f"blocks.{i}.mlp.out", post.shape[-1])
         rows.append(per_neuron.mean(0))
         extras[f"L{i} mlp bias"] = mean[f"L{i} mlp"] - float(per_neuron.sum(-1).mean())
         extras[f"L{i} attn"] = mean[f"L{i} attn"]
     labels = {"layer": layer_labels, "neuron": [f"N{j}" for j in range(rows[0].shape[-1])]}
     return _result(torch.stack(rows).float().cpu(), ("layer", "neuron"), labels, target, by, extras)
+
+
+def _check_units_add_up(total, per_unit, proj, g, path: str, width: int) -> None:
+    """Heads (or neurons) plus the projection's bias term must give the sublayer's direct contribution.
+
+    They do whenever the output projection ``path`` (input width ``width``) is what carries the units
+    into the stream; a hook that changes it (on ``{path}.hook_in`` or ``.hook_out``) makes the split
+    undefined, so refuse rather than let the bias term absorb the difference.
+    """
+    with torch.no_grad():
+        bias_term = (proj(torch.zeros(1, width, device=g.device, dtype=g.dtype)) * g).sum(-1)
+    gap = (total - per_unit.sum(-1) - bias_term).abs().max()
+    if gap > 1e-3 * (1 + total.abs().max()):
+        raise InputError(
+            f"the units of {path} do not add up to the sublayer's direct contribution (gap {gap:.3g}): "
+            f"something between them and the residual stream changes it, such as a hook on {path}.hook_in "
+            f"or {path}.hook_out. Hook the units themselves (hook_z, mlp.hook_post) or use by='layer'."
+        )
 
 
 def _result(values, dims, labels, target, by, extras) -> PatchResult:

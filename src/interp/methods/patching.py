@@ -723,7 +723,7 @@ def sweep(
     total = len(plan_.patches)
     bar = tqdm(total=total, desc=desc, disable=progress is not None or total <= copies, leave=False)
     kept = metric.positions_read()
-    narrow = kept is not None and UNEMBED_INPUT in model._sites
+    narrow = kept is not None and UNEMBED_INPUT in model._sites and model.can_keep_positions(UNEMBED_INPUT)
     read = metric.at_kept_positions() if narrow else metric
     start = 0
     for chunk in chunks_by(plan_.patches, copies, key=lambda patch: patch.hook):
