@@ -279,6 +279,21 @@ def test_steering_hooks_apply_at_every_step_and_equal_a_loop_without_cache(varie
     assert torch.equal(varied.generate(ids, 8, do_sample=False, stop_at_eos=False), plain)  # and are gone
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_head_hooks_inside_attention_steer_generation_with_and_without_cache(varied, use_cache):
+    ids = varied.to_tokens(TEXTS)  # same length, no padding
+    scale = torch.tensor([1.0, 0.0, 2.0, 1.0])[:, None]  # per head of hook_z [batch, pos, head, d_head]
+    hooks = [("blocks.1.attn.hook_z", lambda z, h: z * scale), ("blocks.0.attn.hook_v", lambda v, h: v * 1.5)]
+    out = varied.generate(
+        ids[:1], 8, do_sample=False, stop_at_eos=False, hooks=hooks, use_past_kv_cache=use_cache
+    )
+    loop = ids[:1]
+    for _ in range(8):
+        loop = torch.cat([loop, varied.run_with_hooks(loop, hooks)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, loop)
+    assert not torch.equal(out, varied.generate(ids[:1], 8, do_sample=False, stop_at_eos=False))
+
+
 def test_native_zoo_generation_equals_a_loop_and_continues_a_repeat(induction):
     r = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     ids = torch.cat([torch.full((2, 1), 64), r, r[:, :3]], dim=1)

@@ -342,7 +342,10 @@ class LanguageModelMixin:
             verbose: show a tqdm bar over the steps.
             seed: seeds the sampling (a private generator; the global RNG is left alone).
             hooks: ``(name, fn)`` hooks active at every step, as in ``run_with_hooks``. Hooks from an
-                enclosing ``with model.hooks(...)`` stay active too.
+                enclosing ``with model.hooks(...)`` stay active too. With the KV cache a step after the
+                first runs only the new position, so hooks see ``pos == 1`` there (keys and values at
+                ``hook_k``/``hook_v`` still span every position), as in TransformerLens; use
+                ``use_past_kv_cache=False`` for a hook that indexes positions.
         """
         self._require_causal_lm("generate")
         _check_sampling(max_new_tokens, temperature, top_k, top_p, return_type)
@@ -410,8 +413,11 @@ class LanguageModelMixin:
 
     def _full_step(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Last-position logits ``[batch, d_vocab]`` from a forward over the whole sequence."""
+        from interp.models.transformer import Tokens
+
         padded = not bool(mask.all())
         if hasattr(self, "adapter"):  # HF: positions must skip left padding, as the cached path does
+            self._select_attention(Tokens(ids, mask))  # eager attention with hook points if any is hooked
             out = self.module(
                 input_ids=ids,
                 attention_mask=mask,
@@ -419,8 +425,6 @@ class LanguageModelMixin:
                 use_cache=False,
             )
             return out.logits[:, -1]
-        from interp.models.transformer import Tokens
-
         return self._forward(Tokens(ids, mask if padded else None))[:, -1]
 
     def _cached_stepper(self) -> Callable | None:
