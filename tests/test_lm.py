@@ -125,7 +125,7 @@ def test_zoo_models_get_readable_token_names(induction):
         induction.to_tokens("t3 cat")
 
 
-def test_test_prompt_ranks_equal_a_hand_computation(gpt2_model, capsys):
+def test_test_prompt_ranks_equal_a_hand_computation_and_tl(gpt2_model, bridge, capsys):
     result = interp.test_prompt(gpt2_model, "the cat sat on the", "mat", top_k=3)
     printed = capsys.readouterr().out
     ids = gpt2_model.to_tokens("the cat sat on the mat")
@@ -141,6 +141,22 @@ def test_test_prompt_ranks_equal_a_hand_computation(gpt2_model, capsys):
         and f"Rank: {rank}" in printed
         and "Ranks of the answer tokens" in printed
     )
+    from transformer_lens.utilities import test_prompt as tl_test_prompt
+
+    for answer in ("mat", "mat dog", ["mat", "rug dog"]):  # TL's printed ranks on its bridge: the same
+        tl_test_prompt("the cat sat on the", answer, bridge, top_k=3)
+        tl_ranks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ranks")]
+        interp.test_prompt(gpt2_model, "the cat sat on the", answer, top_k=3)
+        ours = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Ranks")]
+        if isinstance(answer, list):  # TL nests a list per position: [[(a, r), (b, r)]]
+            tl_ranks = [tl_ranks[0].replace("[[", "[").replace("]]", "]")]
+        assert ours == tl_ranks
+    several = interp.test_prompt(gpt2_model, "the cat sat on the", ["mat", "rug dog"], print_details=False)
+    rug = int((probs > probs[11]).sum())  # a list compares the answers' first tokens at the next position
+    assert several.ranks == [("mat", rank), ("rug", rug)]
+    two = interp.test_prompt(gpt2_model, "the cat sat on the", "mat dog", print_details=False)
+    after = gpt2_model(gpt2_model.to_tokens("the cat sat on the mat dog"))[0, -2].softmax(-1)
+    assert two.ranks == [("mat", rank), ("dog", int((after > after[5]).sum()))]  # scored in context
 
 
 # ------------------------------------------------------------------------------------------------

@@ -639,12 +639,17 @@ class AnswerRank:
 
 @dataclass
 class PromptTest:
-    """What :func:`test_prompt` printed: the tokens, each answer token's rank, and the top tokens."""
+    """What :func:`test_prompt` printed: the tokens, each answer token's rank, and the top tokens.
+
+    One answer: ``answers`` has one entry per answer token (each scored with the earlier ones in
+    context). Several answers: one entry per answer, for its first token, all at the next position.
+    ``top[i]`` is the ``(token, logit, prob)`` list at answer position ``i``.
+    """
 
     prompt_tokens: list[str]
-    answer_tokens: list[str]
+    answer_tokens: list[list[str]]
     answers: list[AnswerRank]
-    top: list[list[tuple[str, float, float]]] = field(default_factory=list)  # per answer position
+    top: list[list[tuple[str, float, float]]] = field(default_factory=list)
 
     @property
     def ranks(self) -> list[tuple[str, int]]:
@@ -654,7 +659,7 @@ class PromptTest:
 def test_prompt(
     model: Any,
     prompt: str,
-    answer: str,
+    answer: str | Sequence[str],
     prepend_space_to_answer: bool = True,
     print_details: bool = True,
     prepend_bos: bool | None = None,
@@ -664,41 +669,48 @@ def test_prompt(
     ``answer`` after ``prompt`` (and the ``top_k`` tokens at each position), printed like TL's and
     returned as a :class:`PromptTest`.
 
-    The answer follows the prompt in one forward, so a multi-token answer is scored token by token
-    with the earlier answer tokens in context. ``prepend_space_to_answer`` adds a leading space
-    unless the answer has one.
+    A multi-token answer is scored token by token with the earlier answer tokens in context; a list
+    of answers compares their first tokens at the next position. ``prepend_space_to_answer`` adds a
+    leading space to an answer that has none.
     """
-    if not isinstance(answer, str) or not answer:
-        raise InputError("answer must be a non-empty string (one answer; its tokens are scored in turn)")
+    answers = [answer] if isinstance(answer, str) else list(answer)
+    if not answers or not all(isinstance(a, str) and a for a in answers):
+        raise InputError("answer must be a non-empty string or a list of them")
     model._require_causal_lm("test_prompt")
-    if prepend_space_to_answer and not answer.startswith(" "):
-        answer = " " + answer
+    if prepend_space_to_answer:
+        answers = [a if a.startswith(" ") else " " + a for a in answers]
+    several = len(answers) > 1
     prompt_ids = model.to_tokens(prompt, prepend_bos=prepend_bos)
-    answer_ids = model.to_tokens(answer, prepend_bos=False)
-    ids = torch.cat([prompt_ids, answer_ids], dim=1)
+    answer_rows = [model.to_tokens(a, prepend_bos=False) for a in answers]
+    answer_ids = torch.cat([row[:, :1] for row in answer_rows]) if several else answer_rows[0]
+    ids = torch.cat([prompt_ids.repeat(len(answer_ids), 1), answer_ids], dim=1)
     logits = model(ids)
     probs = logits.softmax(dim=-1)
-    prompt_str, answer_str = model.to_str_tokens(prompt_ids[0]), model.to_str_tokens(answer_ids[0])
-    result = PromptTest(prompt_str, answer_str, [])
+    answer_str = [model.to_str_tokens(row[0]) for row in answer_rows]
+    result = PromptTest(model.to_str_tokens(prompt_ids[0]), answer_str, [])
     if print_details:
-        print("Tokenized prompt:", prompt_str)
-        print("Tokenized answer:", answer_str)
+        print("Tokenized prompt:", result.prompt_tokens)
+        print(
+            "Tokenized answers:" if several else "Tokenized answer:", answer_str if several else answer_str[0]
+        )
     start = prompt_ids.shape[1]
-    for offset, token in enumerate(answer_ids[0].tolist()):
+    for offset in range(answer_ids.shape[1]):
         at = start + offset - 1  # logits at the previous position predict this token
-        order = probs[0, at].argsort(descending=True)
-        rank = int((order == token).nonzero()[0, 0])
-        entry = AnswerRank(answer_str[offset], rank, float(logits[0, at, token]), float(probs[0, at, token]))
-        result.answers.append(entry)
-        top = [
-            (model.to_string(int(t)), float(logits[0, at, t]), float(probs[0, at, t])) for t in order[:top_k]
-        ]
+        lines = []
+        for row, token in enumerate(answer_ids[:, offset].tolist()):
+            rank = int((probs[row, at] > probs[row, at, token]).sum())
+            name = answer_str[row][offset]
+            entry = AnswerRank(name, rank, float(logits[row, at, token]), float(probs[row, at, token]))
+            result.answers.append(entry)
+            lines.append(
+                f"Rank: {rank: <8} Logit: {entry.logit:5.2f} Prob: {entry.prob:6.2%} Token: |{name}|"
+            )
+        order = probs[0, at].argsort(descending=True)[:top_k]
+        top = [(model.to_string(int(t)), float(logits[0, at, t]), float(probs[0, at, t])) for t in order]
         result.top.append(top)
         if print_details:
-            print("Performance on answer token:")
-            print(
-                f"Rank: {entry.rank: <8} Logit: {entry.logit:5.2f} Prob: {entry.prob:6.2%} Token: |{entry.token}|"
-            )
+            print(f"Performance on answer token{'s' if several else ''}:")
+            print("\n".join(lines))
             for i, (text, logit, prob) in enumerate(top):
                 print(f"Top {i}th token. Logit: {logit:5.2f} Prob: {prob:6.2%} Token: |{text}|")
     print(f"Ranks of the answer tokens: {result.ranks}")
