@@ -105,6 +105,8 @@ def test_to_single_token_names_the_pieces_of_a_longer_string(gpt2_model, minilm)
     with pytest.raises(InputError, match=r"splits into 2 tokens \['the', 'cat'\]"):
         gpt2_model.to_single_token("the cat")
     assert minilm.to_single_token("cat") == minilm.tokenizer.convert_tokens_to_ids("cat")  # no [CLS]/[SEP]
+    with pytest.raises(InputError, match="a string"):
+        gpt2_model.to_single_token(4)
     with pytest.raises(InputError, match="does not occur"):
         gpt2_model.get_token_position("dog", TEXTS[0])
 
@@ -175,6 +177,13 @@ def test_loss_equals_the_bridge_and_cross_entropy_by_hand(gpt2_model, bridge):
     torch.testing.assert_close(per_token[0], by_hand, atol=1e-6, rtol=0)
     torch.testing.assert_close(interp.loss_fn(logits, ids, per_token=True), per_token)
     assert gpt2_model(ids, return_type=None) is None
+    # text with prepend_bos= is tokenized as TL's forward tokenizes it
+    tl_text = bridge(TEXTS[0], return_type="loss").detach()
+    torch.testing.assert_close(
+        gpt2_model(TEXTS[0], return_type="loss", prepend_bos=True), tl_text, atol=1e-5, rtol=0
+    )
+    with pytest.raises(InputError, match="same batch and pos"):
+        interp.loss_fn(logits, ids[:, :-1])
 
 
 def test_loss_masks_padding_like_tl_lm_cross_entropy(gpt2_model):

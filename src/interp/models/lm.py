@@ -212,6 +212,8 @@ class LanguageModelMixin:
 
         A string that is several tokens is an InputError naming them.
         """
+        if not isinstance(string, str):
+            raise InputError(f"to_single_token takes a string, got {type(string).__name__} {string!r}")
         tokenizer = self._need_tokenizer()
         ids = tokenizer(string, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
