@@ -95,6 +95,17 @@ def test_scores_equal_a_hand_computation_on_one_head(gpt2_model):
     assert (only[0] == -1).all() and (only[1, [0, 1, 3]] == -1).all()
 
 
+def test_a_cache_of_the_sequence_gives_the_same_scores(gpt2_model):
+    tokens = gpt2_model.to_tokens(TEXT)
+    _, cache = gpt2_model.run_with_cache(tokens, names="blocks.*.attn.hook_pattern")
+    fresh = detect_head(gpt2_model, tokens, "induction_head", exclude_current_token=True)
+    assert torch.equal(
+        detect_head(gpt2_model, tokens, "induction_head", cache=cache, exclude_current_token=True), fresh
+    )
+    with pytest.raises(InputError, match="one sequence"):
+        detect_head(gpt2_model, [TEXT, TEXT], "induction_head", cache=cache)
+
+
 def test_several_sequences_give_the_mean_score(gpt2_model):
     texts = [TEXT, "a dog ran on the rug"]
     mean = detect_head(gpt2_model, texts, "duplicate_token_head")

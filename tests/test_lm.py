@@ -340,6 +340,15 @@ def test_native_zoo_generation_equals_a_loop_and_continues_a_repeat(induction):
     assert torch.equal(both[0], induction.generate(longer, 4, do_sample=False)[0])
 
 
+def test_verbose_generation_reports_progress_through_tqdm(varied):
+    from interp.progress import report_progress
+
+    seen = []
+    with report_progress(lambda fraction, desc: seen.append((fraction, desc))):
+        varied.generate(varied.to_tokens(TEXTS[0]), 5, do_sample=False, stop_at_eos=False, verbose=True)
+    assert seen and seen[-1] == (1.0, "generate")
+
+
 def test_generate_rejects_bad_arguments_before_running(varied):
     ids = varied.to_tokens(TEXTS[0])
     for kwargs, match in (
