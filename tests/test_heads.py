@@ -128,6 +128,12 @@ def test_the_known_induction_and_previous_token_heads_score_highest(induction):
         scores["induction_head"], repro.mul_scores(patterns, tokens), atol=1e-5, rtol=0
     )
     assert scores["induction_head"][0].max() < 0.1 < scores["induction_head"][1].max()
+    flags = {"exclude_bos": True, "exclude_current_token": False, "error_measure": "abs"}
+    for name in TL_NAMES:  # TL's functions on the zoo bridge's own patterns
+        theirs = _tl_scores(induction.bridge, tokens[:1], name, **flags)
+        torch.testing.assert_close(
+            detect_head(induction, tokens[:1], name, **flags), theirs, atol=1e-3, rtol=0
+        )
 
 
 def test_bad_input_is_refused_with_a_clear_error(gpt2_model, tiny_cnn):
