@@ -123,6 +123,14 @@ def test_zoo_models_get_readable_token_names(induction):
     assert cache.meta["str_tokens"] == [["BOS", "t3", "t4"]]
     _, cache = induction.run_with_cache("t3 t4", names="blocks.0.hook_resid_pre")
     assert cache.meta["input_ids"].tolist() == [[64, 3, 4]]
+    assert induction.to_tokens(["t1 t2 t3", "t4"], padding_side="left").tolist() == [
+        [64, 1, 2, 3],
+        [64, 64, 64, 4],
+    ]
+    prompts = ["t1 t2 t3 t4 t1 t2", "t5 t6 t5"]  # left-padded together, each continues as alone
+    assert induction.generate(prompts, 2, do_sample=False) == [
+        induction.generate(p, 2, do_sample=False) for p in prompts
+    ]
     with pytest.raises(InputError, match=r"'cat' is not a token.*t0 \.\. t64 or BOS"):
         induction.to_tokens("t3 cat")
 
