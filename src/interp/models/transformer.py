@@ -28,6 +28,7 @@ from interp.hooks import HookPoint, HookSite, attached, heads_first, heads_last,
 from interp.models.base import HookedModel, TilingPlan
 from interp.models.lm import LanguageModelMixin
 from interp.models.tracing import trace_sites
+from interp.models.weights import WeightsMixin
 
 ATTENTION_IMPLEMENTATION = "interp"
 ATTENTION_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
@@ -71,7 +72,7 @@ class Tokens:
     str_tokens: list[list[str]] | None = None
 
 
-class TransformerModel(LanguageModelMixin, HookedModel):
+class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
     """Shared input handling: text or token ids in, ``Tokens`` out, with length checks; the
     language-model surface (tokens, loss, generate) comes from ``LanguageModelMixin``."""
 
