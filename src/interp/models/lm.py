@@ -475,7 +475,7 @@ class LanguageModelMixin:
             isinstance(input, list | tuple) and input and isinstance(input[0], str)
         ):
             side = "left" if not isinstance(input, str) and len(input) > 1 else padding_side
-            return self._tl_tokens(input, prepend_bos, side, truncate=False), True
+            return self._on_device(self._tl_tokens(input, prepend_bos, side, truncate=False)), True
         ids = torch.as_tensor(input)
         if ids.ndim == 1:
             ids = ids.unsqueeze(0)
@@ -540,9 +540,13 @@ class LanguageModelMixin:
             isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], str)
         )
         if is_text and (prepend_bos is not None or padding_side is not None):
-            batch = self._tl_tokens(inputs, prepend_bos, padding_side)
+            batch = self._on_device(self._tl_tokens(inputs, prepend_bos, padding_side))
             return self.prepare(_as_tokens(batch.input_ids, batch.attention_mask))
         return self.prepare(inputs)
+
+    def _on_device(self, batch: _Batch) -> _Batch:
+        mask = batch.attention_mask
+        return _Batch(batch.input_ids.to(self.device), None if mask is None else mask.to(self.device))
 
     @cached_property
     def _tokenizer_specials(self) -> tuple[bool, bool]:
