@@ -465,7 +465,7 @@ def test_prefix_plans_are_verified_on_the_model_not_assumed(gpt2_model, minilm):
     assert not gpt2_model._check_plan(prepared, ((z, "tile"),))
     assert gpt2_model._check_plan(prepared, branch)
     assert gpt2_model.shares_prefix(prepared, "blocks.1.hook_resid_pre")
-    metric = P.prob(gpt2_model.to_tokens(clean).input_ids[:, 1])
+    metric = P.prob(gpt2_model.prepare(clean).input_ids[:, 1])
     for site in ("resid_pre", "head_pos"):
         shared = P.patch(gpt2_model, clean, corrupted, site, metric, layers=[1])
         with without_sharing(gpt2_model):

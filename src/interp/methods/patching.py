@@ -590,7 +590,7 @@ def check_pair(model: HookedModel, clean: Any, corrupted: Any):
             f"clean and corrupted inputs have different {what}: clean {a[0]} x {a[1]} tokens, corrupted "
             f"{b[0]} x {b[1]}. Patching pairs each clean position with the same corrupted position, so both "
             "need the same number of prompts and tokens. Reword the corrupted prompt so it tokenizes to the "
-            "same length (check with model.to_tokens(...).str_tokens)."
+            "same length (check with model.prepare(...).str_tokens)."
         )
     masks = clean_t.attention_mask, corrupt_t.attention_mask
     if masks[0] is not None and masks[1] is not None and not torch.equal(masks[0], masks[1]):

@@ -110,11 +110,14 @@ def _load_native(config: Any, device: str) -> HookedModel:
 def _load_zoo(name: str, device: str) -> HookedModel:
     from interp.models import zoo
     from interp.models.zoo.registry import get_recipe
+    from interp.models.zoo.vocab import zoo_vocabulary
 
-    module, _ = zoo.load_zoo(name)
+    module, meta = zoo.load_zoo(name)
     recipe = get_recipe(name)
     if _is_bridge(module):
-        return load(module.to(device), name=f"zoo:{name}")
+        model = load(module.to(device), name=f"zoo:{name}")
+        model.tokenizer = zoo_vocabulary(name, meta.get("config") or recipe.resolved_config())
+        return model
     return load(
         module.to(device), name=f"zoo:{name}", input_shape=recipe.input_shape, input_range=recipe.input_range
     )

@@ -26,6 +26,7 @@ from torch import nn
 from interp.errors import InputError
 from interp.hooks import HookPoint, HookSite, attached, heads_first, heads_last, layer_of
 from interp.models.base import HookedModel, TilingPlan
+from interp.models.lm import LanguageModelMixin
 from interp.models.tracing import trace_sites
 from interp.models.weights import WeightsMixin
 
@@ -71,16 +72,18 @@ class Tokens:
     str_tokens: list[list[str]] | None = None
 
 
-class TransformerModel(WeightsMixin, HookedModel):
-    """Shared input handling: text or token ids in, ``Tokens`` out, with length checks."""
+class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
+    """Shared input handling: text or token ids in, ``Tokens`` out, with length checks; the
+    language-model surface (tokens, loss, generate) comes from ``LanguageModelMixin``."""
 
     kind = "transformer"
     tokenizer: Any = None
     n_ctx: int | None = None
     d_vocab: int | None = None
 
-    def to_tokens(self, text: str | Sequence[str]) -> Tokens:
-        """Tokenize text (a string or a batch of strings, right-padded) with the model's tokenizer."""
+    def _tokenize(self, text: str | Sequence[str]) -> Tokens:
+        """Tokenize text (a string or a batch of strings, right-padded) with the tokenizer's own
+        special tokens, as ``prepare`` does (``to_tokens`` is TransformerLens's convention)."""
         if self.tokenizer is None:
             raise InputError(
                 f"{self.name} has no tokenizer, so it cannot read text. Pass token ids instead: "
@@ -102,7 +105,7 @@ class TransformerModel(WeightsMixin, HookedModel):
         elif isinstance(inputs, str) or (
             isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], str)
         ):
-            tokens = self.to_tokens(inputs)
+            tokens = self._tokenize(inputs)
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             tokens = Tokens(torch.as_tensor(inputs["input_ids"]), _maybe_tensor(inputs.get("attention_mask")))
         else:
@@ -181,7 +184,7 @@ class TransformerModel(WeightsMixin, HookedModel):
             "model": self.name,
             "input_ids": prepared.input_ids.cpu(),
             "attention_mask": None if prepared.attention_mask is None else prepared.attention_mask.cpu(),
-            "str_tokens": prepared.str_tokens,
+            "str_tokens": prepared.str_tokens or self._id_names(prepared),
         }
 
     def _probe_tokens(self) -> Tokens:
