@@ -166,7 +166,9 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     norm_module = _module(model, "ln_final")
     n_layers = model.n_layers
     names = ["blocks.0.hook_resid_pre", *[f"blocks.{i}.hook_resid_post" for i in range(n_layers)]]
-    _, cache = model.run_with_cache(model.prepare(inputs), names=names, stop_early=True)
+    prepared = model.prepare(inputs)
+    _check_positions(positions, prepared.input_ids.shape[1])
+    _, cache = model.run_with_cache(prepared, names=names, stop_early=True)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d]
     if positions is not None:
         stack = stack[:, :, list(positions)]
@@ -176,6 +178,23 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     return LensResult(
         logits.float().cpu(), labels, cache.meta.get("str_tokens"), getattr(model, "tokenizer", None)
     )
+
+
+def _check_positions(positions: Sequence[int] | None, n_pos: int) -> None:
+    """InputError for positions that are not ints in ``[-n_pos, n_pos)`` (before any forward)."""
+    if positions is None:
+        return
+    listed = [positions] if hasattr(positions, "__index__") else list(positions)
+    bad = [
+        p
+        for p in listed
+        if isinstance(p, bool) or not hasattr(p, "__index__") or not -n_pos <= int(p) < n_pos
+    ]
+    if bad or not listed:
+        raise InputError(
+            f"positions {bad[:5] or listed} are not positions of these prompts ({n_pos} tokens); "
+            f"pass ints in [-{n_pos}, {n_pos})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interp.checks import checked_hook_value
 from interp.errors import UnknownHookError
 from interp.hooks import (
     ActivationCache,
@@ -411,4 +412,10 @@ def _written_through(
 
 def _bind(fn: HookFn, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
     context = HookContext(name=name, layer=layer_of(name))
-    return lambda act: fn(act, context)
+
+    def bound(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act, context)
+        checked_hook_value(name, act, new)  # no NaN/inf left by a user's hook (interp.checks)
+        return new
+
+    return bound
