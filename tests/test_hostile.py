@@ -541,3 +541,36 @@ def test_cli_subprocess_exit_code_and_no_traceback():
     result = _run("hooks", "zoo:induction-1l", "--filter", "re:[")
     assert result.returncode == 2, result.stderr
     assert "not a valid regular expression" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------- found probing as an attacker
+
+
+def test_meta_device_is_refused():
+    with pytest.raises(InputError, match="device='meta' holds no values"):
+        interp.load(nn.Linear(2, 2), device="meta")
+
+
+def test_hook_returning_integers_for_a_float_activation(induction):
+    with pytest.raises(InputError, match="returned a torch.int64 tensor for a torch.float32 activation"):
+        induction.run_with_hooks(CLEAN, [("hook_embed", lambda act, hook: act.long())])
+
+
+def test_direct_logit_attribution_bad_token_and_position(induction):
+    with pytest.raises(InputError, match=r"correct token id\(s\) \[1000000\] are outside the vocabulary"):
+        L.direct_logit_attribution(induction, CLEAN, 10**6)
+    with pytest.raises(InputError, match=r"positions \[7\] are not positions of these prompts \(4 tokens\)"):
+        L.direct_logit_attribution(induction, CLEAN, 1, pos=7)
+
+
+def test_inverted_ranges_are_refused(digits, digit_batch):
+    x, y = digit_batch
+    with pytest.raises(InputError, match=r"bounds must be finite with low < high.*\(1.0, 0.0\)"):
+        A.pgd(digits, x, y, 0.1, steps=1, bounds=(1.0, 0.0))
+    with pytest.raises(InputError, match=r"input_range for Linear must be \(low, high\) with low < high"):
+        interp.load(nn.Linear(2, 2), input_range=(1.0, 0.0))
+
+
+def test_collect_features_batch_size_zero(induction):
+    with pytest.raises(InputError, match="batch_size must be a whole number >= 1"):
+        Pr.collect_features(induction, torch.tensor([[1, 2, 3], [1, 2, 4]]), [0, 1], batch_size=0)

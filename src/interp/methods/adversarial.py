@@ -51,7 +51,13 @@ def _module_and_bounds(
     module = model.module if isinstance(model, HookedModel) else model
     if bounds is None:
         bounds = getattr(model, "input_range", None) or (0.0, 1.0)
-    return module, (float(bounds[0]), float(bounds[1]))
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise InputError(f"bounds must be (low, high), two numbers, got {bounds!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InputError(f"bounds must be finite with low < high (the valid pixel range), got {bounds!r}")
+    return module, (low, high)
 
 
 def check_inputs(

@@ -24,7 +24,15 @@ import torch
 from einops import einsum, rearrange
 
 from interp.errors import InputError
-from interp.methods.patching import PatchResult, _last_index, _token_ids, component, n_heads, unit_view
+from interp.methods.patching import (
+    PatchResult,
+    _check_vocab,
+    _last_index,
+    _token_ids,
+    component,
+    n_heads,
+    unit_view,
+)
 from interp.models.base import HookedModel
 
 By = Literal["component", "layer", "head", "neuron"]
@@ -103,6 +111,9 @@ def unembed_direction(
         basis = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(model.device)
         table = module(basis)  # row 0: bias; rows 1..: W_U
     bias, w_u = table[0], table[1:] - table[0]
+    _check_vocab(correct, w_u.shape[1], "correct")
+    if incorrect is not None:
+        _check_vocab(incorrect, w_u.shape[1], "incorrect")
     u = w_u[:, correct].T - (w_u[:, incorrect].T if incorrect is not None else 0)
     c = bias[correct] - (bias[incorrect] if incorrect is not None else 0)
     return u, c
@@ -227,6 +238,7 @@ def direct_logit_attribution(
     prepared = model.prepare(inputs)
     batch = prepared.input_ids.shape[0]
     index = _last_index(pos, prepared.attention_mask, batch)
+    _check_positions(index.tolist(), prepared.input_ids.shape[1])
     names = _dla_names(model, by)
     output, cache = model.run_with_cache(prepared, names=names)
     rows = torch.arange(batch)

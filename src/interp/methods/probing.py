@@ -99,6 +99,8 @@ def collect_features(
             per-token labels, else every item is its own type.
         batch_size: inputs per forward.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a whole number >= 1 (inputs per forward), got {batch_size!r}")
     chosen = model.resolve(names) if names is not None else default_names(model)
     prepared = model.prepare(_listed(inputs))
     n = _count(prepared)

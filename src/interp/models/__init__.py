@@ -125,6 +125,10 @@ def _check_device(device: Any) -> None:
         raise InputError(
             f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'mps'"
         ) from None
+    if dev.type == "meta":
+        raise InputError(
+            "device='meta' holds no values, so nothing could be read or measured; use device='cpu'"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(
             f"device={device!r} but CUDA is not available here (no GPU, or torch built without CUDA); "

@@ -68,6 +68,10 @@ class ModuleModel(HookedModel):
     ) -> None:
         super().__init__(module, name)
         self.input_shape = _checked_shape(input_shape, name)
+        if input_range is not None and not (len(input_range) == 2 and input_range[0] < input_range[1]):
+            raise InputError(
+                f"input_range for {name} must be (low, high) with low < high, got {input_range!r}"
+            )
         self.input_range = input_range
 
     def _build_sites(self) -> dict[str, HookSite]:
