@@ -537,10 +537,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_subprocess_exit_code_and_no_traceback():
-    result = _run("hooks", "zoo:induction-1l", "--filter", "re:[")
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    """As a user runs it: --out names a file; exit 2, one line, no traceback, the file intact."""
+    taken = tmp_path / "taken"
+    taken.write_text("user data")
+    texts = tmp_path / "in.txt"
+    texts.write_text("the cat\n")
+    result = _run("capture", "--model", "zoo:induction-1l", "--hooks", "re:((", "--input", str(texts),
+                  "--out", str(taken))  # fmt: skip
     assert result.returncode == 2, result.stderr
-    assert "not a valid regular expression" in result.stderr and "Traceback" not in result.stderr
+    assert "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and taken.read_text() == "user data"
 
 
 # ---------------------------------------------------------------------------------------- found probing as an attacker
