@@ -581,3 +581,24 @@ def test_inverted_ranges_are_refused(digits, digit_batch):
 def test_collect_features_batch_size_zero(induction):
     with pytest.raises(InputError, match="batch_size must be a whole number >= 1"):
         Pr.collect_features(induction, torch.tensor([[1, 2, 3], [1, 2, 4]]), [0, 1], batch_size=0)
+
+
+def test_probe_scoring_checks_its_features():
+    x, y = _blobs()
+    probe = Pr.fit_probe(x, y)
+    with pytest.raises(InputError, match="features to score holds 12 NaN"):
+        probe.score(torch.full((2, 6), float("nan")), torch.ones(2, dtype=torch.long))  # was a silent 0.0
+    with pytest.raises(InputError, match=r"the probe reads \[items, 6\] features, got shape \(5, 7\)"):
+        probe.predict(torch.randn(5, 7))
+    with pytest.raises(InputError, match="got 3 labels for 5 feature rows"):
+        probe.score(x[:5], y[:3])
+
+
+def test_embedding_attack_positions_and_attack_probe_share(induction, digits, digit_batch):
+    with pytest.raises(
+        InputError, match=r"positions \[9\] are not token positions of these prompts \(4 tokens\)"
+    ):
+        A.embedding_pgd(induction, CLEAN, positions=[9], steps=1)
+    x, y = digit_batch
+    with pytest.raises(InputError, match=r"topk_frac must be a share of units in \(0, 1\], got 5.0"):
+        A.attack_probe(digits, x, x, y, topk_frac=5.0)

@@ -576,6 +576,14 @@ def embedding_pgd(
     loss = loss or flip_loss(clean_logits)
     alpha = eps / 4 if alpha is None else alpha
     shape = tuple(model.run_with_cache(prepared, names=hook, stop_early=True)[1][hook].shape)
+    if positions is not None:
+        positions = list(positions)
+        bad = [p for p in positions if not isinstance(p, int) or not -shape[1] <= p < shape[1]]
+        if bad or not positions:
+            raise InputError(
+                f"positions {bad[:5] or positions} are not token positions of these prompts ({shape[1]} tokens); "
+                f"pass ints in [-{shape[1]}, {shape[1]})"
+            )
     mask = torch.zeros(shape[:2] + (1,), device=model.device)
     mask[:, list(positions) if positions is not None else slice(None)] = 1.0
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -776,6 +784,9 @@ def attack_probe(
     """
     from interp.methods import probing
 
+    check_number("topk_frac", topk_frac, minimum=0.0, strict=True, why="a share of units, at most 1")
+    if topk_frac > 1:
+        raise InputError(f"topk_frac must be a share of units in (0, 1], got {topk_frac!r}")
     hooked = _as_hooked(model)
     x, xa, y = _pair(hooked, clean, adversarial, labels)
     chosen = hooked.resolve(names) if names is not None else probing.default_names(hooked)

@@ -246,6 +246,12 @@ class Probe:
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Class labels (classification) or predicted targets (regression) for ``[items, features]``."""
+        features = torch.as_tensor(features)
+        if features.ndim != 2 or features.shape[1] != self.weight.shape[1]:
+            raise InputError(
+                f"the probe reads [items, {self.weight.shape[1]}] features, got shape {tuple(features.shape)}"
+            )
+        require_finite(features, "the features to score", "Drop or impute the rows with NaN/inf.")
         out = features.double() @ self.weight.T + self.bias
         if self.task == "classification":
             return self.classes[out.argmax(-1)]
@@ -253,6 +259,8 @@ class Probe:
 
     def score(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy or R² of the probe on new features."""
+        if len(labels) != len(features):
+            raise InputError(f"got {len(labels)} labels for {len(features)} feature rows; pass one per row")
         pred = self.predict(features)
         if self.task == "classification":
             return (pred == labels.to(pred.device)).double().mean().item()
