@@ -100,6 +100,11 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
         return Tokens(ids, mask, str_tokens)
 
     def prepare(self, inputs: Any) -> Tokens:
+        if inputs is None or (isinstance(inputs, list | tuple) and not inputs):
+            raise InputError(
+                f"{self.name} got no input ({inputs!r}); pass text, a list of texts, or token ids "
+                "(a LongTensor of shape (batch, pos))"
+            )
         if isinstance(inputs, Tokens):
             tokens = inputs
         elif isinstance(inputs, str) or (
@@ -109,7 +114,13 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             tokens = Tokens(torch.as_tensor(inputs["input_ids"]), _maybe_tensor(inputs.get("attention_mask")))
         else:
-            ids = torch.as_tensor(inputs)
+            try:
+                ids = torch.as_tensor(inputs)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise InputError(
+                    f"{self.name} cannot read a {type(inputs).__name__} as token ids ({err}); pass text or a "
+                    "LongTensor of shape (batch, pos)"
+                ) from None
             tokens = Tokens(ids.unsqueeze(0) if ids.ndim == 1 else ids)
         return self._check_tokens(tokens)
 
@@ -164,6 +175,19 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
             raise InputError(
                 f"token ids must be an integer tensor of shape (batch, pos), got {ids.dtype} {tuple(ids.shape)}"
             )
+        if ids.numel() == 0:
+            raise InputError(
+                f"token ids of shape {tuple(ids.shape)} hold no tokens; pass at least one token per prompt"
+            )
+        mask = tokens.attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but the token ids have {tuple(ids.shape)}; "
+                "pass one mask entry (1 = real token, 0 = padding) per token"
+            )
+        if mask is not None and not bool((mask != 0).any(-1).all()):
+            empty = (~(mask != 0).any(-1)).nonzero().flatten().tolist()
+            raise InputError(f"prompt(s) {empty[:5]} have no real token (attention_mask all 0); drop them")
         if self.n_ctx is not None and ids.shape[1] > self.n_ctx:
             raise InputError(
                 f"the input has {ids.shape[1]} tokens but {self.name} takes at most {self.n_ctx} "
