@@ -236,7 +236,7 @@ def test_patching_engine_sweeps_latent_hooks(gpt2_model):
     sae = _random_sae()
     clean, corrupt = "the cat sat on the mat", "the dog ran on the rug"
     hook = f"{SITE}.hook_sae_acts_post"
-    metric = P.logit_diff(gpt2_model.to_tokens("mat").input_ids[0, 0].item(), 3)
+    metric = P.logit_diff(gpt2_model.tokenizer.convert_tokens_to_ids("mat"), 3)
     with gpt2_model.saes([sae], use_error_term=True):
         result = P.patch(gpt2_model, clean, corrupt, site=hook, metric=metric)
         _, cache = gpt2_model.run_with_cache(clean, names=hook)
@@ -255,7 +255,7 @@ def test_sae_latent_site_patches_one_latent_at_one_position(gpt2_model):
     sae = _random_sae()
     clean, corrupt = "the cat sat on the mat", "the dog ran on the rug"
     hook = f"{SITE}.hook_sae_acts_post"
-    metric = P.logit_diff(gpt2_model.to_tokens("mat").input_ids[0, 0].item(), 3)
+    metric = P.logit_diff(gpt2_model.tokenizer.convert_tokens_to_ids("mat"), 3)
     with pytest.raises(InputError, match="none is spliced"):
         P.patch(gpt2_model, clean, corrupt, site="sae_latent", metric=metric)
     with gpt2_model.saes([sae], use_error_term=True):
