@@ -122,7 +122,7 @@ def test_corrupt_partial_and_unverified_checkpoints(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit in the weights
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="does not match the sha256"):
+    with pytest.raises(CheckpointError, match="does not match the hash recorded in its sidecar"):
         S.load(good)
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -132,7 +132,7 @@ def test_corrupt_partial_and_unverified_checkpoints(tmp_path):
         S.load(good)
     other = tmp_path / "other"
     sae.save(other)
-    (other / "checksums.json").unlink()
+    (other / "sae_weights.safetensors.sha256").unlink()
     with pytest.raises(CheckpointError, match="verify=False"):
         S.load(other)
     assert torch.equal(S.load(other, verify=False).W_enc, sae.W_enc)

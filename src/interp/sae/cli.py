@@ -42,7 +42,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--data", required=True, help="a text/jsonl file or token ids")
     evaluate.add_argument(
-        "--unverified", action="store_true", help="load a dir without checksums.json (SAELens)"
+        "--unverified", action="store_true", help="load a dir with no sha256 sidecar (written by SAELens)"
     )
     evaluate.add_argument("--ablation", default="zero", choices=["zero", "mean"])
     evaluate.add_argument("--json", default=None, help="also write the full result here")

@@ -1,9 +1,11 @@
 """SAELens's on-disk format, read and written: ``cfg.json`` + ``sae_weights.safetensors``.
 
-Weights are read with safetensors only (no pickle). ``save`` also writes ``checksums.json``, a
-sidecar holding the sha256 of the weights file; ``load`` refuses weights whose hash differs (a
-modified file, or weights and cfg from different runs). Directories written by SAELens itself have
-no sidecar: load them with ``verify=False``, which still checks every key and shape.
+Weights are read with safetensors only (no pickle), through the verified checkpoint reader every
+interp format uses (``interp.models.zoo.checkpoint.read_verified``): ``save`` writes the sidecar
+``sae_weights.safetensors.sha256`` (``sha256sum -c`` format) and ``load`` refuses weights whose
+hash differs (a modified file, or weights and cfg from different runs) or is not recorded.
+Directories written by SAELens itself have no sidecar: load them with ``verify=False``, which still
+checks every key, shape and value.
 
 Each file is written under a temporary name and renamed into place, so a kill mid-save leaves the
 previous file whole, and a mismatched pair is caught by the hash.
@@ -17,17 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from interp.errors import CheckpointError, closest
-from interp.models.zoo.checkpoint import sha256
+from interp.models.zoo.checkpoint import read_verified, sha256, sidecar_path
 from interp.sae.config import SAEConfig
 from interp.sae.modules import SAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-CHECKSUMS = "checksums.json"
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
 
@@ -47,8 +47,8 @@ def save(sae: SAE, directory: str | os.PathLike) -> Path:
     weights = out / WEIGHTS
     _atomic(weights, lambda tmp: save_file(tensors, str(tmp)))
     _atomic(out / CFG, lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8"))
-    sums = {WEIGHTS: {"sha256": sha256(weights), "bytes": weights.stat().st_size}}
-    _atomic(out / CHECKSUMS, lambda tmp: tmp.write_text(json.dumps(sums, indent=1) + "\n", encoding="utf-8"))
+    digest = sha256(weights)
+    _atomic(sidecar_path(weights), lambda tmp: tmp.write_text(f"{digest}  {WEIGHTS}\n", encoding="utf-8"))
     return out
 
 
@@ -72,8 +72,8 @@ def load(
 
     Args:
         source: a directory holding ``cfg.json`` and ``sae_weights.safetensors``, or ``zoo:NAME``.
-        verify: check the weights against the sha256 in ``checksums.json`` (written by ``save``).
-            Directories saved by SAELens have no such file: pass ``verify=False`` for them.
+        verify: check the weights against the sha256 in their sidecar (written by ``save``).
+            Directories saved by SAELens have no sidecar: pass ``verify=False`` for them.
         device: where to make the weights (default CPU, as SAELens's ``load_from_disk``; the
             cfg's own ``device`` may name a GPU this machine lacks).
         dtype: what to make them in (default: the cfg's ``dtype``).
@@ -94,9 +94,8 @@ def load(
             f"{path} is a partial SAE checkpoint: {CFG} is there but {WEIGHTS} is missing. "
             "Save it again (sae.save(dir)) or copy the weights file next to cfg.json."
         )
-    if verify:
-        _verify(path, weights)
-    tensors = _read_weights(weights)
+    fix = "Save the SAE again (sae.save(dir)); for a directory SAELens wrote, load it with verify=False."
+    tensors = read_verified(weights, verify=verify, fix=fix)
     sae = SAE(cfg, use_error_term=use_error_term)
     _fill(sae, tensors, weights)
     return sae
@@ -143,35 +142,6 @@ def _read_cfg(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path / CFG} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def _verify(path: Path, weights: Path) -> None:
-    sums = path / CHECKSUMS
-    if not sums.is_file():
-        raise CheckpointError(
-            f"{path} has no {CHECKSUMS}, so its weights cannot be verified. If SAELens (or you) wrote it, "
-            "load it with interp.sae.load(dir, verify=False); interp's sae.save writes the checksum."
-        )
-    try:
-        recorded = json.loads(sums.read_text(encoding="utf-8"))[WEIGHTS]["sha256"]
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{sums} is corrupt ({exc}); save the SAE again or load with verify=False"
-        ) from exc
-    if sha256(weights) != recorded:
-        raise CheckpointError(
-            f"{weights} does not match the sha256 recorded in {sums} (the file was modified, truncated, "
-            "or comes from another run). Save the SAE again; pass verify=False only if you trust the file."
-        )
-
-
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{weights} is corrupt (not a readable safetensors file: {exc}). Save the SAE again."
-        ) from exc
 
 
 def _fill(sae: SAE, tensors: dict[str, torch.Tensor], weights: Path) -> None:

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from interp.errors import InputError
+from interp.models.zoo.checkpoint import read_verified, write_verified
 from interp.sae.config import SAEConfig
 from interp.sae.io import load as load_sae
 from interp.sae.io import save as save_sae
@@ -477,7 +477,7 @@ class _Trainer:
         for i, param in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(param, {}).items():
                 state[f"opt.{i}.{key}"] = torch.as_tensor(value).clone()
-        save_file(state, str(directory / "trainer_state.safetensors"))
+        write_verified(directory / "trainer_state.safetensors", state)
         (directory / "trainer.json").write_text(
             json.dumps({"step": self.step, "config": asdict(self.cfg), "history": self.history}) + "\n"
         )
@@ -493,7 +493,7 @@ class _Trainer:
             )
         loaded = load_sae(ckpt)
         self.sae.load_state_dict(loaded.state_dict())
-        state = load_file(str(ckpt / "trainer_state.safetensors"))
+        state = read_verified(ckpt / "trainer_state.safetensors", fix=f"Delete {ckpt} to start over.")
         self.since_fired = state["since_fired"]
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
