@@ -146,6 +146,8 @@ def peak_memory(capture_dir: str) -> bool:
             text=True,
             env=env,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"the peak-memory worker failed:\n{done.stderr[-2000:]}")
         peaks[tokens] = int(done.stdout.strip().splitlines()[-1]) / 1024
     small, big = peaks.values()
     print("\n## peak memory training from shards (fresh process, ru_maxrss)")

@@ -192,6 +192,13 @@ def test_error_term_keeps_the_output_exactly(gpt2_model):
     assert gpt2_model.hook_names == before
 
 
+def test_hooks_on_the_host_see_the_spliced_value(gpt2_model):
+    sae = _random_sae()
+    _, plain = gpt2_model.run_with_cache(TEXTS, names=SITE)
+    _, spliced = gpt2_model.run_with_cache_with_saes(TEXTS, [sae], names=SITE)
+    assert torch.allclose(spliced[SITE], sae.reconstruct(plain[SITE]), atol=1e-6)
+
+
 def test_latent_capture_equals_encode_of_the_site(gpt2_model):
     sae = _random_sae("topk")
     _, plain = gpt2_model.run_with_cache(TEXTS, names=SITE)
@@ -238,6 +245,8 @@ def test_patching_engine_sweeps_latent_hooks(gpt2_model):
     hook = f"{SITE}.hook_sae_acts_post"
     metric = P.logit_diff(gpt2_model.tokenizer.convert_tokens_to_ids("mat"), 3)
     with gpt2_model.saes([sae], use_error_term=True):
+        # the splice is part of the model in the engine's own plan checks: a tiling plan verifies
+        assert gpt2_model.shares_prefix(gpt2_model.prepare(corrupt), hook)
         result = P.patch(gpt2_model, clean, corrupt, site=hook, metric=metric)
         _, cache = gpt2_model.run_with_cache(clean, names=hook)
         for pos in (0, 3):

@@ -13,7 +13,10 @@ did without the SAE). A transcoder reads ``hook_name`` and replaces ``hook_name_
 replace, so capture, ``run_with_hooks``, the patching engine and every other tool take them by name.
 
 The activation at the host hook itself is, inside the block, what the SAE output (user hooks on
-``hook_name`` see the spliced value). A forward that never reaches a spliced hook is refused.
+``hook_name`` see the spliced value). The splice is part of the model, not a user hook: it also
+runs in the library's internal probes (plan checks, traces), which must see the model being
+analysed; user hooks on the SAE's hook points are user hooks like any other. A forward that never
+reaches a spliced hook is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from interp.errors import InputError, UnknownHookError, closest
-from interp.hooks import HookContext, HookSite
+from interp.hooks import HookContext, HookSite, attach, probe_depth
 from interp.sae.modules import HOOK_POINTS, SAE
 
 _LATENT_POINTS = ("hook_sae_acts_pre", "hook_sae_acts_post")
@@ -147,9 +150,34 @@ def splice(model: Any, saes: SAE | Sequence[SAE], *, use_error_term: bool | None
                 sae.use_error_term = use_error_term
             stack.callback(_restore, items, saved)
         stack.enter_context(model.extra_sites(groups))
-        stack.enter_context(model.hooks(hooks))
+        stack.enter_context(_attached_to_model(model, hooks))
         stack.enter_context(_reach_check(model, items, fired))
         yield model
+
+
+@contextmanager
+def _attached_to_model(model: Any, hooks: list[tuple[str, Callable]]) -> Iterator[None]:
+    """Attach the splice as part of the model, not as a user hook: it runs in every forward,
+    internal probes included (they must see the model being analysed), ahead of any user hook at
+    the same hook point. An edit at a write-through name also lands at its partner (``_write_through``).
+    """
+    from interp.models.base import _written_through
+
+    handles = []
+    try:
+        with model._lock:
+            for name, fn in hooks:
+                site, partner = model._sites[name], model._write_through.get(name)
+                if partner is None:
+                    handles.append(attach(site, fn, prepend=True))
+                    continue
+                edit, carry = _written_through(site, model._sites[partner], fn)
+                handles.append(attach(*carry, prepend=True))
+                handles.append(attach(*edit, prepend=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _restore(items: list[SAE], saved: list[bool]) -> None:
@@ -161,17 +189,17 @@ def _splice_hooks(sae: SAE, index: int, fired: dict[int, bool]) -> list[tuple[st
     c = sae.cfg
     if not c.is_transcoder:
 
-        def replace(act: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        def replace(act: torch.Tensor) -> torch.Tensor:
             fired[index] = True
             return sae(_cast(act, sae)).to(act.dtype)
 
         return [(c.hook_name, replace)]
     read: dict[str, torch.Tensor] = {}
 
-    def take_input(act: torch.Tensor, ctx: HookContext) -> None:
+    def take_input(act: torch.Tensor) -> None:
         read["x"] = act
 
-    def write_output(act: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+    def write_output(act: torch.Tensor) -> torch.Tensor:
         if "x" not in read:
             raise InputError(
                 f"the transcoder reads {c.hook_name}, but the forward reached {c.hook_name_out} first; "
@@ -192,6 +220,8 @@ def _reach_check(model: Any, items: list[SAE], fired: dict[int, bool]) -> Iterat
         fired.clear()
 
     def check(module: Any, args: Any, output: Any) -> None:
+        if probe_depth():  # the library's own probe forwards are not the user's runs
+            return
         missed = [s.cfg.hook_out for i, s in enumerate(items) if not fired.get(i)]
         if missed:
             raise InputError(
