@@ -199,6 +199,17 @@ def test_hooks_on_the_host_see_the_spliced_value(gpt2_model):
     assert torch.allclose(spliced[SITE], sae.reconstruct(plain[SITE]), atol=1e-6)
 
 
+def test_an_sae_at_resid_mid_feeds_both_the_mlp_and_the_residual_add(gpt2_model):
+    mid = "blocks.0.hook_resid_mid"
+    assert gpt2_model._write_through.get(mid) == SITE  # resid_mid is read at ln2's input
+    sae = _random_sae(hook=mid)
+    base = gpt2_model(TEXTS)
+    assert torch.equal(gpt2_model.run_with_saes(TEXTS, [sae], use_error_term=True), base)
+    names = [mid, "blocks.0.hook_mlp_out", SITE]
+    _, cache = gpt2_model.run_with_cache_with_saes(TEXTS, [sae], names=names)
+    assert torch.allclose(cache[SITE], cache[mid] + cache["blocks.0.hook_mlp_out"], atol=1e-5)
+
+
 def test_latent_capture_equals_encode_of_the_site(gpt2_model):
     sae = _random_sae("topk")
     _, plain = gpt2_model.run_with_cache(TEXTS, names=SITE)
