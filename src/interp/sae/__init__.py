@@ -6,6 +6,18 @@
 ...     out, cache = model.run_with_cache(text, names=f"{sae.cfg.hook_name}.hook_sae_acts_post")
 >>> S.evaluate(model, sae, texts)["explained_variance"]
 >>> sae = S.train(model, "blocks.0.hook_resid_post", texts, arch="topk", d_sae=512, k=16)
+
+Pieces for dashboards and analyses (all work on any spliced latent, by its hook name):
+
+- top activating examples: ``interp.methods.examples.top_k(model, texts, S.latent_hook(sae),
+  units=[i])`` inside ``with model.saes([sae]):``;
+- density and its histogram: ``S.evaluate(...).feature_density`` / ``.histogram`` (``.to_dict()``
+  is JSON-ready; ``.nested()`` groups the metrics as SAELens's ``run_evals``);
+- logit effects: ``S.logit_effects(model, sae, i)``;
+- steering: ``model.run_with_saes(x, [sae], use_error_term=True,
+  hooks=[(S.latent_hook(sae), S.steering_hook(i, alpha))])``;
+- patching / attribution patching / ablation per latent and position: ``site="sae_latent"``;
+- what a dictionary was trained on and how: ``sae.cfg.metadata["training"]`` (seed, config, data).
 """
 
 from __future__ import annotations
