@@ -556,3 +556,28 @@ def test_a_cfg_saved_on_a_gpu_loads_on_cpu(tmp_path):
     loaded = S.load(tmp_path)
     assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
     assert torch.equal(loaded.W_dec, sae.W_dec)
+
+
+def test_evaluate_and_train_on_a_module_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = interp.load(net, input_shape=(6,))
+    x = torch.randn(40, 6)
+    result = S.evaluate(model, _identity_sae(8, "0.hook_out"), x, batch_size=16)
+    assert result["explained_variance"] == 1.0 and result["total_tokens_evaluated"] == 40
+    assert "ce_loss_score" not in result  # no logits: no splice scores
+    sae = S.train(
+        model,
+        "1.hook_out",
+        x,
+        data_kind="inputs",
+        arch="topk",
+        d_sae=16,
+        k=8,
+        tokens=640,
+        batch_size=32,
+        lr=1e-2,
+        progress=False,
+    )
+    assert sae.cfg.d_in == 8 and sae.cfg.metadata["training"]["data"] == "model inputs (40 rows)"
+    assert S.evaluate(model, sae, x)["explained_variance"] > 0.5
