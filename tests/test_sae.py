@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -208,6 +209,23 @@ def test_an_sae_at_resid_mid_feeds_both_the_mlp_and_the_residual_add(gpt2_model)
     names = [mid, "blocks.0.hook_mlp_out", SITE]
     _, cache = gpt2_model.run_with_cache_with_saes(TEXTS, [sae], names=names)
     assert torch.allclose(cache[SITE], cache[mid] + cache["blocks.0.hook_mlp_out"], atol=1e-5)
+
+
+def test_hook_z_sae_reads_heads_flattened(gpt2_model):
+    z = "blocks.0.attn.hook_z"
+    assert gpt2_model.hook_shapes[z] == ("batch", "pos", 4, 8)
+    sae = _random_sae(hook=z, reshape_activations="hook_z")
+    base = gpt2_model.run_with_hooks(TEXTS, [(z, lambda act, hook: None)])  # eager attention, as hooked
+    assert torch.equal(gpt2_model.run_with_saes(TEXTS, [sae], use_error_term=True), base)
+    _, plain = gpt2_model.run_with_cache(TEXTS, names=z)
+    names = [f"{z}.hook_sae_acts_post", z]
+    _, cache = gpt2_model.run_with_cache_with_saes(TEXTS, [sae], names=names)
+    flat = rearrange(plain[z], "b p h d -> b p (h d)")
+    assert torch.equal(cache[f"{z}.hook_sae_acts_post"], sae.encode(flat))
+    assert torch.allclose(cache[z], rearrange(sae.reconstruct(flat), "b p (h d) -> b p h d", h=4), atol=1e-6)
+    assert S.evaluate(gpt2_model, sae, TEXTS)["l0"] > 0
+    with pytest.raises(InputError, match="d_in=32 but blocks.0.attn.hook_z .* has width 8"):
+        gpt2_model.saes([_random_sae(hook=z)]).__enter__()  # without hook_z reshaping
 
 
 def test_latent_capture_equals_encode_of_the_site(gpt2_model):

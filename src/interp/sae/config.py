@@ -49,7 +49,8 @@ class SAEConfig:
         rescale_acts_by_decoder_norm: TopK: rank ``pre * ‖W_dec row‖`` and divide it out to decode.
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         normalize_activations: ``"none"`` or one of SAELens's run-time normalizations.
-        reshape_activations: ``"none"`` (``"hook_z"`` flattens heads; not supported yet).
+        reshape_activations: ``"none"``, or ``"hook_z"``: a ``[..., head, d_head]`` input is read
+            as ``[..., head * d_head]`` (attention-output SAEs), and the output takes the input's shape.
         dtype, device: what the weights are made in.
         metadata: the rest of SAELens's metadata (model_name, context_size, prepend_bos, dataset...).
         extra: top-level keys this version does not interpret, kept for a faithful rewrite.
@@ -125,10 +126,9 @@ class SAEConfig:
                 f"normalize_activations={self.normalize_activations!r} is not supported; "
                 f"use one of {', '.join(NORMALIZATIONS)}"
             )
-        if self.reshape_activations not in ("none", None):
+        if self.reshape_activations not in ("none", "hook_z", None):
             raise InputError(
-                f"reshape_activations={self.reshape_activations!r} is not supported yet; "
-                "train or load dictionaries on a hook whose last axis is d_in (e.g. flatten hook_z yourself)"
+                f"reshape_activations={self.reshape_activations!r} is not supported; use 'none' or 'hook_z'"
             )
 
     # --- SAELens cfg.json ---------------------------------------------------------------------

@@ -162,8 +162,8 @@ def evaluate(
             for batch in batches:
                 _, cache = model.run_with_cache(batch, names=names, stop_early=True)
                 mask = _mask(cache, cache[c.hook_name])
-                x = cache[c.hook_name][mask].to(sae.device, sae.dtype)
-                target = cache[c.hook_out][mask].to(sae.device, sae.dtype)
+                x = sae.flat(cache[c.hook_name][mask]).to(sae.device, sae.dtype)
+                target = sae.flat(cache[c.hook_out][mask]).to(sae.device, sae.dtype)
                 acts = sae.activation(sae.pre_acts(x))
                 stats.add(target, sae.reconstruct(x), acts)
         if stats.n == 0:

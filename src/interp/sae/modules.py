@@ -138,8 +138,14 @@ class SAE(nn.Module):
                 f"(shape {tuple(x.shape)}). Use a dictionary trained on this hook, or the hook it was trained on."
             )
 
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``hook_z`` dictionaries read ``[..., head, d_head]`` as ``[..., head * d_head]``; else ``x``."""
+        z = self.cfg.reshape_activations == "hook_z" and x.ndim >= 2 and x.shape[-1] != self.cfg.d_in
+        return x.flatten(-2) if z and x.shape[-1] * x.shape[-2] == self.cfg.d_in else x
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """``(x' ) @ W_enc + b_enc`` before the activation function (no hooks run)."""
+        x = self.flat(x)
         self._check_width(x)
         x, _ = self._normalize_in(x.to(self.dtype))
         if self.cfg.apply_b_dec_to_input:
@@ -169,7 +175,7 @@ class SAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[..., d_sae]`` for activations ``[..., d_in]`` (runs the encode hooks)."""
-        x = self.hook_sae_input(x)
+        x = self.hook_sae_input(self.flat(x))
         pre = self.hook_sae_acts_pre(self.pre_acts(x))
         return self.hook_sae_acts_post(self.activation(pre))
 
@@ -202,7 +208,8 @@ class SAE(nn.Module):
         return 0.0
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """What the dictionary predicts for ``x``, with no hooks and no error term."""
+        """What the dictionary predicts for ``x``, with no hooks and no error term (flat for hook_z)."""
+        x = self.flat(x)
         acts = self.activation(self.pre_acts(x))
         if self.cfg.rescale_acts_by_decoder_norm:
             acts = acts / self.W_dec.norm(dim=-1)
@@ -217,6 +224,11 @@ class SAE(nn.Module):
         reconstruction plus the unchanged error otherwise. Gradients flow as through
         ``recons + error`` either way (to ``x`` and to the latents).
         """
+        goal_in = x if target is None else target
+        x = self.flat(x)
+        target = None if target is None else self.flat(target)
+        flat_goal = x if target is None else target
+        shape = goal_in.shape if flat_goal is not goal_in else None  # hook_z: give heads back
         x_in = self.hook_sae_input(x)
         pre = self.pre_acts(x_in)
         pre_h = self.hook_sae_acts_pre(pre)
@@ -224,7 +236,7 @@ class SAE(nn.Module):
         act_h = self.hook_sae_acts_post(act)
         recons = self.decode(act_h, x_in) + self._skip(x_in)  # runs hook_sae_recons
         if not self.use_error_term:
-            return self.hook_sae_output(recons)
+            return _shaped(self.hook_sae_output(recons), shape)
         goal = x if target is None else target
         goal = goal.to(recons.dtype)
         untouched = x_in is x and pre_h is pre and act_h is act
@@ -237,7 +249,7 @@ class SAE(nn.Module):
         error_h = self.hook_sae_error(error)
         # Untouched: exactly ``goal``, with the gradients of recons + error. Else the edited sum.
         out = goal + (recons - recons.detach()) if untouched and error_h is error else recons + error_h
-        return self.hook_sae_output(out)
+        return _shaped(self.hook_sae_output(out), shape)
 
     # --- helpers for tools ----------------------------------------------------------------------
 
@@ -256,6 +268,10 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}, hook={c.hook_name!r}"
+
+
+def _shaped(out: torch.Tensor, shape: torch.Size | None) -> torch.Tensor:
+    return out if shape is None else out.reshape(shape)
 
 
 def _topk(pre: torch.Tensor, k: int) -> torch.Tensor:

@@ -65,9 +65,15 @@ def _host(model: Any, name: str, role: str, sae: SAE) -> HookSite:
     return sites[name]
 
 
-def _width(site: HookSite) -> int | None:
+def _width(site: HookSite, sae: SAE | None = None) -> int | None:
+    """The width the dictionary sees at ``site``: the last axis (heads x d_head for hook_z SAEs)."""
     shape = site.shape
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
+    if not shape or not isinstance(shape[-1], int):
+        return None
+    hook_z = sae is not None and sae.cfg.reshape_activations == "hook_z"
+    if hook_z and len(shape) >= 4 and isinstance(shape[-2], int):
+        return shape[-1] * shape[-2]
+    return shape[-1]
 
 
 def check_fits(model: Any, sae: SAE) -> None:
@@ -78,7 +84,7 @@ def check_fits(model: Any, sae: SAE) -> None:
         pairs.append(("hook_name_out", c.hook_name_out, c.width_out, "d_out"))
     for role, name, width, what in pairs:
         site = _host(model, name, role, sae)
-        have = _width(site)
+        have = _width(site, sae)
         if have is not None and have != width:
             raise InputError(
                 f"the SAE has {what}={width} but {name} of {model.name} has width {have}; "
@@ -90,13 +96,14 @@ def _sites_of(model: Any, sae: SAE) -> dict[str, list[HookSite]]:
     """The SAE's hook points as sites, keyed by the host hook they are listed after."""
     c = sae.cfg
     host = model._sites[c.hook_out]
-    base = host.shape[:-1] if host.shape else None
+    flat = c.reshape_activations == "hook_z" and host.shape is not None and len(host.shape) >= 4
+    base = (host.shape[:-2] if flat else host.shape[:-1]) if host.shape else None
     shapes = {
         "hook_sae_input": (*base, c.d_in) if base is not None else None,
         "hook_sae_acts_pre": (*base, c.d_sae) if base is not None else None,
         "hook_sae_acts_post": (*base, c.d_sae) if base is not None else None,
     }
-    out_shape = (*base, c.width_out) if base is not None else None
+    out_shape = host.shape if flat else ((*base, c.width_out) if base is not None else None)
     sites = [
         HookSite(latent_hook(sae, p), getattr(sae, p), "output", shapes.get(p, out_shape))
         for p in HOOK_POINTS
