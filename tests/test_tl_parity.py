@@ -78,6 +78,10 @@ def test_zoo_caches_every_name_with_tl_values_and_layouts(name, one_thread):
     results = {f"blocks.{i}.attn.hook_result" for i in range(model.n_layers)}
     assert set(model.hook_names) == set(theirs) | results
     for hook in theirs:
+        if hook.endswith("hook_attn_scores"):  # see test_native_attention_scores_are_pre_softmax
+            torch.testing.assert_close(theirs[hook], theirs[hook.replace("attn_scores", "pattern")])
+            torch.testing.assert_close(cache[hook].softmax(-1), cache[hook.replace("attn_scores", "pattern")])
+            continue
         _assert_same(hook, cache[hook], theirs[hook], atol=1e-6)
     cfg = model.cfg
     assert cache["blocks.0.attn.hook_z"].shape[2:] == (cfg.n_heads, cfg.d_head)
@@ -110,6 +114,50 @@ def test_zoo_hook_functions_see_tl_layouts(one_thread):
         theirs = model.bridge.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", ablate)])
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
     assert not torch.allclose(ours, model(tokens), atol=1e-3)  # the ablation did something
+
+
+NATIVE_VARIANTS = {
+    "standard": {},
+    "rotary, GQA, soft cap": dict(
+        positional_embedding_type="rotary", n_key_value_heads=2, attn_scores_soft_cap=30.0, rotary_dim=8
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(NATIVE_VARIANTS))
+def test_native_attention_scores_are_pre_softmax(variant, one_thread):
+    """TL's native attention exposes no scores: its bridge fires ``hook_attn_scores`` after the fact
+    with the softmaxed pattern. interp carries TL's documented semantics instead: the scaled scores,
+    ``-inf`` where masked; reading them leaves the output bit-identical (interp runs a copy of TL's
+    attention with the scores routed through the hook), and replacing them changes the pattern:
+    all-zero scores give a uniform causal pattern, 1 / (query position + 1)."""
+    cfg = dict(
+        n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=16, d_vocab=20, attn_only=True, act_fn=None,
+        normalization_type="LN", positional_embedding_type="standard", seed=0,
+    )  # fmt: skip
+    model = interp.load({**cfg, **NATIVE_VARIANTS[variant]})
+    tokens = torch.randint(0, 20, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])  # padding exercised
+    for inputs in (tokens, {"input_ids": tokens, "attention_mask": mask}):
+        plain = model(inputs)
+        output, cache = model.run_with_cache(inputs, names="re:blocks.*attn.hook_(attn_scores|pattern|q|k)")
+        assert torch.equal(output, plain)
+        for layer in range(2):
+            scores, pattern = cache["attn_scores", layer], cache["pattern", layer]
+            assert torch.isinf(scores[..., 0, 1:]).all() and not torch.isinf(scores[0, :, -1]).any()
+            torch.testing.assert_close(scores.softmax(-1)[0], pattern[0])
+    if NATIVE_VARIANTS[variant]:
+        return
+    q, k = (cache[f"blocks.1.attn.hook_{x}"] for x in "qk")
+    by_hand = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    torch.testing.assert_close(cache["attn_scores", 1][0][:, causal], by_hand[0][:, causal])
+    flat = lambda s, hook: torch.zeros_like(s).masked_fill(torch.isinf(s), float("-inf"))  # noqa: E731
+    _, edited = model.run_with_cache(
+        tokens, names="blocks.0.attn.hook_pattern", hooks=[("blocks.0.attn.hook_attn_scores", flat)]
+    )
+    uniform = causal / torch.arange(1, 8)[:, None]
+    torch.testing.assert_close(edited["pattern", 0], uniform.expand(2, 4, 7, 7))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,10 +240,34 @@ def test_head_results_on_gpt2_equal_tl(gpt2_model, gpt2_bridge, one_thread):
 
 TEXTS = ["the cat sat on the mat and then it ran", "a dog ran"]  # unequal lengths: padding
 
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> str:
+    """A random-init Llama-architecture model (rotary embeddings, grouped-query attention, gated MLP)."""
+    from conftest import WORDS
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = str(tmp_path_factory.mktemp("tiny-llama"))
+    vocab = {"<s>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<s>", unk_token="<unk>", pad_token="<s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
 # TL's generic AttentionBridge (BERT's) fires hook_attn_scores after HF's attention returns, with
 # the attention *weights* (post-softmax): there it equals hook_pattern, unlike TL's documented
 # pre-softmax scores. interp carries the scores (checked by hand below).
-_TL_SCORES_ARE_PATTERN = {"minilm": True, "gpt2": False}
+_TL_SCORES_ARE_PATTERN = {"minilm": True, "gpt2": False, "llama": False}
 
 
 def _shared_names_match(model, bridge, key: str) -> set[str]:
@@ -206,8 +278,12 @@ def _shared_names_match(model, bridge, key: str) -> set[str]:
     _, ours = model.run_with_cache(tokens)  # everything: attention runs eagerly, through interp's points
     shared = [n for n in model.hook_names if n in bridge.hook_dict]
     unfired = [n for n in shared if n not in theirs]
-    # TL fires neither GPT-2's fused qkv projection nor, by default, hook_result (checked above)
-    assert all(".qkv." in n or n.endswith("hook_result") for n in unfired), unfired
+    # TL fires neither GPT-2's fused qkv projection, nor the rotary module's output (it fires
+    # hook_cos/hook_sin instead), nor, by default, hook_result (checked above)
+    assert all(".qkv." in n or n.endswith("hook_result") or n == "rotary_emb.hook_out" for n in unfired), (
+        unfired
+    )
+    assert "hook_pos_embed" not in model.hook_names or "hook_pos_embed" in theirs
     real = mask.bool()
     for hook in shared:
         if hook in unfired:
@@ -253,6 +329,20 @@ def test_minilm_shared_names_match_tl(minilm, minilm_bridge, one_thread):
 def test_gpt2_shared_names_match_tl(gpt2_model, gpt2_bridge, one_thread):
     _shared_names_match(gpt2_model, gpt2_bridge, "gpt2")
     assert all(n in gpt2_bridge.hook_dict for n in gpt2_model.hook_names)
+
+
+def test_llama_shared_names_match_tl(llama_dir, one_thread):
+    """Rotary embeddings: TL's hook_q/hook_k are the projections' outputs, before rotation, and
+    hook_rot_q/hook_rot_k the rotated ones that HF's attention receives; grouped-query k/v have
+    n_key_value_heads heads."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = interp.load(llama_dir)
+    bridge = TransformerBridge.boot_transformers(llama_dir, device="cpu").eval()
+    fired = _shared_names_match(model, bridge, "llama")
+    assert {"blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"} <= fired & set(model.hook_names)
+    assert model.hook_shapes["blocks.0.attn.hook_k"] == ("batch", "pos", 2, 8)
+    assert all(n in bridge.hook_dict for n in model.hook_names if not n.endswith("hook_result"))
 
 
 def test_minilm_attn_out_patching_equals_tl(minilm, minilm_bridge, one_thread):

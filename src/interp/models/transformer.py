@@ -14,7 +14,9 @@ On both, a name TransformerLens uses carries what the bridge's hook of that name
 same weights, in its layout: q/k/v/z are ``[batch, pos, head, d_head]`` (views of the flat
 projections, see ``_View``), aliases come from TL's own alias tables, and every attention layer has
 ``attn.hook_result`` (``[batch, pos, head, d_model]``, computed only when hooked). Tested name by
-name against the bridge in tests/test_tl_parity.py.
+name against the bridge in tests/test_tl_parity.py. One deliberate difference: where TL's bridge
+fires ``hook_attn_scores`` with the softmaxed pattern (its generic attention, e.g. BERT's, and
+native models), interp carries the pre-softmax scores TL documents, as its GPT-2 bridge does.
 """
 
 from __future__ import annotations
@@ -274,6 +276,8 @@ class _HeadResults:
             heads = rearrange(z, "b p (h d) -> b p h d", h=self.n_heads)
             per_head = einsum(heads, self.per_head_weight(), "b p h d, h d m -> b p h m")
             new = self.point(per_head)
+            if new is per_head and not torch.is_grad_enabled():
+                return None  # only read: the projection's output stands
             # out + sum_h (new_h - result_h): exactly the projection's output while the results are
             # only read (the change is exactly zero), sum_h new_h + b_O once replaced, and in both
             # cases a graph through the results, so their gradients are the model's
@@ -281,6 +285,85 @@ class _HeadResults:
             return _replace_first(output, out + (new - per_head).sum(dim=-2).to(out.dtype))
 
         return self.proj.register_forward_hook(result, with_kwargs=True, prepend=True)
+
+
+@dataclass(frozen=True)
+class _NativeScores:
+    """``blocks.L.attn.hook_attn_scores`` on a native bridge: the pre-softmax scores, masked with
+    ``-inf`` (TransformerLens's semantics), ``[batch, head, pos, pos]``.
+
+    TL's native attention computes them inside its forward and exposes none; the bridge fires its
+    ``hook_attn_scores`` afterwards with the softmaxed pattern (so it equals ``hook_pattern`` and a
+    replacement changes nothing). While ``point`` is hooked, the attention module runs
+    ``_native_attention`` instead: TL's ``NativeAttention.forward`` step for step, with the scores
+    routed through ``point``, so reading them leaves the output bit-identical and replacing them
+    changes the pattern.
+    """
+
+    point: HookPoint
+    attention: nn.Module  # transformer_lens ... native.model.NativeAttention
+
+    def attach(self) -> Any:
+        module = self.attention
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return _native_attention(module, *args, scores_fn=self.point, **kwargs)
+
+        module.forward = forward
+        return _Restore(module)
+
+
+@dataclass(frozen=True)
+class _Restore:
+    """Handle that puts a module's class ``forward`` back."""
+
+    module: nn.Module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def _native_attention(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    pattern_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scores_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformer_lens 4.3's ``NativeAttention.forward``, with ``scores_fn`` applied to the masked scores.
+
+    Kept step for step equal (tests/test_tl_parity.py checks the output bit for bit, with rotary
+    embeddings, grouped-query attention, a soft cap and padding)."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    batch, seq, _ = hidden_states.shape
+    q = self.q(hidden_states).view(batch, seq, self.n_heads, self.d_head).transpose(1, 2)
+    k = self.k(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
+    v = self.v(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
+    if self.rotary is not None:
+        q, k = self.rotary.apply_rope(q, k, position_ids=position_ids)
+    if self.kv_repeats > 1:
+        k = k.repeat_interleave(self.kv_repeats, dim=1)
+        v = v.repeat_interleave(self.kv_repeats, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale
+    scores = apply_softcap(scores, self.attn_scores_soft_cap)
+    if self.causal:
+        block_mask = self.causal_mask[:seq, :seq]
+    else:
+        block_mask = torch.zeros(seq, seq, dtype=torch.bool, device=scores.device)
+    if attention_mask is not None:
+        block_mask = self._combine_attention_mask(block_mask, attention_mask, batch=batch)
+    scores = scores.masked_fill(block_mask, float("-inf"))
+    if scores_fn is not None:
+        scores = scores_fn(scores)
+    pattern = torch.nn.functional.softmax(scores, dim=-1)
+    pattern = pattern.masked_fill(block_mask, 0.0)
+    if pattern_fn is not None:
+        pattern = pattern_fn(pattern)
+    attn = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+    return self.o(attn), pattern
 
 
 def attached_first(
@@ -316,7 +399,7 @@ def heads_view(d_head: int) -> tuple[Callable, Callable]:
 
 
 @contextmanager
-def views_attached(views: Sequence[_View | _HeadResults]) -> Iterator[None]:
+def views_attached(views: Sequence[_View | _HeadResults | _NativeScores]) -> Iterator[None]:
     """For one forward: bridge every view whose hook point has hooks (see ``_View``)."""
     handles = [view.attach() for view in views if view.point._forward_hooks]
     try:
@@ -324,6 +407,12 @@ def views_attached(views: Sequence[_View | _HeadResults]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _is_native_attention(attention: nn.Module | None) -> bool:
+    """Whether ``attention`` wraps transformer_lens 4.3's NativeAttention (see ``_native_attention``)."""
+    inner = getattr(attention, "original_component", None)
+    return type(inner).__name__ == "NativeAttention" and hasattr(inner, "_combine_attention_mask")
 
 
 def _fired(sites: dict[str, HookSite]) -> dict[str, HookSite]:
@@ -406,7 +495,10 @@ def _tl_alias_table(adapter: Any) -> dict[str, tuple[str, ...]]:
     for key, comp in adapter.component_mapping.items():
         walk(comp, key)
     for alias, target in BridgeCore.hook_aliases.items():
-        table[alias] = tuple(target) if isinstance(target, list | tuple) else (target,)
+        targets = target if isinstance(target, list | tuple) else (target,)
+        # not rotary_emb.hook_out for hook_pos_embed: TL's bridge never fires it, and the rotary
+        # module's (cos, sin) is no residual-stream term (DLA would count it as one)
+        table[alias] = tuple(t for t in targets if not t.startswith("rotary_emb."))
     for alias, targets in _SUBLAYER_OUTPUTS.items():  # TL made them hook points of their own here
         table.setdefault(alias, targets)
     return table
@@ -516,9 +608,12 @@ class HFTransformer(TransformerModel):
             for side, suffix in (("input", "hook_in"), ("output", "hook_out")):
                 name = f"{comp.tl_name}.{suffix}"
                 sites[name] = HookSite(name, comp.module, side)
+        # HF's attention function receives q and k after rotary embeddings: TL's hook_rot_q/k; its
+        # hook_q/k are the projections' outputs (the attn.q/k.hook_out views), before rotation
+        rotated = {"hook_q": "hook_rot_q", "hook_k": "hook_rot_k"} if self._rotary else {}
         for layer, points in self._attention_points.items():
             for point_name, point in points.items():
-                name = f"blocks.{layer}.attn.{point_name}"
+                name = f"blocks.{layer}.attn.{rotated.get(point_name, point_name)}"
                 sites[name] = HookSite(name, point, "output")
         sites = self._with_views(sites)
         sites = _fired(
@@ -532,6 +627,10 @@ class HFTransformer(TransformerModel):
                 ordered[alias] = HookSite(alias, site.module, site.side, site.shape)
         self._withheld = self._non_additive(ordered)
         return {name: site for name, site in ordered.items() if name not in self._withheld}
+
+    @property
+    def _rotary(self) -> bool:
+        return getattr(self.cfg, "positional_embedding_type", None) == "rotary"
 
     def _with_views(self, sites: dict[str, HookSite]) -> dict[str, HookSite]:
         """Sites whose TL hook carries another layout become views (see ``_View``), and each
@@ -658,7 +757,7 @@ class NativeTransformer(TransformerModel):
         self.n_layers = self.cfg.n_layers
         self.n_ctx = self.cfg.n_ctx
         self.d_vocab = self.cfg.d_vocab
-        self._views: list[_View | _HeadResults] = []  # filled when the sites are built
+        self._views: list[_View | _HeadResults | _NativeScores] = []  # filled when the sites are built
 
     def _build_sites(self) -> dict[str, HookSite]:
         """The bridge's ``hook_dict``, as TL's own hooks see it, less the names that never fire.
@@ -666,7 +765,9 @@ class NativeTransformer(TransformerModel):
         A bridge hook point with a ``hook_conversion`` (q/k/v/z: flat in the forward) is a view
         showing the converted layout, ``[batch, pos, head, d_head]``, which is what TL hands its
         hook functions and caches. ``attn.hook_result`` (per-head output, which TL's bridge only
-        computes for some attention classes, not for native models) is computed when hooked. Names
+        computes for some attention classes, not for native models) is computed when hooked, and
+        ``attn.hook_attn_scores`` carries the pre-softmax scores (see ``_NativeScores``; the bridge's
+        own hook of that name fires the pattern). Names
         that do not fire here are dropped: the split q/k/v inputs and ``hook_attn_in`` (TL fires
         them only with ``use_split_qkv_input``/``use_attn_in``, which native models refuse),
         ``hook_mlp_in`` (only with ``use_hook_mlp_in``, and attention-only models have no MLP)
@@ -677,9 +778,14 @@ class NativeTransformer(TransformerModel):
         shown: dict[int, _View] = {}  # one view per bridge hook point (its aliases share it)
         for name, point in self.bridge.hook_dict.items():
             conversion = getattr(point, "hook_conversion", None)
+            attention = self.bridge.get_submodule(name.rsplit(".", 1)[0]) if ".attn." in name else None
             if name.endswith(".attn.hook_result"):
                 proj = self.bridge.get_submodule(name.replace(".hook_result", ".o")).original_component
                 view = _HeadResults(HookPoint(), proj, self.cfg.n_heads)
+                self._views.append(view)
+                point = view.point
+            elif name.endswith(".attn.hook_attn_scores") and _is_native_attention(attention):
+                view = _NativeScores(HookPoint(), attention.original_component)
                 self._views.append(view)
                 point = view.point
             elif conversion is not None:
