@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from interp.cache import CacheHelpers
 from interp.errors import CaptureTooLargeError, UnknownHookError, closest
 
 Names = str | re.Pattern | Sequence[str | re.Pattern] | None
@@ -234,19 +235,24 @@ class StopForward(Exception):
 
 
 @dataclass
-class ActivationCache(Mapping[str, torch.Tensor]):
+class ActivationCache(CacheHelpers, Mapping[str, torch.Tensor]):
     """Captured activations by hook name, plus gradients of a metric when asked for.
 
-    Index by full name, or TransformerLens-style by ``(short name, layer)``:
-    ``cache["resid_post", 3]`` is ``cache["blocks.3.hook_resid_post"]`` and ``cache["pattern", 0]``
-    is ``cache["blocks.0.attn.hook_pattern"]``.
+    Index by full name, or TransformerLens-style (``utils.get_act_name``): ``cache["resid_post", 3]``
+    is ``cache["blocks.3.hook_resid_post"]``, ``cache["resid_post", -1]`` the last layer's,
+    ``cache["pattern", 0, "attn"]`` is ``cache["blocks.0.attn.hook_pattern"]`` and ``cache["k6"]``
+    is ``cache["blocks.6.attn.hook_k"]``. ``model`` (set by ``run_with_cache``) is what the
+    TL helpers (``accumulated_resid``, ``stack_head_results``, ``logit_attrs``...; see
+    ``interp.cache``) read weights and norms from.
     """
 
     activations: dict[str, torch.Tensor]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False, compare=False)
+    has_batch_dim: bool = True
 
-    def __getitem__(self, key: str | tuple[str, int]) -> torch.Tensor:
+    def __getitem__(self, key: str | tuple) -> torch.Tensor:
         return self.activations[self._resolve(key)]
 
     def __iter__(self) -> Iterator[str]:
@@ -254,21 +260,6 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.activations)
-
-    def _resolve(self, key: str | tuple[str, int]) -> str:
-        if isinstance(key, str):
-            if key not in self.activations:
-                raise UnknownHookError(_unknown_message(key, list(self.activations)))
-            return key
-        short, layer = key
-        suffix = short if short.startswith("hook_") else f"hook_{short}"
-        hits = [n for n in self.activations if n.endswith(suffix) and layer_of(n) == layer]
-        if len(hits) != 1:
-            raise UnknownHookError(
-                f"({short!r}, {layer}) matches {len(hits)} cached names {hits[:4]}; use the full name. "
-                f"Cached: {list(self.activations)[:8]}..."
-            )
-        return hits[0]
 
     def stack(self, pattern: str) -> torch.Tensor:
         """Stack the cached activations matching a glob along a new leading ``layer`` axis."""
@@ -282,7 +273,8 @@ class ActivationCache(Mapping[str, torch.Tensor]):
 
     def to(self, device: str | torch.device) -> ActivationCache:
         move = {k: v.to(device) for k, v in self.activations.items()}
-        return ActivationCache(move, {k: v.to(device) for k, v in self.grads.items()}, dict(self.meta))
+        grads = {k: v.to(device) for k, v in self.grads.items()}
+        return ActivationCache(move, grads, dict(self.meta), self.model, self.has_batch_dim)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in list(self.activations.items())[:6])

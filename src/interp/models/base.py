@@ -353,7 +353,7 @@ class HookedModel:
         if missing and output is not None:
             raise RuntimeError(f"hook points never fired during the forward: {missing[:5]}")
         cache = ActivationCache(
-            {n: store[n] for n in chosen if n in store}, grads, self._cache_meta(prepared)
+            {n: store[n] for n in chosen if n in store}, grads, self._cache_meta(prepared), model=self
         )
         return output, cache
 

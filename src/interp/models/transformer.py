@@ -46,6 +46,7 @@ from interp.hooks import (
 )
 from interp.models.base import HookedModel, TilingPlan
 from interp.models.tracing import trace_sites
+from interp.models.weights import WeightsMixin
 
 ATTENTION_IMPLEMENTATION = "interp"
 ATTENTION_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
@@ -89,7 +90,7 @@ class Tokens:
     str_tokens: list[list[str]] | None = None
 
 
-class TransformerModel(HookedModel):
+class TransformerModel(WeightsMixin, HookedModel):
     """Shared input handling: text or token ids in, ``Tokens`` out, with length checks."""
 
     kind = "transformer"
