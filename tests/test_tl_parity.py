@@ -416,3 +416,21 @@ def test_scalar_input_on_a_module_matches_tl_hookpoint_demo():
         torch.testing.assert_close(cache[f"{name}.hook_out"], value)
     _, one_d = model.run_with_cache(torch.tensor([1.0, 2.0]))
     torch.testing.assert_close(one_d["hook_mid.hook_out"], torch.tensor([4.0, 7.0]))
+
+
+def test_copies_hook_their_own_modules(gpt2_model, one_thread):
+    """``copy.deepcopy`` (as ``attribution.randomized`` does): the copy's views, head results and
+    attention hook points read the copy's modules. Doubling the copy's W_O doubles its results only."""
+    import copy
+
+    for model in (gpt2_model, interp.load("zoo:induction-2l")):
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            _projection(clone, 1).weight.mul_(2.0)
+        tokens = torch.randint(2, 20, (2, 6), generator=torch.Generator().manual_seed(2))
+        names = ["blocks.1.attn.hook_result", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"]
+        _, ours = model.run_with_cache(tokens, names=names)
+        _, theirs = clone.run_with_cache(tokens, names=names)
+        torch.testing.assert_close(theirs[names[0]], 2 * ours[names[0]])
+        torch.testing.assert_close(theirs[names[1]], ours[names[1]])
+        torch.testing.assert_close(theirs[names[2]], ours[names[2]])

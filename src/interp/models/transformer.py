@@ -416,6 +416,10 @@ def _is_native_attention(attention: nn.Module | None) -> bool:
     return type(inner).__name__ == "NativeAttention" and hasattr(inner, "_combine_attention_mask")
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _fired(sites: dict[str, HookSite]) -> dict[str, HookSite]:
     """Traced sites that fired on the probe forward: a name that never fires is not offered."""
     return {name: site for name, site in sites.items() if site.shape is not None}
@@ -592,16 +596,26 @@ class HFTransformer(TransformerModel):
         for comp in self._components:
             parts = comp.tl_name.split(".")
             if len(parts) == 3 and parts[2] == "attn":
-                layer = int(parts[1])
-                points[layer] = nn.ModuleDict({p: HookPoint() for p in ATTENTION_POINTS})
-                for sub in comp.module.modules():
-                    _ATTENTION_POINTS[sub] = points[layer]
+                points[int(parts[1])] = nn.ModuleDict({p: HookPoint() for p in ATTENTION_POINTS})
+        self._route_attention(points)
         try:
             self.module.set_attn_implementation("sdpa")
             self._fast_attention = "sdpa"
         except (ValueError, ImportError):
             self._fast_attention = "eager"
         return points
+
+    def _route_attention(self, points: dict[int, nn.ModuleDict]) -> None:
+        """Tell ``_hooked_attention`` which hook points belong to each attention module."""
+        for comp in self._components:
+            parts = comp.tl_name.split(".")
+            if len(parts) == 3 and parts[2] == "attn":
+                for sub in comp.module.modules():
+                    _ATTENTION_POINTS[sub] = points[int(parts[1])]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy's attention modules are new
+        super().__setstate__(state)
+        self._route_attention(self._attention_points)
 
     def _build_sites(self) -> dict[str, HookSite]:
         sites: dict[str, HookSite] = {}
@@ -641,8 +655,7 @@ class HFTransformer(TransformerModel):
         * ``pos_embed.hook_out``: ``[batch, pos, d_model]`` (HF computes it once, ``[1, pos, d]``).
         """
         split = heads_view(self.cfg.d_head)
-        expand = (lambda t: t.expand(self._batch, *t.shape[1:]) if t.shape[0] == 1 else t, lambda t: t)
-        wanted = {"pos_embed.hook_out": expand}
+        wanted = {"pos_embed.hook_out": (self._batched, _identity)}
         for layer in range(self.n_layers):
             b = f"blocks.{layer}.attn"
             wanted.update({f"{b}.{x}.hook_out": split for x in ("q", "k", "v")} | {f"{b}.o.hook_in": split})
@@ -660,6 +673,10 @@ class HFTransformer(TransformerModel):
                 result_name = name.replace(".o.hook_out", ".hook_result")
                 out[result_name] = HookSite(result_name, result.point, "output")
         return out
+
+    def _batched(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[1, pos, d]`` tensor computed once for the batch, shown per row (as TL's bridge does)."""
+        return t.expand(self._batch, *t.shape[1:]) if t.shape[0] == 1 else t
 
     def _non_additive(self, sites: dict[str, HookSite]) -> dict[str, str]:
         """``hook_attn_out`` / ``hook_mlp_out`` aliases that are not what the block adds to its residual
