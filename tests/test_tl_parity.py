@@ -434,3 +434,49 @@ def test_copies_hook_their_own_modules(gpt2_model, one_thread):
         torch.testing.assert_close(theirs[names[0]], 2 * ours[names[0]])
         torch.testing.assert_close(theirs[names[1]], ours[names[1]])
         torch.testing.assert_close(theirs[names[2]], ours[names[2]])
+
+
+@pytest.mark.parametrize("key", ["minilm", "gpt2"])
+def test_hf_replacements_equal_tl(key, request, one_thread):
+    """TL-style hooks that edit q/v/z per head change the model as the same hooks do on TL's bridge
+    (checked at the last block's output); so does an edit of hook_resid_mid on post-LN MiniLM.
+
+    One deliberate difference, on pre-LN blocks: TL 4.3's bridge aliases hook_resid_mid to ln2's
+    input, so an edit there reaches only the MLP and the residual add keeps the old stream. interp
+    writes the edit through (``HookedModel._write_through``): resid_post = new resid_mid +
+    mlp(ln2(new resid_mid)), as in HookedTransformer, where hook_resid_mid is the stream itself.
+    Checked exactly: interp's resid_post = TL's + (new - old resid_mid)."""
+    model = request.getfixturevalue("minilm" if key == "minilm" else "gpt2_model")
+    bridge = request.getfixturevalue(f"{key}_bridge")
+
+    def zero_head(act, hook):
+        act = act.clone()
+        act[:, :, 1] = 0.0
+        return act
+
+    def double(act, hook):
+        return act * 2.0
+
+    def run_both(hooks, name):
+        _, ours = model.run_with_cache(tokens, names=name, hooks=hooks)
+        with torch.no_grad(), bridge.hooks(fwd_hooks=hooks):
+            _, theirs = bridge.run_with_cache(tokens.input_ids, names_filter=lambda n: n == name)
+        return ours[name], theirs[name]
+
+    tokens = model.prepare("the cat sat on the mat")
+    last = f"blocks.{model.n_layers - 1}.hook_resid_post"
+    heads = [
+        ("blocks.0.attn.hook_v", double),
+        ("blocks.1.attn.hook_q", zero_head),
+        ("blocks.1.attn.hook_z", zero_head),
+    ]
+    ours, theirs = run_both(heads, last)
+    _assert_same(last, ours, theirs)
+    assert not torch.allclose(ours, model.run_with_cache(tokens, names=last)[1][last], atol=1e-3)
+
+    ours, theirs = run_both([("blocks.0.hook_resid_mid", double)], "blocks.0.hook_resid_post")
+    if key == "minilm":  # post-LN: resid_mid is ln2's input, and nothing bypasses it
+        _assert_same("blocks.0.hook_resid_post", ours, theirs)
+    else:
+        mid = model.run_with_cache(tokens, names="blocks.0.hook_resid_mid")[1]["blocks.0.hook_resid_mid"]
+        _assert_same("blocks.0.hook_resid_post", ours, theirs + mid)
