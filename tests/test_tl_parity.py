@@ -480,3 +480,22 @@ def test_hf_replacements_equal_tl(key, request, one_thread):
     else:
         mid = model.run_with_cache(tokens, names="blocks.0.hook_resid_mid")[1]["blocks.0.hook_resid_mid"]
         _assert_same("blocks.0.hook_resid_post", ours, theirs + mid)
+
+
+def test_views_fire_in_any_forward(gpt2_model, one_thread):
+    """Views (4-d q/k/v/z at the projections, head results, native scores) fire in forwards interp
+    does not run itself (a generation loop calling the module), and leave nothing attached once the
+    hooks are removed. (HF's attention-function points, hook_pattern etc., also need the forward to
+    select interp's attention implementation, as ``_forward`` does.)"""
+    for model in (gpt2_model, interp.load("zoo:induction-2l")):
+        seen: dict[str, tuple] = {}
+        names = ["blocks.1.attn.o.hook_in", "blocks.1.attn.hook_result"]
+        names += (
+            ["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_q"] if hasattr(model, "bridge") else []
+        )
+        tokens = torch.randint(2, 20, (2, 5), generator=torch.Generator().manual_seed(3))
+        record = lambda act, ctx, seen=seen: seen.__setitem__(ctx.name, tuple(act.shape))  # noqa: E731
+        with model.hooks([(n, record) for n in names]):
+            model.module(tokens) if hasattr(model, "bridge") else model.module(input_ids=tokens)
+        assert set(seen) == set(names) and seen["blocks.1.attn.o.hook_in"][2] == model.cfg.n_heads
+        assert all(view.point._bridge is None and not view.point._forward_hooks for view in model._views)

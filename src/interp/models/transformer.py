@@ -22,8 +22,7 @@ native models), interp carries the pre-softmax scores TL documents, as its GPT-2
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -230,9 +229,9 @@ class _View:
     """A hook point showing a tensor that flows through ``target`` in TransformerLens's layout.
 
     ``q``/``k``/``v``/``z`` flow flat (``[batch, pos, head * d_head]``) through the projections;
-    TL's hooks of those names carry ``[batch, pos, head, d_head]``. Users hook ``point``; only while
-    it has hooks does a forward put a hook on ``target`` that shows ``to_view(act)`` to ``point``
-    and sends ``from_view`` of what comes back on. Unhooked forwards pay nothing.
+    TL's hooks of those names carry ``[batch, pos, head, d_head]``. Users hook ``point``; while it
+    has hooks, a hook on ``target`` shows ``to_view(act)`` to ``point`` and sends ``from_view`` of
+    what comes back on (see ``_ViewPoint``). Unhooked forwards pay nothing.
     """
 
     point: HookPoint
@@ -399,15 +398,47 @@ def heads_view(d_head: int) -> tuple[Callable, Callable]:
     )
 
 
-@contextmanager
-def views_attached(views: Sequence[_View | _HeadResults | _NativeScores]) -> Iterator[None]:
-    """For one forward: bridge every view whose hook point has hooks (see ``_View``)."""
-    handles = [view.attach() for view in views if view.point._forward_hooks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+class _ViewPoint(HookPoint):
+    """The hook point users hook for a view (``_View``, ``_HeadResults``, ``_NativeScores``).
+
+    Its first hook puts the view into the model (``view.attach()``) and removing its last hook
+    takes it out again, so the view fires in every forward while hooked, whoever runs it
+    (``_forward``, generation, the bridge called directly), and costs nothing otherwise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.view: Any = None  # set once the view exists (it holds this point)
+        self._bridge: Any = None
+
+    def register_forward_hook(self, hook: Callable, *args: Any, **kwargs: Any) -> _ViewHandle:
+        handle = super().register_forward_hook(hook, *args, **kwargs)
+        if self._bridge is None and self.view is not None:
+            self._bridge = self.view.attach()
+        return _ViewHandle(self, handle)
+
+    def _release(self) -> None:
+        if not self._forward_hooks and self._bridge is not None:
+            self._bridge.remove()
+            self._bridge = None
+
+
+@dataclass(frozen=True)
+class _ViewHandle:
+    """Removes one hook from a ``_ViewPoint``, and the view with the last one."""
+
+    point: _ViewPoint
+    handle: Any
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.point._release()
+
+
+def _point_for(view: Any) -> Any:
+    """Wire ``view.point`` (a fresh ``_ViewPoint``) to the view it shows; returns the view."""
+    view.point.view = view
+    return view
 
 
 def _is_native_attention(attention: nn.Module | None) -> bool:
@@ -663,12 +694,12 @@ class HFTransformer(TransformerModel):
         self._views: list[_View | _HeadResults] = []
         for name, site in sites.items():
             if name in wanted:
-                view = _View(HookPoint(), site, *wanted[name])
+                view = _point_for(_View(_ViewPoint(), site, *wanted[name]))
                 self._views.append(view)
                 site = HookSite(name, view.point, "output")
             out[name] = site
             if name.endswith(".attn.o.hook_out") and type(site.module).__name__ in ("Linear", "Conv1D"):
-                result = _HeadResults(HookPoint(), site.module, self.cfg.n_heads)
+                result = _point_for(_HeadResults(_ViewPoint(), site.module, self.cfg.n_heads))
                 self._views.append(result)
                 result_name = name.replace(".o.hook_out", ".hook_result")
                 out[result_name] = HookSite(result_name, result.point, "output")
@@ -745,10 +776,9 @@ class HFTransformer(TransformerModel):
     def _forward(self, prepared: Tokens) -> torch.Tensor:
         self._select_attention(prepared)
         self._batch = len(prepared.input_ids)
-        with views_attached(self._views):
-            out = self.module(
-                input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False
-            )
+        out = self.module(
+            input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False
+        )
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
     def to_bridge(self):
@@ -799,17 +829,22 @@ class NativeTransformer(TransformerModel):
             attention = self.bridge.get_submodule(name.rsplit(".", 1)[0]) if ".attn." in name else None
             if name.endswith(".attn.hook_result"):
                 proj = self.bridge.get_submodule(name.replace(".hook_result", ".o")).original_component
-                view = _HeadResults(HookPoint(), proj, self.cfg.n_heads)
+                view = _point_for(_HeadResults(_ViewPoint(), proj, self.cfg.n_heads))
                 self._views.append(view)
                 point = view.point
             elif name.endswith(".attn.hook_attn_scores") and _is_native_attention(attention):
-                view = _NativeScores(HookPoint(), attention.original_component)
+                view = _point_for(_NativeScores(_ViewPoint(), attention.original_component))
                 self._views.append(view)
                 point = view.point
             elif conversion is not None:
                 if id(point) not in shown:
-                    shown[id(point)] = _View(
-                        HookPoint(), HookSite(name, point, "output"), conversion.convert, conversion.revert
+                    shown[id(point)] = _point_for(
+                        _View(
+                            _ViewPoint(),
+                            HookSite(name, point, "output"),
+                            conversion.convert,
+                            conversion.revert,
+                        )
                     )
                     self._views.append(shown[id(point)])
                 point = shown[id(point)].point
@@ -819,5 +854,4 @@ class NativeTransformer(TransformerModel):
         )
 
     def _forward(self, prepared: Tokens) -> torch.Tensor:
-        with views_attached(self._views):
-            return self.bridge(prepared.input_ids, attention_mask=prepared.attention_mask)
+        return self.bridge(prepared.input_ids, attention_mask=prepared.attention_mask)
