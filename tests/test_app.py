@@ -53,7 +53,7 @@ def test_home_shows_the_model_and_the_tokens(minilm):
     assert_clean(at)
     assert at.title[0].value == "interp explorer"
     assert any(f"{minilm.n_layers} layers" in m.value and "minilm" in m.value for m in at.markdown)
-    tokens = minilm.to_tokens(default_text(at)).str_tokens[0]
+    tokens = minilm.prepare(default_text(at)).str_tokens[0]
     assert at.code[0].value == " | ".join(tokens)
     pages = (Path(__file__).parents[1] / "apps" / "Home.py").read_text().count("st.Page(")
     assert len(at.get("page_link")) == pages - 1  # a link to every page but Home itself
@@ -102,7 +102,7 @@ def test_attention_page_embeds_circuitsvis_offline(minilm):
     assert not [tag for tag in re.findall(r"<script\b[^>]*>", html) if "src=" in tag]
     assert "CircuitsVis.render" in html
     assert '"L2H0"' in html and f'"L2H{minilm.cfg.n_heads - 1}"' in html
-    tokens = minilm.to_tokens(default_text(at)).str_tokens[0]
+    tokens = minilm.prepare(default_text(at)).str_tokens[0]
     assert json.dumps(tokens) in html
 
 

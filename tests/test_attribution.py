@@ -83,7 +83,7 @@ def test_token_ig_matches_captum_layer_ig_on_the_embedding(gpt2_model):
 
     text = ["the cat sat on the mat", "a dog ran"]
     ours = at.attribute(gpt2_model, text, target=5, method="ig", n_steps=20)
-    tokens = gpt2_model.to_tokens(text)
+    tokens = gpt2_model.prepare(text)
     hf = gpt2_model.module
     last = tokens.attention_mask.sum(-1) - 1
 
@@ -114,7 +114,7 @@ def test_token_ig_matches_captum_layer_ig_on_the_embedding(gpt2_model):
 
 def _at_zero(model, text):
     """f at zero word embeddings, computed independently with a replacement hook."""
-    tokens = model.to_tokens(text)
+    tokens = model.prepare(text)
     out = model.run_with_hooks(tokens, [("hook_embed", lambda act, hook: torch.zeros_like(act))])
     last = tokens.attention_mask.sum(-1) - 1
     return out[torch.arange(len(last)), last, 5]

@@ -125,7 +125,7 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
             page.wait_for_timeout(500)  # let the iframe settle at its measured height
 
             text = page.locator("[data-testid='stSidebar'] textarea").input_value()
-            tokens = minilm.to_tokens(text).str_tokens[0]
+            tokens = minilm.prepare(text).str_tokens[0]
             iframe = page.locator("iframe[title*='attention']").first
             frame = iframe.element_handle().content_frame()
             body = frame.inner_text("body")

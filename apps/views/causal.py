@@ -26,7 +26,8 @@ if model.kind != "transformer":
     st.stop()
 
 is_lm = P.has_logits(model)
-has_tokenizer = getattr(model, "tokenizer", None) is not None
+tokenizer = getattr(model, "tokenizer", None)
+has_tokenizer = tokenizer is not None and not getattr(tokenizer, "is_id_vocabulary", False)  # English prompts
 sources = (["Prompts"] if has_tokenizer else []) + (["Repeated tokens"] if is_lm else [])
 source = st.radio("Inputs", sources, horizontal=True, key=f"causal_source::{model.name}")
 clean = corrupted = metric = None

@@ -22,18 +22,22 @@ _LAZY = {
     "available_models": "interp.models",
     "HookedModel": "interp.models.base",
     "ActivationCache": "interp.hooks",
+    "get_act_name": "interp.hooks",
     "InterpError": "interp.errors",
     "capture_to_disk": "interp.store",
     "load_capture": "interp.store",
+    "loss_fn": "interp.models.lm",
+    "test_prompt": "interp.models.lm",
 }
 
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # pragma: no cover
     from interp.errors import InterpError  # noqa: F401
-    from interp.hooks import ActivationCache  # noqa: F401
+    from interp.hooks import ActivationCache, get_act_name  # noqa: F401
     from interp.models import available_models, load  # noqa: F401
     from interp.models.base import HookedModel  # noqa: F401
+    from interp.models.lm import loss_fn, test_prompt  # noqa: F401
     from interp.store import capture_to_disk, load_capture  # noqa: F401
 
 

@@ -8,8 +8,10 @@ forward (pre-)hook on that module, registered for one run and always removed aft
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,9 +22,10 @@ from einops import rearrange
 from torch import nn
 
 from interp.cache import CacheHelpers
-from interp.errors import CaptureTooLargeError, UnknownHookError, closest
+from interp.errors import CaptureTooLargeError, InputError, UnknownHookError, closest
 
-Names = str | re.Pattern | Sequence[str | re.Pattern] | None
+NameFilter = Callable[[str], bool]  # TransformerLens's names_filter: ``lambda name: name.endswith("hook_z")``
+Names = str | re.Pattern | NameFilter | Sequence[str | re.Pattern | NameFilter] | None
 HookFn = Callable[[torch.Tensor, "HookContext"], torch.Tensor | None]
 Dim = int | str
 
@@ -45,18 +48,105 @@ class HookSite:
     shape: tuple[Dim, ...] | None = None  # symbolic: "batch", "pos" or a fixed size
 
 
+class LayerIndex(int):
+    """``hook.layer``: call it, ``hook.layer()``, as TransformerLens code does; older interp code that
+    used it as a plain int (``hook.layer == 3``) keeps working."""
+
+    def __call__(self) -> int:
+        return int(self)
+
+
+class NoLayer:
+    """``hook.layer`` of a hook outside the blocks (``hook_embed``): calling it raises, as in
+    TransformerLens; it compares equal to None and is falsy, as the old ``layer=None`` attribute was."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> int:
+        raise ValueError(
+            f"hook {self.name!r} is not inside a block (blocks.N....), so hook.layer() has no value; "
+            "check hook.name instead"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return other is None or isinstance(other, NoLayer)
+
+    def __hash__(self) -> int:
+        return hash(None)
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "None"
+
+
 @dataclass
 class HookContext:
-    """Passed to every hook function, like TransformerLens's ``hook`` argument."""
+    """Passed to every hook function as its second argument, like TransformerLens's ``hook``.
+
+    ``name`` is the hook name it fired for, ``layer()`` the block index in it, and ``ctx`` a dict that
+    persists across runs on that hook point (shared by its aliases) until ``model.reset_hooks()``:
+    somewhere to keep state between calls, as on TransformerLens's ``HookPoint.ctx``.
+    """
 
     name: str
-    layer: int | None = None
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer(self) -> LayerIndex | NoLayer:
+        index = layer_of(self.name)
+        return NoLayer(self.name) if index is None else LayerIndex(index)
 
 
 def layer_of(name: str) -> int | None:
     """The block index in a TransformerLens-style name (``blocks.3.attn.hook_z`` -> 3), else None."""
     match = re.search(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)(?:\.|$)", name)
     return int(match.group(1)) if match else None
+
+
+_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
+_ACT_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_mid": "mid",
+    "mlp_post": "post",
+}
+_ATTN_ACTS = ("k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores")
+_MLP_ACTS = ("pre", "post", "mid", "pre_linear")
+
+
+def get_act_name(name: str, layer: int | str | None = None, layer_type: str | None = None) -> str:
+    """A full hook name from TransformerLens shorthand, as ``transformer_lens.utils.get_act_name``.
+
+    ``get_act_name("resid_post", 3)`` -> ``"blocks.3.hook_resid_post"``, ``("pattern", 0)`` ->
+    ``"blocks.0.attn.hook_pattern"``, ``("k6")`` -> ``"blocks.6.attn.hook_k"``, ``("scale4ln1")`` ->
+    ``"blocks.4.ln1.hook_scale"``, ``("embed")`` -> ``"hook_embed"``; a full name comes back unchanged.
+    Same rules and aliases as TransformerLens (``attn`` is the pattern, ``a``/``m`` layer types...).
+    """
+    if ("." in name or name.startswith("hook_")) and layer is None and layer_type is None:
+        return name
+    match = re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
+    if match is not None:
+        name, layer, layer_type = match.groups(0)
+    name = _ACT_ALIASES.get(name, name)
+    full = f"blocks.{layer}." if layer is not None else ""
+    if name in _ATTN_ACTS:
+        layer_type = "attn"
+    elif name in _MLP_ACTS:
+        layer_type = "mlp"
+    elif layer_type in _LAYER_TYPE_ALIASES:
+        layer_type = _LAYER_TYPE_ALIASES[layer_type]
+    full += f"{layer_type}." if layer_type else ""
+    full += f"hook_{name}"
+    if name in ("scale", "normalized") and layer is None:
+        full = f"ln_final.{full}"
+    return full
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,39 +159,77 @@ def _is_glob(pattern: str) -> bool:
 
 
 def match_names(patterns: Names, valid: Sequence[str]) -> list[str]:
-    """Resolve exact names, globs (``blocks.*.hook_resid_post``) and regexes (``re.compile`` or
-    ``"re:..."`` strings) to valid hook names, in model order.
+    """Resolve exact names, globs (``blocks.*.hook_resid_post``), regexes (``re.compile`` or
+    ``"re:..."`` strings) and name filters (``lambda name: name.endswith("hook_z")``, as
+    TransformerLens's ``names_filter``) to valid hook names, in model order.
 
     Every pattern must match at least one name; otherwise ``UnknownHookError`` lists the closest
     valid names, so a typo never silently captures nothing.
     """
     if patterns is None:
         return list(valid)
-    if isinstance(patterns, str | re.Pattern):
+    if isinstance(patterns, str | re.Pattern) or callable(patterns):
         patterns = [patterns]
     chosen: set[str] = set()
     for pattern in patterns:
-        hits = _match_one(pattern, valid)
+        hits = _match_filter(pattern, valid) if callable(pattern) else _match_one(pattern, valid)
         if not hits:
             raise UnknownHookError(_unknown_message(pattern, valid))
         chosen.update(hits)
     return [name for name in valid if name in chosen]
 
 
+def _match_filter(keep: NameFilter, valid: Sequence[str]) -> list[str]:
+    """The names a filter function keeps; a filter that raises is reported with the name it raised on."""
+    hits = []
+    for name in valid:
+        try:
+            if keep(name):
+                hits.append(name)
+        except Exception as err:
+            raise InputError(
+                f"the hook name filter {_filter_label(keep)} raised {type(err).__name__}: {err} on the hook "
+                f"name {name!r}. A filter is called with every hook name (a str) and returns True to keep it; "
+                "make it handle every name (see model.hook_names)."
+            ) from err
+    return hits
+
+
+def _filter_label(keep: NameFilter) -> str:
+    try:
+        where = f" ({inspect.getsourcefile(keep)}:{inspect.getsourcelines(keep)[1]})"
+    except (TypeError, OSError):
+        where = ""
+    return f"{getattr(keep, '__qualname__', type(keep).__name__)}{where}"
+
+
 def _match_one(pattern: str | re.Pattern, valid: Sequence[str]) -> list[str]:
     if isinstance(pattern, re.Pattern):
         return [n for n in valid if pattern.fullmatch(n)]
     if not isinstance(pattern, str):
-        raise TypeError(f"hook names must be strings or compiled regexes, got {type(pattern).__name__}")
+        raise UnknownHookError(
+            f"hook names must be strings or compiled regexes, got {type(pattern).__name__} {pattern!r}"
+        )
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as err:
+            raise UnknownHookError(
+                f"{pattern!r} is not a valid regular expression ({err}). Fix the regex, or drop the "
+                "'re:' prefix to match a glob such as 'blocks.*.hook_resid_post'."
+            ) from None
         return [n for n in valid if regex.fullmatch(n)]
     if _is_glob(pattern):
         return [n for n in valid if fnmatch.fnmatchcase(n, pattern)]
     return [pattern] if pattern in valid else []
 
 
-def _unknown_message(pattern: str | re.Pattern, valid: Sequence[str]) -> str:
+def _unknown_message(pattern: str | re.Pattern | NameFilter, valid: Sequence[str]) -> str:
+    if callable(pattern):
+        return (
+            f"The hook name filter {_filter_label(pattern)} keeps no hook point. "
+            f"List every name with `model.hook_names` (this model has {len(valid)})."
+        )
     text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
     probe = text[3:] if text.startswith("re:") else text
     suggestions = closest(probe.replace("*", "0"), valid)
@@ -153,12 +281,17 @@ def _check_replacement(
 
 
 def attach(
-    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None], *, batch_may_change: bool = False
+    site: HookSite,
+    fn: Callable[[torch.Tensor], torch.Tensor | None],
+    *,
+    batch_may_change: bool = False,
+    prepend: bool = False,
 ) -> torch.utils.hooks.RemovableHandle:
     """Register ``fn(activation) -> replacement | None`` on ``site``; returns the removable handle.
 
     A replacement must keep the activation's shape; ``batch_may_change`` also lets it stack or drop
     copies along the batch axis (see ``tile_batch``) or keep fewer positions (``keep_positions``).
+    ``prepend`` runs it before the hooks already on the site's module.
     """
 
     def checked(act: torch.Tensor, new: Any) -> torch.Tensor:
@@ -171,7 +304,7 @@ def attach(
             new = fn(act)
             return None if new is None else _replace_first(output, checked(act, new))
 
-        return site.module.register_forward_hook(forward_hook)
+        return site.module.register_forward_hook(forward_hook, prepend=prepend)
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if args:
@@ -184,7 +317,41 @@ def attach(
             return None
         return args, {**kwargs, key: checked(kwargs[key], new)}
 
-    return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+
+
+def attach_grad(
+    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None], *, user: bool = False
+) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(grad) -> replacement | None`` with the gradient of the activation ``site`` carries.
+
+    TransformerLens's backward hooks: ``grad`` is d(what backward is run on) / d(activation), summed
+    over every use of it; a returned tensor replaces it and flows on to everything computed before.
+    Registered on the activation of each forward run while this is attached (one that needs
+    gradients); it fires when backward runs through that forward, also after the hook is removed.
+    ``run_with_cache(grad_of=...)`` reports the gradient at this hook point as it arrives (before
+    the replacement) and, at earlier hook points, what the replacement leads to. A ``user`` hook
+    is not registered by forwards inside internal probes (``outside_probes``), wherever their
+    backward later runs (on GPU, autograd runs hooks on its own threads).
+    """
+
+    def on_grad(grad: torch.Tensor) -> torch.Tensor | None:
+        new = fn(grad)
+        if new is None:
+            return None
+        if not isinstance(new, torch.Tensor) or new.shape != grad.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise ValueError(
+                f"backward hook on {site.name!r} returned {got} but the gradient has shape "
+                f"{tuple(grad.shape)}; return a tensor of the same shape or None"
+            )
+        return new
+
+    def register(act: torch.Tensor) -> None:
+        if act.requires_grad:
+            act.register_hook(on_grad)
+
+    return attach(site, outside_probes(register) if user else register)
 
 
 @contextmanager
@@ -202,6 +369,44 @@ def attached(
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+# Internal probes: the library's own forwards, which user hooks must not see
+# ----------------------------------------------------------------------------------------------
+
+_PROBES = threading.local()
+
+
+def probe_depth() -> int:
+    """How many internal probes this thread is inside (0 = running the model the user analyses)."""
+    return getattr(_PROBES, "depth", 0)
+
+
+@contextmanager
+def internal_probe() -> Iterator[None]:
+    """Forwards and module calls in this block (in this thread) are the library's own probes
+    (readouts, traces, plan checks): hooks gated by ``outside_probes`` made outside it do not run."""
+    _PROBES.depth = probe_depth() + 1
+    try:
+        yield
+    finally:
+        _PROBES.depth -= 1
+
+
+def outside_probes(fn: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """``fn``, skipped (returning None) inside internal probes entered after it was made.
+
+    Every hook given through ``HookedModel.hooks`` is wrapped so: the user's hooks run on every
+    forward of the model they analyse, exactly once, and never on a method's internal probe; a
+    probe's own hooks, made inside it, still run there.
+    """
+    depth = probe_depth()
+
+    def gated(act: torch.Tensor) -> Any:
+        return None if probe_depth() > depth else fn(act)
+
+    return gated
 
 
 def tile_batch(copies: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -163,6 +163,7 @@ def attribution_patch_edges(
     """
     clean_t, corrupt_t = check_pair(model, clean, corrupted)
     graph = _ResidualGraph.of(model, inputs)
+    _check_head_outputs_unhooked(model)
     clean_out, corrupt_out, clean_cache = run_pair(model, clean_t, corrupt_t, graph.sender_hooks)
     metric_ = (default_metric(model) if metric is None else as_metric(metric)).bind(
         clean_out, corrupt_out, clean_t.attention_mask
@@ -322,6 +323,30 @@ def _receiver_grads(store, grads, layer: int, inputs: Sequence[str], heads: int)
     return torch.stack(per_head, dim=2).detach()
 
 
+def _check_head_outputs_unhooked(model: HookedModel) -> None:
+    """Head results are read out through the unhooked output projection, so no user hook may sit
+    between ``hook_z`` and ``hook_attn_out``: there the heads' outputs are not what reaches the stream."""
+    sites = model._sites
+    for name in sorted(model._user_hooked):
+        layer = name.split(".")[1] if name.startswith("blocks.") else None
+        z = sites.get(f"blocks.{layer}.attn.hook_z")
+        if z is None:
+            continue
+        between = [
+            f"blocks.{layer}.attn.o.hook_in",
+            f"blocks.{layer}.attn.o.hook_out",
+            f"blocks.{layer}.hook_attn_out",
+        ]
+        spots = {(id(sites[b].module), sites[b].side) for b in between if b in sites}
+        spots.discard((id(z.module), z.side))
+        if (id(sites[name].module), sites[name].side) in spots:
+            raise InputError(
+                f"edge attribution reads each head's output through the output projection, but a hook on "
+                f"{name} changes what the heads of layer {layer} add to the residual stream; hook the heads "
+                "themselves (hook_z) or use attribution_patch for nodes"
+            )
+
+
 def _head_results(model: HookedModel, layer: int, delta_z: torch.Tensor, heads: int) -> torch.Tensor:
     """Each head's change of output in the residual stream, ``[b, p, head, d_model]``, through the
     attention output projection (bias removed): linear, so ``o(dz_h) - o(0)``."""
@@ -331,6 +356,6 @@ def _head_results(model: HookedModel, layer: int, delta_z: torch.Tensor, heads: 
     eye = torch.eye(heads, dtype=z.dtype, device=z.device)
     per_head = einsum(z, eye, "b p h d, h g -> b p g h d")  # head g keeps only its own slice
     flat = rearrange(per_head, "b p g h d -> (b p g) (h d)")
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         out = proj(flat) - proj(torch.zeros_like(flat[:1]))
     return rearrange(out, "(b p g) m -> b p g m", b=b, p=p)

@@ -286,7 +286,8 @@ def sample_inputs(model: HookedModel, *, n: int = 48, half_len: int = 16, seed: 
         raise InputError(f"{model.name} is not a transformer; pass its own inputs (e.g. an image tensor)")
     if not isinstance(n, int) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}")
-    if getattr(model, "tokenizer", None) is not None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and not getattr(tokenizer, "is_id_vocabulary", False):  # zoo names are not text
         return list(SAMPLE_TEXTS[:n])
     half = min(half_len, (model.n_ctx or 2 * half_len) // 2)
     gen = torch.Generator().manual_seed(seed)

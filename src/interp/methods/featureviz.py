@@ -281,7 +281,7 @@ def _fmt(u: torch.Tensor) -> str:
 
 
 def _output_size(model: HookedModel) -> int:
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a shape probe: the user's hooks must not run on it
         out = model._forward(torch.zeros((1, *model.input_shape), device=model.device))
     return out.shape[-1]
 

@@ -24,7 +24,15 @@ import torch
 from einops import einsum, rearrange
 
 from interp.errors import InputError
-from interp.methods.patching import PatchResult, _last_index, _token_ids, component, n_heads, unit_view
+from interp.methods.patching import (
+    PatchResult,
+    _check_vocab,
+    _last_index,
+    _token_ids,
+    component,
+    n_heads,
+    unit_view,
+)
 from interp.models.base import HookedModel
 
 By = Literal["component", "layer", "head", "neuron"]
@@ -76,7 +84,7 @@ def final_norm(model: HookedModel, sample: torch.Tensor) -> FinalNorm:
         getattr(model, "cfg", None), "uses_rms_norm", False
     )
     norm = FinalNorm(weight, bias, float(eps), centered=not rms)
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         if (norm(sample) - module(sample)).abs().max() > 1e-4 * (1 + sample.abs().max()):
             raise InputError(
                 f"cannot express the final norm of {model.name} ({type(module).__name__}) as a LayerNorm or "
@@ -99,10 +107,13 @@ def unembed_direction(
     """``u[b, d]`` with ``unembed(y)[correct] - unembed(y)[incorrect] = y . u + bias[b]`` (linear readout)."""
     module = _module(model, "unembed")
     d_model = model.hook_shapes["ln_final.hook_in"][-1]
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # a readout probe: the user's hooks must not run on it
         basis = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(model.device)
         table = module(basis)  # row 0: bias; rows 1..: W_U
     bias, w_u = table[0], table[1:] - table[0]
+    _check_vocab(correct, w_u.shape[1], "correct")
+    if incorrect is not None:
+        _check_vocab(incorrect, w_u.shape[1], "incorrect")
     u = w_u[:, correct].T - (w_u[:, incorrect].T if incorrect is not None else 0)
     c = bias[correct] - (bias[incorrect] if incorrect is not None else 0)
     return u, c
@@ -166,16 +177,35 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     norm_module = _module(model, "ln_final")
     n_layers = model.n_layers
     names = ["blocks.0.hook_resid_pre", *[f"blocks.{i}.hook_resid_post" for i in range(n_layers)]]
-    _, cache = model.run_with_cache(model.prepare(inputs), names=names, stop_early=True)
+    prepared = model.prepare(inputs)
+    _check_positions(positions, prepared.input_ids.shape[1])
+    _, cache = model.run_with_cache(prepared, names=names, stop_early=True)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d]
     if positions is not None:
         stack = stack[:, :, list(positions)]
-    with torch.no_grad():
+    with torch.no_grad(), model._internal():  # the readout is the unhooked norm and unembedding
         logits = unembed(norm_module(stack))
     labels = ["embed", *[f"L{i}" for i in range(n_layers)]]
     return LensResult(
         logits.float().cpu(), labels, cache.meta.get("str_tokens"), getattr(model, "tokenizer", None)
     )
+
+
+def _check_positions(positions: Sequence[int] | None, n_pos: int) -> None:
+    """InputError for positions that are not ints in ``[-n_pos, n_pos)`` (before any forward)."""
+    if positions is None:
+        return
+    listed = [positions] if hasattr(positions, "__index__") else list(positions)
+    bad = [
+        p
+        for p in listed
+        if isinstance(p, bool) or not hasattr(p, "__index__") or not -n_pos <= int(p) < n_pos
+    ]
+    if bad or not listed:
+        raise InputError(
+            f"positions {bad[:5] or listed} are not positions of these prompts ({n_pos} tokens); "
+            f"pass ints in [-{n_pos}, {n_pos})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +238,7 @@ def direct_logit_attribution(
     prepared = model.prepare(inputs)
     batch = prepared.input_ids.shape[0]
     index = _last_index(pos, prepared.attention_mask, batch)
+    _check_positions(index.tolist(), prepared.input_ids.shape[1])
     names = _dla_names(model, by)
     output, cache = model.run_with_cache(prepared, names=names)
     rows = torch.arange(batch)
@@ -234,7 +265,8 @@ def direct_logit_attribution(
             "whose residual stream is the sum of embeddings and block outputs"
         )
     parts["bias"] = constant
-    return _dla_result(model, by, at, g, parts, float(target.mean()))
+    with model._internal():  # the per-head/neuron weight readouts are probes, not the analysed run
+        return _dla_result(model, by, at, g, parts, float(target.mean()))
 
 
 def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -326,6 +358,7 @@ def _dla_result(model, by, at, g, parts, target) -> PatchResult:
                 :, 0
             ]
             per_head = einsum(z, weight, "b h d, b h d -> b h")
+            _check_units_add_up(parts[f"L{i} attn"], per_head, proj, g, f"blocks.{i}.attn.o", z[0].numel())
             rows.append(per_head.mean(0))
             extras[f"L{i} attn bias"] = mean[f"L{i} attn"] - float(per_head.sum(-1).mean())
             extras |= {f"L{i} mlp": mean[f"L{i} mlp"]} if f"L{i} mlp" in mean else {}
@@ -336,11 +369,30 @@ def _dla_result(model, by, at, g, parts, target) -> PatchResult:
         post = at[f"blocks.{i}.mlp.hook_post"]
         proj = component(model, f"blocks.{i}.mlp.out")
         per_neuron = post * _linear_readout(proj, post, g)
+        _check_units_add_up(parts[f"L{i} mlp"], per_neuron, proj, g, f"blocks.{i}.mlp.out", post.shape[-1])
         rows.append(per_neuron.mean(0))
         extras[f"L{i} mlp bias"] = mean[f"L{i} mlp"] - float(per_neuron.sum(-1).mean())
         extras[f"L{i} attn"] = mean[f"L{i} attn"]
     labels = {"layer": layer_labels, "neuron": [f"N{j}" for j in range(rows[0].shape[-1])]}
     return _result(torch.stack(rows).float().cpu(), ("layer", "neuron"), labels, target, by, extras)
+
+
+def _check_units_add_up(total, per_unit, proj, g, path: str, width: int) -> None:
+    """Heads (or neurons) plus the projection's bias term must give the sublayer's direct contribution.
+
+    They do whenever the output projection ``path`` (input width ``width``) is what carries the units
+    into the stream; a hook that changes it (on ``{path}.hook_in`` or ``.hook_out``) makes the split
+    undefined, so refuse rather than let the bias term absorb the difference.
+    """
+    with torch.no_grad():
+        bias_term = (proj(torch.zeros(1, width, device=g.device, dtype=g.dtype)) * g).sum(-1)
+    gap = (total - per_unit.sum(-1) - bias_term).abs().max()
+    if gap > 1e-3 * (1 + total.abs().max()):
+        raise InputError(
+            f"the units of {path} do not add up to the sublayer's direct contribution (gap {gap:.3g}): "
+            f"something between them and the residual stream changes it, such as a hook on {path}.hook_in "
+            f"or {path}.hook_out. Hook the units themselves (hook_z, mlp.hook_post) or use by='layer'."
+        )
 
 
 def _result(values, dims, labels, target, by, extras) -> PatchResult:

@@ -7,17 +7,21 @@ matching, capture, replacement hooks, early stopping, gradients, the memory chec
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from interp.errors import UnknownHookError
+from interp.checks import checked_hook_value
+from interp.errors import InputError, UnknownHookError
 from interp.hooks import (
     ActivationCache,
     HookContext,
@@ -25,16 +29,33 @@ from interp.hooks import (
     HookSite,
     Names,
     StopForward,
+    attach,
+    attach_grad,
     attached,
     check_budget,
+    internal_probe,
     keep_positions,
-    layer_of,
     match_names,
+    outside_probes,
     tile_batch,
     untile_batch,
 )
 
 TilingPlan = tuple[tuple[str, str], ...]  # ((hook, "tile" | "untile"), ...): see HookedModel.tiling_plans
+Hooks = Sequence[tuple[Names, HookFn]]
+
+
+@dataclass
+class _Attached:
+    """User hooks attached by one call: their torch handles and the hook names they sit on."""
+
+    handles: list[torch.utils.hooks.RemovableHandle]
+    names: list[str]
+    permanent: bool = False  # add_hook(is_permanent=True): reset_hooks() keeps it
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 class HookedModel:
@@ -55,13 +76,31 @@ class HookedModel:
         # Hooks are attached to the shared module, so a run and its hooks hold the model: a forward
         # from another thread (another explorer session) never sees them. Re-entrant for nested runs.
         self._lock = threading.RLock()
+        self._persistent: list[_Attached] = []  # from add_hook
+        self._open: list[_Attached] = []  # from open hooks(...) blocks
 
     def __getstate__(self) -> dict[str, Any]:  # copies (copy.deepcopy) get a lock of their own
-        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+        return {key: value for key, value in self.__dict__.items() if key not in ("_lock", "_open")}
+
+    def __deepcopy__(self, memo: dict) -> HookedModel:
+        """A copy with its own lock. It keeps the persistent hooks (``add_hook``) on its copy of the
+        module, with handles that remove them there, as TransformerLens's copies do; the hooks of an
+        open ``hooks(...)`` block stay with that block and are not copied (they would never be removed)."""
+        with self._lock:
+            twin = type(self).__new__(type(self))
+            memo[id(self)] = twin
+            twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            for handle in (handle for block in self._open for handle in block.handles):
+                for hooks in (handle.hooks_dict_ref(), *(ref() for ref in handle.extra_dict_ref or ())):
+                    copied = memo.get(id(hooks)) if hooks is not None else None
+                    if copied is not None:
+                        copied.pop(handle.id, None)
+            return twin
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self._open = []
 
     # --- what a subclass provides -------------------------------------------------------------
 
@@ -83,7 +122,8 @@ class HookedModel:
 
     @cached_property
     def _sites(self) -> dict[str, HookSite]:
-        return self._build_sites()
+        with self._internal():  # tracing runs are probes: no user hook sees them
+            return self._build_sites()
 
     @property
     def hook_names(self) -> list[str]:
@@ -100,7 +140,7 @@ class HookedModel:
         try:
             return match_names(names, self.hook_names)
         except UnknownHookError as err:
-            asked = [names] if isinstance(names, str) else list(names or [])
+            asked = [names] if isinstance(names, str) or callable(names) else list(names or [])
             why = [self.withheld[n] for n in asked if isinstance(n, str) and n in self.withheld]
             if why:
                 raise UnknownHookError(f"{err} {' '.join(why)}") from None
@@ -117,30 +157,101 @@ class HookedModel:
     # --- running ------------------------------------------------------------------------------
 
     def __call__(self, inputs: Any) -> torch.Tensor:
-        """Plain forward, no hooks: returns the main output (logits, or the last hidden state)."""
+        """Plain forward: returns the main output (logits, or the last hidden state).
+
+        It adds no hooks of its own; hooks from ``add_hook`` and an enclosing ``model.hooks(...)`` apply.
+        """
         prepared = self.prepare(inputs)
         with self._lock, torch.no_grad():
             return self._forward(prepared)
 
     def run_with_hooks(
-        self, inputs: Any, hooks: Sequence[tuple[Names, HookFn]], *, grad: bool = False
+        self, inputs: Any, hooks: Hooks = (), *, bwd_hooks: Hooks = (), grad: bool = False
     ) -> Any:
         """Run with ``fn(activation, hook) -> replacement or None`` on each named hook point.
 
         Use it for ablation, steering and patching. Hooks are removed afterwards, even on error.
         ``grad=True`` keeps autograd on (for attacks and attribution through hooks).
+        ``bwd_hooks``: ``fn(grad, hook) -> replacement or None`` on the gradient of each named
+        activation, when you run backward from the returned output (autograd is then on).
         """
         prepared = self.prepare(inputs)
-        with self._lock, self.hooks(hooks), torch.set_grad_enabled(grad):
+        with (
+            self._lock,
+            self.hooks(hooks, bwd_hooks=bwd_hooks),
+            torch.set_grad_enabled(grad or bool(bwd_hooks)),
+        ):
             return self._forward(prepared)
 
     @contextmanager
-    def hooks(self, hooks: Sequence[tuple[Names, HookFn]]):
-        """Context manager that keeps hooks attached for several runs; removes them on exit."""
-        pairs, carries = [], []
+    def hooks(self, hooks: Hooks = (), *, bwd_hooks: Hooks = ()):
+        """Context manager that keeps hooks attached for several runs; removes them on exit.
+
+        ``hooks`` are ``(names, fn)`` pairs: a name, glob, regex or filter ``lambda name: bool``, and
+        ``fn(activation, hook)`` (TransformerLens's hook signature: ``hook.name``, ``hook.layer()``,
+        ``hook.ctx``). Every method run inside analyses the hooked model: these hooks apply once to
+        each of its forwards and never to its internal probes (see ``_internal``). Hooks should treat
+        the rows of a batch independently: batched methods stack prompts and patched copies along
+        the batch axis, so a hook that mixes rows (a mean over the batch) would mix those too.
+        """
+        with self._lock:
+            block = self._attach_user(hooks, bwd_hooks)
+            self._open.append(block)
+            try:
+                yield self
+            finally:
+                block.remove()
+                self._open = [other for other in self._open if other is not block]
+
+    def add_hook(
+        self, name: Names, hook: HookFn, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False
+    ) -> None:
+        """Attach ``hook`` to every hook point ``name`` matches until ``reset_hooks()``, as
+        TransformerLens's ``add_hook``: it applies to every later run (plain calls, ``run_with_hooks``,
+        ``run_with_cache``, every method) and never to internal probes. ``dir="bwd"`` hooks the gradient
+        (``fn(grad, hook)``) of runs with autograd on: plain calls run without it, so backpropagate
+        from ``run_with_hooks(inputs, grad=True)``.
+        ``is_permanent=True`` survives ``reset_hooks()`` unless ``including_permanent=True``.
+
+        Unlike ``hooks(...)``, a persistent hook stays on the shared module between runs, so other
+        threads using this model (explorer sessions) see it too.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        with self._lock:
+            pair = [(name, hook)]
+            added = self._attach_user(pair, ()) if dir == "fwd" else self._attach_user((), pair)
+            added.permanent = is_permanent
+            self._persistent.append(added)
+
+    def reset_hooks(self, clear_contexts: bool = True, including_permanent: bool = False) -> None:
+        """Remove the hooks ``add_hook`` attached (permanent ones only with ``including_permanent``);
+        ``clear_contexts`` also empties every ``hook.ctx``. As TransformerLens's ``reset_hooks``."""
+        with self._lock:
+            kept = []
+            for entry in self._persistent:
+                if entry.permanent and not including_permanent:
+                    kept.append(entry)
+                    continue
+                entry.remove()
+            self._persistent = kept
+            if clear_contexts:
+                self._hook_contexts.clear()
+
+    def _attach_user(self, hooks: Hooks, bwd_hooks: Hooks) -> _Attached:
+        """Attach the caller's forward and backward hooks; every name is resolved before any is attached.
+
+        Each is bound to its name and ``hook.ctx`` and skipped inside internal probes. A forward hook
+        on a write-through name also lands its edit at the partner (see ``_write_through``), ahead of
+        every other hook there; backward hooks come after this call's forward hooks, so they see the
+        gradient of the activation as those leave it.
+        """
+        hooks, bwd_hooks = _checked_pairs(hooks, "hooks"), _checked_pairs(bwd_hooks, "bwd_hooks")
+        pairs, carries, grads, names = [], [], [], []
         for pattern, fn in hooks:
             for name in self.resolve(pattern):
-                bound = _bind(fn, name)
+                names.append(name)
+                bound = outside_probes(_bind(fn, name, self._hook_ctx(name)))
                 partner = self._write_through.get(name)
                 if partner is None:
                     pairs.append((self._sites[name], bound))
@@ -148,7 +259,44 @@ class HookedModel:
                     edit, carry = _written_through(self._sites[name], self._sites[partner], bound)
                     pairs.append(edit)
                     carries.append(carry)
-        with self._lock, attached(carries + pairs):  # a carried edit lands before other hooks see it
+        for pattern, fn in bwd_hooks:
+            for name in self.resolve(pattern):
+                names.append(name)
+                grads.append((self._sites[name], _bind(fn, name, self._hook_ctx(name))))
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            handles += [attach(site, fn, prepend=True) for site, fn in carries]
+            handles += [attach(site, fn) for site, fn in pairs]
+            handles += [attach_grad(site, fn, user=True) for site, fn in grads]
+        except BaseException:
+            for handle in handles:
+                handle.remove()
+            raise
+        return _Attached(handles, names)
+
+    @property
+    def _user_hooked(self) -> set[str]:
+        """Hook names that carry a user hook right now (open ``hooks`` blocks and ``add_hook``)."""
+        return {name for block in (*self._open, *self._persistent) for name in block.names}
+
+    def _hook_ctx(self, name: str) -> dict[str, Any]:
+        """The ``hook.ctx`` dict of the hook point ``name`` sits on (aliases share it)."""
+        site = self._sites[name]
+        return self._hook_contexts.setdefault((id(site.module), site.side), {})
+
+    @cached_property
+    def _hook_contexts(self) -> dict[tuple[int, str], dict[str, Any]]:
+        return {}
+
+    @contextmanager
+    def _internal(self):
+        """The library's own probe forwards and module calls go inside this block: readouts of weights,
+        traces of the hook points, checks of tiling plans. No user hook (from ``hooks``,
+        ``run_with_hooks``, ``run_with_cache(hooks=)`` or ``add_hook``) runs in it, so a method run
+        inside the user's hooks analyses the hooked model exactly once; hooks made inside it run.
+        Holds the model (its lock), so another thread's run cannot interleave.
+        """
+        with self._lock, internal_probe():
             yield self
 
     @property
@@ -231,10 +379,18 @@ class HookedModel:
         on (for every stacked copy of it), so the work after ``name`` is done for one position.
 
         Exact for a position-wise computation after ``name`` whose output is read only at those
-        positions: the unembedding, when a metric reads one position per prompt.
+        positions: the unembedding, when a metric reads one position per prompt. Not while a user
+        hook sits at or after ``name`` (it must see every position): check ``can_keep_positions``.
         """
+        if not self.can_keep_positions(name):
+            raise RuntimeError(f"a user hook sits at or after {name!r}; forwards must keep every position")
         with self._lock, attached([(self._sites[name], keep_positions(index))], batch_may_change=True):
             yield self
+
+    def can_keep_positions(self, name: str) -> bool:
+        """Whether ``keeping_positions(name, ...)`` applies: no user hook at or after hook ``name``."""
+        order = {hook: i for i, hook in enumerate(self.hook_names)}
+        return all(order[hook] < order[name] for hook in self._user_hooked)
 
     @contextmanager
     def _tiled(self, plan: TilingPlan, copies: int):
@@ -270,9 +426,10 @@ class HookedModel:
             return act + noise["value"]
 
         try:
-            reference = self.run_with_hooks(self.tile_input(prepared, copies), [(last, jitter)])
-            with self._tiled(plan, copies):
-                shared = self.run_with_hooks(prepared, [(last, jitter)])
+            with self._internal():
+                reference = self.run_with_hooks(self.tile_input(prepared, copies), [(last, jitter)])
+                with self._tiled(plan, copies):
+                    shared = self.run_with_hooks(prepared, [(last, jitter)])
         except (RuntimeError, ValueError, IndexError, TypeError):
             return False
         if shared.shape != reference.shape:
@@ -300,7 +457,8 @@ class HookedModel:
                 The output is then ``None``: use it when only the cache matters (probes, stores).
             grad_of: ``metric(output) -> scalar``; if given, ``cache.grads[name]`` holds
                 d metric / d activation for every captured name.
-            hooks: replacement hooks to apply during the same run (see ``run_with_hooks``).
+            hooks: replacement hooks to apply during the same run (see ``run_with_hooks``); the cache
+                holds what each hook point carries after them.
             memory_budget: bytes the capture may take; the run is refused beforehand if the
                 estimate exceeds it (default: ``interp.hooks.default_memory_budget()``).
             device: move captured tensors here (e.g. ``"cpu"``) as they are produced.
@@ -409,6 +567,43 @@ def _written_through(
     return (site, edit), (partner, carry)
 
 
-def _bind(fn: HookFn, name: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    context = HookContext(name=name, layer=layer_of(name))
-    return lambda act: fn(act, context)
+def _checked_pairs(hooks: Hooks, what: str) -> list[tuple[Names, HookFn]]:
+    """``hooks`` as a list of ``(names, fn)`` pairs, or an InputError saying what is wrong and how to fix it."""
+    if isinstance(hooks, tuple) and len(hooks) == 2 and callable(hooks[1]):
+        raise InputError(
+            f"{what} takes a list of (names, fn) pairs: wrap the one pair in a list, [(names, fn)]"
+        )
+    out = []
+    for item in hooks:
+        if not (isinstance(item, tuple | list) and len(item) == 2 and callable(item[1])):
+            raise InputError(
+                f"{what} must be a list of (names, fn) pairs, e.g. [('blocks.0.hook_resid_pre', fn)] with "
+                f"fn(activation, hook); got the item {item!r:.80}"
+            )
+        out.append((item[0], item[1]))
+    return out
+
+
+def _bind(
+    fn: HookFn, name: str, ctx: dict[str, Any] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """``fn(act, hook)`` as a one-argument hook body; ``hook`` goes by keyword where ``fn`` has a
+    ``hook`` parameter (TransformerLens calls ``fn(act, hook=...)``, so ``partial(fn, head=3)`` works)."""
+    context = HookContext(name=name, ctx={} if ctx is None else ctx)
+    keyword = _takes_hook_keyword(fn)
+
+    def bound(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act, hook=context) if keyword else fn(act, context)
+        checked_hook_value(name, act, new)  # no NaN/inf left by a user's hook (interp.checks)
+        return new
+
+    return bound
+
+
+def _takes_hook_keyword(fn: Callable) -> bool:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(p.name == "hook" and p.kind in kinds for p in params[1:])

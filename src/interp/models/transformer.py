@@ -44,6 +44,7 @@ from interp.hooks import (
     layer_of,
 )
 from interp.models.base import HookedModel, TilingPlan
+from interp.models.lm import LanguageModelMixin
 from interp.models.tracing import trace_sites
 from interp.models.weights import WeightsMixin
 
@@ -89,16 +90,18 @@ class Tokens:
     str_tokens: list[list[str]] | None = None
 
 
-class TransformerModel(WeightsMixin, HookedModel):
-    """Shared input handling: text or token ids in, ``Tokens`` out, with length checks."""
+class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
+    """Shared input handling: text or token ids in, ``Tokens`` out, with length checks; the
+    language-model surface (tokens, loss, generate) comes from ``LanguageModelMixin``."""
 
     kind = "transformer"
     tokenizer: Any = None
     n_ctx: int | None = None
     d_vocab: int | None = None
 
-    def to_tokens(self, text: str | Sequence[str]) -> Tokens:
-        """Tokenize text (a string or a batch of strings, right-padded) with the model's tokenizer."""
+    def _tokenize(self, text: str | Sequence[str]) -> Tokens:
+        """Tokenize text (a string or a batch of strings, right-padded) with the tokenizer's own
+        special tokens, as ``prepare`` does (``to_tokens`` is TransformerLens's convention)."""
         if self.tokenizer is None:
             raise InputError(
                 f"{self.name} has no tokenizer, so it cannot read text. Pass token ids instead: "
@@ -115,16 +118,27 @@ class TransformerModel(WeightsMixin, HookedModel):
         return Tokens(ids, mask, str_tokens)
 
     def prepare(self, inputs: Any) -> Tokens:
+        if inputs is None or (isinstance(inputs, list | tuple) and not inputs):
+            raise InputError(
+                f"{self.name} got no input ({inputs!r}); pass text, a list of texts, or token ids "
+                "(a LongTensor of shape (batch, pos))"
+            )
         if isinstance(inputs, Tokens):
             tokens = inputs
         elif isinstance(inputs, str) or (
             isinstance(inputs, list | tuple) and inputs and isinstance(inputs[0], str)
         ):
-            tokens = self.to_tokens(inputs)
+            tokens = self._tokenize(inputs)
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             tokens = Tokens(torch.as_tensor(inputs["input_ids"]), _maybe_tensor(inputs.get("attention_mask")))
         else:
-            ids = torch.as_tensor(inputs)
+            try:
+                ids = torch.as_tensor(inputs)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise InputError(
+                    f"{self.name} cannot read a {type(inputs).__name__} as token ids ({err}); pass text or a "
+                    "LongTensor of shape (batch, pos)"
+                ) from None
             tokens = Tokens(ids.unsqueeze(0) if ids.ndim == 1 else ids)
         return self._check_tokens(tokens)
 
@@ -187,6 +201,19 @@ class TransformerModel(WeightsMixin, HookedModel):
             raise InputError(
                 f"token ids must be an integer tensor of shape (batch, pos), got {ids.dtype} {tuple(ids.shape)}"
             )
+        if ids.numel() == 0:
+            raise InputError(
+                f"token ids of shape {tuple(ids.shape)} hold no tokens; pass at least one token per prompt"
+            )
+        mask = tokens.attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but the token ids have {tuple(ids.shape)}; "
+                "pass one mask entry (1 = real token, 0 = padding) per token"
+            )
+        if mask is not None and not bool((mask != 0).any(-1).all()):
+            empty = (~(mask != 0).any(-1)).nonzero().flatten().tolist()
+            raise InputError(f"prompt(s) {empty[:5]} have no real token (attention_mask all 0); drop them")
         if self.n_ctx is not None and ids.shape[1] > self.n_ctx:
             raise InputError(
                 f"the input has {ids.shape[1]} tokens but {self.name} takes at most {self.n_ctx} "
@@ -207,7 +234,7 @@ class TransformerModel(WeightsMixin, HookedModel):
             "model": self.name,
             "input_ids": prepared.input_ids.cpu(),
             "attention_mask": None if prepared.attention_mask is None else prepared.attention_mask.cpu(),
-            "str_tokens": prepared.str_tokens,
+            "str_tokens": prepared.str_tokens or self._id_names(prepared),
         }
 
     def _probe_tokens(self) -> Tokens:
