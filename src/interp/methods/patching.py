@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from interp.checks import finite_checks_on, require_finite
 from interp.errors import CaptureTooLargeError, InputError, UnknownHookError, closest
-from interp.hooks import concrete_numel, default_memory_budget
+from interp.hooks import HookPoint, concrete_numel, default_memory_budget
 from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]  # (done, total): e.g. the explorer's st.progress
@@ -478,12 +478,17 @@ def component(model: HookedModel, path: str) -> torch.nn.Module:
     """
     for side in ("hook_in", "hook_out"):
         site = model._sites.get(f"{path}.{side}")
-        if site is not None and type(site.module).__name__ != "HookPoint":
+        if site is not None and not _is_hook_point(site.module):
             return site.module
     try:
         return model.module.get_submodule(path)
     except AttributeError:
         raise InputError(f"{model.name} has no component {path!r}") from None
+
+
+def _is_hook_point(module: torch.nn.Module) -> bool:
+    """interp's hook points (and views of them) or TransformerLens's: markers, not components."""
+    return isinstance(module, HookPoint) or type(module).__name__ == "HookPoint"
 
 
 def unit_view(act: torch.Tensor, units: int) -> torch.Tensor:

@@ -153,7 +153,8 @@ class ModuleModel(HookedModel):
         return self.module(prepared)
 
     def dim_sizes(self, prepared: torch.Tensor) -> dict[str, int]:
-        return {"batch": prepared.shape[0]}
+        """``{"batch": leading size}``; a 0-d input (a scalar, as in TL's HookPoint demo) is one example."""
+        return {"batch": prepared.shape[0] if prepared.ndim else 1}
 
     def _cache_meta(self, prepared: torch.Tensor) -> dict[str, Any]:
-        return {"model": self.name, "batch": prepared.shape[0]}
+        return {"model": self.name, "batch": self.dim_sizes(prepared)["batch"]}
