@@ -323,7 +323,6 @@ class _Trainer:
         self.data_desc = describe_data(data, data_kind)
         self.out = Path(out) if out is not None else None
         self.names = [cfg.hook] + ([cfg.hook_out] if sae_cfg.is_transcoder else [])
-        torch.manual_seed(cfg.seed)
         self.sae = SAE.init(sae_cfg, seed=cfg.seed)
         self.sae.train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
@@ -472,7 +471,6 @@ class _Trainer:
         state: dict[str, torch.Tensor] = {
             "since_fired": self.since_fired.clone(),
             "gen": self.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
         }
         for i, param in enumerate(self.sae.parameters()):
             for key, value in self.opt.state.get(param, {}).items():
@@ -496,7 +494,6 @@ class _Trainer:
         state = read_verified(ckpt / "trainer_state.safetensors", fix=f"Delete {ckpt} to start over.")
         self.since_fired = state["since_fired"]
         self.gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
         for i, param in enumerate(self.sae.parameters()):
             keys = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"opt.{i}.")}
             if keys:
