@@ -521,8 +521,8 @@ def test_l1_training_with_resampling_and_warmups(gpt2_model, corpus):
 
 def test_training_bad_input(gpt2_model, corpus):
     _, acts = corpus
-    with pytest.raises(InputError, match="Train 'batchtopk'"):
-        _fit(gpt2_model, acts, arch="jumprelu")
+    with pytest.raises(InputError, match="cannot train arch 'gated'"):
+        _fit(gpt2_model, acts, arch="gated")
     with pytest.raises(InputError, match="unknown training option"):
         _fit(gpt2_model, acts, learning_rate=1e-3)
     with pytest.raises(UnknownHookError, match="Did you mean"):
@@ -599,3 +599,22 @@ def test_evaluate_and_train_on_a_module_model():
     )
     assert sae.cfg.d_in == 8 and sae.cfg.metadata["training"]["data"] == "model inputs (40 rows)"
     assert S.evaluate(model, sae, x)["explained_variance"] > 0.5
+
+
+def test_jumprelu_training_learns_thresholds_and_sparsity(gpt2_model, corpus, tmp_path):
+    texts, acts = corpus
+    opts = {
+        "arch": "jumprelu",
+        "tokens": 64 * 80,
+        "jumprelu_bandwidth": 0.05,
+        "jumprelu_init_threshold": 0.05,
+    }
+    light = _fit(gpt2_model, acts, l1_coefficient=1e-4, **opts)
+    heavy = _fit(gpt2_model, acts, l1_coefficient=3e-2, **opts)
+    assert heavy.history[-1]["l0"] < light.history[-1]["l0"]
+    assert not torch.allclose(heavy.threshold, torch.full((64,), 0.05))  # the thresholds moved
+    assert (heavy.threshold >= 0).all()
+    light.save(tmp_path)
+    back = S.load(tmp_path)
+    assert back.cfg.architecture == "jumprelu" and torch.equal(back.threshold, light.threshold)
+    assert S.evaluate(gpt2_model, light, texts)["explained_variance"] > 0.5

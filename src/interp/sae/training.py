@@ -16,6 +16,8 @@ Recipes (SAELens / Anthropic / OpenAI conventions):
 - ``standard`` (and transcoders): MSE + ``l1_coefficient`` · Σ acts·‖W_dec row‖, the coefficient
   warmed up linearly over ``l1_warmup_steps``; latents dead for ``dead_after_tokens`` tokens are
   resampled every ``resample_every`` steps (towards badly reconstructed inputs, fresh Adam state);
+- ``jumprelu``: MSE + ``l1_coefficient`` · L0, with straight-through gradients to the threshold
+  (rectangle kernel of width ``jumprelu_bandwidth``; Rajamanoharan et al. 2024);
 - ``topk`` / ``batchtopk``: MSE + ``aux_coefficient`` · the AuxK loss (the ``aux_k`` dead latents
   with the largest pre-activations reconstruct the residual); decoder rows kept at unit norm;
   BatchTopK learns its inference threshold (EMA of the smallest kept activation) and is saved as
@@ -51,7 +53,7 @@ from interp.sae.io import load as load_sae
 from interp.sae.io import save as save_sae
 from interp.sae.modules import SAE
 
-TRAINABLE = ("standard", "topk", "batchtopk", "transcoder", "skip_transcoder")
+TRAINABLE = ("standard", "topk", "batchtopk", "jumprelu", "transcoder", "skip_transcoder")
 
 
 @dataclass
@@ -80,6 +82,8 @@ class TrainConfig:
     model_batch_size: int = 8
     threshold_lr: float = 0.01
     b_dec_init: str = "mean"
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
 
     @property
     def steps(self) -> int:
@@ -129,8 +133,7 @@ def train(
 
 def _check_config(cfg: TrainConfig) -> None:
     if cfg.arch not in TRAINABLE:
-        hint = " Train 'batchtopk': it is saved as a JumpReLU SAE." if cfg.arch == "jumprelu" else ""
-        raise InputError(f"cannot train arch {cfg.arch!r}.{hint} Trainable: {', '.join(TRAINABLE)}")
+        raise InputError(f"cannot train arch {cfg.arch!r}. Trainable: {', '.join(TRAINABLE)}")
     for name in ("tokens", "batch_size", "d_sae", "model_batch_size", "buffer_batches"):
         if getattr(cfg, name) < 1:
             raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -332,6 +335,9 @@ class _Trainer:
         self.history: list[dict[str, float]] = []
         if self.sae.cfg.architecture == "batchtopk":
             self.sae.threshold.requires_grad_(False)
+        if self.sae.cfg.architecture == "jumprelu":
+            with torch.no_grad():
+                self.sae.threshold.fill_(cfg.jumprelu_init_threshold)
 
     # --- schedule ---
 
@@ -354,7 +360,10 @@ class _Trainer:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         sae, arch = self.sae, self.sae.cfg.architecture
         pre = sae.pre_acts(x)
-        acts = sae.activation(pre)
+        if arch == "jumprelu":
+            acts = _JumpReLU.apply(pre, sae.threshold, self.cfg.jumprelu_bandwidth)
+        else:
+            acts = sae.activation(pre)
         recons = acts @ sae.W_dec + sae.b_dec + sae._skip(x)
         err = recons - y
         mse = err.pow(2).sum(-1).mean()
@@ -368,6 +377,10 @@ class _Trainer:
             metrics["aux"] = float(aux.detach())
             if arch == "batchtopk":
                 self.update_threshold(acts)
+        elif arch == "jumprelu":
+            l0 = _Step.apply(pre, sae.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+            loss = loss + self.l1_at(self.step) * l0
+            metrics["l0_loss"] = float(l0.detach())
         else:
             l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
             loss = loss + self.l1_at(self.step) * l1
@@ -398,6 +411,8 @@ class _Trainer:
     @torch.no_grad()
     def after_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         sae = self.sae
+        if sae.cfg.architecture == "jumprelu":
+            sae.threshold.clamp_(min=0.0)  # inference computes relu(pre) * (pre > threshold)
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         every = self.cfg.resample_every
@@ -577,6 +592,40 @@ class _Trainer:
 
     def _saved_step(self) -> int:
         return json.loads((self._checkpoint_dir() / "trainer.json").read_text())["step"]
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * (pre > threshold)``: exact gradient to ``pre``; to ``threshold`` the straight-through
+    estimate of Rajamanoharan et al. 2024 (a rectangle kernel of width ``bandwidth``)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        to_threshold = -(threshold / ctx.bandwidth) * window * grad
+        return grad * (pre > threshold), to_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - threshold)`` (the L0 count): no gradient to ``pre``; straight-through to ``threshold``."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        return None, (-(1.0 / ctx.bandwidth) * window * grad).reshape(-1, pre.shape[-1]).sum(0), None
 
 
 def _rmtree(path: Path) -> None:
