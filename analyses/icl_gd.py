@@ -51,7 +51,8 @@ def walk_through() -> None:
     d = layer.d
     scale = qk.AB[:d, :d].diagonal().mean()
     print("QK x-block / its mean diagonal (GD: identity), first 4x4:")
-    print((qk.AB[:d, :d] / scale)[:4, :4].numpy().round(3))
+    torch.set_printoptions(precision=3, sci_mode=False)
+    print((qk.AB[:d, :d] / scale)[:4, :4])
     print(f"OV (y -> y) × scale: {float(ov.AB[d, d] * scale):.4f}   (GD: -η/N = {-eta / 10:.4f})")
 
     # 5. Intervene: replace the layer's scores by GD's inner products x_i·x_q (times the learned scale).

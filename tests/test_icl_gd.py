@@ -162,13 +162,6 @@ def test_untrained_layer_fails():
     assert "shipped: |L_TF / L_GD - 1| (test loss, 10k tasks)" in failed
 
 
-def test_from_checkpoints_is_the_faithful_analysis_without_retraining():
-    report = reproductions.from_checkpoints("icl-gd")
-    assert report.passed, report.table()
-    assert not any(name.startswith("icl-gd-seed") for name in report.models)
-    assert len(report.figures) == 4
-
-
 def test_typo_suggests_the_finding():
     with pytest.raises(InputError, match="Did you mean 'icl-gd'"):
         reproductions.run("icl-dg")
@@ -201,3 +194,37 @@ def test_retrain_reproduces_the_shipped_metrics(tmp_path):
     shipped = zoo.load_zoo("icl-gd")[1]["metrics"]
     for key in ("test_loss", "gd_loss", "cos", "sens_l2_rel", "pred_l2_rel"):
         assert meta["metrics"][key] == pytest.approx(shipped[key], rel=1e-3), key
+
+
+def test_reproductions_page_shows_the_table_and_figures():
+    """The explorer's Reproductions page shows icl-gd's checkpoint table (= from_checkpoints) and figures."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    apps = Path(__file__).resolve().parents[1] / "apps"
+    if str(apps) not in sys.path:
+        sys.path.insert(0, str(apps))
+    at = AppTest.from_file(str(apps / "views" / "reproductions.py"), default_timeout=300)
+    at.session_state["reproduction_finding"] = "icl-gd"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    expected = reproductions.from_checkpoints("icl-gd")  # the faithful analysis, nothing retrained
+    assert expected.passed, expected.table()
+    assert not any(name.startswith("icl-gd-seed") for name in expected.models)
+    assert list(at.dataframe[-1].value["quantity"]) == [c.quantity for c in expected.checks]
+    assert len(at.get("plotly_chart")) == len(expected.figures) == 4
+    assert any(m.value.startswith("icl-gd") for m in at.success)
+
+
+def test_walk_through_runs(capsys):
+    """analyses/icl_gd.py's demo part (the reproduction itself is tested above)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "analyses" / "icl_gd.py"
+    runpy.run_path(str(script), run_name="icl_gd_demo")["walk_through"]()
+    out = capsys.readouterr().out
+    assert "scores.hook_out" in out and "loss with GD's attention scores patched in" in out

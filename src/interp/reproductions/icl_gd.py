@@ -1,8 +1,9 @@
 """In-context linear regression is one step of gradient descent (von Oswald et al., ICML 2023), paper vs ours.
 
-Setup (paper §2-3 and the authors' notebook ``constructed_token_setup.ipynb``): tokens ``e_i = (x_i, y_i)``,
+Setup (the issue's, and the authors' notebook ``constructed_token_setup.ipynb``): tokens ``e_i = (x_i, y_i)``,
 ``x ~ U(-1, 1)^10``, ``y = w·x`` with ``w ~ N(0, I)``, N = 10 context points plus a query ``(x_q, 0)``; one
-linear self-attention layer (zoo ``icl-gd``) trained on freshly drawn tasks. Baseline: one GD step from
+linear self-attention layer (zoo ``icl-gd``) trained on freshly drawn tasks (the notebook's data
+code draws x ~ U(-0.5, 0.5); we follow the issue's U(-1, 1), which only rescales η and the loss). Baseline: one GD step from
 W = 0 on the in-context loss 1/(2N) Σ (W x_i - y_i)², the learning rate η found by the authors' line
 search (``np.arange(0.001, 25, 0.1)`` on 10k tasks). The layer's prediction is ``ŷ = -out[q, -1]``.
 
@@ -11,7 +12,7 @@ Checks:
 * the line-searched η agrees with the closed-form optimum (the GD-1 loss is a parabola in η);
 * the trained layer's test loss equals GD-1's (relative gap);
 * Mahankali, Hashimoto & Ma 2023 prove one GD step is the global optimum of this model class (their
-  Thm. for Gaussian x; for the uniform cube the same argument goes through: terms even in w cannot help,
+  abstract: for Gaussian x; for the uniform cube the same argument goes through: terms even in w cannot help,
   and the cube's signed-permutation symmetry forces the preconditioner to be c·I), so the trained loss
   must not be below GD-1's beyond sampling noise (3 paired standard errors), and the constructed weights
   must be a stationary point (their loss gradient is noise-sized next to that of η scaled by 1.25);
@@ -21,24 +22,34 @@ Checks:
   by the mean of its x-block diagonal, multiply P W_V by it), against the construction
   ``W_K^T W_Q = [[I, 0], [0, 0]]``, ``P W_V = [[0, 0], [0, -η/N]]``; plus the cosine between the effective
   3-tensors ``u_a M_bc`` (u the y-row of -P W_V, M = W_K^T W_Q) that the prediction actually depends on;
-* interpolation (paper Fig. 2, "interpolated"): the average of the normalised trained and constructed
+* interpolation (the authors' ``interpolate_weights``): the average of the normalised trained and constructed
   weights, and the whole path between them, has GD-1's loss.
 
-Paper figures. The stored copy of the paper available here holds only its first page (abstract), so no
-number from its body could be read; the setup above is taken from the authors' code instead. The claims
-used are the abstract's ("the weights found by optimization match the construction") and the paper's
-Fig. 2 qualitative result (trained-layer loss on GD's, cosine ≈ 1, differences ≈ 0, the interpolated
-model on both). Tolerances are therefore ours, chosen from the sampling noise of 10k test tasks and
-stated per row: loss gap ≤ 1%, cosine ≥ 0.99, relative L2 ≤ 0.1 (faithful); the fast retrain (1,500
-steps at batch 1,024 instead of 5,000 at 2,048) gets loss gap ≤ 3%, cosine ≥ 0.98, relative L2 ≤ 0.15.
+Paper figures. The stored copy of the paper reachable from here holds only its first page (the
+abstract), so no number from its body (sections, figures, tables) could be read, and none is quoted.
+The setup above comes from the authors' code (google-research/self-organising-systems,
+``transformers_learn_icl_by_gd``: ``src/config.py``, ``src/data.py`` ``create_reg_data`` /
+``create_weights``, ``src/train.py`` ``analyse`` / ``scan_lrs`` / ``loss_fn``, and the 1-layer settings
+of ``constructed_token_setup.ipynb``). The claims tested are the abstract's ("the models learned by GD
+and Transformers show great similarity or, remarkably, the weights found by optimization match the
+construction") and the quantities the authors' notebook plots (trained loss against GD's, cosine and
+L2 of the sensitivities, L2 of the predictions, the interpolated model's loss). Tolerances are ours,
+set from the sampling noise of 10k test tasks and stated per row: loss gap ≤ 1%, cosine ≥ 0.99,
+relative L2 ≤ 0.1, normalised weights within 0.05 of the construction (faithful); the fast retrain
+(1,500 steps at batch 1,024 instead of 5,000 at 2,048) gets loss gap ≤ 3%, cosine ≥ 0.98, relative
+L2 ≤ 0.15. Measured on the shipped layer: loss gap 0.16%, cosine 0.9990, relative L2 0.049
+(sensitivities) and 0.050 (predictions), effective-tensor cosine 0.9987.
 
-Variants: both analyse the **shipped checkpoint** (milliseconds). On top, ``retrain=True`` retrains from
-other seeds: fast, one seed with the fast recipe (~15 s); faithful, seeds 1 and 2 with the full recipe.
+Variants: both analyse the **shipped checkpoint** (seconds; most of it the 200k-task stationarity
+check). On top, ``retrain=True`` retrains from other seeds: fast, seed 1 with the fast recipe (~10 s of
+CPU); faithful, seeds 1 and 2 with the full recipe (~45 s of CPU each; the faithful run took 273 s of
+wall time on the shared 2-core box).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from typing import Any
 
@@ -134,7 +145,7 @@ def line_search_checks(tokens: torch.Tensor, target: torch.Tensor) -> tuple[floa
     return eta, [
         Check.within(
             "GD-1 learning rate η: grid line search vs closed-form optimum",
-            "tuned by line search (§3)",
+            "line search (authors' scan_lrs)",
             eta,
             exact,
             0.05,  # half the grid step
@@ -154,7 +165,7 @@ def loss_checks(
     return [
         Check.at_most(
             f"{label}: |L_TF / L_GD - 1| (test loss, 10k tasks)",
-            "L_TF = L_GD (Fig. 2)",
+            "L_TF ≈ L_GD (abstract; notebook)",
             abs(l_tf / l_gd - 1),
             gap,
         ),
@@ -174,16 +185,23 @@ def alignment_checks(
     align = lsa.alignment(model, tokens, eta)
     return align, [
         Check.at_least(
-            f"{label}: mean cosine of ∂ŷ/∂x_q, layer vs GD-1", "≈ 1 (Fig. 2)", align["cos"], cos_min, digits=4
+            f"{label}: mean cosine of ∂ŷ/∂x_q, layer vs GD-1",
+            "≈ 1 (authors' analyse)",
+            align["cos"],
+            cos_min,
+            digits=4,
         ),
         Check.at_most(
             f"{label}: mean ‖∂ŷ_TF/∂x_q - ∂ŷ_GD/∂x_q‖ / mean ‖∂ŷ_GD/∂x_q‖",
-            "≈ 0 (Fig. 2)",
+            "≈ 0 (authors' analyse)",
             align["sens_l2_rel"],
             rel_max,
         ),
         Check.at_most(
-            f"{label}: mean |ŷ_TF - ŷ_GD| / mean |ŷ_GD|", "≈ 0 (Fig. 2)", align["pred_l2_rel"], rel_max
+            f"{label}: mean |ŷ_TF - ŷ_GD| / mean |ŷ_GD|",
+            "≈ 0 (authors' analyse)",
+            align["pred_l2_rel"],
+            rel_max,
         ),
     ]
 
@@ -198,7 +216,7 @@ def weight_checks(model: nn.Module, constructed: nn.Module, eta: float, n_contex
     return [
         Check.at_most(
             "W_K^T W_Q (normalised): max |diagonal - 1| of the x-block",
-            "identity (Prop. 1, §3)",
+            "identity (the construction)",
             float((xx.diagonal() - 1).abs().max()),
             0.05,
         ),
@@ -207,7 +225,7 @@ def weight_checks(model: nn.Module, constructed: nn.Module, eta: float, n_contex
         ),
         Check.within(
             "P W_V (normalised): (y, y) entry, vs -η/N of the line search",
-            "-η/N (Prop. 1)",
+            "-η/N (the construction)",
             float(pv[d, d]),
             target_vyy,
             0.05 * abs(target_vyy),
@@ -245,32 +263,45 @@ def interpolation_checks(
     mid = path[ALPHAS.index(0.5)]
     return path, [
         Check.at_most(
-            "interpolated model (α = 0.5): |L / L_GD - 1|", "L = L_GD (Fig. 2)", abs(mid / gd_loss - 1), gap
+            "interpolated model (α = 0.5): |L / L_GD - 1|",
+            "L ≈ L_GD (authors' interpolate_weights)",
+            abs(mid / gd_loss - 1),
+            gap,
         ),
         Check.at_most(
             "interpolation path α ∈ {0, .1, .., 1}: max |L / L_GD - 1|",
-            "flat between the two (Fig. 2)",
+            "flat between the two",
             max(abs(v / gd_loss - 1) for v in path),
             gap,
         ),
     ]
 
 
-def stationarity_checks(constructed: nn.Module, eta: float, cfg: dict[str, Any], fast: bool) -> list[Check]:
+STATIONARITY_TASKS = 200_000  # sampling noise in the gradient ~ 1/sqrt(n): the ratio is ≈ 0.05 here
+
+
+def stationarity_checks(eta: float, cfg: dict[str, Any]) -> list[Check]:
     """The constructed weights are a stationary point of the population loss (Mahankali et al.)."""
-    n = 200_000  # sampling noise in the gradient ~ 1/sqrt(n): ratio ≈ 0.04 here
-    tokens, target, _ = lsa.task_batch(cfg, n, int(cfg["lr_seed"]) + 100, torch.float64)
-    at_opt = loss_gradient_norm(constructed, tokens, target)
-    detuned = lsa.constructed_model(int(cfg["d"]), int(cfg["n_context"]), 1.25 * eta, torch.float64)
-    off_opt = loss_gradient_norm(detuned, tokens, target)
+    key = (int(cfg["d"]), int(cfg["n_context"]), float(cfg["x_range"]), int(cfg["lr_seed"]), eta)
+    ratio = _gradient_ratio(*key)
     return [
         Check.at_most(
-            f"‖∇L‖ at the construction / at η × 1.25 ({n:,} tasks)",
+            f"‖∇L‖ at the construction / at η × 1.25 ({STATIONARITY_TASKS:,} tasks)",
             "stationary point (Mahankali et al. 2023)",
-            at_opt / off_opt,
+            ratio,
             0.1,
         )
     ]
+
+
+@functools.lru_cache(maxsize=8)
+def _gradient_ratio(d: int, n_context: int, x_range: float, seed: int, eta: float) -> float:
+    """‖∇L‖ at the GD construction over ‖∇L‖ at the construction with η × 1.25 (a pure function: cached)."""
+    cfg = {"d": d, "n_context": n_context, "x_range": x_range}
+    tokens, target, _ = lsa.task_batch(cfg, STATIONARITY_TASKS, seed + 100, torch.float64)
+    at_opt = loss_gradient_norm(lsa.constructed_model(d, n_context, eta, torch.float64), tokens, target)
+    detuned = lsa.constructed_model(d, n_context, 1.25 * eta, torch.float64)
+    return at_opt / loss_gradient_norm(detuned, tokens, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +417,7 @@ def reproduce(
     report.add(*weight_checks(model, constructed, eta, int(cfg["n_context"])))
     path, checks = interpolation_checks(model, constructed, tokens, target, gd_loss, gap=0.01)
     report.add(*checks)
-    report.add(*stationarity_checks(constructed, eta, cfg, fast))
+    report.add(*stationarity_checks(eta, cfg))
     report.timings["analysis"] = time.perf_counter() - start - report.timings["load"]
 
     if retrain:

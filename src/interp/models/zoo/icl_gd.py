@@ -233,21 +233,25 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
     eval_tokens, eval_target, _ = task_batch(cfg, int(cfg["log_tasks"]), int(cfg["eval_seed"]))
     lr_gd = _reference_lr(cfg)
     gd_loss = float(loss(gd_one_step(eval_tokens, lr_gd), eval_target))
+    # logged every log_every steps: test loss and alignment on log_tasks fixed tasks, and the mean
+    # training-batch loss since the previous log point
     history: dict[str, list[Any]] = {k: [] for k in ("step", "train_loss", "test_loss", "cos", "sens_l2")}
+    since_log: list[float] = []  # training-batch losses since the last log point
     model.train()
     bar = tqdm(range(int(cfg["steps"]) + 1), desc=cfg["name"], disable=not progress, mininterval=1.0)
     for step in bar:
-        if step % int(cfg["log_every"]) == 0:
+        if step % int(cfg["log_every"]) == 0 or step == int(cfg["steps"]):
             model.eval()
             with torch.no_grad():
                 test = float(loss(model.predict(eval_tokens), eval_target))
             align = alignment(model, eval_tokens, lr_gd)
             model.train()
             history["step"].append(step)
+            history["train_loss"].append(sum(since_log) / len(since_log) if since_log else None)
             history["test_loss"].append(test)
             history["cos"].append(align["cos"])
             history["sens_l2"].append(align["sens_l2"])
-            history["train_loss"].append(history["train_loss"][-1] if history["train_loss"] else None)
+            since_log = []
             bar.set_postfix(test=f"{test:.4f}", gd=f"{gd_loss:.4f}", refresh=False)
         if step == int(cfg["steps"]):
             break
@@ -259,8 +263,7 @@ def fit(model: nn.Module, cfg: Config, progress: bool = True) -> FitResult:
         batch_loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
         opt.step()
-        if step % int(cfg["log_every"]) == 0:
-            history["train_loss"][-1] = batch_loss.item()
+        since_log.append(batch_loss.item())
     bar.close()
     model.eval()
     return FitResult(
