@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from interp.checks import checked_hook_value
 from interp.errors import InputError, UnknownHookError
 from interp.hooks import (
     ActivationCache,
@@ -589,9 +590,14 @@ def _bind(
     """``fn(act, hook)`` as a one-argument hook body; ``hook`` goes by keyword where ``fn`` has a
     ``hook`` parameter (TransformerLens calls ``fn(act, hook=...)``, so ``partial(fn, head=3)`` works)."""
     context = HookContext(name=name, ctx={} if ctx is None else ctx)
-    if _takes_hook_keyword(fn):
-        return lambda act: fn(act, hook=context)
-    return lambda act: fn(act, context)
+    keyword = _takes_hook_keyword(fn)
+
+    def bound(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act, hook=context) if keyword else fn(act, context)
+        checked_hook_value(name, act, new)  # no NaN/inf left by a user's hook (interp.checks)
+        return new
+
+    return bound
 
 
 def _takes_hook_keyword(fn: Callable) -> bool:
