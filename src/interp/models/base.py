@@ -149,22 +149,40 @@ class HookedModel:
                 self.__dict__["_sites"] = before
 
     def saes(self, saes: Any, *, use_error_term: bool | None = None):
-        """``with model.saes([sae, ...]):`` splices dictionaries in (see ``interp.sae.splicing``)."""
-        from interp.sae.splicing import splice  # the dictionary layer sits above models
+        """``with model.saes([sae, ...]):`` splices dictionaries in, SAELens's ``model.saes``.
 
-        return splice(self, saes, use_error_term=use_error_term)
+        The model layer knows no dictionary type: each item splices itself in through its
+        ``splice_into(model, items, use_error_term=...)`` (``interp.sae.SAE`` has it), so models
+        never import the dictionary layer above them.
+        """
+        items = list(saes) if isinstance(saes, list | tuple) else [saes]
+        if not items or not all(callable(getattr(item, "splice_into", None)) for item in items):
+            raise InputError(
+                "model.saes takes a dictionary or a list of them (interp.sae.SAE, from S.load or S.train); "
+                f"got {type(saes).__name__}"
+            )
+        return items[0].splice_into(self, items, use_error_term=use_error_term)
 
-    def run_with_saes(self, inputs: Any, saes: Any, **kwargs: Any) -> Any:
-        """One forward with dictionaries spliced in (SAELens's ``run_with_saes``)."""
-        from interp.sae.splicing import run_with_saes
+    def run_with_saes(
+        self, inputs: Any, saes: Any, *, use_error_term: bool | None = None, **kwargs: Any
+    ) -> Any:
+        """One forward with dictionaries spliced in (SAELens's ``run_with_saes``); ``kwargs`` go to
+        ``run_with_hooks`` (``hooks=`` may name latent hooks)."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_hooks(inputs, **kwargs)
 
-        return run_with_saes(self, inputs, saes, **kwargs)
-
-    def run_with_cache_with_saes(self, inputs: Any, saes: Any, **kwargs: Any) -> Any:
+    def run_with_cache_with_saes(
+        self,
+        inputs: Any,
+        saes: Any,
+        names: Names = None,
+        *,
+        use_error_term: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``run_with_cache`` with dictionaries spliced in; latents are cached like any hook."""
-        from interp.sae.splicing import run_with_cache_with_saes
-
-        return run_with_cache_with_saes(self, inputs, saes, **kwargs)
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_cache(inputs, names, **kwargs)
 
     @property
     def hook_names(self) -> list[str]:

@@ -18,6 +18,7 @@ unless a hook changed something inside the dictionary.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -206,6 +207,12 @@ class SAE(nn.Module):
         if self.cfg.architecture == "skip_transcoder":
             return x.to(self.dtype) @ self.W_skip.T
         return 0.0
+
+    def splice_into(self, model: Any, saes: Sequence[SAE], *, use_error_term: bool | None = None) -> Any:
+        """The splice behind ``model.saes(saes)``: a context manager (see ``interp.sae.splicing``)."""
+        from interp.sae.splicing import splice
+
+        return splice(model, saes, use_error_term=use_error_term)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """What the dictionary predicts for ``x``, with no hooks and no error term (flat for hook_z)."""
