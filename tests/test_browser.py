@@ -165,7 +165,9 @@ CONTENT_HEIGHT_JS = """() => {
     return Math.ceil(bottom);
 }"""
 SLACK_PX = 100  # an iframe may be this much taller than its content, no more
-IDLE_MS = int(os.environ.get("INTERP_BROWSER_IDLE_MS", 240_000))  # one page visit, model loads and fits included, on a busy 2-core machine
+IDLE_MS = int(
+    os.environ.get("INTERP_BROWSER_IDLE_MS", 240_000)
+)  # one page visit, model loads and fits included, on a busy 2-core machine
 
 
 def wait_idle(page, timeout_ms: int = IDLE_MS) -> None:
