@@ -235,7 +235,7 @@ def interact(page, title: str, zoo: bool) -> None:
     elif title == "Causal":
         main.get_by_role("button", name="Run patching").click()
     elif title == "Probing":
-        main.locator("[data-testid='stNumberInput'] input").first.fill("80")
+        main.locator("[data-testid='stNumberInput'] input").first.fill("120")
         main.locator("[data-testid='stNumberInput'] input").first.press("Enter")
         wait_idle(page)
         main.get_by_role("button", name="Fit probes").click()

@@ -257,7 +257,8 @@ def share_color_range(*figures: Any) -> tuple[float, float]:
     """Give every heatmap in ``figures`` one colour range, so figures shown side by side read alike.
 
     The range is symmetric about 0 (``[-m, m]``, ``m`` the largest finite ``|z|`` over all of
-    them) when any value is negative, else ``[min, max]``. Changes the figures in place and
+    them) when the values have both signs, else ``[min, max]`` over all of them (patched metric
+    values, all negative log-probs say, keep their contrast). Changes the figures in place and
     returns the range.
     """
     heatmaps = [trace for fig in figures for trace in fig.data if trace.type == "heatmap"]
@@ -265,8 +266,8 @@ def share_color_range(*figures: Any) -> tuple[float, float]:
     finite = np.concatenate([v[np.isfinite(v)].ravel() for v in values]) if values else np.zeros(0)
     if finite.size == 0:
         return (0.0, 1.0)
-    if finite.min() < 0:
-        m = float(np.abs(finite).max()) or 1.0
+    if finite.min() < 0 < finite.max():
+        m = float(np.abs(finite).max())
         low, high, mid = -m, m, 0.0
     else:
         low, high, mid = float(finite.min()), float(finite.max()), None
