@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -208,7 +209,7 @@ def select(page, label: str, option: str) -> None:
     box = page.locator("[data-testid='stMain'] [data-testid='stSelectbox']").filter(has_text=label).first
     box.get_by_role("combobox").click()
     box.get_by_role("combobox").fill(option)
-    page.get_by_role("option", name=option, exact=True).first.click()
+    page.get_by_role("option", name=re.compile("^" + re.escape(option) + "($|:)")).first.click()
 
 
 def goto(page, title: str) -> None:
