@@ -134,11 +134,14 @@ FIT_SCRIPT = """<script>
     if (!document.body) return;
     var bottom = document.body.getBoundingClientRect().bottom;
     for (var e of document.body.children) bottom = Math.max(bottom, e.getBoundingClientRect().bottom);
-    var h = Math.ceil(bottom + window.scrollY + parseFloat(getComputedStyle(document.body).marginBottom || 0));
+    bottom += window.scrollY + parseFloat(getComputedStyle(document.body).marginBottom || 0);
+    // the root's own box: what it draws with collapsed margins, but not the viewport's height
+    var h = Math.ceil(Math.max(bottom, document.documentElement.getBoundingClientRect().height));
     var w = Math.ceil(document.documentElement.scrollWidth);
     window.parent.postMessage({type: "streamlit:iframe:setSize", width: w, height: h}, "*");
   }
   window.addEventListener("load", send);
+  window.addEventListener("resize", send);  // Streamlit's own script may resize it to a stale height
   if (typeof ResizeObserver !== "undefined") new ResizeObserver(send).observe(document.body);
   setTimeout(send, 300);
   setTimeout(send, 1500);

@@ -37,8 +37,8 @@ OBSERVE_JS = """() => {
     new MutationObserver(() => { window.__last = performance.now(); })
         .observe(document.body, {childList: true, subtree: true, attributes: true, characterData: true});
 }"""
-IDLE_JS = """() => !document.querySelector("[data-testid='stStatusWidget']")
-    && !document.querySelector("[data-stale='true']")"""
+IDLE_JS = """() => document.querySelector("[data-testid='stApp']")?.getAttribute("data-test-script-state")
+    !== "running" && !document.querySelector("[data-stale='true']")"""
 
 
 def free_port() -> int:

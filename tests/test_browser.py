@@ -165,6 +165,9 @@ CONTENT_HEIGHT_JS = """() => {
     }
     return Math.ceil(bottom);
 }"""
+# The toolbar is minimal (no Deploy button), which also hides the 'Running...' status widget.
+RUNNING_JS = """() => document.querySelector("[data-testid='stApp']")
+    ?.getAttribute("data-test-script-state") === 'running'"""
 SLACK_PX = 100  # an iframe may be this much taller than its content, no more
 IDLE_MS = int(
     os.environ.get("INTERP_BROWSER_IDLE_MS", 240_000)
@@ -172,11 +175,11 @@ IDLE_MS = int(
 
 
 def wait_idle(page, timeout_ms: int = IDLE_MS) -> None:
-    """Until the script run is over: Streamlit's 'Running...' status widget gone for 0.6 s."""
+    """Until the script run is over: the app's script state not 'running' for 0.6 s."""
     deadline = time.monotonic() + timeout_ms / 1000
     quiet_since = None
     while time.monotonic() < deadline:
-        running = page.locator("[data-testid='stStatusWidget']").count() > 0
+        running = page.evaluate(RUNNING_JS)
         if running:
             quiet_since = None
         elif quiet_since is None:
@@ -226,9 +229,10 @@ def set_model(page, spec: str) -> None:
     wait_idle(page)
 
 
-def interact(page, title: str, zoo: bool) -> None:
-    """Each page's main interaction."""
+def interact(page, title: str) -> list[str]:
+    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here)."""
     main = page.locator("[data-testid='stMain']")
+    found: list[str] = []
     if title == "Activations":
         select(page, "Hook point", "blocks.0.attn.hook_pattern")
     elif title == "Attention":
@@ -246,7 +250,9 @@ def interact(page, title: str, zoo: bool) -> None:
         for tab in ("Token attributions", "Neuron & head contexts"):
             page.get_by_role("tab", name=tab).click()
             wait_idle(page)
+            found.extend(f"{tab} tab: {p}" for p in problems(page))
     wait_idle(page)
+    return found
 
 
 PAGE_TITLES = [
@@ -285,11 +291,22 @@ def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
                     if spec != "minilm" and title not in SIDEBAR_PAGES:
                         continue
                     goto(page, title)
-                    interact(page, title, zoo=spec != "minilm")
+                    found = interact(page, title)
                     name = f"{spec.replace(':', '_')}-{title.lower()}"
                     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-                    if found := problems(page):
+                    if found := found + problems(page):
                         failures[name] = found
+                if spec == "minilm":  # the model's full context: the page answers, with its one-head view
+                    area = page.locator("[data-testid='stSidebar'] textarea").first
+                    area.fill(" ".join(["the cat sat on the mat"] * 80))
+                    area.press("Control+Enter")
+                    goto(page, "Attention")
+                    select(page, "Head", "3")
+                    wait_idle(page)
+                    page.screenshot(path=str(SHOTS / "minilm-attention-full-context.png"), full_page=True)
+                    assert page.locator("[data-testid='stMain'] iframe").count() == 0
+                    if found := problems(page):
+                        failures["minilm-attention-full-context"] = found
         finally:
             browser.close()
     assert not failures, failures
