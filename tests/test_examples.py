@@ -139,7 +139,7 @@ def test_a_model_trained_on_ids_gets_repeated_tokens_and_id_names(cnn):
     import interp
 
     model = interp.load("zoo:induction-2l")
-    assert list(ex.unit_layers(model)) == ["Heads: max attention"]  # attention-only, flat hook_z
+    assert list(ex.unit_layers(model)) == ["Heads: output norm", "Heads: max attention"]  # attention-only
     ids = ex.sample_inputs(model, n=6, half_len=5)
     assert ids.shape == (6, 10) and torch.equal(ids[:, :5], ids[:, 5:])
     assert torch.equal(ids, ex.sample_inputs(model, n=6, half_len=5))  # seeded
@@ -201,7 +201,7 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
 
     page.text_input(key="model_spec").input("zoo:induction-2l").run()  # trained on ids: id names
     assert not page.exception
-    assert page.selectbox(key="features_ctx_kind").options == ["Heads: max attention"]
+    assert page.selectbox(key="features_ctx_kind").options == ["Heads: output norm", "Heads: max attention"]
     page.selectbox(key="features_ctx_layer::zoo:induction-2l::Heads: max attention").set_value(
         "blocks.0.attn.hook_pattern"
     ).run()

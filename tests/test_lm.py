@@ -369,3 +369,19 @@ def test_generate_rejects_bad_arguments_before_running(varied):
     ):
         with pytest.raises(InputError, match=match):
             varied.generate(ids, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_a_left_padded_row_reads_as_the_same_prompt_alone(gpt2_model):
+    """HF numbers positions from the left edge unless given position ids: without them a left-padded
+    row's logits differ from the prompt alone (by 0.22 on this model before the fix)."""
+    from interp.models.transformer import Tokens
+
+    short, long = [5, 9, 2], [7, 1, 4, 8, 3]
+    ids = torch.tensor([[0, 0, *short], long])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padded = gpt2_model(Tokens(ids, mask))
+    alone = gpt2_model(torch.tensor([short]))
+    torch.testing.assert_close(padded[0, 2:], alone[0], atol=1e-5, rtol=1e-5)
+    _, cache = gpt2_model.run_with_cache(Tokens(ids, mask), names="blocks.1.hook_resid_post")
+    _, solo = gpt2_model.run_with_cache(torch.tensor([short]), names="blocks.1.hook_resid_post")
+    torch.testing.assert_close(cache["resid_post", 1][0, 2:], solo["resid_post", 1][0], atol=1e-5, rtol=1e-5)

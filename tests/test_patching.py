@@ -199,12 +199,12 @@ def test_ablations_match_naive_hooks(toy, pair):
             def zero_fn(act, ctx, head=head):
                 act = act.clone().view(*act.shape[:2], 4, 8)
                 act[:, :, head] = 0
-                return act.view(*act.shape[:2], 32)
+                return act
 
             def mean_fn(act, ctx, head=head, name=name):
                 act = act.clone().view(*act.shape[:2], 4, 8)
                 act[:, :, head] = ref_cache[name].view(2, 6, 4, 8)[:, :, head].mean(0)
-                return act.view(*act.shape[:2], 32)
+                return act
 
             assert float(metric(toy.run_with_hooks(clean, [(name, zero_fn)]))) == pytest.approx(
                 float(zero.values[layer, head]), abs=1e-5
@@ -234,7 +234,7 @@ def test_group_ablation_hooks_match_naive_hooks(toy, pair):
                 if ctx.name == names[layer]:
                     mean = ref_cache[ctx.name].view(2, 6, 4, 8)[:, :, head].mean(0)
                     act[:, :, head] = 0 if kind == "zero" else mean
-            return act.view(*act.shape[:2], 32)
+            return act
 
         return fn
 
@@ -276,7 +276,7 @@ def _naive_path_patch(model, clean, corrupted, sender, receivers, metric):
         for layer, head in receivers:
             if layer == ctx.layer():
                 act[:, :, head] = step1[ctx.name].view(*act.shape[:2], 4, 8)[:, :, head]
-        return act.view(*act.shape[:2], 32)
+        return act
 
     return float(metric(model.run_with_hooks(clean, [(n, replay) for n in q_names])))
 

@@ -289,13 +289,15 @@ def test_wrong_shapes_and_missing_keys(tmp_path: Path) -> None:
     weights = tmp_path / "tms-20-5.safetensors"
     small = zoo.build("tms-5-2").state_dict()
     save_file({k: v.contiguous() for k, v in small.items()}, str(weights))
+    with pytest.raises(CheckpointError, match="no sha256 recorded"):
+        zoo.load_zoo("tms-20-5", directory=tmp_path)  # refused unless loaded explicitly unverified
     with pytest.raises(CheckpointError, match="wrong shapes") as err:
-        zoo.load_zoo("tms-20-5", directory=tmp_path)
+        zoo.load_zoo("tms-20-5", directory=tmp_path, verify=False)
     assert "W" in str(err.value) and "interp zoo train tms-20-5" in str(err.value)
     good = zoo.build("tms-20-5").state_dict()
     save_file({k: v.contiguous() for k, v in good.items() if k != "b_final"}, str(weights))
     with pytest.raises(CheckpointError, match="missing keys: \\['b_final'\\]"):
-        zoo.load_zoo("tms-20-5", directory=tmp_path)
+        zoo.load_zoo("tms-20-5", directory=tmp_path, verify=False)
 
 
 def test_weights_not_matching_recorded_hash(tmp_path: Path) -> None:

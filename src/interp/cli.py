@@ -6,6 +6,7 @@ interp capture --model M --hooks PATTERN --input FILE --out DIR
 interp explore                              the Streamlit explorer at http://localhost:8501
 interp zoo list | interp zoo train NAME     the models trained here
 interp reproduce FINDING                    published findings, paper vs ours
+interp sae train ... | interp sae eval ...  sparse dictionaries (SAELens format)
 """
 
 from __future__ import annotations
@@ -31,11 +32,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except InterpError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except (
+        PermissionError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        FileNotFoundError,
+    ) as err:
+        # a path the user gave that cannot be used (read-only, a file where a folder belongs, ...)
+        where = f" {err.filename!r}" if getattr(err, "filename", None) else ""
+        return _fail(f"cannot use the path{where}: {err.strerror or err}. Pass a path you can write to.")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    """Print one line (the first of the message, so nothing multi-line reads like a traceback); exit 2."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    print(f"error: {' '.join(lines) if lines else 'failed'}", file=sys.stderr)
+    return 2
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else with exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,14 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--out", required=True, help="output directory (resumes if it holds a partial capture)"
     )
-    capture.add_argument("--batch-size", type=int, default=16)
+    capture.add_argument("--batch-size", type=_positive_int, default=16)
     capture.add_argument(
         "--no-resume", action="store_true", help="overwrite an existing capture instead of resuming"
     )
     capture.set_defaults(run=_capture)
 
     explore = sub.add_parser("explore", help="open the Streamlit explorer")
-    explore.add_argument("--port", type=int, default=8501)
+    explore.add_argument("--port", type=_port, default=8501)
     explore.set_defaults(run=_explore)
 
     zoo = sub.add_parser("zoo", help="the models trained here")
@@ -100,6 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fast", action="store_true", help="small budgets, same checks, looser bounds")
     reproduce.add_argument("--out", default=None, help="report directory (default: reports/FINDING)")
     reproduce.set_defaults(run=_reproduce)
+
+    from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
+
+    add_sae_commands(sub)
     return parser
 
 
@@ -129,13 +168,18 @@ def _hooks(args: argparse.Namespace) -> int:
 
 def _capture(args: argparse.Namespace) -> int:
     import interp
+    from interp.checks import writable_dir
     from interp.store import capture_to_disk, read_inputs
 
+    writable_dir(args.out, "--out directory")  # the cheap checks first: before loading the model
+    if not Path(args.input).is_file():
+        raise InterpError(f"--input {args.input!r} is not a file. Check the path.")
     model = interp.load(args.model)
+    hooks = model.resolve(args.hooks)  # a bad pattern fails before the inputs are read
     dataset = capture_to_disk(
         model,
         read_inputs(args.input),
-        args.hooks,
+        hooks,
         args.out,
         batch_size=args.batch_size,
         resume=not args.no_resume,
@@ -178,6 +222,7 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
     from interp.models import zoo
 
+    # zoo.train checks the name and that the output directory is writable before it trains
     meta = zoo.train(args.name, args.out, fast=args.fast, progress=True, resume=not args.restart)
     print(json.dumps(meta.get("metrics", meta), indent=2, default=str))
     return 0
@@ -185,7 +230,10 @@ def _zoo_train(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from interp import reproductions
+    from interp.checks import writable_dir
 
+    if args.out is not None:
+        writable_dir(args.out, "--out directory")
     report = reproductions.run(args.finding, fast=args.fast, out_dir=args.out)
     return 0 if report.passed else 1
 

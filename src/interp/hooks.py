@@ -207,9 +207,17 @@ def _match_one(pattern: str | re.Pattern, valid: Sequence[str]) -> list[str]:
     if isinstance(pattern, re.Pattern):
         return [n for n in valid if pattern.fullmatch(n)]
     if not isinstance(pattern, str):
-        raise TypeError(f"hook names must be strings or compiled regexes, got {type(pattern).__name__}")
+        raise UnknownHookError(
+            f"hook names must be strings or compiled regexes, got {type(pattern).__name__} {pattern!r}"
+        )
     if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
+        try:
+            regex = re.compile(pattern[3:])
+        except re.error as err:
+            raise UnknownHookError(
+                f"{pattern!r} is not a valid regular expression ({err}). Fix the regex, or drop the "
+                "'re:' prefix to match a glob such as 'blocks.*.hook_resid_post'."
+            ) from None
         return [n for n in valid if regex.fullmatch(n)]
     if _is_glob(pattern):
         return [n for n in valid if fnmatch.fnmatchcase(n, pattern)]

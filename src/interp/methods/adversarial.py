@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from interp.checks import require_finite
 from interp.errors import InputError
 from interp.models.base import HookedModel
 
@@ -49,27 +51,79 @@ def _module_and_bounds(
     module = model.module if isinstance(model, HookedModel) else model
     if bounds is None:
         bounds = getattr(model, "input_range", None) or (0.0, 1.0)
-    return module, (float(bounds[0]), float(bounds[1]))
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        raise InputError(f"bounds must be (low, high), two numbers, got {bounds!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise InputError(f"bounds must be finite with low < high (the valid pixel range), got {bounds!r}")
+    return module, (low, high)
 
 
 def check_inputs(
     model: HookedModel | nn.Module, x: Any, y: Any, eps: float, bounds: tuple[float, float] | None = None
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple[float, float]]:
     """Validate an attack's inputs; InputError with the fix for each way they can be wrong."""
-    if not isinstance(eps, int | float) or math.isnan(eps) or eps < 0:
-        raise InputError(f"eps must be a number >= 0 (the perturbation budget), got {eps!r}")
+    check_number("eps", eps, minimum=0.0, why="the perturbation budget")
     module, (low, high) = _module_and_bounds(model, bounds)
-    # a loaded model checks shape and range itself
+    # a loaded model checks shape, range and finiteness itself
     xt = model.prepare(x) if isinstance(model, HookedModel) else torch.as_tensor(x).float()
+    require_finite(xt, "the images", "Replace or drop the NaN/inf images.")
+    if xt.numel() == 0:
+        raise InputError("got an empty batch of images; pass at least one image")
     if xt.numel() and (xt.min() < low or xt.max() > high):
         raise InputError(
             f"images must lie in [{low}, {high}], got values in [{xt.min().item():.3g}, {xt.max().item():.3g}]. "
             "Rescale them (e.g. pixels / 255) or pass bounds=(low, high)."
         )
-    yt = torch.as_tensor(y).long().reshape(-1).to(xt.device)
+    yt = class_labels(y, "labels", xt.device)
     if len(yt) != len(xt):
         raise InputError(f"got {len(yt)} labels for {len(xt)} images; pass exactly one label per image")
+    check_classes(module, xt, yt, "labels")
     return module, xt.detach(), yt, (low, high)
+
+
+def check_number(
+    name: str, value: Any, *, minimum: float, strict: bool = False, integer: bool = False, why: str = ""
+) -> None:
+    """InputError unless ``value`` is a finite real number ``>= minimum`` (``> minimum`` if strict),
+    and an integer if ``integer``: a negative step or a NaN budget would attack in reverse or not at all."""
+    try:
+        number = operator.index(value) if integer else float(value)
+    except (TypeError, ValueError):
+        number = None
+    ok = number is not None and not isinstance(value, bool | str) and math.isfinite(number)
+    ok = ok and (number > minimum if strict else number >= minimum)
+    if not ok:
+        kind = "a whole number" if integer else "a number"
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise InputError(
+            f"{name} must be {kind} {bound} and finite{f' ({why})' if why else ''}, got {value!r}"
+        )
+
+
+def class_labels(values: Any, what: str, device: torch.device) -> torch.Tensor:
+    """``values`` as a flat LongTensor of class indices (InputError for fractional or non-numeric ones)."""
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be integer class indices, got a {type(values).__name__}") from None
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise InputError(f"{what} must be integer class indices, got fractional or NaN values")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise InputError(f"{what} must be integer class indices, got {t.dtype}")
+    return t.long().reshape(-1).to(device)
+
+
+def check_classes(module: nn.Module, x: torch.Tensor, labels: torch.Tensor, what: str) -> None:
+    """InputError if a label is not one of the model's classes (one forward of one image)."""
+    with _eval(module), torch.no_grad():
+        n_classes = module(x[:1]).shape[-1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise InputError(
+            f"{what} must be classes in [0, {n_classes}) for this model (it outputs {n_classes} logits), "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,7 +224,7 @@ def fgsm(
     the loss of ``target``.
     """
     module, xt, yt, (low, high) = check_inputs(model, x, y, eps, bounds)
-    goal = _target(target, targeted, yt)
+    goal = _target(target, targeted, yt, module, xt)
     with _eval(module), torch.enable_grad():
         images = xt.clone().detach()
         grad = _input_grad(module, images, yt if goal is None else goal, goal is not None)
@@ -208,11 +262,13 @@ def pgd(
     """
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
-    if int(steps) < 0 or int(restarts) < 1:
-        raise InputError(f"steps must be >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    check_number("steps", steps, minimum=0, integer=True, why="PGD iterations per restart")
+    check_number("restarts", restarts, minimum=1, integer=True)
+    if alpha is not None:
+        check_number("alpha", alpha, minimum=0.0, why="the step size; a negative one reverses the attack")
     module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds)
     alpha = eps / 4 if alpha is None else float(alpha)
-    goal = _target(target, targeted, yt)
+    goal = _target(target, targeted, yt, module, xt)
     labels = yt if goal is None else goal
     gen = torch.Generator(device=xt.device).manual_seed(seed) if seed is not None else None
     best, best_loss = None, None
@@ -288,17 +344,20 @@ def _random_start(
     return torch.clamp(x + noise, min=bounds[0], max=bounds[1]).detach()
 
 
-def _target(target: Any, targeted: bool, y: torch.Tensor) -> torch.Tensor | None:
+def _target(
+    target: Any, targeted: bool, y: torch.Tensor, module: nn.Module, x: torch.Tensor
+) -> torch.Tensor | None:
     if target is None:
         if targeted:
             raise InputError("targeted=True needs target=: the class (or one class per image) to reach")
         return None
-    t = torch.as_tensor(target).long().to(y.device)
-    t = t.expand(len(y)).clone() if t.ndim == 0 else t.reshape(-1)
+    t = class_labels(target, "target", y.device)
+    t = t.expand(len(y)).clone() if t.numel() == 1 else t
     if len(t) != len(y):
         raise InputError(
             f"got {len(t)} target labels for {len(y)} images; pass one target per image or one for all"
         )
+    check_classes(module, x, t, "target")
     return t
 
 
@@ -386,6 +445,11 @@ def adversarial_train(
     built model for Madry's from-scratch training, or a trained one to fine-tune. Adam, seeded
     shuffling, a fresh seed for every batch's random start.
     """
+    check_number("alpha", alpha, minimum=0.0, why="the PGD step size")
+    check_number("steps", steps, minimum=0, integer=True)
+    check_number("epochs", epochs, minimum=1, integer=True)
+    check_number("batch_size", batch_size, minimum=1, integer=True)
+    check_number("lr", lr, minimum=0.0, strict=True, why="the learning rate")
     _, xt, yt, _ = check_inputs(module, x, y, eps, bounds)
     model = copy.deepcopy(module)
     gen = torch.Generator().manual_seed(seed)
@@ -501,8 +565,10 @@ def embedding_pgd(
     """
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
-    if eps < 0:
-        raise InputError(f"eps must be >= 0, got {eps}")
+    check_number("eps", eps, minimum=0.0, why="the perturbation budget per position")
+    check_number("steps", steps, minimum=0, integer=True)
+    if alpha is not None:
+        check_number("alpha", alpha, minimum=0.0, why="the step size; a negative one reverses the attack")
     hook = hook or embedding_hook(model)
     prepared = model.prepare(inputs)
     with torch.no_grad():
@@ -511,6 +577,14 @@ def embedding_pgd(
     alpha = eps / 4 if alpha is None else alpha
     with model._internal():  # a shape probe: the user's hooks must not run on it
         shape = tuple(model.run_with_cache(prepared, names=hook, stop_early=True)[1][hook].shape)
+    if positions is not None:
+        positions = list(positions)
+        bad = [p for p in positions if not isinstance(p, int) or not -shape[1] <= p < shape[1]]
+        if bad or not positions:
+            raise InputError(
+                f"positions {bad[:5] or positions} are not token positions of these prompts ({shape[1]} tokens); "
+                f"pass ints in [-{shape[1]}, {shape[1]})"
+            )
     mask = torch.zeros(shape[:2] + (1,), device=model.device)
     mask[:, list(positions) if positions is not None else slice(None)] = 1.0
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -719,6 +793,9 @@ def attack_probe(
     """
     from interp.methods import probing
 
+    check_number("topk_frac", topk_frac, minimum=0.0, strict=True, why="a share of units, at most 1")
+    if topk_frac > 1:
+        raise InputError(f"topk_frac must be a share of units in (0, 1], got {topk_frac!r}")
     hooked = _as_hooked(model)
     x, xa, y = _pair(hooked, clean, adversarial, labels)
     chosen = hooked.resolve(names) if names is not None else probing.default_names(hooked)

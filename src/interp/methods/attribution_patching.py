@@ -216,7 +216,8 @@ class _ResidualGraph:
                 f"edge attribution needs hooks {missing[:3]}..., which {model.name} does not have"
             )
         order = {name: i for i, name in enumerate(model.hook_names)}
-        if order["blocks.0.hook_attn_out"] < order.get("blocks.0.ln1.hook_in", -1):
+        attn_written = order.get("blocks.0.attn.o.hook_out", order["blocks.0.hook_attn_out"])
+        if attn_written < order.get("blocks.0.ln1.hook_in", -1):  # ln1 normalizes what attention wrote
             raise InputError(
                 f"{model.name} normalizes after each sublayer (post-LN, like BERT), so its residual stream is "
                 "not a sum of node outputs and edges have no additive scores; use attribution_patch for nodes"

@@ -24,7 +24,15 @@ import torch
 from einops import einsum, rearrange
 
 from interp.errors import InputError
-from interp.methods.patching import PatchResult, _last_index, _token_ids, component, n_heads, unit_view
+from interp.methods.patching import (
+    PatchResult,
+    _check_vocab,
+    _last_index,
+    _token_ids,
+    component,
+    n_heads,
+    unit_view,
+)
 from interp.models.base import HookedModel
 
 By = Literal["component", "layer", "head", "neuron"]
@@ -103,6 +111,9 @@ def unembed_direction(
         basis = torch.cat([torch.zeros(1, d_model), torch.eye(d_model)]).to(model.device)
         table = module(basis)  # row 0: bias; rows 1..: W_U
     bias, w_u = table[0], table[1:] - table[0]
+    _check_vocab(correct, w_u.shape[1], "correct")
+    if incorrect is not None:
+        _check_vocab(incorrect, w_u.shape[1], "incorrect")
     u = w_u[:, correct].T - (w_u[:, incorrect].T if incorrect is not None else 0)
     c = bias[correct] - (bias[incorrect] if incorrect is not None else 0)
     return u, c
@@ -166,7 +177,9 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     norm_module = _module(model, "ln_final")
     n_layers = model.n_layers
     names = ["blocks.0.hook_resid_pre", *[f"blocks.{i}.hook_resid_post" for i in range(n_layers)]]
-    _, cache = model.run_with_cache(model.prepare(inputs), names=names, stop_early=True)
+    prepared = model.prepare(inputs)
+    _check_positions(positions, prepared.input_ids.shape[1])
+    _, cache = model.run_with_cache(prepared, names=names, stop_early=True)
     stack = torch.stack([cache[n] for n in names])  # [layer, batch, pos, d]
     if positions is not None:
         stack = stack[:, :, list(positions)]
@@ -176,6 +189,23 @@ def logit_lens(model: HookedModel, inputs: Any, *, positions: Sequence[int] | No
     return LensResult(
         logits.float().cpu(), labels, cache.meta.get("str_tokens"), getattr(model, "tokenizer", None)
     )
+
+
+def _check_positions(positions: Sequence[int] | None, n_pos: int) -> None:
+    """InputError for positions that are not ints in ``[-n_pos, n_pos)`` (before any forward)."""
+    if positions is None:
+        return
+    listed = [positions] if hasattr(positions, "__index__") else list(positions)
+    bad = [
+        p
+        for p in listed
+        if isinstance(p, bool) or not hasattr(p, "__index__") or not -n_pos <= int(p) < n_pos
+    ]
+    if bad or not listed:
+        raise InputError(
+            f"positions {bad[:5] or listed} are not positions of these prompts ({n_pos} tokens); "
+            f"pass ints in [-{n_pos}, {n_pos})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,6 +238,7 @@ def direct_logit_attribution(
     prepared = model.prepare(inputs)
     batch = prepared.input_ids.shape[0]
     index = _last_index(pos, prepared.attention_mask, batch)
+    _check_positions(index.tolist(), prepared.input_ids.shape[1])
     names = _dla_names(model, by)
     output, cache = model.run_with_cache(prepared, names=names)
     rows = torch.arange(batch)

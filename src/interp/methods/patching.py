@@ -29,8 +29,9 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from interp.checks import finite_checks_on, require_finite
 from interp.errors import CaptureTooLargeError, InputError, UnknownHookError, closest
-from interp.hooks import concrete_numel, default_memory_budget
+from interp.hooks import HookPoint, concrete_numel, default_memory_budget
 from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]  # (done, total): e.g. the explorer's st.progress
@@ -89,6 +90,15 @@ def _token_ids(tokens: int | Sequence[int] | torch.Tensor, batch: int) -> torch.
     return ids.expand(batch) if ids.numel() == 1 else ids
 
 
+def _check_vocab(ids: torch.Tensor, vocab: int, what: str) -> None:
+    """InputError for a token id the logits have no entry for (before torch's IndexError)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InputError(
+            f"{what} token id(s) {sorted({int(i) for i in ids if not 0 <= int(i) < vocab})[:5]} are outside "
+            f"the vocabulary [0, {vocab}); use model.to_tokens(...) to get valid ids"
+        )
+
+
 @dataclass
 class _AtPosition(Metric):
     """Shared by the logit metrics: read the output at one position per prompt."""
@@ -113,6 +123,12 @@ class _AtPosition(Metric):
                 f"{tuple(output.shape[1:])}. Use a metric for hidden states (e.g. cosine()) or your own function."
             )
         index = self._index if self._index is not None else _last_index(self.pos, None, output.shape[1])
+        n_pos = output.shape[2]
+        if index.numel() and (int(index.min()) < -n_pos or int(index.max()) >= n_pos):
+            raise InputError(
+                f"{self.name} reads position {self.pos} but the prompts have {n_pos} tokens; "
+                f"pass pos in [-{n_pos}, {n_pos})"
+            )
         rows = torch.arange(output.shape[1])
         return output[:, rows, index.to(output.device)]
 
@@ -130,6 +146,8 @@ class LogitDiff(_AtPosition):
         batch = logits.shape[1]
         rows = torch.arange(batch)
         good, bad = _token_ids(self.correct, batch), _token_ids(self.incorrect, batch)
+        _check_vocab(good, logits.shape[-1], "correct")
+        _check_vocab(bad, logits.shape[-1], "incorrect")
         return (logits[:, rows, good] - logits[:, rows, bad]).mean(-1)
 
 
@@ -143,7 +161,9 @@ class Prob(_AtPosition):
     def batched(self, output):
         probs = self._at(output).softmax(-1)
         rows = torch.arange(probs.shape[1])
-        return probs[:, rows, _token_ids(self.token, probs.shape[1])].mean(-1)
+        ids = _token_ids(self.token, probs.shape[1])
+        _check_vocab(ids, probs.shape[-1], "token")
+        return probs[:, rows, ids].mean(-1)
 
 
 @dataclass
@@ -202,12 +222,23 @@ class UserMetric(Metric):
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         value = self.fn(output)
-        value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        try:
+            value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        except (TypeError, ValueError):
+            raise InputError(
+                f"the metric {self.name!r} returned a {type(value).__name__}; it must return one number"
+            ) from None
         if value.numel() != 1:
             raise InputError(
                 f"the metric {self.name!r} returned shape {tuple(value.shape)}; it must return a scalar "
                 f"(shape () — one number for the whole batch of {output.shape[0]} prompt(s)). "
                 "Reduce over the batch, e.g. `.mean()`."
+            )
+        if not bool(torch.isfinite(value.detach()).all()) and finite_checks_on():
+            raise InputError(
+                f"the metric {self.name!r} returned {value.item()}: not a finite number, so no effect can "
+                "be measured against it. Check it for a division by zero (e.g. normalising by a clean - "
+                "corrupted difference that is 0) or a log of 0."
             )
         return value.reshape(())
 
@@ -447,12 +478,17 @@ def component(model: HookedModel, path: str) -> torch.nn.Module:
     """
     for side in ("hook_in", "hook_out"):
         site = model._sites.get(f"{path}.{side}")
-        if site is not None and type(site.module).__name__ != "HookPoint":
+        if site is not None and not _is_hook_point(site.module):
             return site.module
     try:
         return model.module.get_submodule(path)
     except AttributeError:
         raise InputError(f"{model.name} has no component {path!r}") from None
+
+
+def _is_hook_point(module: torch.nn.Module) -> bool:
+    """interp's hook points (and views of them) or TransformerLens's: markers, not components."""
+    return isinstance(module, HookPoint) or type(module).__name__ == "HookPoint"
 
 
 def unit_view(act: torch.Tensor, units: int) -> torch.Tensor:
@@ -484,7 +520,10 @@ def plan(
     positions: Sequence[int] | None = None,
     units: Sequence[int] | None = None,
 ) -> Plan:
-    """Enumerate the patches of a sweep over ``site`` (a name in ``SITES`` or hook names / a glob)."""
+    """Enumerate the patches of a sweep over ``site`` (a name in ``SITES``, ``"sae_latent"``, or
+    hook names / a glob)."""
+    if site == SAE_LATENT:
+        return _plan_latents(model, n_pos, str_tokens, positions, units)
     spec = SITES.get(site)
     if spec is None:
         return _plan_hooks(model, site, n_pos, str_tokens, positions)
@@ -515,6 +554,39 @@ def plan(
         labels[spec.unit] = [f"{spec.unit[0].upper()}{u}" for u in unit_list]
     shape = tuple(len(labels[d]) for d in spec.dims)
     return Plan(site, spec.dims, labels, shape, patches, hooks, dict.fromkeys(hooks, n_units))
+
+
+SAE_LATENT = "sae_latent"  # one patch per latent and position of every spliced dictionary
+LATENT_SUFFIX = ".hook_sae_acts_post"
+
+
+def _plan_latents(model, n_pos, str_tokens, positions, units) -> Plan:
+    """``sae_latent``: each spliced SAE's ``hook_sae_acts_post``, one patch per (latent, position)."""
+    hooks = [h for h in model.hook_names if h.endswith(LATENT_SUFFIX)]
+    if not hooks:
+        raise InputError(
+            "site 'sae_latent' patches the latents of spliced dictionaries, and none is spliced. "
+            "Run it inside `with model.saes([sae]):` (see interp.sae)."
+        )
+    widths = {int(model.hook_shapes[h][-1]) for h in hooks}
+    if len(widths) > 1:
+        raise InputError(
+            f"the spliced dictionaries have different sizes {sorted(widths)}; sweep one at a time "
+            "(site='<hook>.hook_sae_acts_post' for whole vectors, or splice one SAE)"
+        )
+    n_units = widths.pop()
+    pos_list = _subset(list(range(n_pos)), positions, "positions")
+    unit_list = _subset(list(range(n_units)), units, "latents")
+    patches = [Patch(h, p, u) for h in hooks for p in pos_list for u in unit_list]
+    labels = {
+        "sae": [h.removesuffix(LATENT_SUFFIX) for h in hooks],
+        "pos": [_pos_label(p, str_tokens) for p in pos_list],
+        "latent": [f"F{u}" for u in unit_list],
+    }
+    shape = (len(hooks), len(pos_list), len(unit_list))
+    return Plan(
+        SAE_LATENT, ("sae", "pos", "latent"), labels, shape, patches, hooks, dict.fromkeys(hooks, n_units)
+    )
 
 
 def _n_units(model: HookedModel, spec: Site, hook: str) -> int:
@@ -732,7 +804,10 @@ def sweep(
         with model.keeping_positions(UNEMBED_INPUT, kept) if narrow else nullcontext():
             output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))
-        out[start : start + len(chunk)] = read.batched(output).detach().float().cpu()
+        values = read.batched(output).detach().float().cpu()
+        require_finite(values, f"the metric ({read.name}) after patching {chunk[0].hook}",
+                       "The patched model or the metric produced NaN/inf; check the metric and the inputs.")  # fmt: skip
+        out[start : start + len(chunk)] = values
         start += len(chunk)
         bar.update(len(chunk))
         if progress is not None:
@@ -779,7 +854,9 @@ def patch(
         model: any transformer from ``interp.load`` (toy, zoo, MiniLM, HF directory).
         clean, corrupted: inputs of the same token length (text, token ids, or batches of them).
         site: one of ``SITES`` (``resid_pre``, ``attn_out``, ``mlp_out``, ``head``, ``head_pos``,
-            ``pos``, ...) or hook names / a glob (then one patch per hook and position).
+            ``pos``, ...), ``"sae_latent"`` (each latent at each position of the dictionaries
+            spliced with ``model.saes``; ``neurons`` then picks latents), or hook names / a glob
+            (then one patch per hook and position).
         metric: ``logit_diff(...)``, ``prob(...)``, ``kl()``, ``cosine()`` or ``fn(output) -> scalar``.
             Default: KL from clean for language models, cosine for encoders.
         layers, positions, heads, neurons: restrict the sweep to these indices.
@@ -807,17 +884,28 @@ def patch(
     )
     metric_ = default_metric(model) if metric is None else as_metric(metric)
     metric_ = metric_.bind(clean_out, corrupt_out, clean_t.attention_mask)
+    # the unpatched runs first: a metric that fails or is not finite there fails before the sweep
+    metric_clean, metric_corrupted = _finite_metric(metric_, clean_out), _finite_metric(metric_, corrupt_out)
     sources = {h: unit_view(cache[h], plan_.units[h]) for h in needed}
     values = sweep(model, corrupt_t, sources, plan_, metric_, copies=copies, progress=progress)
     return PatchResult(
         values,
         plan_.dims,
         plan_.labels,
-        metric_clean=float(metric_(clean_out)),
-        metric_corrupted=float(metric_(corrupt_out)),
+        metric_clean=metric_clean,
+        metric_corrupted=metric_corrupted,
         site=site,
         metric=metric_.name,
     )
+
+
+def _finite_metric(metric: Metric, output: torch.Tensor) -> float:
+    """``float(metric(output))`` for an unpatched run, refused when not finite (a baseline of NaN
+    makes every patched value meaningless)."""
+    value = metric(output)
+    require_finite(value.detach().float().reshape(-1), f"the metric ({metric.name}) of an unpatched run",
+                   "Check the metric and the inputs.")  # fmt: skip
+    return float(value)
 
 
 def has_logits(model: HookedModel) -> bool:
@@ -840,6 +928,7 @@ def describe_sites(model: HookedModel) -> dict[str, str]:
 
 
 __all__ = [
+    "SAE_LATENT",
     "SITES",
     "Metric",
     "Patch",

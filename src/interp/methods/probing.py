@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from interp.checks import require_finite
 from interp.errors import InputError
 from interp.models.base import HookedModel
 
@@ -70,7 +71,8 @@ def default_names(model: HookedModel) -> list[str]:
         embed = [n for n in ("hook_embed", "embed.hook_out") if n in names][:1]
         return embed + resid if resid else names
     leaves = {path for path, sub in model.module.named_modules() if path and not list(sub.children())}
-    return [n for n in names if n.endswith(".hook_out") and n.removesuffix(".hook_out") in leaves]
+    outs = [n for n in names if n.endswith(".hook_out") and n.removesuffix(".hook_out") in leaves]
+    return outs or [n for n in names if n == "hook_out"]  # a module without submodules: its output
 
 
 def collect_features(
@@ -97,6 +99,8 @@ def collect_features(
             per-token labels, else every item is its own type.
         batch_size: inputs per forward.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a whole number >= 1 (inputs per forward), got {batch_size!r}")
     chosen = model.resolve(names) if names is not None else default_names(model)
     prepared = model.prepare(_listed(inputs))
     n = _count(prepared)
@@ -107,6 +111,12 @@ def collect_features(
             "one per token as an [inputs, pos] tensor)."
         )
     per_token = model.kind == "transformer" and y.ndim == 2 and y.shape[1] == prepared.input_ids.shape[1]
+    if model.kind == "transformer" and not per_token and isinstance(position, int):
+        lengths = _real_mask(prepared).sum(1)  # checked here, before any forward
+        if (lengths + position < 0).any() if position < 0 else (position >= lengths).any():
+            raise InputError(
+                f"position {position} is outside some inputs (shortest has {lengths.min().item()} tokens)"
+            )
     mask = _labelled_tokens(prepared, y) if per_token else None
     values: dict[str, list[torch.Tensor]] = {name: [] for name in chosen}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -236,6 +246,12 @@ class Probe:
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         """Class labels (classification) or predicted targets (regression) for ``[items, features]``."""
+        features = torch.as_tensor(features)
+        if features.ndim != 2 or features.shape[1] != self.weight.shape[1]:
+            raise InputError(
+                f"the probe reads [items, {self.weight.shape[1]}] features, got shape {tuple(features.shape)}"
+            )
+        require_finite(features, "the features to score", "Drop or impute the rows with NaN/inf.")
         out = features.double() @ self.weight.T + self.bias
         if self.task == "classification":
             return self.classes[out.argmax(-1)]
@@ -243,6 +259,8 @@ class Probe:
 
     def score(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy or R² of the probe on new features."""
+        if len(labels) != len(features):
+            raise InputError(f"got {len(labels)} labels for {len(features)} feature rows; pass one per row")
         pred = self.predict(features)
         if self.task == "classification":
             return (pred == labels.to(pred.device)).double().mean().item()
@@ -265,10 +283,15 @@ class Probe:
         """The unit vector of one class's weight row (minus the mean row), or of a regression target."""
         w = self.weight
         if self.task == "classification":
-            index = 0 if cls is None else int((self.classes == int(cls)).nonzero()[0])
+            hits = [] if cls is None else (self.classes == int(cls)).nonzero().flatten().tolist()
+            if cls is not None and not hits:
+                raise InputError(f"class {cls!r} is not one of the probe's classes {self.classes.tolist()}")
+            index = 0 if cls is None else hits[0]
             w = w - w.mean(0, keepdim=True)
             row = w[index]
         else:
+            if cls is not None and not 0 <= int(cls) < w.shape[0]:
+                raise InputError(f"target {cls!r} is outside the probe's {w.shape[0]} regression target(s)")
             row = w[0 if cls is None else int(cls)]
         return row / row.norm().clamp_min(1e-12)
 
@@ -349,16 +372,15 @@ def fit_probe(
         train_idx, test_idx: an explicit split (default: seeded, stratified ``split``).
     """
     _check_task(task)
-    if C <= 0:
-        raise InputError(f"C must be positive (math.inf for no regularisation), got {C}")
-    x = features.double().reshape(len(features), -1)
-    y = labels
-    if len(x) != len(y):
-        raise InputError(f"got {len(y)} labels for {len(x)} feature rows; pass one label per row")
+    if not isinstance(C, int | float) or isinstance(C, bool) or math.isnan(C) or C <= 0:
+        raise InputError(f"C must be positive (math.inf for no regularisation), got {C!r}")
+    x, y = _probe_data(features, labels, task)
     if train_idx is None or test_idx is None:
         train_idx, test_idx = split(y, task, test_size, seed)
-    elif task == "classification":
-        check_class_counts(y[train_idx], minimum=1)
+    else:
+        train_idx, test_idx = _indices(train_idx, len(y), "train_idx"), _indices(test_idx, len(y), "test_idx")
+        if task == "classification":
+            check_class_counts(y[train_idx], minimum=1)
     mean = x[train_idx].mean(0)
     scale = x[train_idx].std(0).clamp_min(1e-8) if standardize else torch.ones_like(mean)
     xs = (x - mean) / scale
@@ -381,6 +403,47 @@ def fit_probe(
         "n_test": len(test_idx),
     }
     return probe
+
+
+def _probe_data(features: Any, labels: Any, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[items, features]`` float64 and ``[items]`` labels, refused when a probe on them would be
+    meaningless: no rows, NaN/inf features (chance scores without a word), mismatched lengths."""
+    try:
+        x, y = torch.as_tensor(features), torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError("features and labels must be tensors (or arrays) of numbers") from None
+    if x.ndim == 0 or len(x) == 0 or x[0].numel() == 0:
+        raise InputError(
+            f"no data to probe: features have shape {tuple(x.shape)}; pass [items, features] with at least "
+            f"{2 * MIN_PER_CLASS} rows"
+        )
+    if x.is_complex() or y.is_complex():
+        raise InputError("features and labels must be real numbers, not complex")
+    x = x.double().reshape(len(x), -1)
+    require_finite(x, "the probe features", "Drop or impute the rows with NaN/inf before probing.")
+    if y.ndim == 0 or len(x) != len(y):
+        raise InputError(f"got {y.numel()} labels for {len(x)} feature rows; pass one label per row")
+    if task == "regression":
+        require_finite(y.double(), "the regression targets", "Drop the rows whose target is NaN/inf.")
+    elif y.is_floating_point() and not bool((y == y.round()).all()):
+        raise InputError(
+            "classification labels must be class ids (integers), got fractional or NaN values; "
+            "use task='regression' for continuous targets"
+        )
+    return x, y
+
+
+def _indices(idx: Any, n: int, what: str) -> torch.Tensor:
+    """An explicit split: a non-empty LongTensor of row indices in [0, n)."""
+    t = torch.as_tensor(idx)
+    if t.dtype == torch.bool:
+        t = t.nonzero().flatten()
+    if t.is_floating_point() or t.numel() == 0:
+        raise InputError(f"{what} must be a non-empty list of row indices (integers), got {t.numel()} values")
+    t = t.long().reshape(-1)
+    if int(t.min()) < -n or int(t.max()) >= n:
+        raise InputError(f"{what} holds row indices outside [0, {n}) (there are {n} feature rows)")
+    return t
 
 
 def _check_task(task: str) -> None:
@@ -666,8 +729,22 @@ class Intervention:
 
 def accuracy_metric(labels: Any) -> Callable[[torch.Tensor], float]:
     """``metric(logits) -> accuracy`` of the model's own argmax against ``labels``."""
-    y = torch.as_tensor(labels)
-    return lambda out: (out.argmax(-1).cpu() == y).double().mean().item()
+    y = torch.as_tensor(labels).reshape(-1)
+
+    def accuracy(out: torch.Tensor) -> float:
+        if out.ndim != 2 or out.shape[0] != len(y):
+            raise InputError(
+                f"accuracy needs logits [inputs, classes] with one label per input; got output shape "
+                f"{tuple(out.shape)} for {len(y)} labels. Pass metric=fn(output) -> float for other outputs."
+            )
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= out.shape[-1]):
+            raise InputError(
+                f"labels must be classes in [0, {out.shape[-1]}) (the model outputs {out.shape[-1]} logits), "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+        return (out.argmax(-1).cpu() == y).double().mean().item()
+
+    return accuracy
 
 
 def intervene(

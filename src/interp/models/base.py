@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from interp.checks import checked_hook_value
 from interp.errors import InputError, UnknownHookError
 from interp.hooks import (
     ActivationCache,
@@ -123,6 +124,65 @@ class HookedModel:
     def _sites(self) -> dict[str, HookSite]:
         with self._internal():  # tracing runs are probes: no user hook sees them
             return self._build_sites()
+
+    @contextmanager
+    def extra_sites(self, groups: dict[str, Sequence[HookSite]]):
+        """Extension point: inside this block, ``groups[host]``'s sites are hook names too, listed
+        right after ``host``; the previous site table comes back on exit, even on error.
+
+        Spliced dictionaries (``interp.sae``) use it so their latents are hook points for every
+        tool (capture, ``run_with_hooks``, patching). Nested blocks stack. Holds the model's lock.
+        """
+        with self._lock:
+            before = self._sites
+            clash = [s.name for sites in groups.values() for s in sites if s.name in before]
+            if clash:
+                raise ValueError(f"hook names already exist: {clash[:3]}")
+            extended: dict[str, HookSite] = {}
+            for name, site in before.items():
+                extended[name] = site
+                extended.update((s.name, s) for s in groups.get(name, ()))
+            self.__dict__["_sites"] = extended
+            try:
+                yield self
+            finally:
+                self.__dict__["_sites"] = before
+
+    def saes(self, saes: Any, *, use_error_term: bool | None = None):
+        """``with model.saes([sae, ...]):`` splices dictionaries in, SAELens's ``model.saes``.
+
+        The model layer knows no dictionary type: each item splices itself in through its
+        ``splice_into(model, items, use_error_term=...)`` (``interp.sae.SAE`` has it), so models
+        never import the dictionary layer above them.
+        """
+        items = list(saes) if isinstance(saes, list | tuple) else [saes]
+        if not items or not all(callable(getattr(item, "splice_into", None)) for item in items):
+            raise InputError(
+                "model.saes takes a dictionary or a list of them (interp.sae.SAE, from S.load or S.train); "
+                f"got {type(saes).__name__}"
+            )
+        return items[0].splice_into(self, items, use_error_term=use_error_term)
+
+    def run_with_saes(
+        self, inputs: Any, saes: Any, *, use_error_term: bool | None = None, **kwargs: Any
+    ) -> Any:
+        """One forward with dictionaries spliced in (SAELens's ``run_with_saes``); ``kwargs`` go to
+        ``run_with_hooks`` (``hooks=`` may name latent hooks)."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_hooks(inputs, **kwargs)
+
+    def run_with_cache_with_saes(
+        self,
+        inputs: Any,
+        saes: Any,
+        names: Names = None,
+        *,
+        use_error_term: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``run_with_cache`` with dictionaries spliced in; latents are cached like any hook."""
+        with self.saes(saes, use_error_term=use_error_term):
+            return self.run_with_cache(inputs, names, **kwargs)
 
     @property
     def hook_names(self) -> list[str]:
@@ -589,9 +649,14 @@ def _bind(
     """``fn(act, hook)`` as a one-argument hook body; ``hook`` goes by keyword where ``fn`` has a
     ``hook`` parameter (TransformerLens calls ``fn(act, hook=...)``, so ``partial(fn, head=3)`` works)."""
     context = HookContext(name=name, ctx={} if ctx is None else ctx)
-    if _takes_hook_keyword(fn):
-        return lambda act: fn(act, hook=context)
-    return lambda act: fn(act, context)
+    keyword = _takes_hook_keyword(fn)
+
+    def bound(act: torch.Tensor) -> torch.Tensor | None:
+        new = fn(act, hook=context) if keyword else fn(act, context)
+        checked_hook_value(name, act, new)  # no NaN/inf left by a user's hook (interp.checks)
+        return new
+
+    return bound
 
 
 def _takes_hook_keyword(fn: Callable) -> bool:

@@ -8,23 +8,41 @@ Two backends share the tokenization and the names:
   ``hook_attn_scores``, ``hook_pattern`` and ``hook_z``. The bridge's own forward costs ~2.5x the
   HF forward on CPU; this path costs the HF forward plus the hooks you attach.
 * ``NativeTransformer`` wraps a ``TransformerBridge.boot_native`` toy model; its hook names are the
-  bridge's ``hook_dict``.
+  bridge's ``hook_dict`` names that fire.
+
+On both, a name TransformerLens uses carries what the bridge's hook of that name carries on the
+same weights, in its layout: q/k/v/z are ``[batch, pos, head, d_head]`` (views of the flat
+projections, see ``_View``), aliases come from TL's own alias tables, and every attention layer has
+``attn.hook_result`` (``[batch, pos, head, d_model]``, computed only when hooked). Tested name by
+name against the bridge in tests/test_tl_parity.py. One deliberate difference: where TL's bridge
+fires ``hook_attn_scores`` with the softmaxed pattern (its generic attention, e.g. BERT's, and
+native models), interp carries the pre-softmax scores TL documents, as its GPT-2 bridge does.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
+from einops import einsum, rearrange
 from torch import nn
 
 from interp.errors import InputError
-from interp.hooks import HookPoint, HookSite, attached, heads_first, heads_last, layer_of
+from interp.hooks import (
+    HookPoint,
+    HookSite,
+    _first_tensor,
+    _replace_first,
+    attached,
+    heads_first,
+    heads_last,
+    layer_of,
+)
 from interp.models.base import HookedModel, TilingPlan
 from interp.models.lm import LanguageModelMixin
 from interp.models.tracing import trace_sites
@@ -100,6 +118,11 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
         return Tokens(ids, mask, str_tokens)
 
     def prepare(self, inputs: Any) -> Tokens:
+        if inputs is None or (isinstance(inputs, list | tuple) and not inputs):
+            raise InputError(
+                f"{self.name} got no input ({inputs!r}); pass text, a list of texts, or token ids "
+                "(a LongTensor of shape (batch, pos))"
+            )
         if isinstance(inputs, Tokens):
             tokens = inputs
         elif isinstance(inputs, str) or (
@@ -109,7 +132,13 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
         elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
             tokens = Tokens(torch.as_tensor(inputs["input_ids"]), _maybe_tensor(inputs.get("attention_mask")))
         else:
-            ids = torch.as_tensor(inputs)
+            try:
+                ids = torch.as_tensor(inputs)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise InputError(
+                    f"{self.name} cannot read a {type(inputs).__name__} as token ids ({err}); pass text or a "
+                    "LongTensor of shape (batch, pos)"
+                ) from None
             tokens = Tokens(ids.unsqueeze(0) if ids.ndim == 1 else ids)
         return self._check_tokens(tokens)
 
@@ -121,9 +150,17 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
     @cached_property
     def _write_through(self) -> dict[str, str]:
         sites, out = self._sites, {}
+        order = {name: i for i, name in enumerate(sites)}
         for i in range(getattr(self, "n_layers", 0) or 0):
-            mid, ln2, post = (f"blocks.{i}.{n}" for n in ("hook_resid_mid", "ln2.hook_in", "hook_resid_post"))
-            if mid in sites and ln2 in sites and post in sites and sites[mid].module is sites[ln2].module:
+            mid, ln2, post, mlp = (
+                f"blocks.{i}.{n}"
+                for n in ("hook_resid_mid", "ln2.hook_in", "hook_resid_post", "hook_mlp_out")
+            )
+            if mid not in sites or ln2 not in sites or post not in sites:
+                continue
+            # post-LN (BERT): ln2 reads the whole sum after the MLP, so nothing bypasses the hook
+            pre_ln = order[mid] < order.get(mlp, len(order))
+            if sites[mid].module is sites[ln2].module and pre_ln:
                 out[mid] = post
         return out
 
@@ -164,6 +201,19 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
             raise InputError(
                 f"token ids must be an integer tensor of shape (batch, pos), got {ids.dtype} {tuple(ids.shape)}"
             )
+        if ids.numel() == 0:
+            raise InputError(
+                f"token ids of shape {tuple(ids.shape)} hold no tokens; pass at least one token per prompt"
+            )
+        mask = tokens.attention_mask
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but the token ids have {tuple(ids.shape)}; "
+                "pass one mask entry (1 = real token, 0 = padding) per token"
+            )
+        if mask is not None and not bool((mask != 0).any(-1).all()):
+            empty = (~(mask != 0).any(-1)).nonzero().flatten().tolist()
+            raise InputError(f"prompt(s) {empty[:5]} have no real token (attention_mask all 0); drop them")
         if self.n_ctx is not None and ids.shape[1] > self.n_ctx:
             raise InputError(
                 f"the input has {ids.shape[1]} tokens but {self.name} takes at most {self.n_ctx} "
@@ -192,8 +242,257 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
         return Tokens(torch.arange(1, length + 1, device=self.device).unsqueeze(0) % (self.d_vocab or 2))
 
 
+def left_padded_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids that start at 0 on each row's first real token, for a left-padded batch (else None).
+
+    HF models number positions 0, 1, ... from the left edge unless told otherwise, so without these a
+    left-padded row is read at shifted positions (up to 0.22 in a tiny GPT-2's logits), unlike the
+    same prompt alone. Pads get position 0; the mask hides them anyway.
+    """
+    if mask is None or bool(mask[:, 0].bool().all()):
+        return None
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def _maybe_tensor(value: Any) -> torch.Tensor | None:
     return None if value is None else torch.as_tensor(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Views: hook points that show TransformerLens's layout of a tensor, computed only when hooked
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _View:
+    """A hook point showing a tensor that flows through ``target`` in TransformerLens's layout.
+
+    ``q``/``k``/``v``/``z`` flow flat (``[batch, pos, head * d_head]``) through the projections;
+    TL's hooks of those names carry ``[batch, pos, head, d_head]``. Users hook ``point``; while it
+    has hooks, a hook on ``target`` shows ``to_view(act)`` to ``point`` and sends ``from_view`` of
+    what comes back on (see ``_ViewPoint``). Unhooked forwards pay nothing.
+    """
+
+    point: HookPoint
+    target: HookSite
+    to_view: Callable[[torch.Tensor], torch.Tensor]
+    from_view: Callable[[torch.Tensor], torch.Tensor]
+
+    def attach(self) -> torch.utils.hooks.RemovableHandle:
+        def show(act: torch.Tensor) -> torch.Tensor:
+            # always sent on (a reshape), so the forward runs through the view and gradients of a
+            # metric with respect to the captured view are its gradients in the model
+            return self.from_view(self.point(self.to_view(act)))
+
+        return attached_first(self.target, show)
+
+
+@dataclass(frozen=True)
+class _HeadResults:
+    """``blocks.L.attn.hook_result``: each head's output ``z_h @ W_O[h]``, ``[batch, pos, head, d_model]``.
+
+    As in TransformerLens (``use_attn_result``): per head, before the sum over heads and without
+    ``b_O``. It is computed from the output projection's input only while ``point`` is hooked, so
+    other forwards cost nothing; if a hook replaces it, the projection's output becomes
+    ``sum_h result[h] + b_O`` (up to rounding), so patching a head's result changes the attention
+    output as in TL.
+    """
+
+    point: HookPoint
+    proj: nn.Module  # the attention output projection: nn.Linear, or HF's Conv1D (weight [in, out])
+    n_heads: int
+
+    def per_head_weight(self) -> torch.Tensor:
+        """``W_O`` as ``[head, d_head, d_model]``."""
+        weight = self.proj.weight
+        if type(self.proj).__name__ == "Conv1D":
+            return rearrange(weight, "(h d) m -> h d m", h=self.n_heads)
+        return rearrange(weight, "m (h d) -> h d m", h=self.n_heads)
+
+    def attach(self) -> torch.utils.hooks.RemovableHandle:
+        def result(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            z = args[0] if args else next(iter(kwargs.values()))
+            heads = rearrange(z, "b p (h d) -> b p h d", h=self.n_heads)
+            per_head = einsum(heads, self.per_head_weight(), "b p h d, h d m -> b p h m")
+            new = self.point(per_head)
+            if new is per_head and not torch.is_grad_enabled():
+                return None  # only read: the projection's output stands
+            # out + sum_h (new_h - result_h): exactly the projection's output while the results are
+            # only read (the change is exactly zero), sum_h new_h + b_O once replaced, and in both
+            # cases a graph through the results, so their gradients are the model's
+            out = _first_tensor(output)
+            return _replace_first(output, out + (new - per_head).sum(dim=-2).to(out.dtype))
+
+        return self.proj.register_forward_hook(result, with_kwargs=True, prepend=True)
+
+
+@dataclass(frozen=True)
+class _NativeScores:
+    """``blocks.L.attn.hook_attn_scores`` on a native bridge: the pre-softmax scores, masked with
+    ``-inf`` (TransformerLens's semantics), ``[batch, head, pos, pos]``.
+
+    TL's native attention computes them inside its forward and exposes none; the bridge fires its
+    ``hook_attn_scores`` afterwards with the softmaxed pattern (so it equals ``hook_pattern`` and a
+    replacement changes nothing). While ``point`` is hooked, the attention module runs
+    ``_native_attention`` instead: TL's ``NativeAttention.forward`` step for step, with the scores
+    routed through ``point``, so reading them leaves the output bit-identical and replacing them
+    changes the pattern.
+    """
+
+    point: HookPoint
+    attention: nn.Module  # transformer_lens ... native.model.NativeAttention
+
+    def attach(self) -> Any:
+        module = self.attention
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return _native_attention(module, *args, scores_fn=self.point, **kwargs)
+
+        module.forward = forward
+        return _Restore(module)
+
+
+@dataclass(frozen=True)
+class _Restore:
+    """Handle that puts a module's class ``forward`` back."""
+
+    module: nn.Module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
+def _native_attention(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    pattern_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scores_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformer_lens 4.3's ``NativeAttention.forward``, with ``scores_fn`` applied to the masked scores.
+
+    Kept step for step equal (tests/test_tl_parity.py checks the output bit for bit, with rotary
+    embeddings, grouped-query attention, a soft cap and padding)."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    batch, seq, _ = hidden_states.shape
+    q = self.q(hidden_states).view(batch, seq, self.n_heads, self.d_head).transpose(1, 2)
+    k = self.k(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
+    v = self.v(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
+    if self.rotary is not None:
+        q, k = self.rotary.apply_rope(q, k, position_ids=position_ids)
+    if self.kv_repeats > 1:
+        k = k.repeat_interleave(self.kv_repeats, dim=1)
+        v = v.repeat_interleave(self.kv_repeats, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale
+    scores = apply_softcap(scores, self.attn_scores_soft_cap)
+    if self.causal:
+        block_mask = self.causal_mask[:seq, :seq]
+    else:
+        block_mask = torch.zeros(seq, seq, dtype=torch.bool, device=scores.device)
+    if attention_mask is not None:
+        block_mask = self._combine_attention_mask(block_mask, attention_mask, batch=batch)
+    scores = scores.masked_fill(block_mask, float("-inf"))
+    if scores_fn is not None:
+        scores = scores_fn(scores)
+    pattern = torch.nn.functional.softmax(scores, dim=-1)
+    pattern = pattern.masked_fill(block_mask, 0.0)
+    if pattern_fn is not None:
+        pattern = pattern_fn(pattern)
+    attn = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+    return self.o(attn), pattern
+
+
+def attached_first(
+    site: HookSite, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Like ``interp.hooks.attach``, but runs before every other hook on the module, so the
+    module's other hook points see what a view's hooks wrote."""
+    if site.side == "output":
+
+        def forward_hook(module: nn.Module, args: Any, output: Any) -> Any:
+            new = fn(_first_tensor(output))
+            return None if new is None else _replace_first(output, new)
+
+        return site.module.register_forward_hook(forward_hook, prepend=True)
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            new = fn(_first_tensor(args))
+            return None if new is None else ((new, *args[1:]), kwargs)
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        new = fn(kwargs[key])
+        return None if new is None else (args, {**kwargs, key: new})
+
+    return site.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True)
+
+
+def heads_view(d_head: int) -> tuple[Callable, Callable]:
+    """``[batch, pos, head * d_head]`` <-> ``[batch, pos, head, d_head]`` (TL's hook_q/k/v/z layout)."""
+    return (
+        lambda t: rearrange(t, "b p (h d) -> b p h d", d=d_head),
+        lambda t: rearrange(t, "b p h d -> b p (h d)"),
+    )
+
+
+class _ViewPoint(HookPoint):
+    """The hook point users hook for a view (``_View``, ``_HeadResults``, ``_NativeScores``).
+
+    Its first hook puts the view into the model (``view.attach()``) and removing its last hook
+    takes it out again, so the view fires in every forward while hooked, whoever runs it
+    (``_forward``, generation, the bridge called directly), and costs nothing otherwise.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.view: Any = None  # set once the view exists (it holds this point)
+        self._bridge: Any = None
+
+    def register_forward_hook(self, hook: Callable, *args: Any, **kwargs: Any) -> _ViewHandle:
+        handle = super().register_forward_hook(hook, *args, **kwargs)
+        if self._bridge is None and self.view is not None:
+            self._bridge = self.view.attach()
+        return _ViewHandle(self, handle)
+
+    def _release(self) -> None:
+        if not self._forward_hooks and self._bridge is not None:
+            self._bridge.remove()
+            self._bridge = None
+
+
+@dataclass(frozen=True)
+class _ViewHandle:
+    """Removes one hook from a ``_ViewPoint``, and the view with the last one."""
+
+    point: _ViewPoint
+    handle: Any
+
+    def remove(self) -> None:
+        self.handle.remove()
+        self.point._release()
+
+
+def _point_for(view: Any) -> Any:
+    """Wire ``view.point`` (a fresh ``_ViewPoint``) to the view it shows; returns the view."""
+    view.point.view = view
+    return view
+
+
+def _is_native_attention(attention: nn.Module | None) -> bool:
+    """Whether ``attention`` wraps transformer_lens 4.3's NativeAttention (see ``_native_attention``)."""
+    inner = getattr(attention, "original_component", None)
+    return type(inner).__name__ == "NativeAttention" and hasattr(inner, "_combine_attention_mask")
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _fired(sites: dict[str, HookSite]) -> dict[str, HookSite]:
+    """Traced sites that fired on the probe forward: a name that never fires is not offered."""
+    return {name: site for name, site in sites.items() if site.shape is not None}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +553,41 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
+def _tl_alias_table(adapter: Any) -> dict[str, tuple[str, ...]]:
+    """TransformerLens's hook aliases for this architecture: ``alias -> target candidates``, in
+    priority order, with ``blocks.`` standing for every block (as TL's bridge resolves them)."""
+    from transformer_lens.model_bridge.bridge_core import BridgeCore
+
+    table: dict[str, tuple[str, ...]] = {}
+
+    def walk(comp: Any, prefix: str) -> None:
+        for alias, target in (getattr(comp, "hook_aliases", None) or {}).items():
+            targets = target if isinstance(target, list | tuple) else [target]
+            table[f"{prefix}.{alias}"] = tuple(f"{prefix}.{t}" for t in targets)
+        for sub_name, sub in (getattr(comp, "submodules", None) or {}).items():
+            walk(sub, f"{prefix}.{sub_name}")
+
+    for key, comp in adapter.component_mapping.items():
+        walk(comp, key)
+    for alias, target in BridgeCore.hook_aliases.items():
+        targets = target if isinstance(target, list | tuple) else (target,)
+        # not rotary_emb.hook_out for hook_pos_embed: TL's bridge never fires it, and the rotary
+        # module's (cos, sin) is no residual-stream term (DLA would count it as one)
+        table[alias] = tuple(t for t in targets if not t.startswith("rotary_emb."))
+    for alias, targets in _SUBLAYER_OUTPUTS.items():  # TL made them hook points of their own here
+        table.setdefault(alias, targets)
+    return table
+
+
+# Where TL's bridge defines hook_attn_out / hook_mlp_out as hook points of its own (Granite scales
+# each sublayer's output before the add), the module outputs stand in; ``_non_additive`` then
+# withholds them, with why, unless they are what the block adds to its stream.
+_SUBLAYER_OUTPUTS = {
+    "blocks.hook_attn_out": ("blocks.attn.o.hook_out", "blocks.attn.hook_out"),
+    "blocks.hook_mlp_out": ("blocks.mlp.out.hook_out", "blocks.mlp.hook_out"),
+}
+
+
 @dataclass(frozen=True)
 class _Component:
     """One TransformerLens component name and the HF module it maps to."""
@@ -278,6 +612,8 @@ class HFTransformer(TransformerModel):
             tokenizer.pad_token = tokenizer.eos_token
         self._components = self._map_components()
         self._attention_points = self._install_attention_points()
+        self._views: list[_View | _HeadResults] = []  # filled when the sites are built
+        self._batch = 1
 
     # --- name map -------------------------------------------------------------------------------
 
@@ -330,10 +666,8 @@ class HFTransformer(TransformerModel):
         for comp in self._components:
             parts = comp.tl_name.split(".")
             if len(parts) == 3 and parts[2] == "attn":
-                layer = int(parts[1])
-                points[layer] = nn.ModuleDict({p: HookPoint() for p in ATTENTION_POINTS})
-                for sub in comp.module.modules():
-                    _ATTENTION_POINTS[sub] = points[layer]
+                points[int(parts[1])] = nn.ModuleDict({p: HookPoint() for p in ATTENTION_POINTS})
+        self._route_attention(points)
         try:
             self.module.set_attn_implementation("sdpa")
             self._fast_attention = "sdpa"
@@ -341,18 +675,34 @@ class HFTransformer(TransformerModel):
             self._fast_attention = "eager"
         return points
 
+    def _route_attention(self, points: dict[int, nn.ModuleDict]) -> None:
+        """Tell ``_hooked_attention`` which hook points belong to each attention module."""
+        for comp in self._components:
+            parts = comp.tl_name.split(".")
+            if len(parts) == 3 and parts[2] == "attn":
+                for sub in comp.module.modules():
+                    _ATTENTION_POINTS[sub] = points[int(parts[1])]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # a copy's attention modules are new
+        super().__setstate__(state)
+        self._route_attention(self._attention_points)
+
     def _build_sites(self) -> dict[str, HookSite]:
         sites: dict[str, HookSite] = {}
         for comp in self._components:
             for side, suffix in (("input", "hook_in"), ("output", "hook_out")):
                 name = f"{comp.tl_name}.{suffix}"
                 sites[name] = HookSite(name, comp.module, side)
+        # HF's attention function receives q and k after rotary embeddings: TL's hook_rot_q/k; its
+        # hook_q/k are the projections' outputs (the attn.q/k.hook_out views), before rotation
+        rotated = {"hook_q": "hook_rot_q", "hook_k": "hook_rot_k"} if self._rotary else {}
         for layer, points in self._attention_points.items():
             for point_name, point in points.items():
-                name = f"blocks.{layer}.attn.{point_name}"
+                name = f"blocks.{layer}.attn.{rotated.get(point_name, point_name)}"
                 sites[name] = HookSite(name, point, "output")
-        sites = trace_sites(
-            sites, lambda: self._forward(self._probe_tokens()), {1: "batch", _PROBE_LEN: "pos"}
+        sites = self._with_views(sites)
+        sites = _fired(
+            trace_sites(sites, lambda: self._forward(self._probe_tokens()), {1: "batch", _PROBE_LEN: "pos"})
         )
         aliases = self._aliases(list(sites))
         ordered: dict[str, HookSite] = {}
@@ -362,6 +712,41 @@ class HFTransformer(TransformerModel):
                 ordered[alias] = HookSite(alias, site.module, site.side, site.shape)
         self._withheld = self._non_additive(ordered)
         return {name: site for name, site in ordered.items() if name not in self._withheld}
+
+    @property
+    def _rotary(self) -> bool:
+        return getattr(self.cfg, "positional_embedding_type", None) == "rotary"
+
+    def _with_views(self, sites: dict[str, HookSite]) -> dict[str, HookSite]:
+        """Sites whose TL hook carries another layout become views (see ``_View``), and each
+        attention layer gets ``attn.hook_result`` (see ``_HeadResults``):
+
+        * ``attn.q/k/v.hook_out`` and ``attn.o.hook_in``: ``[batch, pos, head, d_head]``;
+        * ``pos_embed.hook_out``: ``[batch, pos, d_model]`` (HF computes it once, ``[1, pos, d]``).
+        """
+        split = heads_view(self.cfg.d_head)
+        wanted = {"pos_embed.hook_out": (self._batched, _identity)}
+        for layer in range(self.n_layers):
+            b = f"blocks.{layer}.attn"
+            wanted.update({f"{b}.{x}.hook_out": split for x in ("q", "k", "v")} | {f"{b}.o.hook_in": split})
+        out: dict[str, HookSite] = {}
+        self._views: list[_View | _HeadResults] = []
+        for name, site in sites.items():
+            if name in wanted:
+                view = _point_for(_View(_ViewPoint(), site, *wanted[name]))
+                self._views.append(view)
+                site = HookSite(name, view.point, "output")
+            out[name] = site
+            if name.endswith(".attn.o.hook_out") and type(site.module).__name__ in ("Linear", "Conv1D"):
+                result = _point_for(_HeadResults(_ViewPoint(), site.module, self.cfg.n_heads))
+                self._views.append(result)
+                result_name = name.replace(".o.hook_out", ".hook_result")
+                out[result_name] = HookSite(result_name, result.point, "output")
+        return out
+
+    def _batched(self, t: torch.Tensor) -> torch.Tensor:
+        """A ``[1, pos, d]`` tensor computed once for the batch, shown per row (as TL's bridge does)."""
+        return t.expand(self._batch, *t.shape[1:]) if t.shape[0] == 1 else t
 
     def _non_additive(self, sites: dict[str, HookSite]) -> dict[str, str]:
         """``hook_attn_out`` / ``hook_mlp_out`` aliases that are not what the block adds to its residual
@@ -395,30 +780,25 @@ class HFTransformer(TransformerModel):
         return withheld
 
     def _aliases(self, order: list[str]) -> dict[str, list[str]]:
-        """TransformerLens's canonical names, keyed by the site name each one points at."""
-        index = {name: i for i, name in enumerate(order)}
+        """TransformerLens's alias names, keyed by the site each one points at.
+
+        Read from TL's own tables (the bridge's ``hook_aliases`` and those of the adapter's
+        component templates, with their per-architecture overrides), so each alias names what the
+        bridge's alias of that name names: on BERT, ``hook_attn_out`` is the attention block's
+        post-LayerNorm output and ``hook_resid_mid`` the stream entering the second LayerNorm.
+        """
+        index = set(order)
         aliases: dict[str, list[str]] = {}
-
-        def alias(new: str, *targets: str) -> None:
-            target = next((t for t in targets if t in index), None)
-            if target is not None:
-                aliases.setdefault(target, []).append(new)
-
-        alias("hook_embed", "embed.hook_out")
-        alias("hook_pos_embed", "pos_embed.hook_out")
-        for i in range(self.n_layers):
-            b = f"blocks.{i}"
-            alias(f"{b}.hook_resid_pre", f"{b}.hook_in")
-            alias(f"{b}.hook_resid_post", f"{b}.hook_out")
-            alias(f"{b}.hook_attn_out", f"{b}.attn.o.hook_out", f"{b}.attn.hook_out")
-            alias(f"{b}.hook_mlp_out", f"{b}.mlp.out.hook_out", f"{b}.mlp.hook_out")
-            alias(f"{b}.mlp.hook_pre", f"{b}.mlp.gate.hook_out", f"{b}.mlp.in.hook_out")
-            alias(f"{b}.mlp.hook_post", f"{b}.mlp.out.hook_in")
-            post_ln = index.get(f"{b}.attn.o.hook_out", -1) < index.get(f"{b}.ln1.hook_in", -1)
-            if post_ln:  # BERT-style: the residual after attention is ln1's output
-                alias(f"{b}.hook_resid_mid", f"{b}.ln1.hook_out")
-            else:
-                alias(f"{b}.hook_resid_mid", f"{b}.ln2.hook_in")
+        for alias, targets in _tl_alias_table(self.adapter).items():
+            layers = range(self.n_layers) if alias.startswith("blocks.") else [None]
+            for layer in layers:
+                name, candidates = alias, targets
+                if layer is not None:
+                    name = alias.replace("blocks.", f"blocks.{layer}.", 1)
+                    candidates = tuple(t.replace("blocks.", f"blocks.{layer}.", 1) for t in targets)
+                target = next((t for t in candidates if t in index), None)
+                if target is not None and name not in index:
+                    aliases.setdefault(target, []).append(name)
         return aliases
 
     # --- running --------------------------------------------------------------------------------
@@ -434,10 +814,21 @@ class HFTransformer(TransformerModel):
 
     def _forward(self, prepared: Tokens) -> torch.Tensor:
         self._select_attention(prepared)
+        self._batch = len(prepared.input_ids)
+        extra = {}
+        position_ids = left_padded_positions(prepared.attention_mask)
+        if position_ids is not None and self._takes_position_ids:
+            extra["position_ids"] = position_ids
         out = self.module(
-            input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False
+            input_ids=prepared.input_ids, attention_mask=prepared.attention_mask, use_cache=False, **extra
         )
         return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+    @cached_property
+    def _takes_position_ids(self) -> bool:
+        import inspect
+
+        return "position_ids" in inspect.signature(self.module.forward).parameters
 
     def to_bridge(self):
         """A TransformerLens ``TransformerBridge`` of the same weights (a separate copy), for TL's tools."""
@@ -463,11 +854,52 @@ class NativeTransformer(TransformerModel):
         self.n_layers = self.cfg.n_layers
         self.n_ctx = self.cfg.n_ctx
         self.d_vocab = self.cfg.d_vocab
+        self._views: list[_View | _HeadResults | _NativeScores] = []  # filled when the sites are built
 
     def _build_sites(self) -> dict[str, HookSite]:
-        sites = {name: HookSite(name, point, "output") for name, point in self.bridge.hook_dict.items()}
-        return trace_sites(
-            sites, lambda: self._forward(self._probe_tokens()), {1: "batch", _PROBE_LEN: "pos"}
+        """The bridge's ``hook_dict``, as TL's own hooks see it, less the names that never fire.
+
+        A bridge hook point with a ``hook_conversion`` (q/k/v/z: flat in the forward) is a view
+        showing the converted layout, ``[batch, pos, head, d_head]``, which is what TL hands its
+        hook functions and caches. ``attn.hook_result`` (per-head output, which TL's bridge only
+        computes for some attention classes, not for native models) is computed when hooked, and
+        ``attn.hook_attn_scores`` carries the pre-softmax scores (see ``_NativeScores``; the bridge's
+        own hook of that name fires the pattern). Names
+        that do not fire here are dropped: the split q/k/v inputs and ``hook_attn_in`` (TL fires
+        them only with ``use_split_qkv_input``/``use_attn_in``, which native models refuse),
+        ``hook_mlp_in`` (only with ``use_hook_mlp_in``, and attention-only models have no MLP)
+        and ``attn.hook_hidden_states``.
+        """
+        sites: dict[str, HookSite] = {}
+        self._views = []
+        shown: dict[int, _View] = {}  # one view per bridge hook point (its aliases share it)
+        for name, point in self.bridge.hook_dict.items():
+            conversion = getattr(point, "hook_conversion", None)
+            attention = self.bridge.get_submodule(name.rsplit(".", 1)[0]) if ".attn." in name else None
+            if name.endswith(".attn.hook_result"):
+                proj = self.bridge.get_submodule(name.replace(".hook_result", ".o")).original_component
+                view = _point_for(_HeadResults(_ViewPoint(), proj, self.cfg.n_heads))
+                self._views.append(view)
+                point = view.point
+            elif name.endswith(".attn.hook_attn_scores") and _is_native_attention(attention):
+                view = _point_for(_NativeScores(_ViewPoint(), attention.original_component))
+                self._views.append(view)
+                point = view.point
+            elif conversion is not None:
+                if id(point) not in shown:
+                    shown[id(point)] = _point_for(
+                        _View(
+                            _ViewPoint(),
+                            HookSite(name, point, "output"),
+                            conversion.convert,
+                            conversion.revert,
+                        )
+                    )
+                    self._views.append(shown[id(point)])
+                point = shown[id(point)].point
+            sites[name] = HookSite(name, point, "output")
+        return _fired(
+            trace_sites(sites, lambda: self._forward(self._probe_tokens()), {1: "batch", _PROBE_LEN: "pos"})
         )
 
     def _forward(self, prepared: Tokens) -> torch.Tensor:

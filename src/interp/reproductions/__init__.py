@@ -14,6 +14,8 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
   CNN the attack bites (Goodfellow et al. 2015; Madry et al. 2018).
 * ``superposition``: toy models of superposition: the pentagon, the 1 and 1/2 plateaus, the linear
   twin (Elhage et al. 2022).
+* ``icl-gd``: one linear self-attention layer trained on in-context linear regression implements one
+  step of gradient descent, weights and all (von Oswald et al. 2023; Mahankali et al. 2023).
 
 The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
 smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
@@ -29,8 +31,13 @@ from pathlib import Path
 from interp.errors import InputError, closest
 from interp.reproductions.report import Check, Report
 
-FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial")
-_ALIASES = {"induction-heads": "induction", "induction_heads": "induction", "tms": "superposition"}
+FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial", "icl-gd")
+_ALIASES = {
+    "induction-heads": "induction",
+    "induction_heads": "induction",
+    "tms": "superposition",
+    "icl_gd": "icl-gd",
+}
 
 __all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]
 
@@ -43,6 +50,11 @@ def resolve(finding: str) -> str:
         suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
         raise InputError(f"Unknown finding {finding!r}.{suggestion} Valid findings: {', '.join(FINDINGS)}.")
     return name
+
+
+def _module_name(name: str) -> str:
+    """The module implementing a canonical finding name (``icl-gd`` lives in ``icl_gd``)."""
+    return f"interp.reproductions.{name.replace('-', '_')}"
 
 
 def run(
@@ -64,7 +76,7 @@ def run(
         The :class:`Report`; ``report.passed`` is False if any check missed.
     """
     name = resolve(finding)
-    module = importlib.import_module(f"interp.reproductions.{name}")
+    module = importlib.import_module(_module_name(name))
     start = time.perf_counter()
     report: Report = module.reproduce(fast=fast)
     report.timings["total"] = time.perf_counter() - start
@@ -81,7 +93,7 @@ def from_checkpoints(finding: str) -> Report:
     explorer shows). Checks that need a fresh training run are left out, so run ``run()`` to
     reproduce a finding in full."""
     name = resolve(finding)
-    module = importlib.import_module(f"interp.reproductions.{name}")
+    module = importlib.import_module(_module_name(name))
     parameters = inspect.signature(module.reproduce).parameters
     report: Report = module.reproduce(fast=False, **({"retrain": False} if "retrain" in parameters else {}))
     report.notes.append("Analysis of the shipped checkpoints only: nothing was retrained.")

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from interp.checks import writable_dir
 from interp.errors import InputError
 from interp.models.zoo import checkpoint as _ckpt
 from interp.models.zoo.recipe import ResumeState
@@ -76,11 +77,14 @@ def build(name: str, *, fast: bool = False) -> torch.nn.Module:
         return recipe.build(recipe.resolved_config(fast))
 
 
-def load_zoo(name: str, *, directory: str | Path | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_zoo(
+    name: str, *, directory: str | Path | None = None, verify: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The shipped (or ``directory``'s) weights of ``name`` in eval mode, and the metadata dict.
 
     Raises CheckpointError (naming the file and ``interp zoo train NAME``) if the weights or the JSON
-    are missing or corrupt.
+    are missing or corrupt, or the JSON records no sha256 for the weights; ``verify=False`` loads
+    such weights anyway, unverified.
     """
     import torch
 
@@ -88,7 +92,7 @@ def load_zoo(name: str, *, directory: str | Path | None = None) -> tuple[torch.n
     meta = _ckpt.read_metadata(name, directory)
     wpath = _ckpt.weights_path(name, directory)
     tensors = _ckpt.read_tensors(wpath, name)
-    _ckpt.verify_hash(wpath, meta, name)
+    _ckpt.verify_hash(wpath, meta, name, verify=verify)
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG intact
         model = recipe.build(dict(meta.get("config") or recipe.resolved_config()))
     _ckpt.load_state_into(model, tensors, wpath, name)
@@ -96,7 +100,9 @@ def load_zoo(name: str, *, directory: str | Path | None = None) -> tuple[torch.n
     return model, meta
 
 
-def load_snapshots(name: str, *, directory: str | Path | None = None) -> dict[int, dict[str, torch.Tensor]]:
+def load_snapshots(
+    name: str, *, directory: str | Path | None = None, verify: bool = True
+) -> dict[int, dict[str, torch.Tensor]]:
     """Intermediate training snapshots ``{epoch: state_dict}`` (modadd-113 ships them).
 
     Each state dict holds the trainable parameters only; load it with
@@ -117,7 +123,7 @@ def load_snapshots(name: str, *, directory: str | Path | None = None) -> dict[in
     for suffix in suffixes:
         path = _ckpt.weights_path(name, directory, suffix)
         tensors.update(_ckpt.read_tensors(path, name))
-        _ckpt.verify_hash(path, meta, name)
+        _ckpt.verify_hash(path, meta, name, verify=verify)
     return dict(sorted(split_snapshots(tensors).items()))
 
 
@@ -146,6 +152,7 @@ def train(
             f"train({name!r}, fast=True) needs an explicit out_dir: fast variants are for tests and must "
             "not replace the shipped checkpoint."
         )
+    writable_dir(_ckpt.checkpoint_dir(out_dir), "zoo output directory")  # before, not after, training
     cfg = recipe.resolved_config(fast)
     threads_before = torch.get_num_threads()
     _seed_everything(recipe.seed)

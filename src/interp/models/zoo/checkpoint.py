@@ -69,6 +69,85 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
+# ------------------------------------------------------------------------------------------------
+# Verified tensor files: any checkpoint format interp writes (zoo weights, SAEs, ...)
+# ------------------------------------------------------------------------------------------------
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``weights.safetensors`` -> ``weights.safetensors.sha256`` (``sha256sum -c`` format)."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_verified(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> str:
+    """Write ``tensors`` as safetensors plus a sha256 sidecar; returns the hex digest.
+
+    Readers check the digest with ``read_verified`` before trusting a byte of the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(flat, str(path), metadata=dict(metadata or {}))
+    digest = sha256(path)
+    sidecar_path(path).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+    return digest
+
+
+def read_verified(
+    path: str | Path, *, expected: str | None = None, verify: bool = True, fix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Read a safetensors file only if its sha256 matches ``expected`` or its sidecar.
+
+    A file with no recorded hash (``expected`` None and no sidecar) is refused: it cannot be told
+    apart from a modified one. ``verify=False`` reads it unverified, on the caller's explicit word.
+    Raises CheckpointError naming the file, the cause and ``fix``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found. {fix}".strip())
+    if verify:
+        check_digest(path, expected, fix=fix)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (not a readable safetensors file: {_line(exc)}). {fix}".strip()
+        ) from None
+
+
+def check_digest(path: Path, expected: str | None, recorded_in: str | None = None, fix: str = "") -> None:
+    """CheckpointError unless ``path``'s sha256 equals ``expected``, the hash recorded in
+    ``recorded_in`` (e.g. a JSON file); with neither given, the hash in the file's sidecar.
+    No recorded hash is refused like a wrong one: the two cannot be told apart."""
+    if recorded_in is None and expected is not None:
+        recorded_in = "the expected= argument"
+    if recorded_in is None:
+        sidecar = sidecar_path(path)
+        recorded_in = f"its sidecar {sidecar.name}"
+        if expected is None and sidecar.is_file():
+            expected = (sidecar.read_text(encoding="utf-8").split() or [""])[0]
+    if not isinstance(expected, str) or not expected:
+        raise CheckpointError(
+            f"checkpoint {path} has no sha256 recorded in {recorded_in}, so it cannot be verified and "
+            f"may have been modified. {fix} To load it anyway, unverified, pass verify=False.".replace(
+                "  ", " "
+            )
+        )
+    if sha256(path) != expected.lower():
+        raise CheckpointError(
+            f"checkpoint {path} does not match the hash recorded in {recorded_in} (the file was modified, "
+            f"or the file and its hash come from different runs). {fix}".strip()
+        )
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_metadata(name: str, directory: str | Path | None = None) -> dict[str, Any]:
     """Read ``NAME.json``; a missing or unparsable file is a CheckpointError."""
     path = metadata_path(name, directory)
@@ -131,14 +210,15 @@ def save_checkpoint(
     return metadata
 
 
-def verify_hash(path: Path, metadata: dict[str, Any], name: str) -> None:
-    """Refuse weights whose hash differs from the one the JSON recorded (mismatched pair)."""
-    recorded = metadata.get("files", {}).get(path.name, {}).get("sha256")
-    if recorded is not None and sha256(path) != recorded:
-        raise CheckpointError(
-            f"Zoo checkpoint {path} does not match the hash recorded in {name}.json "
-            f"(the weights and metadata come from different runs, or the file was modified). {_fix(name)}"
-        )
+def verify_hash(path: Path, metadata: dict[str, Any], name: str, *, verify: bool = True) -> None:
+    """Refuse weights whose sha256 differs from the one ``NAME.json`` records, or that it records
+    none for (unless ``verify=False``: the caller's explicit choice to load them unverified)."""
+    if not verify:
+        return
+    entry = (metadata.get("files") or {}).get(path.name)
+    recorded = entry.get("sha256") if isinstance(entry, dict) else None
+    fix = f"{_fix(name)} (Or interp.load('zoo:{name}', verify=False) / zoo.load_zoo({name!r}, verify=False).)"
+    check_digest(path, recorded, f"{name}.json (files.{path.name}.sha256)", fix)
 
 
 def _json_default(obj: Any) -> Any:

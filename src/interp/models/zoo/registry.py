@@ -24,6 +24,7 @@ _MODULES: dict[str, str] = {
     "tms-200-20": "interp.models.zoo.tms",
     "digits-cnn": "interp.models.zoo.digits",
     "digits-softmax": "interp.models.zoo.digits",
+    "icl-gd": "interp.models.zoo.icl_gd",
 }
 
 ZOO_NAMES: tuple[str, ...] = tuple(_MODULES)

@@ -1,0 +1,634 @@
+"""``train``: fit a dictionary to a model's activations, streamed with bounded memory.
+
+    >>> sae = S.train(model, "blocks.0.hook_resid_post", texts, arch="topk", d_sae=512, k=16,
+    ...               tokens=200_000, out="runs/sae0")
+
+Data (``data``), in any of three forms, read in ``batch_size``-token batches through a bounded
+shuffle buffer (``buffer_batches`` batches), looping over the data until ``tokens`` are seen:
+
+- a capture directory written by ``interp.capture_to_disk`` (Arrow shards, read row by row);
+- a float tensor ``[..., d_in]`` (for a transcoder, a pair ``(x, y)``);
+- model inputs (texts, token ids, or a module's input batch), run through the model
+  ``model_batch_size`` at a time; padding positions are dropped.
+
+Recipes (SAELens / Anthropic / OpenAI conventions):
+
+- ``standard`` (and transcoders): MSE + ``l1_coefficient`` · Σ acts·‖W_dec row‖, the coefficient
+  warmed up linearly over ``l1_warmup_steps``; latents dead for ``dead_after_tokens`` tokens are
+  resampled every ``resample_every`` steps (towards badly reconstructed inputs, fresh Adam state);
+- ``jumprelu``: MSE + ``l1_coefficient`` · L0, with straight-through gradients to the threshold
+  (rectangle kernel of width ``jumprelu_bandwidth``; Rajamanoharan et al. 2024);
+- ``topk`` / ``batchtopk``: MSE + ``aux_coefficient`` · the AuxK loss (the ``aux_k`` dead latents
+  with the largest pre-activations reconstruct the residual); decoder rows kept at unit norm;
+  BatchTopK learns its inference threshold (EMA of the smallest kept activation) and is saved as
+  JumpReLU;
+- ``b_dec`` starts at the mean of the first batch (``b_dec_init="mean"``; or ``"zeros"``);
+- Adam; the learning rate warms up over ``lr_warmup_steps`` and decays linearly to 0 over the last
+  ``lr_decay_steps``.
+
+With ``out``, the run writes ``out/checkpoint`` (an SAE dir + ``trainer_state.safetensors``) every
+``checkpoint_every`` steps and ``out/final`` at the end; rerunning the same call resumes from the
+checkpoint and gives the same result as an uninterrupted run. NaN or inf in a batch of activations
+(or in the loss) stops the run with an error naming the step; the last good checkpoint is kept.
+The config, seed and data description go to ``sae.cfg.metadata["training"]``; per-step metrics to
+``sae.history`` (and ``out/history.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interp.errors import InputError
+from interp.models.zoo.checkpoint import read_verified, write_verified
+from interp.sae.config import SAEConfig
+from interp.sae.io import load as load_sae
+from interp.sae.io import save as save_sae
+from interp.sae.modules import SAE
+
+TRAINABLE = ("standard", "topk", "batchtopk", "jumprelu", "transcoder", "skip_transcoder")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (recorded in the SAE's metadata and the checkpoint)."""
+
+    hook: str
+    arch: str = "topk"
+    d_sae: int = 1024
+    k: int | None = 32
+    hook_out: str | None = None
+    l1_coefficient: float = 5.0
+    lr: float = 3e-4
+    tokens: int = 1_000_000
+    batch_size: int = 4096
+    seed: int = 0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int = 0
+    l1_warmup_steps: int = 0
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+    dead_after_tokens: int = 100_000
+    resample_every: int = 0
+    checkpoint_every: int = 100
+    buffer_batches: int = 8
+    model_batch_size: int = 8
+    threshold_lr: float = 0.01
+    b_dec_init: str = "mean"
+    jumprelu_bandwidth: float = 0.001
+    jumprelu_init_threshold: float = 0.001
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+
+def train(
+    model: Any,
+    hook: str,
+    data: Any,
+    *,
+    arch: str = "topk",
+    d_sae: int = 1024,
+    k: int | None = 32,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    data_kind: str = "auto",
+    **options: Any,
+) -> SAE:
+    """Train a dictionary on ``model``'s activations at ``hook`` (see the module docstring).
+
+    Args:
+        model: the ``HookedModel`` the activations come from (its name and the hook are recorded;
+            needed to compute activations from inputs and to check the hook's width).
+        hook: the hook to read; a transcoder also needs ``hook_out=`` (the hook it predicts).
+        data: a capture directory, an activation tensor (or ``(x, y)`` pair), or model inputs.
+        arch: one of ``TRAINABLE`` (JumpReLU dictionaries come from ``batchtopk``).
+        d_sae, k: dictionary size and, for TopK/BatchTopK, latents per token.
+        out: run directory for checkpoints, resume and the final SAE (None: in memory only).
+        data_kind: ``"auto"`` (a capture dir, float tensors = activations, else model inputs), or
+            force ``"capture"``, ``"activations"`` or ``"inputs"`` (e.g. float inputs of a module model).
+        options: any ``TrainConfig`` field (``lr``, ``tokens``, ``batch_size``, ``seed``,
+            ``l1_coefficient``, ``lr_warmup_steps``, ``lr_decay_steps``, ``l1_warmup_steps``, ...).
+    """
+    unknown = sorted(set(options) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise InputError(
+            f"unknown training option(s) {unknown}; valid: {', '.join(TrainConfig.__dataclass_fields__)}"
+        )
+    cfg = TrainConfig(
+        hook=hook, arch=arch, d_sae=d_sae, k=k if arch in ("topk", "batchtopk") else None, **options
+    )
+    _check_config(cfg)
+    sae_cfg = _sae_config(model, cfg)
+    return _Trainer(model, cfg, sae_cfg, data, data_kind, out, progress).run()
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.arch not in TRAINABLE:
+        raise InputError(f"cannot train arch {cfg.arch!r}. Trainable: {', '.join(TRAINABLE)}")
+    for name in ("tokens", "batch_size", "d_sae", "model_batch_size", "buffer_batches"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.b_dec_init not in ("mean", "zeros"):
+        raise InputError(f"b_dec_init must be 'mean' or 'zeros', got {cfg.b_dec_init!r}")
+    if cfg.lr <= 0:
+        raise InputError(f"lr must be positive, got {cfg.lr}")
+
+
+def _sae_config(model: Any, cfg: TrainConfig) -> SAEConfig:
+    from interp.sae.splicing import _host, _width
+
+    transcoder = cfg.arch in ("transcoder", "skip_transcoder")
+    probe = SAEConfig(d_in=1, d_sae=1, hook_name=cfg.hook)
+    site = _host(model, cfg.hook, "hook_name", SAE(probe))
+    d_in = _width(site)
+    d_out = None
+    if transcoder:
+        if not cfg.hook_out:
+            raise InputError(f"a {cfg.arch} predicts one hook from another: pass hook_out=")
+        d_out = _width(_host(model, cfg.hook_out, "hook_name_out", SAE(probe)))
+    if d_in is None:
+        raise InputError(f"the width of {cfg.hook} is unknown on {model.name}; give the model an input_shape")
+    return SAEConfig(
+        d_in=d_in,
+        d_sae=cfg.d_sae,
+        architecture=cfg.arch,
+        hook_name=cfg.hook,
+        hook_name_out=cfg.hook_out if transcoder else None,
+        d_out=d_out if transcoder else None,
+        k=cfg.k,
+        apply_b_dec_to_input=not transcoder,
+        metadata={"model_name": getattr(model, "name", None)},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: an endless, seeded stream of [batch_size, d] batches with a bounded shuffle buffer
+# ------------------------------------------------------------------------------------------------
+
+
+def _kind(data: Any, data_kind: str) -> str:
+    if data_kind != "auto":
+        return data_kind
+    if isinstance(data, str | os.PathLike) and (Path(data) / "manifest.json").is_file():
+        return "capture"
+    if isinstance(data, torch.Tensor) and data.is_floating_point():
+        return "activations"
+    if isinstance(data, tuple) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return "activations"
+    return "inputs"
+
+
+def describe_data(data: Any, data_kind: str) -> str:
+    """What the run trained on, for the record."""
+    kind = _kind(data, data_kind)
+    if kind == "capture":
+        return f"capture:{Path(data).resolve()}"
+    if kind == "activations":
+        shapes = [tuple(t.shape) for t in (data if isinstance(data, tuple) else (data,))]
+        return f"activations{shapes}"
+    try:
+        return f"model inputs ({len(data)} rows)"
+    except TypeError:
+        return "model inputs"
+
+
+def _rows(
+    model: Any, data: Any, names: list[str], cfg: TrainConfig, data_kind: str
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One pass over the data as chunks of token rows, one tensor per hook name."""
+    kind = _kind(data, data_kind)
+    if kind == "capture":
+        return _capture_rows(Path(data), names)
+    if kind == "activations":
+        return _tensor_rows(data if isinstance(data, tuple) else (data,), cfg.batch_size)
+    if kind == "inputs":
+        return _model_rows(model, data, names, cfg.model_batch_size)
+    raise InputError(f"data_kind must be 'auto', 'capture', 'activations' or 'inputs', got {data_kind!r}")
+
+
+def _tensor_rows(data: tuple[torch.Tensor, ...], chunk: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    flat = [t.reshape(-1, t.shape[-1]) for t in data]
+    if len({len(t) for t in flat}) != 1:
+        raise InputError(f"the (x, y) tensors hold different numbers of tokens: {[len(t) for t in flat]}")
+    for i in range(0, len(flat[0]), chunk):
+        yield tuple(t[i : i + chunk] for t in flat)
+
+
+def _capture_rows(path: Path, names: list[str]) -> Iterator[tuple[torch.Tensor, ...]]:
+    from interp.store import load_capture
+
+    ds = load_capture(path)
+    missing = [n for n in names if n not in ds.column_names]
+    if missing:
+        have = [c for c in ds.column_names if c not in ("example", "input_ids", "str_tokens")]
+        raise InputError(f"the capture in {path} has no column {missing[0]!r}; it holds {have}")
+    table = getattr(ds.data, "table", ds.data)  # the memory-mapped Arrow table under the Dataset
+    step = 64  # examples per read: one Arrow slice, flattened to [tokens, d] without Python objects
+    for start in range(0, len(ds), step):
+        part = table.slice(start, step)
+        yield tuple(_flat_rows(part.column(n), ds, n, start, step) for n in names)
+
+
+def _flat_rows(column: Any, ds: Any, name: str, start: int, step: int) -> torch.Tensor:
+    """A column of nested lists (one ``[tokens, d]`` or ``[d]`` row per example) as ``[tokens, d]``."""
+    import pyarrow as pa
+
+    values = column.combine_chunks()
+    inner = values
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        inner, values = values, values.flatten()
+    if not pa.types.is_floating(values.type):  # not a plain float capture: let datasets convert it
+        rows = ds[start : start + step][name]
+        return torch.cat([torch.as_tensor(r).reshape(-1, torch.as_tensor(r).shape[-1]) for r in rows])
+    width = len(values) // max(1, len(inner))
+    return torch.from_numpy(values.to_numpy(zero_copy_only=False).copy()).reshape(-1, width)
+
+
+def _model_rows(
+    model: Any, data: Any, names: list[str], batch_size: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    from interp.sae.evaluation import _batches, _mask
+
+    for batch in _batches(model, data, batch_size):
+        _, cache = model.run_with_cache(batch, names=names, stop_early=True)
+        mask = _mask(cache, cache[names[0]])
+        yield tuple(cache[n][mask].reshape(-1, cache[n].shape[-1]) for n in names)
+
+
+def stream(
+    model: Any, data: Any, names: list[str], cfg: TrainConfig, data_kind: str = "auto"
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless ``batch_size`` batches over repeated passes of the data.
+
+    A buffer of ``buffer_batches`` batches is filled, shuffled (seeded), and its first half
+    emitted; the rest stays mixed with what comes next. Memory: the buffer plus one chunk. The
+    batches depend only on the order of tokens (not on how the source chunks them), so a capture,
+    a tensor and the model's own forward over the same inputs give the same run.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    cap = cfg.batch_size * max(1, cfg.buffer_batches)
+    emit = cfg.batch_size * max(1, cfg.buffer_batches // 2)
+    buffer: list[torch.Tensor] | None = None
+    pending: list[tuple[torch.Tensor, ...]] = []
+    n_pending = 0
+    while True:
+        seen = 0
+        for chunk in _rows(model, data, names, cfg, data_kind):
+            seen += len(chunk[0])
+            pending.append(chunk)
+            n_pending += len(chunk[0])
+            have = 0 if buffer is None else len(buffer[0])
+            while have + n_pending >= cap:
+                joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
+                need = cap - have
+                take = [j[:need] for j in joined]
+                pending = [tuple(j[need:] for j in joined)]
+                n_pending = len(pending[0][0])
+                buffer = (
+                    take if buffer is None else [torch.cat([b, t]) for b, t in zip(buffer, take, strict=True)]
+                )
+                perm = torch.randperm(cap, generator=gen)
+                buffer = [b[perm] for b in buffer]
+                for start in range(0, emit, cfg.batch_size):
+                    yield tuple(b[start : start + cfg.batch_size] for b in buffer)
+                buffer = [b[emit:] for b in buffer]
+                have = len(buffer[0])
+        if seen == 0:
+            raise InputError("the training data holds no activations")
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+
+class _Trainer:
+    def __init__(
+        self,
+        model: Any,
+        cfg: TrainConfig,
+        sae_cfg: SAEConfig,
+        data: Any,
+        data_kind: str,
+        out: Any,
+        progress: bool,
+    ) -> None:
+        self.model, self.cfg, self.data, self.data_kind, self.progress = model, cfg, data, data_kind, progress
+        self.data_desc = describe_data(data, data_kind)
+        self.out = Path(out) if out is not None else None
+        self.names = [cfg.hook] + ([cfg.hook_out] if sae_cfg.is_transcoder else [])
+        self.sae = SAE.init(sae_cfg, seed=cfg.seed)
+        self.sae.train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        self.step = 0
+        self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.history: list[dict[str, float]] = []
+        if self.sae.cfg.architecture == "batchtopk":
+            self.sae.threshold.requires_grad_(False)
+        if self.sae.cfg.architecture == "jumprelu":
+            with torch.no_grad():
+                self.sae.threshold.fill_(cfg.jumprelu_init_threshold)
+
+    # --- schedule ---
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        scale = 1.0
+        if c.lr_warmup_steps and step < c.lr_warmup_steps:
+            scale = (step + 1) / c.lr_warmup_steps
+        decay_start = c.steps - c.lr_decay_steps
+        if c.lr_decay_steps and step >= decay_start:
+            scale = min(scale, (c.steps - step) / c.lr_decay_steps)
+        return c.lr * scale
+
+    def l1_at(self, step: int) -> float:
+        c = self.cfg
+        return c.l1_coefficient * (min(1.0, (step + 1) / c.l1_warmup_steps) if c.l1_warmup_steps else 1.0)
+
+    # --- one step ---
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        sae, arch = self.sae, self.sae.cfg.architecture
+        pre = sae.pre_acts(x)
+        if arch == "jumprelu":
+            acts = _JumpReLU.apply(pre, sae.threshold, self.cfg.jumprelu_bandwidth)
+        else:
+            acts = sae.activation(pre)
+        recons = acts @ sae.W_dec + sae.b_dec + sae._skip(x)
+        err = recons - y
+        mse = err.pow(2).sum(-1).mean()
+        fired = (acts > 0).any(0)
+        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + len(x))
+        metrics = {"mse": float(mse.detach()), "l0": float((acts > 0).float().sum(-1).mean())}
+        loss = mse
+        if arch in ("topk", "batchtopk"):
+            aux = self.aux_loss(pre, y - recons.detach())
+            loss = loss + self.cfg.aux_coefficient * aux
+            metrics["aux"] = float(aux.detach())
+            if arch == "batchtopk":
+                self.update_threshold(acts)
+        elif arch == "jumprelu":
+            l0 = _Step.apply(pre, sae.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+            loss = loss + self.l1_at(self.step) * l0
+            metrics["l0_loss"] = float(l0.detach())
+        else:
+            l1 = (acts * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+            loss = loss + self.l1_at(self.step) * l1
+            metrics["l1"] = float(l1.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        values, index = masked.topk(k_aux, dim=-1)
+        aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
+        aux_recons = aux_acts @ self.sae.W_dec
+        scale = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (aux_recons - residual).pow(2).sum(-1).mean() / scale
+
+    @torch.no_grad()
+    def update_threshold(self, acts: torch.Tensor) -> None:
+        positive = acts[acts > 0]
+        if positive.numel():
+            t = self.sae.threshold
+            t.copy_((1 - self.cfg.threshold_lr) * t + self.cfg.threshold_lr * positive.min())
+
+    @torch.no_grad()
+    def after_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        sae = self.sae
+        if sae.cfg.architecture == "jumprelu":
+            sae.threshold.clamp_(min=0.0)  # inference computes relu(pre) * (pre > threshold)
+        if sae.cfg.architecture in ("topk", "batchtopk"):
+            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        every = self.cfg.resample_every
+        last = self.step + 1 >= self.cfg.steps  # never leave freshly resampled latents untrained
+        if (
+            every
+            and sae.cfg.architecture not in ("topk", "batchtopk")
+            and (self.step + 1) % every == 0
+            and not last
+        ):
+            self.resample(x, y)
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Re-initialise dead latents towards inputs the dictionary reconstructs worst."""
+        sae = self.sae
+        dead = (self.since_fired >= self.cfg.dead_after_tokens).nonzero().flatten()
+        if dead.numel() == 0:
+            return
+        err = (sae.reconstruct(x) - y).pow(2).sum(-1)
+        if float(err.sum()) <= 0:
+            return
+        pick = torch.multinomial(err.cpu().double(), dead.numel(), replacement=True, generator=self.gen)
+        inputs = x[pick.to(x.device)]
+        direction = y[pick.to(x.device)] if sae.cfg.is_transcoder else inputs
+        direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        alive = torch.ones(sae.cfg.d_sae, dtype=torch.bool)
+        alive[dead] = False
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec[dead] = direction
+        enc_dir = inputs / inputs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sae.W_enc[:, dead] = (enc_dir * enc_norm * 0.2).T
+        sae.b_enc[dead] = 0.0
+        for param in (sae.W_enc, sae.W_dec, sae.b_enc):
+            state = self.opt.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    if param is sae.W_enc:
+                        state[key][:, dead] = 0.0
+                    else:
+                        state[key][dead] = 0.0
+        self.since_fired[dead] = 0
+
+    # --- checkpoints ---
+
+    def _checkpoint_dir(self) -> Path:
+        assert self.out is not None
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        if self.out is None:
+            return
+        ckpt = self._checkpoint_dir()
+        tmp = self.out / "checkpoint.tmp"
+        self._write(tmp)
+        if ckpt.exists():
+            old = self.out / "checkpoint.old"
+            if old.exists():
+                _rmtree(old)
+            os.replace(ckpt, old)
+            os.replace(tmp, ckpt)
+            _rmtree(old)
+        else:
+            os.replace(tmp, ckpt)
+
+    def _write(self, directory: Path) -> None:
+        if directory.exists():
+            _rmtree(directory)
+        self.sae.cfg.metadata["training"] = self.record()
+        save_sae(self.sae, directory)
+        state: dict[str, torch.Tensor] = {
+            "since_fired": self.since_fired.clone(),
+            "gen": self.gen.get_state(),
+        }
+        for i, param in enumerate(self.sae.parameters()):
+            for key, value in self.opt.state.get(param, {}).items():
+                state[f"opt.{i}.{key}"] = torch.as_tensor(value).clone()
+        write_verified(directory / "trainer_state.safetensors", state)
+        (directory / "trainer.json").write_text(
+            json.dumps({"step": self.step, "config": asdict(self.cfg), "history": self.history}) + "\n"
+        )
+
+    def try_resume(self) -> int:
+        if self.out is None or not (self._checkpoint_dir() / "trainer.json").is_file():
+            return 0
+        ckpt = self._checkpoint_dir()
+        meta = json.loads((ckpt / "trainer.json").read_text())
+        if meta["config"] != json.loads(json.dumps(asdict(self.cfg))):
+            raise InputError(
+                f"{ckpt} holds a run with a different config; pass another out= or delete {ckpt} to start over"
+            )
+        loaded = load_sae(ckpt)
+        self.sae.load_state_dict(loaded.state_dict())
+        state = read_verified(ckpt / "trainer_state.safetensors", fix=f"Delete {ckpt} to start over.")
+        self.since_fired = state["since_fired"]
+        self.gen.set_state(state["gen"])
+        for i, param in enumerate(self.sae.parameters()):
+            keys = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"opt.{i}.")}
+            if keys:
+                self.opt.state[param] = keys
+        self.history = meta["history"]
+        self.step = meta["step"]
+        return self.step
+
+    def record(self) -> dict[str, Any]:
+        return {
+            **asdict(self.cfg),
+            "steps_done": self.step,
+            "tokens_seen": self.step * self.cfg.batch_size,
+            "data": self.data_desc,
+            "model_name": getattr(self.model, "name", None),
+            "torch": torch.__version__,
+        }
+
+    # --- run ---
+
+    def run(self) -> SAE:
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        start = self.try_resume()
+        batches = stream(self.model, self.data, self.names, c, self.data_kind)
+        for _ in range(start):  # a resumed run sees the same batches as an uninterrupted one
+            next(batches)
+        bar = tqdm(
+            total=c.steps, initial=start, unit="step", desc=f"train {c.arch}", disable=not self.progress
+        )
+        try:
+            while self.step < c.steps:
+                batch = next(batches)
+                x = batch[0].to(self.sae.device, self.sae.dtype)
+                y = batch[-1].to(self.sae.device, self.sae.dtype)
+                self._check_finite(x, y, "activations")
+                if self.step == 0 and c.b_dec_init == "mean":
+                    with torch.no_grad():
+                        self.sae.b_dec.copy_(y.mean(0))
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr_at(self.step)
+                loss, metrics = self.loss(x, y)
+                if not math.isfinite(metrics["loss"]):
+                    self._stop(f"the loss became {metrics['loss']}")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.after_step(x, y)
+                self.history.append({"step": self.step, **metrics, "lr": self.lr_at(self.step)})
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(mse=f"{metrics['mse']:.4g}", l0=f"{metrics['l0']:.1f}", refresh=False)
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.sae.eval()
+        self.sae.cfg.metadata["training"] = self.record()
+        self.sae.history = self.history
+        if self.out is not None:
+            save_sae(self.sae, self.out / "final")
+            (self.out / "history.json").write_text(json.dumps(self.history) + "\n")
+        return self.sae
+
+    def _check_finite(self, x: torch.Tensor, y: torch.Tensor, what: str) -> None:
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            self._stop(f"NaN or inf in the batch of {what}")
+
+    def _stop(self, why: str) -> None:
+        where = (
+            f"The last good checkpoint (step {self._saved_step()}) is kept in {self._checkpoint_dir()}."
+            if self.out is not None and (self._checkpoint_dir() / "trainer.json").is_file()
+            else "No checkpoint was written yet (pass out= and checkpoint_every= to keep one)."
+        )
+        raise InputError(
+            f"training stopped at step {self.step} (tokens {self.step * self.cfg.batch_size}-"
+            f"{(self.step + 1) * self.cfg.batch_size}): {why}. {where} "
+            "Check the activations for that range (a diverged model, fp16 overflow), or lower lr."
+        )
+
+    def _saved_step(self) -> int:
+        return json.loads((self._checkpoint_dir() / "trainer.json").read_text())["step"]
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * (pre > threshold)``: exact gradient to ``pre``; to ``threshold`` the straight-through
+    estimate of Rajamanoharan et al. 2024 (a rectangle kernel of width ``bandwidth``)."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        to_threshold = -(threshold / ctx.bandwidth) * window * grad
+        return grad * (pre > threshold), to_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """``H(pre - threshold)`` (the L0 count): no gradient to ``pre``; straight-through to ``threshold``."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad)
+        return None, (-(1.0 / ctx.bandwidth) * window * grad).reshape(-1, pre.shape[-1]).sum(0), None
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
