@@ -169,6 +169,7 @@ CONTENT_HEIGHT_JS = """() => {
 RUNNING_JS = """() => document.querySelector("[data-testid='stApp']")
     ?.getAttribute("data-test-script-state") === 'running'"""
 SLACK_PX = 100  # an iframe may be this much taller than its content, no more
+SETTLE_S = 8  # how long an embedded view may take to reach its final height
 IDLE_MS = int(
     os.environ.get("INTERP_BROWSER_IDLE_MS", 240_000)
 )  # one page visit, model loads and fits included, on a busy 2-core machine
@@ -200,8 +201,13 @@ def problems(page) -> list[str]:
         if not iframe.is_visible():
             continue  # an inactive tab's view
         frame = iframe.element_handle().content_frame()
-        box = iframe.bounding_box()
-        content = frame.evaluate(CONTENT_HEIGHT_JS) if frame is not None else 0
+        deadline = time.monotonic() + SETTLE_S  # a 1.3 MB view may still be laying out
+        while True:
+            box = iframe.bounding_box()
+            content = frame.evaluate(CONTENT_HEIGHT_JS) if frame is not None else 0
+            if box is None or box["height"] <= content + SLACK_PX or time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(250)
         if box is not None and box["height"] > content + SLACK_PX:
             found.append(f"iframe '{iframe.get_attribute('title')}' {box['height']:.0f} px for {content} px")
     return found
