@@ -7,13 +7,14 @@ the library's own message, never a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import streamlit as st
 
 import interp
+from interp import viz
 from interp.errors import InterpError
 
 DEFAULT_MODEL = "minilm"
@@ -23,7 +24,9 @@ TEXT_KEY = "text"
 
 
 def sidebar() -> None:
-    """The model picker and the text box; drawn once by the entry script, so they hold across pages."""
+    """The model picker, the input box and what each page uses; drawn once by the entry script, so
+    they hold across pages. A zoo transformer that reads token ids gets its own input box, filled
+    with an input of the kind it was trained on (``viz.sample_text``) and editable as id names."""
     with st.sidebar:
         st.text_input(
             "Model",
@@ -32,9 +35,68 @@ def sidebar() -> None:
             help=f"'{DEFAULT_MODEL}' (embedded, works offline), a zoo model ('zoo:NAME'), "
             "or the path of a local Hugging Face model directory (config.json + weights + tokenizer).",
         )
-        st.text_area(
-            "Text", value=DEFAULT_TEXT, key=TEXT_KEY, height=110, help="The input every page analyses."
+        model = _sidebar_model()
+        if model is not None and viz.is_id_vocabulary(model):
+            key = text_key(model)
+            if key not in st.session_state:
+                st.session_state[key] = viz.sample_text(model, seed=0)
+            st.text_area(
+                "Input (token names)",
+                key=key,
+                height=110,
+                help="This model reads token ids, named t0, t1, ... (and BOS or = where it has them), "
+                "separated by spaces. Edit them, or draw a new input of the kind it was trained on.",
+            )
+            st.button("New random input", on_click=_new_sample, args=(model,), key="sample_input")
+        else:
+            st.text_area(
+                "Text", value=DEFAULT_TEXT, key=TEXT_KEY, height=110, help="The input every page analyses."
+            )
+        st.caption(pages_note(model))
+
+
+def _sidebar_model() -> interp.HookedModel | None:
+    """The sidebar's model, or None when it does not load (the page then shows why)."""
+    spec = current_spec()
+    if not spec:
+        return None
+    try:
+        with st.spinner(f"Loading {spec}..."):
+            return load_model(spec)
+    except Exception:  # the page's current_model() reports the error
+        return None
+
+
+def text_key(model: interp.HookedModel | None) -> str:
+    """The session key of the input box: one per id-vocabulary model, one shared by text models."""
+    return f"{TEXT_KEY}::{current_spec()}" if viz.is_id_vocabulary(model) else TEXT_KEY
+
+
+def _new_sample(model: interp.HookedModel) -> None:
+    seed = st.session_state.get("sample_seed", 0) + 1
+    st.session_state["sample_seed"] = seed
+    st.session_state[text_key(model)] = viz.sample_text(model, seed=seed)
+
+
+def pages_note(model: interp.HookedModel | None) -> str:
+    """What each page will analyse with the sidebar's current model."""
+    own = (
+        "**Own models** (the sidebar is not used): Probing (digits-cnn, or MiniLM on templated "
+        "sentences), Adversarial and the Features image tabs (digits CNNs), Reproductions (zoo checkpoints)."
+    )
+    if model is None:
+        return own
+    if model.kind != "transformer":
+        return (
+            f"**{model.name}** takes tensors, not text: Home and Activations list its hook points; "
+            "the text pages do not apply. " + own
         )
+    what = "the input above" if viz.is_id_vocabulary(model) else "the text above"
+    causal = "generated repeated tokens" if viz.is_id_vocabulary(model) else "its own prompt pair"
+    return (
+        f"**{model.name} on {what}**: Home, Activations, Attention, Features (token tabs); "
+        f"Causal uses {causal}. " + own
+    )
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -61,6 +123,37 @@ def _capture(spec: str, text: str, names: tuple[str, ...]) -> tuple[dict[str, np
     return activations, list(cache.meta["str_tokens"][0])
 
 
+# Streamlit's height="content" sizes an iframe to the largest of several heights, one of them the
+# document's scrollHeight, which never drops below the iframe's own height: once a view is drawn
+# taller for a moment (circuitsvis lays out before its canvases are sized), the iframe stays that
+# tall (2,152 px for 1,073 px of attention view). This script reports the height of what the body
+# actually draws, with the same message Streamlit's own script sends, so the iframe shrinks to it.
+FIT_SCRIPT = """<script>
+(function () {
+  function send() {
+    if (!document.body) return;
+    var bottom = document.body.getBoundingClientRect().bottom;
+    for (var e of document.body.children) bottom = Math.max(bottom, e.getBoundingClientRect().bottom);
+    bottom += window.scrollY + parseFloat(getComputedStyle(document.body).marginBottom || 0);
+    // the root's own box: what it draws with collapsed margins, but not the viewport's height
+    var h = Math.ceil(Math.max(bottom, document.documentElement.getBoundingClientRect().height));
+    var w = Math.ceil(document.documentElement.scrollWidth);
+    window.parent.postMessage({type: "streamlit:iframe:setSize", width: w, height: h}, "*");
+  }
+  window.addEventListener("load", send);
+  window.addEventListener("resize", send);  // Streamlit's own script may resize it to a stale height
+  if (typeof ResizeObserver !== "undefined") new ResizeObserver(send).observe(document.body);
+  setTimeout(send, 300);
+  setTimeout(send, 1500);
+})();
+</script>"""
+
+
+def embed(html: str, alt: str) -> None:
+    """A self-contained HTML view (circuitsvis...) in an iframe exactly as tall as what it draws."""
+    st.iframe(html + FIT_SCRIPT, height="content", alt=alt)
+
+
 def show_error(err: BaseException) -> None:
     """The library's message for its own errors; a one-line summary for anything else."""
     if isinstance(err, InterpError):
@@ -79,6 +172,22 @@ def guard() -> Iterator[None]:
         show_error(err)
 
 
+@contextmanager
+def progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A ``callback(done, total)`` for the library that drives an ``st.progress`` bar; the bar is
+    removed when the block ends, finished or failed, so none is left standing at 100%."""
+    bar = st.progress(0.0, text=label)
+
+    def update(done: int, total: int) -> None:
+        if done == total or done % 8 == 0:
+            bar.progress(min(1.0, done / max(total, 1)), text=f"{label}: {done}/{total}")
+
+    try:
+        yield update
+    finally:
+        bar.empty()
+
+
 def current_model() -> interp.HookedModel | None:
     """The model named in the sidebar, or None after showing why it could not be loaded."""
     spec = current_spec()
@@ -95,9 +204,10 @@ def current_model() -> interp.HookedModel | None:
 
 def current_text() -> str | None:
     """The sidebar text, or None after showing an error when it is empty."""
-    text = str(st.session_state.get(TEXT_KEY, DEFAULT_TEXT))
+    key = text_key(_sidebar_model())
+    text = str(st.session_state.get(key, DEFAULT_TEXT if key == TEXT_KEY else ""))
     if not text.strip():
-        st.error("The text is empty. Type some text in the sidebar to analyse.")
+        st.error("The text is empty. Type some text (or token names) in the sidebar to analyse.")
         return None
     return text
 

@@ -141,3 +141,20 @@ def test_too_long_text_shows_the_library_message(page, gpt2_dir, gpt2_model):
     at.text_area(key="text").input(" ".join(["cat"] * (gpt2_model.n_ctx + 5))).run()
     assert not at.exception
     assert any(f"at most {gpt2_model.n_ctx}" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_attention_at_full_context_draws_one_head_not_every_head(minilm):
+    """Past viz.MAX_ATTENTION_VIEW_TOKENS the all-heads view froze the browser (46 s at 300 words):
+    the page says so and draws the chosen head's full pattern as a heatmap instead."""
+    from interp import viz
+
+    at = open_page("views/attention.py")
+    text = " ".join(["the cat sat on the mat"] * 80)  # ~480 words, within MiniLM's 512 tokens
+    at.text_area(key="text").input(text).run()
+    assert_clean(at)
+    assert not at.get("iframe")
+    assert any(f"more than the {viz.MAX_ATTENTION_VIEW_TOKENS}" in i.value for i in at.info)
+    at.selectbox(key="attention_head::minilm").set_value(5).run()
+    _, cache = minilm.run_with_cache(text, names="blocks.0.attn.hook_pattern")
+    z = decode(figure_of(at)["data"][0]["z"])
+    np.testing.assert_allclose(z, cache["pattern", 0][0, 5].numpy(), rtol=1e-5, atol=1e-6)

@@ -74,3 +74,27 @@ def test_probing_page_shows_accuracy_and_control():
     table = at.dataframe[0].value
     assert list(table["hook point"]) == ["pool.hook_out", "fc.hook_out"]
     assert (table["accuracy"] > table["control"]).all()
+
+
+def test_adversarial_layer_toggle_keeps_its_state_across_image_sources():
+    at = open_page("views/adversarial.py")
+    at.toggle(key="adv_layers").set_value(True).run()
+    at.radio(key="adv_source").set_value("upload").run()
+    assert_clean(at)
+    assert at.toggle(key="adv_layers").value is True
+    assert at.dataframe and "probe acc clean" in at.dataframe[0].value  # the analysis it says is on
+    at.toggle(key="adv_layers").set_value(False).run()
+    assert not at.dataframe
+
+
+def test_probing_fits_only_on_the_button():
+    at = open_page("views/probing.py")
+    at.multiselect(key="probe_names::digits").set_value(["fc.hook_out"])
+    at.number_input(key="probe_n").set_value(120)
+    at.button(key="probe_run").click().run()
+    assert_clean(at)
+    assert at.dataframe
+    at.selectbox(key="probe_task").set_value(at.selectbox(key="probe_task").options[1]).run()
+    assert_clean(at)
+    assert not at.dataframe  # no re-fit until asked
+    assert any("press **Fit probes**" in i.value for i in at.info)

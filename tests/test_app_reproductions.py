@@ -31,8 +31,8 @@ def test_superposition_table_from_checkpoints_matches_the_library():
     at.session_state["reproduction_finding"] = "superposition"
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    table = at.dataframe[-1].value
-    assert list(table["quantity"]) == [c.quantity for c in expected.checks]
+    table = at.table[-1].value  # st.table: long cells wrap instead of being cut
+    assert list(table.index) == [c.quantity for c in expected.checks]
     assert list(table["ours"]) == [c.row()[2] for c in expected.checks]
     verdicts = [m.value for m in (at.success if expected.passed else at.error)]
     assert any(v.startswith("superposition") for v in verdicts)
@@ -45,3 +45,32 @@ def test_missing_checkpoint_is_a_message_not_a_traceback(monkeypatch, tmp_path):
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("interp zoo train" in e.value for e in at.error)
+
+
+def test_fast_rerun_writes_its_report_outside_the_checkout(monkeypatch):
+    """The page hands the library a per-session temporary folder; nothing lands in reports/."""
+    import tempfile
+
+    calls = []
+
+    def run(finding, fast=False, out_dir=None, quiet=False):
+        calls.append((finding, fast, out_dir))
+        return reproductions.from_checkpoints(finding)
+
+    try:
+        reproductions.from_checkpoints("superposition")
+    except CheckpointError as err:
+        pytest.skip(f"superposition checkpoints not shipped: {err}")
+    monkeypatch.setattr(reproductions, "run", run)
+    at = _page()
+    at.session_state["reproduction_finding"] = "superposition"
+    at.run()
+    at.button(key="reproduction_fast").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    ((finding, fast, out_dir),) = calls
+    assert finding == "superposition" and fast
+    root = Path(__file__).resolve().parents[1]
+    assert Path(out_dir).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+    assert not Path(out_dir).resolve().is_relative_to(root)
+    assert any("Fast re-run" in s.value for s in at.subheader)
+    assert not at.get("progress")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = Path("/tmp/interp-explorer-attention.png")
+SHOTS = Path(os.environ.get("INTERP_SCREENSHOTS", "/tmp/interp-explorer-pages"))  # one PNG per page visit
 SERVER_START_S = 90
 PAINTED_CANVASES_JS = """() => [...document.querySelectorAll('canvas')].filter((c) => {
     if (!c.width || !c.height) return false;
@@ -148,3 +150,169 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
             page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every page, with the default model and with a zoo transformer
+# ------------------------------------------------------------------------------------------------
+
+# The bottom of the lowest element drawn in a document: its content height, whatever the iframe's.
+CONTENT_HEIGHT_JS = """() => {
+    let bottom = 0;
+    for (const e of document.body.querySelectorAll('*')) {
+        const r = e.getBoundingClientRect();
+        if (r.height > 0 && r.width > 0) bottom = Math.max(bottom, r.bottom + window.scrollY);
+    }
+    return Math.ceil(bottom);
+}"""
+# The toolbar is minimal (no Deploy button), which also hides the 'Running...' status widget.
+RUNNING_JS = """() => document.querySelector("[data-testid='stApp']")
+    ?.getAttribute("data-test-script-state") === 'running'"""
+SLACK_PX = 100  # an iframe may be this much taller than its content, no more
+SETTLE_S = 8  # how long an embedded view may take to reach its final height
+IDLE_MS = int(
+    os.environ.get("INTERP_BROWSER_IDLE_MS", 240_000)
+)  # one page visit, model loads and fits included, on a busy 2-core machine
+
+
+def wait_idle(page, timeout_ms: int = IDLE_MS) -> None:
+    """Until the script run is over: the app's script state not 'running' for 0.6 s."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    quiet_since = None
+    while time.monotonic() < deadline:
+        running = page.evaluate(RUNNING_JS)
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 0.6:
+            return
+        page.wait_for_timeout(100)
+    raise AssertionError(f"the app was still running after {timeout_ms / 1000:.0f} s")
+
+
+def problems(page) -> list[str]:
+    """Exception text, progress bars left after the run, and iframes taller than their content."""
+    found = [f"exception: {t[:300]}" for t in page.locator("[data-testid='stException']").all_inner_texts()]
+    body = page.locator("[data-testid='stMain']").inner_text()
+    found += ["'Traceback' on the page"] if "Traceback" in body else []
+    found += [f"progress bar left: {t}" for t in page.locator("[data-testid='stProgress']").all_inner_texts()]
+    for iframe in page.locator("[data-testid='stMain'] iframe").all():
+        if not iframe.is_visible():
+            continue  # an inactive tab's view
+        frame = iframe.element_handle().content_frame()
+        deadline = time.monotonic() + SETTLE_S  # a 1.3 MB view may still be laying out
+        while True:
+            box = iframe.bounding_box()
+            content = frame.evaluate(CONTENT_HEIGHT_JS) if frame is not None else 0
+            if box is None or box["height"] <= content + SLACK_PX or time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(250)
+        if box is not None and box["height"] > content + SLACK_PX:
+            found.append(f"iframe '{iframe.get_attribute('title')}' {box['height']:.0f} px for {content} px")
+    return found
+
+
+def select(page, label: str, option: str) -> None:
+    """Pick ``option`` in the main area's selectbox labelled ``label``."""
+    box = page.locator("[data-testid='stMain'] [data-testid='stSelectbox']").filter(has_text=label).first
+    box.get_by_role("combobox").click()
+    box.get_by_role("combobox").fill(option)
+    page.get_by_role("option", name=re.compile("^" + re.escape(option) + "($|:)")).first.click()
+
+
+def goto(page, title: str) -> None:
+    """Open a page from the sidebar's navigation (same session, so the sidebar's model holds)."""
+    page.locator("[data-testid='stSidebarNav'] a").filter(has_text=title).first.click()
+    page.wait_for_selector(f"h1:has-text('{title if title != 'Home' else 'interp explorer'}')")
+    wait_idle(page)
+
+
+def set_model(page, spec: str) -> None:
+    box = page.locator("[data-testid='stSidebar'] input[type='text']").first
+    box.fill(spec)
+    box.press("Enter")
+    wait_idle(page)
+
+
+def interact(page, title: str) -> list[str]:
+    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here)."""
+    main = page.locator("[data-testid='stMain']")
+    found: list[str] = []
+    if title == "Activations":
+        select(page, "Hook point", "blocks.0.attn.hook_pattern")
+    elif title == "Attention":
+        select(page, "Layer", "1")
+    elif title == "Causal":
+        main.get_by_role("button", name="Run patching").click()
+    elif title == "Probing":
+        main.locator("[data-testid='stNumberInput'] input").first.fill("120")
+        main.locator("[data-testid='stNumberInput'] input").first.press("Enter")
+        wait_idle(page)
+        main.get_by_role("button", name="Fit probes").click()
+    elif title == "Adversarial":
+        main.get_by_text("Layer-by-layer analysis").first.click()
+    elif title == "Features":
+        for tab in ("Token attributions", "Neuron & head contexts"):
+            page.get_by_role("tab", name=tab).click()
+            wait_idle(page)
+            found.extend(f"{tab} tab: {p}" for p in problems(page))
+    wait_idle(page)
+    return found
+
+
+PAGE_TITLES = [
+    "Home",
+    "Activations",
+    "Attention",
+    "Causal",
+    "Probing",
+    "Adversarial",
+    "Features",
+    "Reproductions",
+]
+SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features"}  # the others use their own models
+
+
+def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
+    """Served once: each page visited with MiniLM, then the sidebar pages with zoo:induction-2l;
+    the main interaction run on each; no exception text, no leftover progress bar, no iframe more
+    than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, list[str]] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1900})
+            page.set_default_timeout(IDLE_MS)
+            page.goto(server)
+            page.wait_for_selector("h1:has-text('interp explorer')")
+            wait_idle(page)
+            for spec in ("minilm", "zoo:induction-2l"):
+                if spec != "minilm":
+                    set_model(page, spec)
+                for title in PAGE_TITLES:
+                    if spec != "minilm" and title not in SIDEBAR_PAGES:
+                        continue
+                    goto(page, title)
+                    found = interact(page, title)
+                    name = f"{spec.replace(':', '_')}-{title.lower()}"
+                    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+                    if found := found + problems(page):
+                        failures[name] = found
+                if spec == "minilm":  # the model's full context: the page answers, with its one-head view
+                    area = page.locator("[data-testid='stSidebar'] textarea").first
+                    area.fill(" ".join(["the cat sat on the mat"] * 80))
+                    area.press("Control+Enter")
+                    goto(page, "Attention")
+                    select(page, "Head", "3")
+                    wait_idle(page)
+                    page.screenshot(path=str(SHOTS / "minilm-attention-full-context.png"), full_page=True)
+                    assert page.locator("[data-testid='stMain'] iframe").count() == 0
+                    if found := problems(page):
+                        failures["minilm-attention-full-context"] = found
+        finally:
+            browser.close()
+    assert not failures, failures

@@ -58,3 +58,29 @@ def test_post_ln_encoder_explains_why_it_has_no_edges(page):
     assert not at.error, [e.value for e in at.error]
     assert any("post-LN" in i.value for i in at.info)
     assert len(at.get("plotly_chart")) >= 2
+
+
+def test_an_error_clears_the_old_results_and_the_progress_bar(page):
+    at = page.run()
+    at.button(key="causal_run").click().run()
+    assert any("Pearson r" in c.value for c in at.caption)  # a first, good run
+    at.text_input(key="causal_corrupted").set_value("a much longer corrupted prompt than before").run()
+    at.button(key="causal_run").click().run()
+    assert not at.exception
+    assert any("different token lengths" in e.value for e in at.error)
+    assert not any("Pearson r" in c.value for c in at.caption)  # the old plots are gone
+    assert not at.get("progress")
+
+
+def test_modadd_takes_id_prompts_and_never_raises():
+    """zoo:modadd-113 reads 3 tokens: no repeated-token input fits, so it patches id prompts."""
+    if str(APPS) not in sys.path:
+        sys.path.insert(0, str(APPS))
+    at = AppTest.from_file(str(PAGE), default_timeout=180)
+    at.session_state["model_spec"] = "zoo:modadd-113"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="causal_source::zoo:modadd-113").options == ["Prompts"]
+    at.button(key="causal_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Pearson r" in c.value for c in at.caption)

@@ -127,9 +127,10 @@ def test_neuron_samples_view_and_strongest_units(minilm, cnn):
     unit = ranked[0][0]
     html = top.samples_html(unit, k=3, unit_name="Neuron")
     assert "CircuitsVis.TopkSamples" in html and not re.findall(r"<script\b[^>]*\bsrc=", html)
-    where = [html.index(json.dumps(top.str_tokens[top.row(unit)][r])) for r in range(3)]
+    shown = [json.dumps(ex.readable_tokens(t)) for t in top.str_tokens[top.row(unit)]]  # spaced words
+    where = [html.index(shown[r]) for r in range(3)]
     assert where == sorted(where)  # best context first
-    assert json.dumps(top.str_tokens[top.row(unit)][3]) not in html  # k=3 of the 4 collected
+    assert shown[3] not in html  # k=3 of the 4 collected
     with pytest.raises(InputError, match="samples_html\\(\\) shows token contexts"):
         ex.top_k(cnn, torch.rand(4, 1, 8, 8), "fc.hook_out", k=1).samples_html(0)
 
@@ -174,7 +175,7 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
     assert page.selectbox(key="features_ctx_kind").options == list(ex.unit_layers(minilm))
     layer = page.selectbox(key="features_ctx_layer::minilm::MLP neurons").value
     assert layer == "blocks.3.mlp.hook_post"
-    assert any("Top contexts of every unit" in p.proto.text for p in page.get("progress"))
+    assert not page.get("progress")  # the bar is removed once the contexts are in, not left at 100%
 
     unit = 146  # fires on prices, dates and times; its top contexts are well separated
     page.number_input(key=f"features_ctx_unit::minilm::{layer}").set_value(unit).run()
@@ -185,9 +186,9 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
     assert f"best score {reference.values[0].item():.3g}" in caption and "48 built-in" in caption
     html = contexts_view(page)
     tokens = [minilm.prepare(ex.SAMPLE_TEXTS[i]).str_tokens[0] for i in reference.indices[:5].tolist()]
-    where = [html.index(json.dumps(t)) for t in tokens[:4]]
+    where = [html.index(json.dumps(ex.readable_tokens(t))) for t in tokens[:4]]
     assert where == sorted(where)  # the reference's best four, best first
-    assert json.dumps(tokens[4]) not in html  # k = 4
+    assert json.dumps(ex.readable_tokens(tokens[4])) not in html  # k = 4
 
     page.selectbox(key="features_ctx_kind").set_value("Heads: max attention").run()
     page.number_input(key="features_ctx_unit::minilm::blocks.3.attn.hook_pattern").set_value(11).run()
@@ -204,9 +205,24 @@ def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):
     page.selectbox(key="features_ctx_layer::zoo:induction-2l::Heads: max attention").set_value(
         "blocks.0.attn.hook_pattern"
     ).run()
-    assert re.search(r'\[\["(t\d+|BOS)", "(t\d+|BOS)"', contexts_view(page))  # contexts of id names
+    assert re.search(r'\[\["(t\d+|BOS)", " (t\d+|BOS)"', contexts_view(page))  # id names, spaced apart
     assert any("Strongest heads here: 1 (" in c.value for c in page.caption)  # L0H1: previous-token head
 
     page.text_input(key="model_spec").input("zoo:digits-cnn").run()
     assert not page.exception
     assert any("Neuron and head contexts need a transformer" in i.value for i in page.info)
+
+
+def test_readable_tokens_puts_a_space_before_each_word():
+    from interp.methods.examples import readable_tokens
+
+    assert readable_tokens(["[CLS]", "the", "walk", "##ing", "dog"]) == [
+        "[CLS]",
+        " the",
+        " walk",
+        "ing",
+        " dog",
+    ]
+    assert readable_tokens(["BOS", "t3", "t17"]) == ["BOS", " t3", " t17"]  # ids stay apart
+    assert readable_tokens(["The", " cat", " sat"]) == ["The", " cat", " sat"]  # byte-level: as is
+    assert "".join(readable_tokens(["[CLS]", "un", "##believ", "##able", "!"])) == "[CLS] unbelievable !"

@@ -10,7 +10,7 @@ import torch
 
 import interp
 from interp.errors import CaptureTooLargeError, InputError, UnknownHookError
-from interp.hooks import check_budget
+from interp.hooks import check_budget, format_bytes
 
 
 def _no_hooks_left(module: torch.nn.Module) -> bool:
@@ -118,7 +118,17 @@ def test_memory_estimate_is_exact_and_over_budget_is_refused(gpt2_model):
     with pytest.raises(CaptureTooLargeError) as err:
         gpt2_model.run_with_cache(texts, names=names, memory_budget=cache.nbytes - 1)
     message = str(err.value)
-    assert "GiB" in message and "smaller batches" in message and "capture_to_disk" in message
+    assert "smaller batches" in message and "capture_to_disk" in message
+    # the numbers show in a unit that fits them (not "0.00 GiB ... budget is 0.00 GiB")
+    assert f"about {format_bytes(cache.nbytes)} of" in message
+    assert f"budget is {format_bytes(cache.nbytes - 1)}." in message
+
+
+def test_format_bytes_picks_a_unit_that_shows_the_number():
+    assert format_bytes(512) == "512 bytes"
+    assert format_bytes(3 * 2**20) == "3 MiB"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(5 * 2**30) == "5 GiB"
 
 
 def test_unknown_hook_name_suggests_closest(gpt2_model, tiny_cnn):

@@ -457,6 +457,15 @@ def test_refuses_foreign_or_busy_directory(lm, texts, tmp_path):
         fcntl.flock(handle, fcntl.LOCK_EX)
         with pytest.raises(InputError, match="another capture"):
             capture_to_disk(lm, texts, "blocks.0.hook_resid_post", busy, progress=False)
+    assert (busy / ".lock").exists()  # another process's lock is never removed
+
+
+def test_a_finished_capture_leaves_no_lock_file(lm, texts, tmp_path):
+    out = tmp_path / "acts"
+    capture_to_disk(lm, texts, "blocks.0.hook_resid_post", out, progress=False)
+    assert ".lock" not in os.listdir(out)
+    capture_to_disk(lm, texts, "blocks.0.hook_resid_post", out, progress=False)  # resumes, relocks
+    assert ".lock" not in os.listdir(out)
 
 
 # ------------------------------------------------------------------------------------------------

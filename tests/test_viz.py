@@ -156,3 +156,18 @@ def test_attention_html_rejects_wrong_shapes():
         viz.attention_heads_html(torch.rand(1, 2, 3, 3), list("abc"))
     with pytest.raises(InputError, match="tokens"):
         viz.attention_heads_html(torch.rand(2, 3, 3), list("ab"))
+
+
+def test_share_color_range_gives_side_by_side_heatmaps_one_scale():
+    import plotly.graph_objects as go
+
+    small = go.Figure(go.Heatmap(z=[[-0.5, 0.2], [0.1, 0.0]]))
+    large = go.Figure(go.Heatmap(z=[[3.0, -1.0], [float("nan"), 0.5]]))
+    assert viz.share_color_range(small, large) == (-3.0, 3.0)  # both signs: symmetric, max |z|
+    for fig in (small, large):
+        assert (fig.data[0].zmin, fig.data[0].zmax, fig.data[0].zmid) == (-3.0, 3.0, 0.0)
+
+    a = go.Figure(go.Heatmap(z=[[-4.2, -4.1]]))
+    b = go.Figure(go.Heatmap(z=[[-4.0, -2.5]]))
+    assert viz.share_color_range(a, b) == (-4.2, -2.5)  # one sign: the joint [min, max]
+    assert a.data[0].zmax == b.data[0].zmax == -2.5

@@ -65,13 +65,21 @@ def layer_analysis(model_name: str, kind: str, eps: float, steps: int):
 
 
 st.title("Adversarial")
-st.caption("Attack an image, then see which layer and channel carries the damage.")
+st.caption(
+    "Attack an image, then see which layer and channel carries the damage. This page uses its own "
+    "digit classifiers and images, not the sidebar's model and text."
+)
 left, right = st.columns(2)
 model_name = left.selectbox("Model", MODELS, key="adv_model")
 kind = left.selectbox("Attack", list(ATTACKS), key="adv_attack")
 eps = left.slider("eps (L∞ budget; L2 radius for PGD L2)", 0.0, 1.0, 0.1, 0.01, key="adv_eps")
 steps = left.number_input("PGD steps", 1, 200, 20, key="adv_steps")
 source = right.radio("Image", ["test set", "upload"], horizontal=True, key="adv_source")
+# Drawn before anything can stop the page, so the toggle keeps its state (and shows it) whatever
+# image source is picked; the analysis below runs only while it is on.
+layers_on = left.toggle(
+    f"Layer-by-layer analysis (first {N_LAYER_IMAGES} test images)", value=False, key="adv_layers"
+)
 x_tr, y_tr, x_te, y_te = digits()
 with st.spinner("Loading the model..."):
     model = None
@@ -90,32 +98,34 @@ else:
     label = right.number_input("its true label", 0, 9, 0, key="adv_label")
     if upload is None:
         st.info("Upload an image to attack it.")
-        st.stop()
-    with common.guard():
-        image = read_upload(upload.getvalue(), invert)[None]
-    if image is None:
-        st.stop()
+    else:
+        with common.guard():
+            image = read_upload(upload.getvalue(), invert)[None]
 target = right.selectbox("Target class (targeted attack)", ["none", *range(10)], key="adv_target")
 
-with common.guard():
-    result = attack(model, image, [label], kind, eps, int(steps), None if target == "none" else int(target))
-    st.plotly_chart(result.figure(0))
-    import plotly.graph_objects as go
+if image is not None:
+    with common.guard():
+        result = attack(
+            model, image, [label], kind, eps, int(steps), None if target == "none" else int(target)
+        )
+        st.plotly_chart(result.figure(0))
+        import plotly.graph_objects as go
 
-    fig = go.Figure()
-    fig.add_bar(x=list(range(10)), y=result.logits_clean[0].softmax(-1).tolist(), name="original")
-    fig.add_bar(x=list(range(10)), y=result.logits_adv[0].softmax(-1).tolist(), name="adversarial")
-    fig.update_layout(title="Predicted probabilities", xaxis_title="class", barmode="group", height=320)
-    st.plotly_chart(fig)
-    norms = result.norms()
-    st.caption(f"|δ|∞ = {norms['linf'][0]:.3f}, |δ|₂ = {norms['l2'][0]:.3f}; true label {label}")
+        fig = go.Figure()
+        fig.add_bar(x=list(range(10)), y=result.logits_clean[0].softmax(-1).tolist(), name="original")
+        fig.add_bar(x=list(range(10)), y=result.logits_adv[0].softmax(-1).tolist(), name="adversarial")
+        fig.update_layout(title="Predicted probabilities", xaxis_title="class", barmode="group", height=320)
+        st.plotly_chart(fig)
+        norms = result.norms()
+        st.caption(f"|δ|∞ = {norms['linf'][0]:.3f}, |δ|₂ = {norms['l2'][0]:.3f}; true label {label}")
 
 st.subheader(f"Layer by layer, over the first {N_LAYER_IMAGES} test images")
 st.caption(
     "Per-layer divergence of clean vs adversarial activations, linear probes (fitted on clean training "
     "images) scored on both, and how much accuracy returns when clean activations are patched in."
 )
-if not st.toggle("Run the layer-by-layer analysis", value=False, key="adv_layers"):
+if not layers_on:
+    st.info("Turn on the layer-by-layer analysis above to run it.")
     st.stop()
 with common.guard(), st.spinner("Attacking and probing every layer..."):
     probe = layer_analysis(model_name, kind, float(eps), int(steps))

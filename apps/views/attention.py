@@ -28,9 +28,23 @@ name = by_layer[layer]
 with common.guard():
     activations, tokens = common.capture(text, [name])
     pattern = activations[name]  # [head, query, key]
-    st.caption(
-        f"`{name}`: {pattern.shape[0]} heads over {len(tokens)} tokens. Hover a head to preview it, "
-        "click it to pin it; hover a token in the pinned view to see where it attends."
-    )
-    html = viz.attention_heads_html(pattern, tokens, layer=layer)
-    st.iframe(html, height="content", alt=f"attention patterns of layer {layer}")
+    n_heads = pattern.shape[0]
+    if len(tokens) <= viz.MAX_ATTENTION_VIEW_TOKENS:
+        st.caption(
+            f"`{name}`: {n_heads} heads over {len(tokens)} tokens. Hover a head to preview it, "
+            "click it to pin it; hover a token in the pinned view to see where it attends."
+        )
+        html = viz.attention_heads_html(pattern, tokens, layer=layer)
+        common.embed(html, alt=f"attention patterns of layer {layer}")
+    else:  # every head at every position would freeze the browser: one head, as a heatmap
+        st.info(
+            f"{len(tokens)} tokens is more than the {viz.MAX_ATTENTION_VIEW_TOKENS} the interactive "
+            "all-heads view draws without freezing the browser, so this shows one head at a time as "
+            "a heatmap of every position (hover a cell for its weight; shorten the text for the "
+            "interactive view)."
+        )
+        head = st.selectbox("Head", list(range(n_heads)), key=f"attention_head::{model.name}")
+        st.plotly_chart(
+            viz.activation_figure(pattern[head], f"{name}, head {head}", tokens, token_axes=[0, 1]),
+            key="attention_heatmap",
+        )

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 
+from interp import viz
 from interp.errors import InputError
 from interp.methods import attribution_patching, lens
 from interp.methods import patching as P
@@ -26,15 +27,20 @@ if model.kind != "transformer":
     st.stop()
 
 is_lm = P.has_logits(model)
-tokenizer = getattr(model, "tokenizer", None)
-has_tokenizer = tokenizer is not None and not getattr(tokenizer, "is_id_vocabulary", False)  # English prompts
-sources = (["Prompts"] if has_tokenizer else []) + (["Repeated tokens"] if is_lm else [])
-source = st.radio("Inputs", sources, horizontal=True, key=f"causal_source::{model.name}")
+ids_only = viz.is_id_vocabulary(model)  # a zoo transformer: prompts are token names ("t3 t17 =")
+spec = common.current_spec()
+max_half = ((model.n_ctx or 41) - 1) // 2
+sources = (["Prompts"] if getattr(model, "tokenizer", None) is not None else []) + (
+    ["Repeated tokens"] if is_lm and max_half >= 2 else []
+)
+if ids_only and "Repeated tokens" in sources:  # what induction models were trained on
+    sources.reverse()
+source = st.radio("Inputs", sources, horizontal=True, key=f"causal_source::{spec}")
 clean = corrupted = metric = None
 
 if source == "Repeated tokens":
     col1, col2 = st.columns(2)
-    half = col1.number_input("Half length", 2, max(2, ((model.n_ctx or 41) - 1) // 2), 10, key="causal_half")
+    half = col1.number_input("Half length", 2, max_half, min(10, max_half), key=f"causal_half::{spec}")
     seed = col2.number_input("Seed", 0, 10_000, 0, key="causal_seed")
     with common.guard():
         clean, corrupted = repeated_tokens_pair(model, int(half), batch=4, seed=int(seed))
@@ -42,22 +48,38 @@ if source == "Repeated tokens":
             "Clean `[BOS, r, r]` vs corrupted `[BOS, s, r]`; metric: mean log-prob of the second copy."
         )
         metric = second_half_logprob(clean)
-else:
-    clean = st.text_input("Clean prompt", common.DEFAULT_TEXT, key="causal_clean")
+elif source == "Prompts":
+    suffix = f"::{spec}" if ids_only else ""  # id names differ per model; English prompts are shared
+    clean = st.text_input(
+        "Clean prompt",
+        viz.sample_text(model, 0) if ids_only else common.DEFAULT_TEXT,
+        key="causal_clean" + suffix,
+    )
     corrupted = st.text_input(
-        "Corrupted prompt", common.DEFAULT_TEXT.replace("John gave", "Mary gave"), key="causal_corrupted"
+        "Corrupted prompt",
+        viz.sample_text(model, 1) if ids_only else common.DEFAULT_TEXT.replace("John gave", "Mary gave"),
+        key="causal_corrupted" + suffix,
     )
     choices = ["logit difference", "probability", "KL from clean"] if is_lm else ["cosine to clean"]
-    kind = st.selectbox("Metric", choices, key=f"causal_metric::{model.name}")
+    if ids_only and is_lm:
+        choices = ["KL from clean", "logit difference", "probability"]
+    kind = st.selectbox("Metric", choices, key=f"causal_metric::{spec}")
     with common.guard():
         if kind in ("logit difference", "probability"):
             tok = model.tokenizer
-            correct = st.text_input("Correct answer token", " Mary", key="causal_correct")
-            incorrect = st.text_input("Incorrect answer token", " John", key="causal_incorrect")
+            correct = st.text_input(
+                "Correct answer token", "t0" if ids_only else " Mary", key="causal_correct" + suffix
+            )
+            incorrect = st.text_input(
+                "Incorrect answer token", "t1" if ids_only else " John", key="causal_incorrect" + suffix
+            )
             ids = [tok.convert_tokens_to_ids(tok.tokenize(t))[:1] or [0] for t in (correct, incorrect)]
             metric = P.logit_diff(ids[0][0], ids[1][0]) if kind == "logit difference" else P.prob(ids[0][0])
         else:
             metric = P.kl() if kind == "KL from clean" else P.cosine()
+else:
+    st.info(f"{model.name} has no tokenizer and no logits: there is no input to patch on this page.")
+    st.stop()
 
 sites = P.describe_sites(model)
 site = st.selectbox(
@@ -69,34 +91,44 @@ site = st.selectbox(
 )
 
 if st.button("Run patching", type="primary", key="causal_run") and metric is not None and clean is not None:
-    with common.guard():
-        bar = st.progress(0.0, text="patching...")
-        exact = P.patch(
-            model,
-            clean,
-            corrupted,
-            site,
-            metric,
-            progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} patches"),
-        )
-        estimate = attribution_patching.attribution_patch(model, clean, corrupted, site, metric, exact=exact)
+    st.session_state.pop("causal_result", None)  # an error below must not leave the old plots up
+    bar = st.progress(0.0, text="patching...")
+    try:
+        with common.guard():
+            exact = P.patch(
+                model,
+                clean,
+                corrupted,
+                site,
+                metric,
+                progress=lambda done, total: bar.progress(done / total, text=f"{done}/{total} patches"),
+            )
+            estimate = attribution_patching.attribution_patch(
+                model, clean, corrupted, site, metric, exact=exact
+            )
+            try:
+                edges = attribution_patching.attribution_patch_edges(model, clean, corrupted, metric)
+            except InputError as err:  # e.g. post-LN models: edges have no additive scores
+                edges = str(err)
+            st.session_state["causal_result"] = (spec, exact, estimate, edges)
+    finally:
         bar.empty()
-        try:
-            edges = attribution_patching.attribution_patch_edges(model, clean, corrupted, metric)
-        except InputError as err:  # e.g. post-LN models: edges have no additive scores
-            edges = str(err)
-        st.session_state["causal_result"] = (model.name, exact, estimate, edges)
 
 stored = st.session_state.get("causal_result")
-if stored and stored[0] == model.name:
+if stored and stored[0] == spec:
     _, exact, estimate, edges = stored
     st.caption(
         f"metric clean {exact.metric_clean:.4g}, corrupted {exact.metric_corrupted:.4g}; "
         f"AtP vs exact: Pearson r = {estimate.agreement:.3f}"
     )
     left, right = st.columns(2)
-    left.plotly_chart(exact.figure(title="Activation patching (exact)"), key="causal_exact")
-    right.plotly_chart(estimate.figure(title="Attribution patching (estimate)"), key="causal_atp")
+    figures = (
+        exact.figure(title="Activation patching (exact)"),
+        estimate.figure(title="Attribution patching (estimate)"),
+    )
+    viz.share_color_range(*figures)  # side by side, one colour means one value
+    left.plotly_chart(figures[0], key="causal_exact")
+    right.plotly_chart(figures[1], key="causal_atp")
     st.dataframe(
         {"patch": [n for n, _ in exact.top(8)], "metric": [v for _, v in exact.top(8)]}, hide_index=True
     )

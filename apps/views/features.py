@@ -46,15 +46,11 @@ def test_set() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def progress_callback(label: str):
-    """A ``callback(done, total)`` for the library that drives an ``st.progress`` bar."""
-    bar = st.progress(0.0, text=label)
-
-    def update(done: int, total: int) -> None:
-        if done == total or done % 8 == 0:
-            bar.progress(done / total, text=f"{label}: {done}/{total}")
-
-    return update
+@st.cache_resource(show_spinner=False)
+def shared_results() -> dict:
+    """Results computed once per server process and shared by every session: the optimized
+    images and top examples are deterministic in their settings (fixed seeds)."""
+    return {}
 
 
 def gallery(model: interp.HookedModel, name: str) -> None:
@@ -72,13 +68,13 @@ def gallery(model: interp.HookedModel, name: str) -> None:
     steps = columns[1].slider("Optimization steps", 16, 512, 128, step=16, key="features_steps")
     param = columns[2].selectbox("Parameterization", ["pixel", "fourier"], key="features_param")
     key = (name, layer, steps, param)
-    store = st.session_state.setdefault("features_results", {})
+    store = shared_results()
     if key not in store:
         with common.guard():
-            vis = fv.visualize(
-                model, layer, steps=steps, param=param, callback=progress_callback("Optimizing")
-            )
-            top = ex.top_k(model, x, layer, k=6, callback=progress_callback("Dataset examples"))
+            with common.progress("Optimizing") as callback:
+                vis = fv.visualize(model, layer, steps=steps, param=param, callback=callback)
+            with common.progress("Dataset examples") as callback:
+                top = ex.top_k(model, x, layer, k=6, callback=callback)
             store[key] = (vis, top)
     if key not in store:
         return
@@ -136,22 +132,22 @@ def token_attributions() -> None:
         )
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
         st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{delta}")
-        st.iframe(result.html(0), height="content", alt="token attributions")
+        common.embed(result.html(0), alt="token attributions")
         st.plotly_chart(result.figure(0), key="features_token_attr")
 
 
 def unit_contexts(model: interp.HookedModel, layer: str, reduce_by: str) -> ex.TopExamples | None:
     """Every unit's top contexts in ``layer`` over the built-in sample set, computed once per model
     and layer (so picking another unit is instant); None after showing an error."""
-    store = st.session_state.setdefault("features_contexts", {})
+    store = shared_results()
     key = (common.current_spec(), layer, reduce_by)
     if key not in store:
         with common.guard():
             inputs = ex.sample_inputs(model)
-            bar = progress_callback(f"Top contexts of every unit of {layer}")
-            store[key] = ex.top_k(
-                model, inputs, layer, k=CONTEXTS, reduce_by=reduce_by, batch_size=8, callback=bar
-            )
+            with common.progress(f"Top contexts of every unit of {layer}") as callback:
+                store[key] = ex.top_k(
+                    model, inputs, layer, k=CONTEXTS, reduce_by=reduce_by, batch_size=8, callback=callback
+                )
     return store.get(key)
 
 
@@ -205,11 +201,7 @@ def show_contexts(top: ex.TopExamples, unit: int, k: int, noun: str) -> None:
         + (" The view pages 5 contexts at a time ('Samples per page' shows more)." if k > 5 else "")
     )
     with common.guard():
-        st.iframe(
-            top.samples_html(unit, k=k, unit_name=noun),
-            height="content",
-            alt=f"top contexts of {noun} {unit}",
-        )
+        common.embed(top.samples_html(unit, k=k, unit_name=noun), alt=f"top contexts of {noun} {unit}")
 
 
 st.title("Features")

@@ -53,6 +53,11 @@ st.caption(
     "A linear probe per hook point, scored on a held-out quarter; the control task (Hewitt & Liang 2019) "
     "gives each input type a random label, and selectivity = accuracy - control accuracy."
 )
+st.info(
+    "This page uses its own models and data (the digits CNN on its test images, or MiniLM on "
+    "templated sentences), not the sidebar's model and text.",
+    icon="ℹ️",
+)
 task = TASKS[st.selectbox("Property", list(TASKS), key="probe_task")]
 model = None
 with common.guard(), st.spinner("Loading the model..."):
@@ -71,12 +76,18 @@ labels_from = right.radio("labels", ["the property", "random (sanity check)"], k
 if not names:
     st.info("Choose at least one hook point.")
     st.stop()
-if not st.button("Fit probes", type="primary", key="probe_run") and not st.session_state.get("probe_ran"):
-    st.info("Choose the property, hook points and settings, then fit the probes.")
+settings = (task, tuple(names), float(C), bool(control), int(n), labels_from)
+if st.button("Fit probes", type="primary", key="probe_run"):
+    st.session_state["probe_fitted"] = settings
+if st.session_state.get("probe_fitted") != settings:  # fit only on the button, never on a change
+    st.info(
+        "Choose the property, hook points and settings, then fit the probes."
+        if "probe_fitted" not in st.session_state
+        else "The settings changed since the last fit: press **Fit probes** to fit them."
+    )
     st.stop()
-st.session_state["probe_ran"] = True
 with common.guard(), st.spinner("Capturing and fitting probes..."):
-    sweep = run_sweep(task, tuple(names), float(C), bool(control), int(n), labels_from)
+    sweep = run_sweep(*settings)
     st.plotly_chart(sweep.figure())
     st.dataframe(
         {

@@ -3,6 +3,9 @@ checkpoints (nothing retrained), and a button that re-runs the fast version with
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import common
 import pandas as pd
 import streamlit as st
@@ -13,7 +16,7 @@ from interp.progress import report_progress
 st.title("Reproductions")
 st.markdown(
     "Published circuit findings reproduced on the zoo's models, our number next to the paper's. "
-    "The table below analyses the shipped checkpoints; **Re-run fast** retrains small versions here."
+    "The table below analyses the shipped checkpoints, with nothing retrained."
 )
 
 
@@ -35,26 +38,44 @@ def show(report: reproductions.Report) -> None:
     (st.success if report.passed else st.error)(
         f"{report.finding}{' (fast)' if report.fast else ''}: {verdict}"
     )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    st.table(pd.DataFrame(rows).set_index("quantity"))  # a table wraps long cells; none is cut
     for title, figure in report.figures:
         st.plotly_chart(figure, key=f"{report.finding}-{report.fast}-{title}")
     for title, html in report.views:
         st.caption(title)
-        st.iframe(html, height="content")
+        common.embed(html, alt=title)
     with st.expander("Models, seeds and notes"):
         st.json(report.models, expanded=False)
         for note in report.notes:
             st.markdown(f"- {note}")
 
 
+def session_dir() -> str:
+    """A temporary folder for this browser session's report files, made on first use."""
+    if "reproduction_dir" not in st.session_state:
+        st.session_state["reproduction_dir"] = tempfile.mkdtemp(prefix="interp-reports-")
+    return st.session_state["reproduction_dir"]
+
+
 finding = st.selectbox("Finding", reproductions.FINDINGS, key="reproduction_finding")
 fast_key = f"fast_report::{finding}"
 
-if st.button("Re-run fast version", help="Retrains small models here; takes a minute or two on a CPU."):
+left, right = st.columns([1, 3])
+right.caption(
+    "Runs the reproduction again with its fast budgets (fewer samples, looser bounds) and the same "
+    "checks. It reuses the shipped checkpoints and trains only models that have none; to retrain "
+    "a model from scratch, run `interp zoo train NAME --fast --out DIR`. The report files go to a "
+    "temporary folder of this session, not into the checkout."
+)
+if left.button("Re-run fast version", key="reproduction_fast"):
+    st.session_state.pop(fast_key, None)
     bar = st.progress(0.0, text="starting")
-    with common.guard(), report_progress(lambda done, what: bar.progress(done, text=what or "working")):
-        st.session_state[fast_key] = reproductions.run(finding, fast=True, quiet=True)
-    bar.empty()
+    try:
+        with common.guard(), report_progress(lambda done, what: bar.progress(done, text=what or "working")):
+            out = Path(session_dir()) / finding
+            st.session_state[fast_key] = reproductions.run(finding, fast=True, out_dir=out, quiet=True)
+    finally:
+        bar.empty()
 
 if fast_key in st.session_state:
     st.subheader("Fast re-run")

@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="the models trained here")
     zoo_sub = zoo.add_subparsers(title="zoo commands", metavar="ZOO_COMMAND")
+    zoo.set_defaults(run=lambda _args: zoo.print_help() or 0)  # `interp zoo` alone: its own help
     zoo_list = zoo_sub.add_parser("list", help="list zoo models and their recorded metrics")
     zoo_list.set_defaults(run=_zoo_list)
     zoo_train = zoo_sub.add_parser(
@@ -211,6 +212,8 @@ def _zoo_list(args: argparse.Namespace) -> int:
             else "  (no checkpoint: run `interp zoo train " + entry["name"] + "`)"
         )
         print(f"zoo:{entry['name']:<18} {entry['kind']:<11} {entry['description']}{mark}")
+        if entry["metrics"]:
+            print("    recorded: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items()))
     return 0
 
 

@@ -519,6 +519,15 @@ def concrete_numel(shape: Sequence[Dim], sizes: Mapping[str, int]) -> int:
     return numel
 
 
+def format_bytes(n: int | float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it >= 1 (``"3.0 MiB"``, ``"512 bytes"``),
+    so small budgets and estimates do not all read as ``0.00 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
 def check_budget(
     sites: Sequence[HookSite], sizes: Mapping[str, int], itemsize: int, budget: int | None, with_grads: bool
 ) -> int:
@@ -529,9 +538,9 @@ def check_budget(
     if estimate > budget:
         biggest = sorted(per_site, key=per_site.get, reverse=True)[:3]
         raise CaptureTooLargeError(
-            f"This capture would hold about {estimate / 2**30:.2f} GiB of activations "
+            f"This capture would hold about {format_bytes(estimate)} of activations "
             f"({len(per_site)} hook points{' plus their gradients' if with_grads else ''}; "
-            f"largest: {', '.join(biggest)}) but the memory budget is {budget / 2**30:.2f} GiB. "
+            f"largest: {', '.join(biggest)}) but the memory budget is {format_bytes(budget)}. "
             "Ways out: capture fewer names (e.g. names='blocks.*.hook_resid_post'), run smaller batches, "
             "or stream to disk with interp.capture_to_disk(...) / `interp capture`. "
             "Raise the budget with memory_budget=... or $INTERP_MEMORY_BUDGET if you have the RAM."

@@ -759,6 +759,8 @@ def _locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             held = True
+            if os.fstat(handle.fileno()).st_ino != _inode(out / LOCK):  # a writer unlinked it as we opened
+                raise OSError(errno.EWOULDBLOCK, "the lock file was replaced")
         except OSError as err:
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise InputError(
@@ -772,8 +774,16 @@ def _locked(out: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            if held:
+            if held:  # remove the file while still holding it, so no 0-byte .lock is left behind
+                (out / LOCK).unlink(missing_ok=True)
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _now() -> str:

@@ -23,6 +23,9 @@ import numpy as np
 from interp.errors import InputError
 
 MAX_TICKS = 64  # beyond this many tokens an axis labels every k-th one
+# circuitsvis's all-heads view draws every head at every (query, key) pair: at 300 MiniLM tokens it
+# froze the browser for 46 s (a 16 MB page). Up to this many tokens it stays interactive.
+MAX_ATTENTION_VIEW_TOKENS = 128
 Dim = int | str
 
 
@@ -214,3 +217,60 @@ def attention_heads_html(
         mask_upper_tri=causal,
     )
     return rendered.local_src
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs for models whose tokens are ids
+# ----------------------------------------------------------------------------------------------
+
+
+def is_id_vocabulary(model: Any) -> bool:
+    """True when ``model`` reads token ids named ``t0, t1, ...`` (zoo transformers), not text."""
+    return bool(getattr(getattr(model, "tokenizer", None), "is_id_vocabulary", False))
+
+
+def sample_text(model: Any, seed: int = 0, half: int = 12) -> str | None:
+    """An input in the id names of a zoo transformer, of the kind it was trained on; None for a
+    model with a text tokenizer (type English for those).
+
+    A vocabulary with an ``=`` token (modular addition) gets one ``"tA tB ="`` question; any other
+    gets ``half`` random ordinary tokens repeated once (``"t5 t9 ... t5 t9 ..."``), the input on
+    which induction heads show (BOS is prepended by the tokenizer where the model uses one).
+    Deterministic in ``seed``; the result fits the model's context.
+    """
+    if not is_id_vocabulary(model):
+        return None
+    vocab = model.tokenizer
+    rng = np.random.default_rng(seed)
+    ordinary = [name for name in vocab.names if name[1:].isdigit() and name.startswith("t")]
+    if "=" in vocab.ids:
+        a, b = rng.choice(ordinary, size=2)
+        return f"{a} {b} ="
+    n_ctx = getattr(model, "n_ctx", None) or 2 * half + 1
+    room = (n_ctx - (1 if getattr(vocab, "add_bos", False) else 0)) // 2
+    half = max(1, min(half, room, len(ordinary)))
+    first = list(rng.choice(ordinary, size=half, replace=False))
+    return " ".join(first + first)
+
+
+def share_color_range(*figures: Any) -> tuple[float, float]:
+    """Give every heatmap in ``figures`` one colour range, so figures shown side by side read alike.
+
+    The range is symmetric about 0 (``[-m, m]``, ``m`` the largest finite ``|z|`` over all of
+    them) when the values have both signs, else ``[min, max]`` over all of them (patched metric
+    values, all negative log-probs say, keep their contrast). Changes the figures in place and
+    returns the range.
+    """
+    heatmaps = [trace for fig in figures for trace in fig.data if trace.type == "heatmap"]
+    values = [np.asarray(t.z, dtype=np.float64) for t in heatmaps]
+    finite = np.concatenate([v[np.isfinite(v)].ravel() for v in values]) if values else np.zeros(0)
+    if finite.size == 0:
+        return (0.0, 1.0)
+    if finite.min() < 0 < finite.max():
+        m = float(np.abs(finite).max())
+        low, high, mid = -m, m, 0.0
+    else:
+        low, high, mid = float(finite.min()), float(finite.max()), None
+    for trace in heatmaps:
+        trace.update(zmin=low, zmax=high, zmid=mid, zauto=False)
+    return (low, high)

@@ -659,7 +659,10 @@ class AttackProbe:
 
         fig = make_subplots(rows=1, cols=3, subplot_titles=(
             "activation divergence", "probe accuracy", "restoration by patching clean"))  # fmt: skip
-        x = self.names
+        # Three panels side by side leave ~1/3 of the width per axis: the common ".hook_out" suffix
+        # goes into the axis title, and the labels are tilted, so they do not overlap.
+        suffix = ".hook_out" if all(n.endswith(".hook_out") for n in self.names) else ""
+        x = [n.removesuffix(suffix) for n in self.names] if suffix else list(self.names)
         fig.add_scatter(
             x=x, y=self.divergence.tolist(), mode="lines+markers", name="relative L2", row=1, col=1
         )
@@ -675,8 +678,13 @@ class AttackProbe:
         frac = self.config.get("topk_frac")
         fig.add_scatter(x=x, y=self.restoration_topk.tolist(), mode="lines+markers",
                         name=f"patch top {frac:.0%} units", row=1, col=3)  # fmt: skip
-        fig.update_layout(height=420, title=f"Clean vs adversarial: accuracy {self.accuracy_clean:.2f} -> "
+        fig.update_layout(height=460, title=f"Clean vs adversarial: accuracy {self.accuracy_clean:.2f} -> "
                           f"{self.accuracy_adv:.2f}")  # fmt: skip
+        fig.update_xaxes(
+            tickangle=-45,
+            tickfont_size=11,
+            title_text=f"hook point (name{suffix})" if suffix else "hook point",
+        )
         return fig
 
 

@@ -195,7 +195,7 @@ class TopExamples:
         k = len(self.str_tokens[r]) if k is None else k
         if not isinstance(k, int) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
-        tokens = [[str(t) for t in strs] for strs in self.str_tokens[r][:k]]
+        tokens = [readable_tokens([str(t) for t in strs]) for strs in self.str_tokens[r][:k]]
         values = [np.round(np.asarray(m, dtype=float), 4).tolist() for m in self.maps[r][:k]]
         view = topk_samples(
             [[tokens]],
@@ -206,6 +206,25 @@ class TopExamples:
             first_dimension_labels=[str(unit)],
         )
         return view.local_src
+
+
+def readable_tokens(tokens: Sequence[str]) -> list[str]:
+    """Tokens as they read when drawn side by side: a space before each word.
+
+    Byte-level tokens (GPT-2's ``" cat"``) carry their own spaces and are kept; otherwise
+    (WordPiece's ``"the"``, ``"##ing"``, or id names ``"t3"``) each token gets a leading space,
+    except WordPiece continuations, which join the previous token without their ``##``.
+    """
+    tokens = list(tokens)
+    if any(t[:1].isspace() for t in tokens):
+        return tokens
+    out = []
+    for i, t in enumerate(tokens):
+        if t.startswith("##") and len(t) > 2:
+            out.append(t[2:])
+        else:
+            out.append(t if i == 0 else " " + t)
+    return out
 
 
 def top_k(

@@ -44,17 +44,24 @@ __all__ = [
 
 
 def describe() -> list[dict[str, Any]]:
-    """One dict per zoo model: name, kind, description, input, has_checkpoint."""
+    """One dict per zoo model: name, kind, description, input, has_checkpoint, and ``metrics``:
+    the scalar final metrics its shipped JSON records (empty without a checkpoint)."""
     out = []
     for name in ZOO_NAMES:
         recipe = get_recipe(name)
+        has = _ckpt.weights_path(name).is_file() and _ckpt.metadata_path(name).is_file()
+        recorded = _ckpt.read_metadata(name).get("metrics", {}) if has else {}
+        metrics = {
+            k: v for k, v in recorded.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
         out.append(
             {
                 "name": name,
                 "kind": recipe.kind,
                 "description": recipe.description,
                 "input": recipe.input,
-                "has_checkpoint": _ckpt.weights_path(name).is_file() and _ckpt.metadata_path(name).is_file(),
+                "has_checkpoint": has,
+                "metrics": metrics,
             }
         )
     return out
