@@ -19,9 +19,11 @@ epochs on a GPU; to keep each model to about a minute of one CPU core the zoo us
 (4 heads of 16, MLP 256) and 2,000 epochs, which is well past the point where test accuracy reaches 100%
 for both α = 0 and α = 1 (recorded in each checkpoint's history).
 
-Module names are the hook names: ``embed`` (token embeddings, ``[batch, 2, d_model]``; gradient
-symmetricity differentiates with respect to it), ``attn.pattern`` (``[batch, head, query, key]``),
-``attn.z``, ``mlp.post`` (the ReLU output) and ``resid_post``.
+Module paths name the hook points (``interp.load("zoo:clock-pizza-a1")`` exposes them as
+``PATH.hook_in`` / ``PATH.hook_out``): ``embed`` (token embeddings, ``[batch, 2, d_model]``; gradient
+symmetricity differentiates with respect to them), ``attn.pattern`` (``[batch, head, query, key]``),
+``attn.z``, ``mlp.post`` (the ReLU output) and ``resid_post``. ``interp.load`` feeds module models
+float tensors, so float token ids are accepted if they are whole numbers in 0..p-1.
 """
 
 from __future__ import annotations
