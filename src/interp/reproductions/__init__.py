@@ -16,6 +16,9 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
   twin (Elhage et al. 2022).
 * ``icl-gd``: one linear self-attention layer trained on in-context linear regression implements one
   step of gradient descent, weights and all (von Oswald et al. 2023; Mahankali et al. 2023).
+* ``clock-pizza``: modular addition learned by two algorithms, Clock with standard attention and
+  Pizza with constant attention, told apart by gradient symmetricity and distance irrelevance
+  (Zhong et al. 2023).
 
 The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
 smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
@@ -31,12 +34,13 @@ from pathlib import Path
 from interp.errors import InputError, closest
 from interp.reproductions.report import Check, Report
 
-FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial", "icl-gd")
+FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial", "icl-gd", "clock-pizza")
 _ALIASES = {
     "induction-heads": "induction",
     "induction_heads": "induction",
     "tms": "superposition",
     "icl_gd": "icl-gd",
+    "clock_pizza": "clock-pizza",
 }
 
 __all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]

@@ -25,6 +25,8 @@ _MODULES: dict[str, str] = {
     "digits-cnn": "interp.models.zoo.digits",
     "digits-softmax": "interp.models.zoo.digits",
     "icl-gd": "interp.models.zoo.icl_gd",
+    "clock-pizza-a1": "interp.models.zoo.clock_pizza",
+    "clock-pizza-a0": "interp.models.zoo.clock_pizza",
 }
 
 ZOO_NAMES: tuple[str, ...] = tuple(_MODULES)

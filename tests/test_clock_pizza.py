@@ -1,0 +1,280 @@
+"""clock-pizza: the α-attention transformer, the paper's metrics, and the reproduction.
+
+The forward pass is checked against a numpy loop, the metrics against per-example loops and
+synthetic models whose answers are known (a logit that depends only on a - b has distance
+irrelevance 0; one that ignores a - b has 1); the reproduction passes on the shipped models and fails
+on untrained ones. Retraining (the fast α ∈ {0, 1} grid, ~1 min of CPU, and the faithful
+α ∈ {0, 0.5, 1} × 2 seeds grid) is ``slow``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import interp
+from interp import reproductions
+from interp.errors import CheckpointError, InputError
+from interp.models import zoo
+from interp.models.zoo import clock_pizza as cp
+from interp.models.zoo.checkpoint import CHECKPOINT_DIR
+from interp.reproductions import clock_pizza as repro
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL = {"p": 7, "d_model": 8, "n_heads": 2}
+
+
+def _small(alpha: float, seed: int = 0) -> cp.ClockPizzaTransformer:
+    torch.manual_seed(seed)
+    model = cp.build({**cp.CONFIG, **SMALL, "alpha": alpha}).double()
+    with torch.no_grad():
+        model.mlp.b_in.normal_()
+        model.mlp.b_out.normal_()
+    return model.eval()
+
+
+def _reference_logits(model: cp.ClockPizzaTransformer, a: int, b: int) -> np.ndarray:
+    """Last-position logits for (a, b), one head and one position at a time in numpy."""
+    w = {k: v.detach().numpy() for k, v in model.named_parameters()}
+    x = np.stack([w["W_E"][a] + w["W_pos"][0], w["W_E"][b] + w["W_pos"][1]])
+    out = x[1].copy()
+    for h in range(w["attn.W_Q"].shape[0]):
+        q = x[1] @ w["attn.W_Q"][h]
+        k = x @ w["attn.W_K"][h]
+        v = x @ w["attn.W_V"][h]
+        s = k @ q / math.sqrt(q.shape[0])
+        soft = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        pattern = model.alpha * soft + (1 - model.alpha) * np.ones(2)
+        out += (pattern @ v) @ w["attn.W_O"][h]
+    hidden = np.maximum(out @ w["mlp.W_in"] + w["mlp.b_in"], 0)
+    out = out + hidden @ w["mlp.W_out"] + w["mlp.b_out"]
+    return out @ w["W_U"]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_forward_matches_a_hand_computation(alpha):
+    model = _small(alpha)
+    tokens = cp.all_pairs(7)
+    expected = np.stack([_reference_logits(model, int(a), int(b)) for a, b in tokens])
+    with torch.no_grad():
+        np.testing.assert_allclose(model.last_logits(tokens).numpy(), expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(model(tokens)[:, -1].numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_pattern_is_alpha_softmax_plus_constant():
+    model = _small(0.25)
+    seen = {}
+    model.attn.pattern.register_forward_hook(lambda m, i, o: seen.setdefault("pattern", o))
+    with torch.no_grad():
+        model(cp.all_pairs(7))
+    pattern = seen["pattern"]  # [batch, head, query, key]
+    assert torch.allclose(pattern.sum(-1), torch.full_like(pattern[..., 0], 0.25 + 0.75 * 2))
+    assert bool((pattern >= 0.75).all()) and bool((pattern <= 1.0).all())
+
+
+def test_bad_tokens_and_alpha_are_clear_errors():
+    model = _small(1.0)
+    with pytest.raises(InputError, match="0..6"):
+        model(torch.tensor([[0, 7]]))
+    with pytest.raises(InputError, match="whole numbers"):
+        model(torch.tensor([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match="alpha"):
+        cp.build({**cp.CONFIG, **SMALL, "alpha": 1.5})
+
+
+def test_split_is_seeded_and_disjoint():
+    cfg = {**cp.CONFIG, "data_seed": 3}
+    train, test = cp.split(cfg)
+    assert len(train) == int(59 * 59 * 0.8) and len(train) + len(test) == 59 * 59
+    assert not set(train.tolist()) & set(test.tolist())
+    assert torch.equal(cp.split(cfg)[0], train) and not torch.equal(
+        cp.split({**cfg, "data_seed": 4})[0], train
+    )
+
+
+# --------------------------------------------------------------------------------------- metrics
+
+
+def test_gradient_symmetricity_matches_a_per_triple_loop():
+    model = _small(1.0)
+    p = model.p
+    triples = random.Random(5).sample(range(p**3), 20)
+    cosines = []
+    for t in triples:  # the authors' way: one backward per triple
+        a, b, c = t // (p * p), (t // p) % p, t % p
+        emb = model.W_E[torch.tensor([[a, b]])].detach().requires_grad_(True)
+        model.from_embeddings(emb)[0, c].backward()
+        g = emb.grad[0]
+        cosines.append(float(g[0] @ g[1] / (g[0].norm() * g[1].norm())))
+    got = repro.gradient_symmetricity(model, n_triples=20, seed=5)
+    assert got == pytest.approx(float(np.mean(cosines)), abs=1e-10)
+
+
+class _TableModel(nn.Module):
+    """A stand-in whose correct-answer logit is ``f(a, b)`` (other logits 0)."""
+
+    def __init__(self, p: int, f) -> None:
+        super().__init__()
+        self.p, self.f = p, f
+
+    def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(tokens), self.p, dtype=torch.float64)
+        a, b = tokens[:, 0], tokens[:, 1]
+        out[torch.arange(len(tokens)), (a + b) % self.p] = self.f(a, b).double()
+        return out
+
+
+def test_distance_irrelevance_on_known_tables():
+    p = 11
+    only_distance = _TableModel(p, lambda a, b: torch.cos(2 * math.pi * ((a - b) % p) / p))
+    no_distance = _TableModel(p, lambda a, b: torch.sin(2 * math.pi * ((a + b) % p) / p))
+    assert repro.distance_irrelevance(only_distance) == pytest.approx(0.0, abs=1e-12)
+    assert repro.distance_irrelevance(no_distance) == pytest.approx(1.0, abs=1e-12)
+    dep = repro.distance_dependence(only_distance)
+    assert dep["r2"] == pytest.approx(1.0) and dep["symmetry"] == pytest.approx(1.0)  # cos is even in a - b
+    # the table layout: row (a + b) mod p, column (a - b) mod p
+    table = repro.correct_logit_table(_TableModel(p, lambda a, b: (a * 100 + b).double()))
+    assert table[(3 + 5) % p, (3 - 5) % p] == 305
+
+
+def test_circularity_of_a_circle_and_of_noise():
+    p = 59
+    x = torch.arange(p, dtype=torch.float64)
+    circle = torch.stack([torch.cos(2 * math.pi * 7 * x / p), torch.sin(2 * math.pi * 7 * x / p)], dim=1)
+    model = _TableModel(p, None)
+    model.W_E = torch.cat([circle, 1e-3 * torch.randn(p, 6, generator=torch.Generator().manual_seed(0))], 1)
+    assert repro.circularity(model, n_components=2) == pytest.approx(1.0, abs=1e-4)
+    model.W_E = torch.randn(p, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert repro.circularity(model) < 0.5
+
+
+# ------------------------------------------------------------------------------- reproduction
+
+
+def test_shipped_models_are_clock_and_pizza(tmp_path):
+    """The default-suite check: the shipped α = 1 / α = 0 models, nothing retrained (seconds)."""
+    start = time.perf_counter()
+    report = repro.reproduce(fast=True, retrain=False)
+    assert report.passed, report.table()
+    by_name = {c.quantity: c.value for c in report.checks}
+    assert by_name["shipped α = 0 (Pizza): gradient symmetricity"] > 0.98
+    assert by_name["shipped α = 1 (Clock): gradient symmetricity"] < 0.5
+    report.write(tmp_path)
+    assert "Plotly" in (tmp_path / "report.html").read_text()
+    assert len(report.figures) == 3
+    print(f"clock-pizza shipped analysis: {time.perf_counter() - start:.1f} s")
+
+
+def test_shipped_checkpoints_reproduce_their_recorded_metrics():
+    for name in (repro.CLOCK, repro.PIZZA):
+        model, meta = zoo.load_zoo(name)
+        assert zoo.evaluate(name, model) == pytest.approx(meta["metrics"], rel=1e-6)
+        assert meta["metrics"]["test_acc"] == 1.0 and meta["seed"] == 0
+        assert meta["config"]["alpha"] == (1.0 if name == repro.CLOCK else 0.0)
+
+
+def test_untrained_models_fail():
+    models = {n: zoo.build(n) for n in (repro.CLOCK, repro.PIZZA)}
+    report = repro.reproduce(fast=True, models=models, retrain=False)
+    assert not report.passed
+    failed = {c.quantity for c in report.failures}
+    assert "shipped α = 0: accuracy on all 59² pairs" in failed
+    assert "shipped α = 0 (Pizza): gradient symmetricity" in failed
+    assert "α = 0 (Pizza): share of correct-logit variance explained by a - b" in failed
+
+
+def test_swapped_models_fail():
+    """Pizza in the Clock slot (and vice versa) misses the metrics: they do tell the algorithms apart."""
+    clock, pizza = zoo.load_zoo(repro.CLOCK)[0], zoo.load_zoo(repro.PIZZA)[0]
+    report = repro.reproduce(fast=True, models={repro.CLOCK: pizza, repro.PIZZA: clock}, retrain=False)
+    failed = {c.quantity for c in report.failures}
+    assert "shipped α = 0 (Pizza): gradient symmetricity" in failed
+    assert "shipped α = 1 (Clock): distance irrelevance" in failed
+
+
+def test_typo_suggests_the_finding():
+    with pytest.raises(InputError, match="Did you mean 'clock-pizza'"):
+        reproductions.run("clock-piza")
+    assert reproductions.resolve("CLOCK_PIZZA") == "clock-pizza"
+
+
+def test_missing_or_corrupt_checkpoint_says_how_to_retrain(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERP_ZOO_DIR", str(tmp_path))
+    with pytest.raises(CheckpointError, match="interp zoo train clock-pizza-a1"):
+        repro.reproduce(fast=False, retrain=False)
+    for name in (repro.CLOCK, repro.PIZZA):
+        shutil.copy(CHECKPOINT_DIR / f"{name}.json", tmp_path)
+        shutil.copy(CHECKPOINT_DIR / f"{name}.safetensors", tmp_path)
+    (tmp_path / f"{repro.PIZZA}.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="interp zoo train clock-pizza-a0"):
+        repro.reproduce(fast=False, retrain=False)
+
+
+def test_loads_with_hooks():
+    model = interp.load("zoo:clock-pizza-a0")
+    tokens = torch.tensor([[3, 5], [58, 58]])
+    out, cache = model.run_with_cache(tokens)
+    assert out[:, -1].argmax(-1).tolist() == [8, 57]
+    assert cache["attn.pattern.hook_out"].shape == (2, 4, 2, 2)
+    assert torch.allclose(cache["attn.pattern.hook_out"], torch.ones(2, 4, 2, 2))  # α = 0: constant
+
+
+@pytest.mark.slow
+def test_fast_reproduction_with_retrain_passes(tmp_path):
+    """α ∈ {0, 1} × seed 1 retrained with the fast recipe (1,000 epochs at lr 2e-3), ~1 min of CPU."""
+    start = time.perf_counter()
+    report = reproductions.run("clock-pizza", fast=True, out_dir=tmp_path, quiet=True)
+    assert report.passed, report.table()
+    print(f"fast clock-pizza reproduction: {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.slow
+def test_faithful_reproduction_passes(tmp_path):
+    """Shipped models plus the α ∈ {0, 0.5, 1} × seeds {1, 2} grid with the full recipe."""
+    start = time.perf_counter()
+    report = reproductions.run("clock-pizza", fast=False, out_dir=tmp_path, quiet=True)
+    assert report.passed, report.table()
+    assert sum(name.startswith("clock-pizza-alpha") for name in report.models) == 6
+    print(f"faithful clock-pizza reproduction: {time.perf_counter() - start:.1f} s")
+
+
+def test_reproductions_page_shows_the_table_and_figures():
+    """The explorer's Reproductions page shows clock-pizza's checkpoint table (= from_checkpoints) and figures."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    apps = Path(__file__).resolve().parents[1] / "apps"
+    if str(apps) not in sys.path:
+        sys.path.insert(0, str(apps))
+    at = AppTest.from_file(str(apps / "views" / "reproductions.py"), default_timeout=300)
+    at.session_state["reproduction_finding"] = "clock-pizza"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    expected = reproductions.from_checkpoints("clock-pizza")  # nothing retrained
+    assert expected.passed, expected.table()
+    assert not any(name.startswith("clock-pizza-alpha") for name in expected.models)
+    assert list(at.dataframe[-1].value["quantity"]) == [c.quantity for c in expected.checks]
+    assert len(at.get("plotly_chart")) == len(expected.figures) == 3
+
+
+def test_walk_through_runs(capsys):
+    """analyses/clock_pizza.py's demo part (the reproduction itself is tested above)."""
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "analyses" / "clock_pizza.py"
+    runpy.run_path(str(script), run_name="clock_pizza_demo")["walk_through"]()
+    out = capsys.readouterr().out
+    assert "attn.pattern.hook_out" in out and "Clock with uniform attention patched in" in out
+    assert "Pizza: gradient symmetricity 0.99" in out
