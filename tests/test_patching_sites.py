@@ -289,3 +289,70 @@ def test_dla_at_every_position_equals_per_position_calls(toy, pair):
         assert every.extras[f"{every.labels['pos'][p]} logit diff"] == pytest.approx(float(want), abs=1e-4)
     with pytest.raises(InputError, match="'all'"):
         lens.direct_logit_attribution(toy, clean, 1, 3, pos="every")
+
+
+# --- reuse along the sequence axis ----------------------------------------------------------------
+
+
+def no_prefix_reuse(monkeypatch):
+    monkeypatch.setattr(P, "PREFIX_GROUPS", 1)
+
+
+@pytest.mark.parametrize("which", ["native", "hf"])
+def test_runs_from_the_middle_equal_full_runs(which, toy, gpt2_model, monkeypatch):
+    """On causal models a forward whose patches lie at positions >= s runs positions s.. only, with
+    the earlier keys and values from the corrupted run's cache. Every sweep equals the one that runs
+    whole sequences, for metrics that read one position (unembedding narrowed there too) and for a
+    user metric that reads every position (the skipped positions come from the corrupted run)."""
+    model = toy if which == "native" else gpt2_model
+    torch.manual_seed(2)
+    clean = torch.randint(2, 18, (2, 9))  # the tiny GPT-2's vocabulary has 20 tokens
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 3) % 16 + 2
+    corrupted[:, 6] = (clean[:, 6] + 5) % 16 + 2
+
+    def every_position(logits):  # reads all positions: catches a wrong prefix
+        return logits.log_softmax(-1)[..., 1].mean()
+
+    metrics = {"logit diff": P.logit_diff(clean[:, -1], 3), "every position": every_position}
+    sites = ["head_pos", "head_q_pos", "head_k_pos", "head_v_pos", "head_pattern_pos", "resid_pre", "mlp_out"]
+    results = {}
+    for name, metric in metrics.items():
+        for site in sites:
+            results[name, site] = P.patch(model, clean, corrupted, site, metric).values
+    assert model._suffix_checks[tuple(clean.shape)] is True
+    assert any(key[-1] and ok for key, ok in model._prefix_checks.items())  # a plan verified under the route
+    with monkeypatch.context() as m:
+        no_prefix_reuse(m)
+        for (name, site), values in results.items():
+            full = P.patch(model, clean, corrupted, site, metrics[name]).values
+            assert (values - full).abs().max() <= 1e-5, (name, site)
+
+
+def test_bidirectional_models_and_user_hooks_keep_whole_sequences(minilm, toy, pair):
+    """MiniLM attends both ways, so the check refuses the route; with a user's hooks attached (which
+    see whole sequences) no route is tried, and the sweep analyses the hooked model."""
+    prepared = minilm.prepare("The cat sat on the mat.")
+    assert P._prefix_route(minilm, prepared) is None
+    assert minilm._suffix_checks[tuple(prepared.input_ids.shape)] is False
+    clean, corrupted = pair
+    metric = logit_diff(clean)
+    assert P._prefix_route(toy, toy.prepare(corrupted)) is not None
+
+    def halve_first(act, ctx):
+        act = act.clone()
+        act[:, 0] = act[:, 0] / 2
+        return act
+
+    with toy.hooks([("blocks.0.hook_resid_pre", halve_first)]):
+        assert P._prefix_route(toy, toy.prepare(corrupted)) is None
+        hooked = P.patch(toy, clean, corrupted, "resid_pre", metric, layers=[1], positions=[4])
+        _, cache = toy.run_with_cache(clean, names=["blocks.1.hook_resid_pre"])
+
+        def put(act, ctx):
+            act = act.clone()
+            act[:, 4] = cache["blocks.1.hook_resid_pre"][:, 4]
+            return act
+
+        want = float(metric(toy.run_with_hooks(corrupted, [("blocks.1.hook_resid_pre", put)])))
+    assert hooked.values.flatten()[0] == pytest.approx(want, abs=1e-5)

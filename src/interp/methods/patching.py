@@ -799,7 +799,8 @@ def splice(mask: torch.Tensor, source: torch.Tensor, units: int, view: str = "ve
 
     def hook(act: torch.Tensor, ctx: Any) -> torch.Tensor:
         viewed = rearrange(site_view(act, units, view), "(k b) p u r -> k b p u r", k=copies)
-        new = torch.where(keep, source.to(act.dtype)[None], viewed)
+        n = viewed.shape[2]  # a run from the middle (sweep's prefix reuse) holds the last n positions
+        new = torch.where(keep[:, :, -n:], source.to(act.dtype)[None, :, -n:], viewed)
         return from_site_view(rearrange(new, "k b p u r -> (k b) p u r"), view, act.shape)
 
     return hook
@@ -815,6 +816,7 @@ def sweep(
     copies: int,
     progress: Progress | None = None,
     desc: str = "patching",
+    reuse_prefix: bool = True,
 ) -> torch.Tensor:
     """Run every patch of ``plan_`` on the ``base`` input, ``copies`` patches per forward.
 
@@ -822,31 +824,98 @@ def sweep(
     activation for patching; zeros, a mean or a resample for ablation). Each forward holds patches
     of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). When the
     metric reads one position per prompt (``Metric.positions_read``), the unembedding is computed
-    there alone. Returns the metric per patch, shaped like ``plan_.shape``.
+    there alone.
+
+    On a causal model (checked, ``interp.models.suffix``) with ``reuse_prefix``, a forward whose
+    patches all lie at positions ``>= s`` runs positions ``s..`` only: the earlier ones are those of
+    the plain ``base`` run, whose keys and values are cached once. Patches are then grouped by
+    position (``PREFIX_GROUPS`` ranges per hook) so that each forward skips its group's prefix.
+    Returns the metric per patch, shaped like ``plan_.shape``.
     """
     n_pos = base.input_ids.shape[1]
-    out = torch.empty(len(plan_.patches))
     total = len(plan_.patches)
+    out = torch.empty(total)
     bar = tqdm(total=total, desc=desc, disable=progress is not None or total <= copies, leave=False)
     kept = metric.positions_read()
     narrow = kept is not None and UNEMBED_INPUT in model._sites
     read = metric.at_kept_positions() if narrow else metric
-    start = 0
-    for chunk in chunks_by(plan_.patches, copies, key=lambda patch: patch.hook):
+    kept = None if kept is None else kept % n_pos  # -1: the last position
+    patches = plan_.patches
+    reuse = reuse_prefix and PREFIX_GROUPS > 1 and any(p.pos for p in patches)
+    route = _prefix_route(model, base) if reuse else None
+    order, key = list(range(total)), lambda i: patches[i].hook
+    if route is not None:
+        hook_rank = {h: r for r, h in enumerate(model.hook_names)}
+        order.sort(key=lambda i: (hook_rank[patches[i].hook], patches[i].pos or 0))
+        key = lambda i: (patches[i].hook, (patches[i].pos or 0) * PREFIX_GROUPS // n_pos)  # noqa: E731
+    done = 0
+    for indices in chunks_by(order, copies, key=key):
+        chunk = [patches[i] for i in indices]
+        start = _prefix_length(chunk, kept if narrow else None) if route is not None else 0
         masks = _masks(chunk, plan_, n_pos, base.input_ids.device)
         hooks = [
             (h, splice(m, sources[h], plan_.units[h], plan_.views.get(h, "vector"))) for h, m in masks.items()
         ]
-        with model.keeping_positions(UNEMBED_INPUT, kept) if narrow else nullcontext():
-            output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook)
+        suffix = (route, start) if start > 0 else None
+        model.shares_prefix(base, chunk[0].hook, route if suffix else None)  # checked on whole outputs
+        with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
+            output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix)
+        if suffix is not None and not narrow:  # positions before ``start``: the plain base run's
+            before = route.output[:, :start].repeat(len(chunk), *([1] * (output.ndim - 1)))
+            output = torch.cat([before.to(output), output], dim=1)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))
-        out[start : start + len(chunk)] = read.batched(output).detach().float().cpu()
-        start += len(chunk)
+        out[indices] = read.batched(output).detach().float().cpu()
+        done += len(chunk)
         bar.update(len(chunk))
         if progress is not None:
-            progress(start, total)
+            progress(done, total)
     bar.close()
     return out.reshape(plan_.shape)
+
+
+PREFIX_GROUPS = 4  # position ranges per hook when the prefix is reused (more: less work, more forwards)
+
+
+def _prefix_length(chunk: list[Patch], kept: torch.Tensor | None) -> int:
+    """How many leading positions a forward of ``chunk`` can take from the base run: those before
+    its first patched position (and before every position the narrowed metric reads)."""
+    start = min(patch.pos or 0 for patch in chunk)
+    return start if kept is None else min(start, int(kept.min()))
+
+
+def _hooks_attached(model: HookedModel) -> bool:
+    """Whether any hook other than Hugging Face's own bookkeeping (output capture) sits on a hook site."""
+    for site in model._sites.values():
+        for fn in (*site.module._forward_hooks.values(), *site.module._forward_pre_hooks.values()):
+            owner = getattr(fn, "__module__", None) or getattr(getattr(fn, "func", None), "__module__", "")
+            if not str(owner).startswith(("transformers", "accelerate")):
+                return True
+    return False
+
+
+def _prefix_route(model: HookedModel, base) -> Any:
+    """A verified ``SuffixRoute`` of ``base`` (its keys and values cached), or None.
+
+    None while any hook is attached (a user's hooks see whole sequences; a tail run would shift
+    them) and on models where the route is not exact (bidirectional encoders, other attention
+    code). The verdict is remembered per model kind, batch size and length.
+    """
+    from interp.models.suffix import suffix_route
+
+    if _hooks_attached(model):
+        return None
+    route = suffix_route(model, base)
+    if route is None:
+        return None
+    key, checks = tuple(base.input_ids.shape), model._suffix_checks
+    try:
+        if key not in checks:
+            checks[key] = route.exact()
+        elif checks[key]:
+            route.capture()
+    except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+        checks[key] = False
+    return route if checks[key] else None
 
 
 def chunks_by(items: Sequence, copies: int, key: Callable[[Any], Any]) -> list[list]:

@@ -1,0 +1,247 @@
+"""Reuse along the sequence axis: run only positions ``s..`` of an input, the rest from its cached run.
+
+In a causal model a change at position ``p`` leaves every position before ``p`` as it was. A
+patching sweep runs the corrupted input many times, each patch at some position ``>= s``; all its
+positions before ``s`` equal the plain corrupted run. So those runs can feed the model only the
+tokens ``s..n-1`` and let attention read the keys and values of positions ``< s`` from one cached run
+of the same input. Every hook then holds the last ``n - s`` positions (keys and values on HF models
+hold all ``n``: HF concatenates its cache before the attention hooks), and the output covers
+positions ``s..n-1``.
+
+* HF models: a ``DynamicCache`` built from that run's keys and values, passed to the HF forward
+  (position ids follow from the cache length, as in generation).
+* Native bridges (``boot_native``): each attention runs a copy of ``NativeAttention.forward`` that
+  prepends the cached keys and values and offsets the causal mask and positions.
+
+A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
+causal and that a run from the middle equals the full run's tail; anything else keeps the full
+forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+TOLERANCE = 1e-5
+
+
+class SuffixRoute:
+    """Runs positions ``s..`` of one prepared input (``Tokens``) with its earlier keys/values cached."""
+
+    def __init__(self, model: Any, prepared: Any) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.n_pos = int(prepared.input_ids.shape[1])
+        self.output: torch.Tensor | None = None  # the full run's output, from the capture
+
+    def exact(self) -> bool:
+        """Whether the model is causal and a run from the middle reproduces the full run's tail."""
+        if self.n_pos < 2:
+            return False
+        try:
+            full = self.capture()
+            s = self.n_pos // 2
+            with self.model._lock, torch.no_grad(), self.active(s) as tail_input:
+                tail = self.model._forward(tail_input)
+            changed = self._with_last_token_changed()
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            return False
+        causal = bool(torch.allclose(changed[:, :-1], full[:, :-1], rtol=1e-4, atol=TOLERANCE))
+        scale = float(full.abs().max().clamp_min(1.0))
+        same = tail.shape == full[:, s:].shape and torch.allclose(
+            tail, full[:, s:], rtol=1e-4, atol=TOLERANCE * scale
+        )
+        return causal and bool(same)
+
+    def _with_last_token_changed(self) -> torch.Tensor:
+        ids = self.prepared.input_ids.clone()
+        vocab = getattr(self.model, "d_vocab", None) or int(ids.max()) + 2
+        ids[:, -1] = (ids[:, -1] + 1) % vocab
+        with self.model._lock, torch.no_grad():
+            return self.model._forward(type(self.prepared)(ids, self.prepared.attention_mask, None))
+
+    def capture(self) -> torch.Tensor:
+        """Run the full input once and keep what later positions need (keys and values)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def active(self, s: int):
+        """Forwards inside run positions ``s..`` only; yields the input to give them."""
+        raise NotImplementedError
+        yield
+
+    def tail_input(self, s: int) -> Any:
+        ids = self.prepared.input_ids[:, s:]
+        return type(self.prepared)(ids, self.prepared.attention_mask, None)
+
+
+def suffix_route(model: Any, prepared: Any) -> SuffixRoute | None:
+    """The route for this model kind, if there is one (and the input is unpadded)."""
+    mask = getattr(prepared, "attention_mask", None)
+    if mask is not None and not bool(mask.all()):
+        return None
+    kind = type(model).__name__
+    if kind == "HFTransformer":
+        return HFSuffix(model, prepared)
+    if kind == "NativeTransformer":
+        return NativeSuffix(model, prepared)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face: a DynamicCache of the cached keys and values
+# ------------------------------------------------------------------------------------------------
+
+
+def _prefix_cache_class():
+    from transformers import DynamicCache
+
+    class PrefixCache(DynamicCache):
+        """A cache of one run's prefix that also serves copies stacked mid-forward (batch k * b):
+        a layer's cached rows are repeated to the batch that reaches it."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+            if layer is not None and layer.keys is not None and layer.keys.shape[0] != key_states.shape[0]:
+                copies = key_states.shape[0] // layer.keys.shape[0]
+                layer.keys = layer.keys.repeat(copies, 1, 1, 1)
+                layer.values = layer.values.repeat(copies, 1, 1, 1)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return PrefixCache
+
+
+class HFSuffix(SuffixRoute):
+    def capture(self) -> torch.Tensor:
+        n_layers = self.model.n_layers
+        names = [f"blocks.{i}.attn.hook_{kv}" for i in range(n_layers) for kv in ("k", "v")]
+        output, cache = self.model.run_with_cache(self.prepared, names=names)
+        self.keys = [
+            rearrange(cache[f"blocks.{i}.attn.hook_k"], "b p h d -> b h p d") for i in range(n_layers)
+        ]
+        self.values = [
+            rearrange(cache[f"blocks.{i}.attn.hook_v"], "b p h d -> b h p d") for i in range(n_layers)
+        ]
+        self.output = output
+        params = inspect.signature(self.model.module.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        return output
+
+    @contextmanager
+    def active(self, s: int):
+        cache_class = _prefix_cache_class()
+
+        def add_cache(module: nn.Module, args: tuple, kwargs: dict):
+            cache = cache_class()
+            for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(k[:, :, :s], v[:, :, :s], layer)
+            return args, {**kwargs, self.cache_kwarg: cache}
+
+        handle = self.model.module.register_forward_pre_hook(add_cache, with_kwargs=True)
+        try:
+            yield self.tail_input(s)
+        finally:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Native bridges: NativeAttention with cached keys and values in front
+# ------------------------------------------------------------------------------------------------
+
+
+class NativeSuffix(SuffixRoute):
+    def _attentions(self) -> list[nn.Module]:
+        return [block.attn.original_component for block in self.model.bridge.blocks]
+
+    def capture(self) -> torch.Tensor:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        with self._replaced(0, record=True), self.model._lock, torch.no_grad():
+            output = self.model._forward(self.prepared)
+        with self.model._lock, torch.no_grad():
+            plain = self.model._forward(self.prepared)
+        if not torch.allclose(
+            output, plain, rtol=1e-4, atol=TOLERANCE * float(plain.abs().max().clamp_min(1.0))
+        ):
+            raise NotImplementedError("this attention is not the NativeAttention the route copies")
+        self.output = output
+        return output
+
+    @contextmanager
+    def active(self, s: int):
+        tail = self.tail_input(s)
+        positions = torch.arange(s, self.n_pos, device=tail.input_ids.device)
+        with self._replaced(s, record=False), _with_position_ids(self.model, positions):
+            yield tail
+
+    @contextmanager
+    def _replaced(self, s: int, record: bool):
+        attentions = self._attentions()
+        for layer, attention in enumerate(attentions):
+            attention.forward = self._forward_for(attention, layer, s, record)
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                del attention.forward
+
+    def _forward_for(self, att: nn.Module, layer: int, s: int, record: bool):
+        """``NativeAttention.forward`` (TransformerLens 4.3) with positions ``< s`` from the cache."""
+        from transformer_lens.model_bridge.sources.native.model import apply_softcap
+
+        def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise NotImplementedError("padded inputs keep the full forward")
+            batch, seq, _ = hidden_states.shape
+            q = att.q(hidden_states).view(batch, seq, att.n_heads, att.d_head).transpose(1, 2)
+            k = att.k(hidden_states).view(batch, seq, att.n_kv_heads, att.d_head).transpose(1, 2)
+            v = att.v(hidden_states).view(batch, seq, att.n_kv_heads, att.d_head).transpose(1, 2)
+            if att.rotary is not None:
+                q, k = att.rotary.apply_rope(q, k, position_ids=position_ids)
+            if record:
+                self.keys.append(k.detach())
+                self.values.append(v.detach())
+            elif s > 0:
+                cached_k, cached_v = self.keys[layer][:, :, :s], self.values[layer][:, :, :s]
+                copies = batch // cached_k.shape[0]
+                k = torch.cat([cached_k.repeat(copies, 1, 1, 1), k], dim=2)
+                v = torch.cat([cached_v.repeat(copies, 1, 1, 1), v], dim=2)
+            if att.kv_repeats > 1:
+                k = k.repeat_interleave(att.kv_repeats, dim=1)
+                v = v.repeat_interleave(att.kv_repeats, dim=1)
+            scores = apply_softcap(torch.matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
+            if not att.causal:
+                raise NotImplementedError("bidirectional attention: every position depends on every other")
+            block_mask = att.causal_mask[s : s + seq, : s + seq]
+            scores = scores.masked_fill(block_mask, float("-inf"))
+            pattern = torch.softmax(scores, dim=-1).masked_fill(block_mask, 0.0)
+            if pattern_fn is not None:
+                pattern = pattern_fn(pattern)
+            z = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+            return att.o(z), pattern
+
+        return forward
+
+
+@contextmanager
+def _with_position_ids(model: Any, positions: torch.Tensor):
+    """The bridge's forward gets ``position_ids`` (positions ``s..n-1``), for every batch size."""
+
+    def add(module: nn.Module, args: tuple, kwargs: dict):
+        ids = args[0] if args else kwargs["input"]
+        return args, {**kwargs, "position_ids": positions[None].expand(ids.shape[0], -1)}
+
+    handle = model.bridge.register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["HFSuffix", "NativeSuffix", "SuffixRoute", "suffix_route"]
