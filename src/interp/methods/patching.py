@@ -856,11 +856,11 @@ def sweep(
         hooks = [
             (h, splice(m, sources[h], plan_.units[h], plan_.views.get(h, "vector"))) for h, m in masks.items()
         ]
-        suffix = (route, start) if start > 0 else None
-        model.shares_prefix(base, chunk[0].hook, route if suffix else None)  # checked on whole outputs
+        suffix = None if route is None else (route, start)
+        model.shares_prefix(base, chunk[0].hook, route)  # checked on whole outputs
         with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
             output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix)
-        if suffix is not None and not narrow:  # positions before ``start``: the plain base run's
+        if start > 0 and not narrow:  # positions before ``start``: the plain base run's
             before = route.output[:, :start].repeat(len(chunk), *([1] * (output.ndim - 1)))
             output = torch.cat([before.to(output), output], dim=1)
         output = rearrange(output, "(k b) ... -> k b ...", k=len(chunk))

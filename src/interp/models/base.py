@@ -186,13 +186,13 @@ class HookedModel:
         row), the copies are rerun from a tiled input.
 
         ``suffix=(route, s)`` (an ``interp.models.suffix.SuffixRoute`` of ``inputs`` whose ``exact()``
-        held): run positions ``s..`` only, the earlier ones from the route's cached run; hooks then
+        held; ``s`` may be 0): run positions ``s..`` only, the earlier ones from the route's cached run; hooks then
         see the last ``n - s`` positions and the output covers positions ``s..``. The plan is
         verified for that route too (``_check_plan``); without one, the copies are tiled at the
         tail's input.
         """
         prepared = self.prepare(inputs)
-        if suffix is not None and suffix[1] > 0:
+        if suffix is not None:
             route, s = suffix
             plan = None if shared_until is None else self._verified_plan(prepared, shared_until, route)
             with route.active(s) as tail:

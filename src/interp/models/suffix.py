@@ -11,7 +11,10 @@ positions ``s..n-1``.
 * HF models: a ``DynamicCache`` built from that run's keys and values, passed to the HF forward
   (position ids follow from the cache length, as in generation).
 * Native bridges (``boot_native``): each attention runs a copy of ``NativeAttention.forward`` that
-  prepends the cached keys and values and offsets the causal mask and positions.
+  prepends the cached keys and values and offsets the causal mask and positions. It reads the
+  number of rows from each tensor rather than from its input, so copies can also be stacked at q,
+  k, v or the pattern (``TransformerModel.tiling_plans``), which the original cannot; sweeps
+  therefore run through it from position 0 too.
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -41,23 +44,28 @@ class SuffixRoute:
         self.output: torch.Tensor | None = None  # the full run's output, from the capture
 
     def exact(self) -> bool:
-        """Whether the model is causal and a run from the middle reproduces the full run's tail."""
+        """Whether the route's full run is the model's (native: its copy of the attention), the model
+        is causal (a change at the last token changes no earlier output), and a run from the middle
+        reproduces the full run's tail."""
         if self.n_pos < 2:
             return False
         try:
             full = self.capture()
+            with self.model._lock, torch.no_grad():
+                plain = self.model._forward(self.prepared)
             s = self.n_pos // 2
             with self.model._lock, torch.no_grad(), self.active(s) as tail_input:
                 tail = self.model._forward(tail_input)
             changed = self._with_last_token_changed()
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
             return False
-        causal = bool(torch.allclose(changed[:, :-1], full[:, :-1], rtol=1e-4, atol=TOLERANCE))
         scale = float(full.abs().max().clamp_min(1.0))
-        same = tail.shape == full[:, s:].shape and torch.allclose(
+        same_full = torch.allclose(full, plain, rtol=1e-4, atol=TOLERANCE * scale)
+        causal = torch.allclose(changed[:, :-1], full[:, :-1], rtol=1e-4, atol=TOLERANCE * scale)
+        same_tail = tail.shape == full[:, s:].shape and torch.allclose(
             tail, full[:, s:], rtol=1e-4, atol=TOLERANCE * scale
         )
-        return causal and bool(same)
+        return bool(same_full and causal and same_tail)
 
     def _with_last_token_changed(self) -> torch.Tensor:
         ids = self.prepared.input_ids.clone()
@@ -135,6 +143,9 @@ class HFSuffix(SuffixRoute):
 
     @contextmanager
     def active(self, s: int):
+        if s == 0:  # nothing to reuse: HF's own forward
+            yield self.prepared
+            return
         cache_class = _prefix_cache_class()
 
         def add_cache(module: nn.Module, args: tuple, kwargs: dict):
@@ -163,15 +174,8 @@ class NativeSuffix(SuffixRoute):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         with self._replaced(0, record=True), self.model._lock, torch.no_grad():
-            output = self.model._forward(self.prepared)
-        with self.model._lock, torch.no_grad():
-            plain = self.model._forward(self.prepared)
-        if not torch.allclose(
-            output, plain, rtol=1e-4, atol=TOLERANCE * float(plain.abs().max().clamp_min(1.0))
-        ):
-            raise NotImplementedError("this attention is not the NativeAttention the route copies")
-        self.output = output
-        return output
+            self.output = self.model._forward(self.prepared)
+        return self.output
 
     @contextmanager
     def active(self, s: int):
@@ -198,10 +202,10 @@ class NativeSuffix(SuffixRoute):
         def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padded inputs keep the full forward")
-            batch, seq, _ = hidden_states.shape
-            q = att.q(hidden_states).view(batch, seq, att.n_heads, att.d_head).transpose(1, 2)
-            k = att.k(hidden_states).view(batch, seq, att.n_kv_heads, att.d_head).transpose(1, 2)
-            v = att.v(hidden_states).view(batch, seq, att.n_kv_heads, att.d_head).transpose(1, 2)
+            seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
+            q = att.q(hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+            k = att.k(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+            v = att.v(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             if att.rotary is not None:
                 q, k = att.rotary.apply_rope(q, k, position_ids=position_ids)
             if record:
@@ -209,9 +213,8 @@ class NativeSuffix(SuffixRoute):
                 self.values.append(v.detach())
             elif s > 0:
                 cached_k, cached_v = self.keys[layer][:, :, :s], self.values[layer][:, :, :s]
-                copies = batch // cached_k.shape[0]
-                k = torch.cat([cached_k.repeat(copies, 1, 1, 1), k], dim=2)
-                v = torch.cat([cached_v.repeat(copies, 1, 1, 1), v], dim=2)
+                k = torch.cat([cached_k.repeat(k.shape[0] // cached_k.shape[0], 1, 1, 1), k], dim=2)
+                v = torch.cat([cached_v.repeat(v.shape[0] // cached_v.shape[0], 1, 1, 1), v], dim=2)
             if att.kv_repeats > 1:
                 k = k.repeat_interleave(att.kv_repeats, dim=1)
                 v = v.repeat_interleave(att.kv_repeats, dim=1)
@@ -223,7 +226,7 @@ class NativeSuffix(SuffixRoute):
             pattern = torch.softmax(scores, dim=-1).masked_fill(block_mask, 0.0)
             if pattern_fn is not None:
                 pattern = pattern_fn(pattern)
-            z = torch.matmul(pattern, v).transpose(1, 2).contiguous().view(batch, seq, -1)
+            z = torch.matmul(pattern, v).transpose(1, 2).flatten(-2)
             return att.o(z), pattern
 
         return forward
