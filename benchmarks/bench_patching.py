@@ -24,7 +24,7 @@ Ratios are the median of per-round ratios, with their spread (min-max) over roun
   * GPT-2 small architecture (random init; opt in with --gpt2-small ROUNDS): the issue's IOI-sized
     case, 1 x 15 tokens, logit difference; per-head-by-position (2,160 TL forwards) and residual sweeps.
 
-    python benchmarks/bench_patching.py [--rounds 3] [--minilm-rounds 1] [--gpt2-small 1]
+    python benchmarks/bench_patching.py [--rounds 3] [--minilm-rounds 1] [--gpt2-small 1] [--clock cpu]
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def induction_model():
     ), "induction-2l architecture, random init (no checkpoint yet)"
 
 
+CLOCK = time.perf_counter  # --clock cpu: this process's CPU time (one thread), steadier on a shared machine
+
+
 def interleaved_rounds(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each contender, every round, in alternating order (no warm-up: each was
     called once by the agreement checks)."""
@@ -64,9 +67,9 @@ def interleaved_rounds(runs: dict, rounds: int) -> dict[str, list[float]]:
     names = list(runs)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start = CLOCK()
             runs[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(CLOCK() - start)
     return times
 
 
@@ -389,8 +392,14 @@ def main() -> int:
         "--gpt2-small", type=int, default=0, metavar="ROUNDS",
         help="also time the IOI-sized sweep on a random-init GPT-2 small (about 2 min of TL time per round)",
     )  # fmt: skip
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall-clock time (default) or this process's CPU time, which a busy machine disturbs less",
+    )  # fmt: skip
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"machine: {machine()}; clock: {args.clock}")
     start = time.perf_counter()
     ok = toy_workload(args.rounds)
     if not args.skip_minilm:

@@ -873,7 +873,7 @@ def sweep(
     return out.reshape(plan_.shape)
 
 
-PREFIX_GROUPS = 4  # position ranges per hook when the prefix is reused (more: less work, more forwards)
+PREFIX_GROUPS = 3  # position ranges per hook when the prefix is reused (more: less work, more forwards)
 
 
 def _prefix_length(chunk: list[Patch], kept: torch.Tensor | None) -> int:

@@ -195,7 +195,7 @@ class HookedModel:
         if suffix is not None:
             route, s = suffix
             plan = None if shared_until is None else self._verified_plan(prepared, shared_until, route)
-            with route.active(s) as tail:
+            with self._lock, route.active(s) as tail:  # the route changes the shared module
                 if plan is not None:
                     with self._tiled(plan, copies):
                         return self.run_with_hooks(tail, hooks)
@@ -309,7 +309,7 @@ class HookedModel:
                     shared = self.run_with_hooks(prepared, [(last, jitter)])
             else:
                 reference = reference[:, start:]
-                with route.active(start) as tail, self._tiled(plan, copies):
+                with self._lock, route.active(start) as tail, self._tiled(plan, copies):
                     shared = self.run_with_hooks(tail, [(last, jitter)])
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
             return False

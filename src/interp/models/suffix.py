@@ -12,9 +12,10 @@ positions ``s..n-1``.
   (position ids follow from the cache length, as in generation).
 * Native bridges (``boot_native``): each attention runs a copy of ``NativeAttention.forward`` that
   prepends the cached keys and values and offsets the causal mask and positions. It reads the
-  number of rows from each tensor rather than from its input, so copies can also be stacked at q,
-  k, v or the pattern (``TransformerModel.tiling_plans``), which the original cannot; sweeps
-  therefore run through it from position 0 too.
+  number of rows from each tensor rather than from its input, and a tensor holding one copy
+  broadcasts against one holding stacked copies, so copies can be stacked at q, k, v or the
+  pattern alone (``TransformerModel.tiling_plans``), which the original cannot; sweeps therefore
+  run through it from position 0 too.
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -80,7 +81,8 @@ class SuffixRoute:
 
     @contextmanager
     def active(self, s: int):
-        """Forwards inside run positions ``s..`` only; yields the input to give them."""
+        """Forwards inside run positions ``s..`` only; yields the input to give them. Enter it with
+        the model's lock held: it changes the shared module for the duration."""
         raise NotImplementedError
         yield
 
@@ -173,7 +175,7 @@ class NativeSuffix(SuffixRoute):
     def capture(self) -> torch.Tensor:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        with self._replaced(0, record=True), self.model._lock, torch.no_grad():
+        with self.model._lock, self._replaced(0, record=True), torch.no_grad():
             self.output = self.model._forward(self.prepared)
         return self.output
 
@@ -212,24 +214,45 @@ class NativeSuffix(SuffixRoute):
                 self.keys.append(k.detach())
                 self.values.append(v.detach())
             elif s > 0:
-                cached_k, cached_v = self.keys[layer][:, :, :s], self.values[layer][:, :, :s]
-                k = torch.cat([cached_k.repeat(k.shape[0] // cached_k.shape[0], 1, 1, 1), k], dim=2)
-                v = torch.cat([cached_v.repeat(v.shape[0] // cached_v.shape[0], 1, 1, 1), v], dim=2)
+                k = _prepend(self.keys[layer][:, :, :s], k)
+                v = _prepend(self.values[layer][:, :, :s], v)
             if att.kv_repeats > 1:
                 k = k.repeat_interleave(att.kv_repeats, dim=1)
                 v = v.repeat_interleave(att.kv_repeats, dim=1)
-            scores = apply_softcap(torch.matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
+            scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
             if not att.causal:
                 raise NotImplementedError("bidirectional attention: every position depends on every other")
-            block_mask = att.causal_mask[s : s + seq, : s + seq]
-            scores = scores.masked_fill(block_mask, float("-inf"))
-            pattern = torch.softmax(scores, dim=-1).masked_fill(block_mask, 0.0)
+            # no padding (checked above), so every row keeps its diagonal and softmax leaves masked
+            # entries at exactly 0: the original's second masked_fill is a no-op here
+            pattern = torch.softmax(
+                scores.masked_fill_(att.causal_mask[s : s + seq, : s + seq], float("-inf")), -1
+            )
             if pattern_fn is not None:
                 pattern = pattern_fn(pattern)
-            z = torch.matmul(pattern, v).transpose(1, 2).flatten(-2)
+            z = _rows_matmul(pattern, v).transpose(1, 2).flatten(-2)
             return att.o(z), pattern
 
         return forward
+
+
+def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` where one side may hold copies stacked along the rows (``k * batch``) and the other
+    one copy (``batch``): the single copy broadcasts over the stacked ones, never repeated."""
+    rows_a, rows_b = a.shape[0], b.shape[0]
+    if rows_a == rows_b:
+        return torch.matmul(a, b)
+    if rows_a % rows_b == 0:
+        return torch.matmul(a.unflatten(0, (rows_a // rows_b, rows_b)), b).flatten(0, 1)
+    if rows_b % rows_a == 0:
+        return torch.matmul(a, b.unflatten(0, (rows_b // rows_a, rows_a))).flatten(0, 1)
+    raise RuntimeError(f"rows {rows_a} and {rows_b} are not copies of one batch")
+
+
+def _prepend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``[cached; new]`` along positions, ``cached`` repeated to ``new``'s rows if copies are stacked."""
+    if cached.shape[0] != new.shape[0]:
+        cached = cached.repeat(new.shape[0] // cached.shape[0], 1, 1, 1)
+    return torch.cat([cached, new], dim=2)
 
 
 @contextmanager

@@ -145,8 +145,9 @@ class TransformerModel(HookedModel):
            the branch, keep one copy at the branch input (``ln1``/``attn`` ``.hook_in``), and stack
            again at ``name``. The branch up to ``name`` runs once and the residual add after it sees
            every copy; on a head sweep this skips every copy's q/k/v projections and attention
-           pattern. When ``name`` is q, k, v or the pattern, the tensors it meets downstream are
-           stacked too (q with k and v; v with the pattern). The stream is ``hook_resid_pre`` for attention; for the MLP it is
+           pattern. When ``name`` is q, k, v or the pattern, this needs attention code that
+           broadcasts one copy against stacked ones (the suffix route's, on native bridges); the
+           next plan also stacks the tensors it meets downstream (q with k and v; v with the pattern). The stream is ``hook_resid_pre`` for attention; for the MLP it is
            ``hook_resid_mid``, or ``hook_resid_pre`` where ``hook_resid_mid`` is only the MLP's input.
         2. After the plain plan (which fails inside a branch unless the batch is one prompt): stack
            at the residual stream entering block L, so blocks < L run once.
@@ -163,8 +164,10 @@ class TransformerModel(HookedModel):
                 candidates = [f"blocks.{layer}.{hook}" for hook in inputs]
                 branch_in = [h for h in candidates if order[stream] < order.get(h, -1) < order[name]]
                 if branch_in:
+                    plans.append(((stream, "tile"), (branch_in[0], "untile"), (name, "tile")))
                     siblings = tuple((h, "tile") for h in _siblings(name) if h in order)
-                    plans.append(((stream, "tile"), (branch_in[0], "untile"), *siblings, (name, "tile")))
+                    if siblings:
+                        plans.append(((stream, "tile"), (branch_in[0], "untile"), *siblings, (name, "tile")))
         plans += super().tiling_plans(name)  # exact where nothing batch-shaped is reused after name
         entry = f"blocks.{layer}.hook_resid_pre"
         if entry != name and order.get(entry, len(order)) < order[name]:
