@@ -80,6 +80,16 @@ class SuffixRoute:
         raise NotImplementedError
 
     @contextmanager
+    def recording(self, rows: slice):
+        """Let a forward inside (whose rows ``rows`` are this input) stand in for ``capture``;
+        ``captured(output)`` then finishes it. Routes that cannot record capture on their own."""
+        yield
+
+    def captured(self, output: torch.Tensor) -> None:
+        """After ``recording``: ``output`` is this input's output in that forward."""
+        self.capture()
+
+    @contextmanager
     def active(self, s: int):
         """Forwards inside run positions ``s..`` only; yields the input to give them. Enter it with
         the model's lock held: it changes the shared module for the duration."""
@@ -178,6 +188,17 @@ class NativeSuffix(SuffixRoute):
         with self.model._lock, self._replaced(0, record=True), torch.no_grad():
             self.output = self.model._forward(self.prepared)
         return self.output
+
+    @contextmanager
+    def recording(self, rows: slice):
+        self.keys, self.values = [], []
+        with self.model._lock, self._replaced(0, record=True):
+            yield
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def captured(self, output: torch.Tensor) -> None:
+        self.output = output
 
     @contextmanager
     def active(self, s: int):
