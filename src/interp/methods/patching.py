@@ -5,13 +5,24 @@ clean and corrupted runs share one forward, then each forward carries K copies o
 along the batch axis; copy ``k`` replaces exactly one unit (a position, a head, a neuron...) through
 a boolean mask in the hook of its layer. The copies are identical until that hook, so the model
 runs once up to it and the copies are stacked there (``HookedModel.run_copies``; on a head sweep,
-the q/k/v projections and attention pattern of the patched layer also run once). K comes from the
-memory budget, so a sweep of any size runs in bounded memory.
+the q/k/v projections and attention pattern of the patched layer also run once). On causal models
+a forward whose patches all lie at positions >= s runs positions s.. only, the earlier ones taken
+from the corrupted run's keys and values (``interp.models.suffix``, checked on the model first). K
+comes from the memory budget, so a sweep of any size runs in bounded memory.
 
     >>> from interp.methods import patching as P
     >>> result = P.patch(model, clean, corrupted, site="head_pos", metric=P.logit_diff(7, 3))
     >>> result.values.shape, result.dims          # (n_layers, n_pos, n_heads), ("layer", "pos", "head")
     >>> result.normalized().figure()
+    >>> P.patch(model, clean, corrupted, "head_q_pos", metric)          # also head_k/v_pos, head_pattern_pos
+    >>> P.patch_every(model, clean, corrupted, "head_pos", metric)      # [component, layer, pos, head]
+    >>> P.patch_subspace(model, clean, corrupted, "blocks.1.hook_resid_pre", basis, metric)  # basis [d, k]
+
+TransformerLens 4.3 names: ``get_act_patch_attn_head_{out,q,k,v}_all_pos`` = sites ``head``,
+``head_q``, ``head_k``, ``head_v``; ``..._by_pos`` = ``head_pos``, ``head_q_pos``...;
+``get_act_patch_attn_head_pattern_all_pos`` / ``_by_pos`` / ``_dest_src_pos`` = ``head_pattern`` /
+``head_pattern_pos`` ([layer, head, dest_pos]) / ``head_pattern_dest_src``; ``get_act_patch_block_every``,
+``..._attn_head_all_pos_every``, ``..._by_pos_every`` = ``patch_every(family="block" | "head" | "head_pos")``.
 
 The same engine runs ablations (:mod:`interp.methods.ablation`) and path patching
 (:mod:`interp.methods.path_patching`); attribution patching and DLA return the same ``PatchResult``.
