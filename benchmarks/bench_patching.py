@@ -388,6 +388,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--minilm-rounds", type=int, default=1)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-toy", action="store_true", help="skip the induction-2l workload")
     parser.add_argument(
         "--gpt2-small", type=int, default=0, metavar="ROUNDS",
         help="also time the IOI-sized sweep on a random-init GPT-2 small (about 2 min of TL time per round)",
@@ -401,7 +402,7 @@ def main() -> int:
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"machine: {machine()}; clock: {args.clock}")
     start = time.perf_counter()
-    ok = toy_workload(args.rounds)
+    ok = True if args.skip_toy else toy_workload(args.rounds)
     if not args.skip_minilm:
         ok &= minilm_workload(args.minilm_rounds)
     if args.gpt2_small:
