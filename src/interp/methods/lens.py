@@ -220,27 +220,43 @@ def direct_logit_attribution(
     incorrect: Any = None,
     *,
     by: By = "head",
-    pos: int | Sequence[int] = -1,
+    pos: int | Sequence[int] | Literal["all"] = -1,
 ) -> PatchResult:
     """Each component's direct contribution to ``logit[correct] - logit[incorrect]`` at ``pos``.
 
     Args:
         correct, incorrect: token ids (one, or one per prompt); without ``incorrect``, the plain logit.
+            With ``pos="all"`` they may also be ``[batch, pos]``, one per prompt and position.
         by: ``"component"`` (embeddings, each attention and MLP layer, biases: sums to the logit
             difference), ``"layer"`` (attention and MLP per layer), ``"head"`` or ``"neuron"``.
-        pos: position read (default each prompt's last real token).
+        pos: position read (default each prompt's last real token); ``"all"``: every position, from
+            one forward, as a leading ``pos`` dim (prompts of equal length only).
 
     Returns a ``PatchResult`` (values averaged over prompts); ``extras`` holds the terms not in
     ``values`` (embeddings, biases, and per-layer bias terms for heads/neurons), so
-    ``values.sum() + sum(extras.values()) == metric_clean``, the logit difference.
+    ``values.sum() + sum(extras.values()) == metric_clean``, the logit difference. With
+    ``pos="all"`` the extras and each position's logit difference (``"<pos> logit diff"``) are
+    keyed by position label and ``metric_clean`` is their mean.
     """
     _module(model, "unembed")
     prepared = model.prepare(inputs)
     batch = prepared.input_ids.shape[0]
+    names = _dla_names(model, by)
+    if isinstance(pos, str):
+        if pos != "all":
+            raise InputError(f"pos must be a position, one per prompt, or 'all'; got {pos!r}")
+        if prepared.attention_mask is not None and not bool(prepared.attention_mask.all()):
+            raise InputError("pos='all' needs prompts of equal length (no padding); run them one at a time")
+        output, cache = model.run_with_cache(prepared, names=names)
+        return _dla_every_position(model, by, prepared, output, cache, names, correct, incorrect)
     index = _last_index(pos, prepared.attention_mask, batch)
     _check_positions(index.tolist(), prepared.input_ids.shape[1])
-    names = _dla_names(model, by)
     output, cache = model.run_with_cache(prepared, names=names)
+    return _dla_at(model, by, batch, output, cache, names, index, correct, incorrect)
+
+
+def _dla_at(model, by, batch, output, cache, names, index, correct, incorrect) -> PatchResult:
+    """DLA from one run's ``output`` and ``cache``, read at position ``index[b]`` of prompt ``b``."""
     rows = torch.arange(batch)
     at = {
         n: _batched(cache[n], batch)[rows, index.to(cache[n].device)] for n in names
@@ -267,6 +283,41 @@ def direct_logit_attribution(
     parts["bias"] = constant
     with model._internal():  # the per-head/neuron weight readouts are probes, not the analysed run
         return _dla_result(model, by, at, g, parts, float(target.mean()))
+
+
+def _dla_every_position(model, by, prepared, output, cache, names, correct, incorrect) -> PatchResult:
+    """``_dla_at`` at each position of one run, stacked on a leading ``pos`` dim."""
+    batch, n_pos = prepared.input_ids.shape
+
+    def at_pos(ids: Any, p: int) -> Any:
+        ids = None if ids is None else torch.as_tensor(ids)
+        return ids[:, p] if ids is not None and ids.ndim == 2 and ids.shape == (batch, n_pos) else ids
+
+    per_pos = [
+        _dla_at(
+            model,
+            by,
+            batch,
+            output,
+            cache,
+            names,
+            torch.full((batch,), p),
+            at_pos(correct, p),
+            at_pos(incorrect, p),
+        )
+        for p in range(n_pos)
+    ]
+    tokens = (prepared.str_tokens or [None])[0]
+    pos_labels = [f"{p}:{tokens[p]}" if tokens and p < len(tokens) else str(p) for p in range(n_pos)]
+    extras = {}
+    for label, result in zip(pos_labels, per_pos, strict=True):
+        extras |= {f"{label} {k}": v for k, v in result.extras.items()}
+        extras[f"{label} logit diff"] = result.metric_clean
+    first = per_pos[0]
+    values = torch.stack([r.values for r in per_pos])
+    labels = {"pos": pos_labels, **first.labels}
+    target = sum(r.metric_clean for r in per_pos) / n_pos
+    return _result(values, ("pos", *first.dims), labels, target, by, extras)
 
 
 def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:

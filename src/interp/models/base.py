@@ -380,6 +380,7 @@ class HookedModel:
         hooks: Sequence[tuple[Names, HookFn]],
         *,
         shared_until: str | None = None,
+        suffix: tuple[Any, int] | None = None,
     ) -> Any:
         """Run ``copies`` stacked copies of ``inputs`` with ``hooks``; row ``k * batch + b`` is input ``b``.
 
@@ -390,8 +391,22 @@ class HookedModel:
         computed after. A plan is used only once ``shares_prefix`` has verified it on inputs like
         these; if such a forward still fails (say a tensor built before the hook for one prompt per
         row), the copies are rerun from a tiled input.
+
+        ``suffix=(route, s)`` (an ``interp.models.suffix.SuffixRoute`` of ``inputs`` whose ``exact()``
+        held; ``s`` may be 0): run positions ``s..`` only, the earlier ones from the route's cached run; hooks then
+        see the last ``n - s`` positions and the output covers positions ``s..``. The plan is
+        verified for that route too (``_check_plan``); without one, the copies are tiled at the
+        tail's input.
         """
         prepared = self.prepare(inputs)
+        if suffix is not None:
+            route, s = suffix
+            plan = None if shared_until is None else self._verified_plan(prepared, shared_until, route)
+            with self._lock, route.active(s) as tail:  # the route changes the shared module
+                if plan is not None:
+                    with self._tiled(plan, copies):
+                        return self.run_with_hooks(tail, hooks)
+                return self.run_with_hooks(self.tile_input(tail, copies), hooks)
         if shared_until is not None:
             plan = self._verified_plan(prepared, shared_until)
             if plan is not None:
@@ -412,22 +427,26 @@ class HookedModel:
         """
         return [((name, "tile"),)]
 
-    def shares_prefix(self, prepared: Any, name: str) -> bool:
-        """Whether some tiling plan for ``name`` is verified on inputs like ``prepared``."""
-        return self._verified_plan(prepared, name) is not None
+    def shares_prefix(self, prepared: Any, name: str, route: Any = None) -> bool:
+        """Whether some tiling plan for ``name`` is verified on inputs like ``prepared`` (under a
+        suffix ``route``, if given). Call it outside ``keeping_positions``: the check compares
+        whole outputs."""
+        return self._verified_plan(prepared, name, route) is not None
 
-    def _verified_plan(self, prepared: Any, name: str) -> TilingPlan | None:
+    def _verified_plan(self, prepared: Any, name: str, route: Any = None) -> TilingPlan | None:
         """The first plan for ``name`` whose output equals tiling the input.
 
         Checked numerically once per (plan, batch size, padding mask or not) and remembered: both
         ways run two copies, each jittered differently right after ``name``, and must give the same
         output (so copies neither mix nor reorder). A model that computes a batch-shaped tensor
         before the plan's hooks and uses it after (e.g. a padding mask, for batches > 1) fails.
+        With a suffix ``route``, the plan is checked (and remembered) separately, running from the
+        middle of the input under the route against the tail of the full tiled run.
         """
         for plan in self.tiling_plans(name):
-            key = self._plan_key(prepared, plan)
+            key = self._plan_key(prepared, plan) + (route is not None,)
             if key not in self._prefix_checks:
-                self._prefix_checks[key] = self._check_plan(prepared, plan)
+                self._prefix_checks[key] = self._check_plan(prepared, plan, route)
             if self._prefix_checks[key]:
                 return plan
         return None
@@ -473,23 +492,42 @@ class HookedModel:
     def _prefix_checks(self) -> dict[tuple, bool]:
         return {}
 
-    def _check_plan(self, prepared: Any, plan: TilingPlan) -> bool:
+    @cached_property
+    def _suffix_checks(self) -> dict[tuple, bool]:
+        """Whether a run from the middle (``interp.models.suffix``) is exact, per input shape."""
+        return {}
+
+    def _check_plan(self, prepared: Any, plan: TilingPlan, route: Any = None) -> bool:
         copies, noise = 2, {}
         generator = torch.Generator().manual_seed(0)
         last = plan[-1][0]
+        start = 0 if route is None else route.n_pos // 2
+        shape = self.hook_shapes.get(last) or ()
+        axis = shape.index("pos") if "pos" in shape else None
 
         def jitter(act: torch.Tensor, _ctx: HookContext) -> torch.Tensor:
-            if "value" not in noise:
+            if "value" not in noise:  # drawn on the full (reference) run; none before ``start``
                 scale = 0.1 * act.float().std().clamp_min(1e-3)
-                noise["value"] = (torch.randn(act.shape, generator=generator) * scale).to(act)
-            return act + noise["value"]
+                value = (torch.randn(act.shape, generator=generator) * scale).to(act)
+                if axis is not None and start:
+                    value.narrow(axis, 0, start).zero_()
+                noise["value"] = value
+            value = noise["value"]
+            if axis is not None and act.shape[axis] != value.shape[axis]:  # a tail run: its last positions
+                value = value.narrow(axis, value.shape[axis] - act.shape[axis], act.shape[axis])
+            return act + value
 
         try:
-            with self._internal():
+            with self._internal():  # a probe: the user's hooks must not run on it
                 reference = self.run_with_hooks(self.tile_input(prepared, copies), [(last, jitter)])
-                with self._tiled(plan, copies):
-                    shared = self.run_with_hooks(prepared, [(last, jitter)])
-        except (RuntimeError, ValueError, IndexError, TypeError):
+                if route is None:
+                    with self._tiled(plan, copies):
+                        shared = self.run_with_hooks(prepared, [(last, jitter)])
+                else:
+                    reference = reference[:, start:]
+                    with self._lock, route.active(start) as tail, self._tiled(plan, copies):
+                        shared = self.run_with_hooks(tail, [(last, jitter)])
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
             return False
         if shared.shape != reference.shape:
             return False

@@ -60,6 +60,21 @@ _BRANCHES = (
 )
 
 
+# inside attention, what else must be stacked with a patched q/k/v/pattern for the copies to meet again
+_ATTENTION_SIBLINGS = {
+    "hook_q": ("hook_k", "hook_v"),
+    "hook_k": ("hook_q", "hook_v"),
+    "hook_v": ("hook_pattern",),
+    "hook_pattern": ("hook_v",),
+}
+
+
+def _siblings(name: str) -> list[str]:
+    """``blocks.L.attn.hook_q`` -> ``[blocks.L.attn.hook_k, blocks.L.attn.hook_v]`` (see ``tiling_plans``)."""
+    stem, _, point = name.rpartition(".")
+    return [f"{stem}.{other}" for other in _ATTENTION_SIBLINGS.get(point, ())] if ".attn." in name else []
+
+
 def _residual_identities(
     block: str, values: dict[str, torch.Tensor]
 ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -171,7 +186,9 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
            the branch, keep one copy at the branch input (``ln1``/``attn`` ``.hook_in``), and stack
            again at ``name``. The branch up to ``name`` runs once and the residual add after it sees
            every copy; on a head sweep this skips every copy's q/k/v projections and attention
-           pattern. The stream is ``hook_resid_pre`` for attention; for the MLP it is
+           pattern. When ``name`` is q, k, v or the pattern, this needs attention code that
+           broadcasts one copy against stacked ones (the suffix route's, on native bridges); the
+           next plan also stacks the tensors it meets downstream (q with k and v; v with the pattern). The stream is ``hook_resid_pre`` for attention; for the MLP it is
            ``hook_resid_mid``, or ``hook_resid_pre`` where ``hook_resid_mid`` is only the MLP's input.
         2. After the plain plan (which fails inside a branch unless the batch is one prompt): stack
            at the residual stream entering block L, so blocks < L run once.
@@ -189,6 +206,9 @@ class TransformerModel(LanguageModelMixin, WeightsMixin, HookedModel):
                 branch_in = [h for h in candidates if order[stream] < order.get(h, -1) < order[name]]
                 if branch_in:
                     plans.append(((stream, "tile"), (branch_in[0], "untile"), (name, "tile")))
+                    siblings = tuple((h, "tile") for h in _siblings(name) if h in order)
+                    if siblings:
+                        plans.append(((stream, "tile"), (branch_in[0], "untile"), *siblings, (name, "tile")))
         plans += super().tiling_plans(name)  # exact where nothing batch-shaped is reused after name
         entry = f"blocks.{layer}.hook_resid_pre"
         if entry != name and order.get(entry, len(order)) < order[name]:

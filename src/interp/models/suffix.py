@@ -1,0 +1,294 @@
+"""Reuse along the sequence axis: run only positions ``s..`` of an input, the rest from its cached run.
+
+In a causal model a change at position ``p`` leaves every position before ``p`` as it was. A
+patching sweep runs the corrupted input many times, each patch at some position ``>= s``; all its
+positions before ``s`` equal the plain corrupted run. So those runs can feed the model only the
+tokens ``s..n-1`` and let attention read the keys and values of positions ``< s`` from one cached run
+of the same input. Every hook then holds the last ``n - s`` positions (keys and values on HF models
+hold all ``n``: HF concatenates its cache before the attention hooks), and the output covers
+positions ``s..n-1``.
+
+* HF models: a ``DynamicCache`` built from that run's keys and values, passed to the HF forward
+  (position ids follow from the cache length, as in generation).
+* Native bridges (``boot_native``): each attention runs a copy of ``NativeAttention.forward`` that
+  prepends the cached keys and values and offsets the causal mask and positions. It reads the
+  number of rows from each tensor rather than from its input, and a tensor holding one copy
+  broadcasts against one holding stacked copies, so copies can be stacked at q, k, v or the
+  pattern alone (``TransformerModel.tiling_plans``), which the original cannot; sweeps therefore
+  run through it from position 0 too.
+
+A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
+causal and that a run from the middle equals the full run's tail; anything else keeps the full
+forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+TOLERANCE = 1e-5
+
+
+class SuffixRoute:
+    """Runs positions ``s..`` of one prepared input (``Tokens``) with its earlier keys/values cached."""
+
+    def __init__(self, model: Any, prepared: Any) -> None:
+        self.model = model
+        self.prepared = prepared
+        self.n_pos = int(prepared.input_ids.shape[1])
+        self.output: torch.Tensor | None = None  # the full run's output, from the capture
+
+    def exact(self) -> bool:
+        """Whether the route's full run is the model's (native: its copy of the attention), the model
+        is causal (a change at the last token changes no earlier output), and a run from the middle
+        reproduces the full run's tail."""
+        if self.n_pos < 2:
+            return False
+        try:
+            full = self.capture()
+            with self.model._lock, torch.no_grad():
+                plain = self.model._forward(self.prepared)
+            s = self.n_pos // 2
+            with self.model._lock, torch.no_grad(), self.active(s) as tail_input:
+                tail = self.model._forward(tail_input)
+            changed = self._with_last_token_changed()
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            return False
+        scale = float(full.abs().max().clamp_min(1.0))
+        same_full = torch.allclose(full, plain, rtol=1e-4, atol=TOLERANCE * scale)
+        causal = torch.allclose(changed[:, :-1], full[:, :-1], rtol=1e-4, atol=TOLERANCE * scale)
+        same_tail = tail.shape == full[:, s:].shape and torch.allclose(
+            tail, full[:, s:], rtol=1e-4, atol=TOLERANCE * scale
+        )
+        return bool(same_full and causal and same_tail)
+
+    def _with_last_token_changed(self) -> torch.Tensor:
+        ids = self.prepared.input_ids.clone()
+        vocab = getattr(self.model, "d_vocab", None) or int(ids.max()) + 2
+        ids[:, -1] = (ids[:, -1] + 1) % vocab
+        with self.model._lock, torch.no_grad():
+            return self.model._forward(type(self.prepared)(ids, self.prepared.attention_mask, None))
+
+    def capture(self) -> torch.Tensor:
+        """Run the full input once and keep what later positions need (keys and values)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def recording(self, rows: slice):
+        """Let a forward inside (whose rows ``rows`` are this input) stand in for ``capture``;
+        ``captured(output)`` then finishes it. Routes that cannot record capture on their own."""
+        yield
+
+    def captured(self, output: torch.Tensor) -> None:
+        """After ``recording``: ``output`` is this input's output in that forward."""
+        self.capture()
+
+    @contextmanager
+    def active(self, s: int):
+        """Forwards inside run positions ``s..`` only; yields the input to give them. Enter it with
+        the model's lock held: it changes the shared module for the duration."""
+        raise NotImplementedError
+        yield
+
+    def tail_input(self, s: int) -> Any:
+        ids = self.prepared.input_ids[:, s:]
+        return type(self.prepared)(ids, self.prepared.attention_mask, None)
+
+
+def suffix_route(model: Any, prepared: Any) -> SuffixRoute | None:
+    """The route for this model kind, if there is one (and the input is unpadded)."""
+    mask = getattr(prepared, "attention_mask", None)
+    if mask is not None and not bool(mask.all()):
+        return None
+    kind = type(model).__name__
+    if kind == "HFTransformer":
+        return HFSuffix(model, prepared)
+    if kind == "NativeTransformer":
+        return NativeSuffix(model, prepared)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face: a DynamicCache of the cached keys and values
+# ------------------------------------------------------------------------------------------------
+
+
+def _prefix_cache_class():
+    from transformers import DynamicCache
+
+    class PrefixCache(DynamicCache):
+        """A cache of one run's prefix that also serves copies stacked mid-forward (batch k * b):
+        a layer's cached rows are repeated to the batch that reaches it."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+            if layer is not None and layer.keys is not None and layer.keys.shape[0] != key_states.shape[0]:
+                copies = key_states.shape[0] // layer.keys.shape[0]
+                layer.keys = layer.keys.repeat(copies, 1, 1, 1)
+                layer.values = layer.values.repeat(copies, 1, 1, 1)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return PrefixCache
+
+
+class HFSuffix(SuffixRoute):
+    def capture(self) -> torch.Tensor:
+        n_layers = self.model.n_layers
+        names = [f"blocks.{i}.attn.hook_{kv}" for i in range(n_layers) for kv in ("k", "v")]
+        output, cache = self.model.run_with_cache(self.prepared, names=names)
+        self.keys = [
+            rearrange(cache[f"blocks.{i}.attn.hook_k"], "b p h d -> b h p d") for i in range(n_layers)
+        ]
+        self.values = [
+            rearrange(cache[f"blocks.{i}.attn.hook_v"], "b p h d -> b h p d") for i in range(n_layers)
+        ]
+        self.output = output
+        params = inspect.signature(self.model.module.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        return output
+
+    @contextmanager
+    def active(self, s: int):
+        if s == 0:  # nothing to reuse: HF's own forward
+            yield self.prepared
+            return
+        cache_class = _prefix_cache_class()
+
+        def add_cache(module: nn.Module, args: tuple, kwargs: dict):
+            cache = cache_class()
+            for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+                cache.update(k[:, :, :s], v[:, :, :s], layer)
+            return args, {**kwargs, self.cache_kwarg: cache}
+
+        handle = self.model.module.register_forward_pre_hook(add_cache, with_kwargs=True)
+        try:
+            yield self.tail_input(s)
+        finally:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------
+# Native bridges: NativeAttention with cached keys and values in front
+# ------------------------------------------------------------------------------------------------
+
+
+class NativeSuffix(SuffixRoute):
+    def _attentions(self) -> list[nn.Module]:
+        return [block.attn.original_component for block in self.model.bridge.blocks]
+
+    def capture(self) -> torch.Tensor:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        with self.model._lock, self._replaced(0, record=True), torch.no_grad():
+            self.output = self.model._forward(self.prepared)
+        return self.output
+
+    @contextmanager
+    def recording(self, rows: slice):
+        self.keys, self.values = [], []
+        with self.model._lock, self._replaced(0, record=True):
+            yield
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+    def captured(self, output: torch.Tensor) -> None:
+        self.output = output
+
+    @contextmanager
+    def active(self, s: int):
+        tail = self.tail_input(s)
+        positions = torch.arange(s, self.n_pos, device=tail.input_ids.device)
+        with self._replaced(s, record=False), _with_position_ids(self.model, positions):
+            yield tail
+
+    @contextmanager
+    def _replaced(self, s: int, record: bool):
+        attentions = self._attentions()
+        for layer, attention in enumerate(attentions):
+            attention.forward = self._forward_for(attention, layer, s, record)
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                del attention.forward
+
+    def _forward_for(self, att: nn.Module, layer: int, s: int, record: bool):
+        """``NativeAttention.forward`` (TransformerLens 4.3) with positions ``< s`` from the cache."""
+        from transformer_lens.model_bridge.sources.native.model import apply_softcap
+
+        def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise NotImplementedError("padded inputs keep the full forward")
+            seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
+            q = att.q(hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+            k = att.k(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+            v = att.v(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+            if att.rotary is not None:
+                q, k = att.rotary.apply_rope(q, k, position_ids=position_ids)
+            if record:
+                self.keys.append(k.detach())
+                self.values.append(v.detach())
+            elif s > 0:
+                k = _prepend(self.keys[layer][:, :, :s], k)
+                v = _prepend(self.values[layer][:, :, :s], v)
+            if att.kv_repeats > 1:
+                k = k.repeat_interleave(att.kv_repeats, dim=1)
+                v = v.repeat_interleave(att.kv_repeats, dim=1)
+            scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
+            if not att.causal:
+                raise NotImplementedError("bidirectional attention: every position depends on every other")
+            # no padding (checked above), so every row keeps its diagonal and softmax leaves masked
+            # entries at exactly 0: the original's second masked_fill is a no-op here
+            pattern = torch.softmax(
+                scores.masked_fill_(att.causal_mask[s : s + seq, : s + seq], float("-inf")), -1
+            )
+            if pattern_fn is not None:
+                pattern = pattern_fn(pattern)
+            z = _rows_matmul(pattern, v).transpose(1, 2).flatten(-2)
+            return att.o(z), pattern
+
+        return forward
+
+
+def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` where one side may hold copies stacked along the rows (``k * batch``) and the other
+    one copy (``batch``): the single copy broadcasts over the stacked ones, never repeated."""
+    rows_a, rows_b = a.shape[0], b.shape[0]
+    if rows_a == rows_b:
+        return torch.matmul(a, b)
+    if rows_a % rows_b == 0:
+        return torch.matmul(a.unflatten(0, (rows_a // rows_b, rows_b)), b).flatten(0, 1)
+    if rows_b % rows_a == 0:
+        return torch.matmul(a, b.unflatten(0, (rows_b // rows_a, rows_a))).flatten(0, 1)
+    raise RuntimeError(f"rows {rows_a} and {rows_b} are not copies of one batch")
+
+
+def _prepend(cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``[cached; new]`` along positions, ``cached`` repeated to ``new``'s rows if copies are stacked."""
+    if cached.shape[0] != new.shape[0]:
+        cached = cached.repeat(new.shape[0] // cached.shape[0], 1, 1, 1)
+    return torch.cat([cached, new], dim=2)
+
+
+@contextmanager
+def _with_position_ids(model: Any, positions: torch.Tensor):
+    """The bridge's forward gets ``position_ids`` (positions ``s..n-1``), for every batch size."""
+
+    def add(module: nn.Module, args: tuple, kwargs: dict):
+        ids = args[0] if args else kwargs["input"]
+        return args, {**kwargs, "position_ids": positions[None].expand(ids.shape[0], -1)}
+
+    handle = model.bridge.register_forward_pre_hook(add, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+__all__ = ["HFSuffix", "NativeSuffix", "SuffixRoute", "suffix_route"]
