@@ -128,6 +128,13 @@ def test_cuda_without_cuda_is_named_not_blamed_on_weights():
         interp.load(nn.Linear(2, 2), device="gpu0")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_capture_to_cuda_without_cuda_is_named_before_the_forward():
+    model = interp.load(nn.Linear(2, 2))
+    with pytest.raises(InputError, match="CUDA is not available here.*device='cpu'"):
+        model.run_with_cache(torch.ones(1, 2), device="cuda")
+
+
 def _hf_copy(src: str, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -126,3 +126,29 @@ def writable_dir(path: str | os.PathLike, what: str = "output directory") -> Pat
             "pass a directory you can write to"
         ) from None
     return target
+
+
+def check_device(device: Any) -> None:
+    """InputError before any loading when ``device`` is not a device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(
+            f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'mps'"
+        ) from None
+    if dev.type == "meta":
+        raise InputError(
+            "device='meta' holds no values, so nothing could be read or measured; use device='cpu'"
+        )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device={device!r} but CUDA is not available here (no GPU, or torch built without CUDA); "
+            "use device='cpu'"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+            "use device='cuda:0' or 'cpu'"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={device!r} but MPS (Apple GPU) is not available here; use device='cpu'")

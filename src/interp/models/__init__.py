@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from interp.checks import check_device
 from interp.errors import InputError, ModelLoadError, closest
 from interp.models.base import HookedModel
 
@@ -38,7 +39,7 @@ def load(
     """
     import torch
 
-    _check_device(device)
+    check_device(device)
     if isinstance(spec, HookedModel):
         return spec
     if isinstance(spec, torch.nn.Module) and not _is_bridge(spec):
@@ -113,34 +114,6 @@ def _load_native(config: Any, device: str) -> HookedModel:
             raise InputError(f"not a valid TransformerBridgeConfig: {err}") from err
     bridge = TransformerBridge.boot_native(config).to(device)
     return NativeTransformer(bridge, f"native-{config.n_layers}L")
-
-
-def _check_device(device: Any) -> None:
-    """InputError before any loading when ``device`` is not a device this machine has."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(
-            f"device={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:0' or 'mps'"
-        ) from None
-    if dev.type == "meta":
-        raise InputError(
-            "device='meta' holds no values, so nothing could be read or measured; use device='cpu'"
-        )
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"device={device!r} but CUDA is not available here (no GPU, or torch built without CUDA); "
-            "use device='cpu'"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(
-            f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-            "use device='cuda:0' or 'cpu'"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device={device!r} but MPS (Apple GPU) is not available here; use device='cpu'")
 
 
 def _load_zoo(name: str, device: str, verify: bool = True) -> HookedModel:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from interp.checks import checked_hook_value
+from interp.checks import check_device, checked_hook_value
 from interp.errors import InputError, UnknownHookError
 from interp.hooks import (
     ActivationCache,
@@ -565,6 +565,8 @@ class HookedModel:
         """
         if stop_early and grad_of is not None:
             raise ValueError("grad_of needs the full forward (the metric reads the output); drop stop_early")
+        if device is not None:
+            check_device(device)  # before the forward: a missing GPU is named, not an AssertionError
         chosen = self.resolve(names)
         prepared = self.prepare(inputs)
         sites = [self._sites[n] for n in chosen]
