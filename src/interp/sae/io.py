@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from interp.errors import CheckpointError, closest
-from interp.models.zoo.checkpoint import read_verified, sha256, sidecar_path
+from interp.models.zoo.checkpoint import read_verified, sha256, sidecar_path, state_mismatch
 from interp.sae.config import SAEConfig
 from interp.sae.modules import SAE
 
@@ -146,18 +146,12 @@ def _read_cfg(path: Path) -> dict[str, Any]:
 
 def _fill(sae: SAE, tensors: dict[str, torch.Tensor], weights: Path) -> None:
     expected = sae.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing, unexpected, wrong = state_mismatch(expected, tensors, what="cfg")
     if missing or unexpected:
         raise CheckpointError(
             f"{weights} does not fit a {sae.cfg.architecture} SAE (missing: {missing or 'none'}; "
             f"unexpected: {unexpected or 'none'}). The cfg.json and the weights disagree: save the SAE again."
         )
-    wrong = [
-        f"{k}: file {tuple(tensors[k].shape)} vs cfg {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(tensors[k].shape) != tuple(v.shape)
-    ]
     if wrong:
         raise CheckpointError(
             f"{weights} has shapes that do not match cfg.json ({'; '.join(wrong[:3])}); "

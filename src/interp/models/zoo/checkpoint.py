@@ -166,22 +166,30 @@ def read_metadata(name: str, directory: str | Path | None = None) -> dict[str, A
     return meta
 
 
-def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, name: str) -> None:
-    """Copy ``tensors`` into ``model`` after checking keys and shapes exactly."""
-    expected = model.state_dict()
+def state_mismatch(
+    expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str = "model"
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``tensors`` fail to fit a module's ``expected`` state dict: missing keys, unexpected keys,
+    and ``"key: file (shape) vs <what> (shape)"`` for each shape that differs (all empty: it fits)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)} vs {what} {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, wrong
+
+
+def load_state_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, name: str) -> None:
+    """Copy ``tensors`` into ``model`` after checking keys and shapes exactly."""
+    missing, unexpected, wrong = state_mismatch(model.state_dict(), tensors)
     if missing or unexpected:
         raise CheckpointError(
             f"Zoo checkpoint {path} does not fit the {name!r} architecture "
             f"(missing keys: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
             f"unexpected keys: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). {_fix(name)}"
         )
-    wrong = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(tensors[k].shape) != tuple(v.shape)
-    ]
     if wrong:
         raise CheckpointError(
             f"Zoo checkpoint {path} has wrong shapes for {name!r} ({'; '.join(wrong[:3])}). {_fix(name)}"
