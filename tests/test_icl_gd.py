@@ -214,7 +214,7 @@ def test_reproductions_page_shows_the_table_and_figures():
     expected = reproductions.from_checkpoints("icl-gd")  # the faithful analysis, nothing retrained
     assert expected.passed, expected.table()
     assert not any(name.startswith("icl-gd-seed") for name in expected.models)
-    assert list(at.dataframe[-1].value["quantity"]) == [c.quantity for c in expected.checks]
+    assert list(at.table[-1].value.index) == [c.quantity for c in expected.checks]
     assert len(at.get("plotly_chart")) == len(expected.figures) == 4
     assert any(m.value.startswith("icl-gd") for m in at.success)
 
