@@ -26,7 +26,7 @@ TransformerLens's own ``detect_head`` asserts on bridges; this one reads the pat
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -152,20 +152,9 @@ def detect_head(
             "a cache holds one sequence's patterns: pass one sequence with cache=, or omit cache"
         )
     chosen = _chosen_heads(model, heads)
-    scores = []
-    for tokens in sequences:
-        target = _target(detection_pattern, tokens, len(sequences))
-        patterns = _patterns(model, tokens, cache)  # [layer, head, pos, pos]
-        scores.append(
-            similarity_scores(
-                patterns,
-                target,
-                exclude_bos=exclude_bos,
-                exclude_current_token=exclude_current_token,
-                error_measure=error_measure,
-            )
-        )
-    mean = torch.stack(scores).mean(0).cpu()
+    targets = {"pattern": lambda tokens: _target(detection_pattern, tokens, len(sequences))}
+    options = {"exclude_bos": exclude_bos, "exclude_current_token": exclude_current_token}
+    mean = _mean_scores(model, sequences, targets, cache, error_measure=error_measure, **options)["pattern"]
     return torch.where(chosen, mean, torch.full_like(mean, -1.0))
 
 
@@ -180,21 +169,25 @@ def detect_heads(
     """All four detectors at once: ``{head type: scores [layer, head]}``, one forward per sequence."""
     if error_measure not in ERROR_MEASURES:
         raise InputError(f"error_measure must be one of {ERROR_MEASURES}, got {error_measure!r}")
-    sequences = _sequences(model, seq)
+    targets = {name: (lambda tokens, name=name: detection_pattern(name, tokens)) for name in HEAD_NAMES}
+    options = {"exclude_bos": exclude_bos, "exclude_current_token": exclude_current_token}
+    return _mean_scores(model, _sequences(model, seq), targets, None, error_measure=error_measure, **options)
+
+
+def _mean_scores(
+    model: HookedModel,
+    sequences: list[torch.Tensor],
+    targets: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    cache: Any,
+    **options: Any,
+) -> dict[str, torch.Tensor]:
+    """``{name: mean over sequences of similarity_scores(patterns, targets[name](tokens))}``, one
+    forward per sequence whatever the number of targets."""
     totals: dict[str, list[torch.Tensor]] = defaultdict(list)
     for tokens in sequences:
-        patterns = _patterns(model, tokens, None)
-        for name in HEAD_NAMES:
-            target = detection_pattern(name, tokens)
-            totals[name].append(
-                similarity_scores(
-                    patterns,
-                    target,
-                    exclude_bos=exclude_bos,
-                    exclude_current_token=exclude_current_token,
-                    error_measure=error_measure,
-                )
-            )
+        patterns = _patterns(model, tokens, cache)  # [layer, head, pos, pos]
+        for name, target in targets.items():
+            totals[name].append(similarity_scores(patterns, target(tokens), **options))
     return {name: torch.stack(values).mean(0).cpu() for name, values in totals.items()}
 
 
