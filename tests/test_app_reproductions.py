@@ -74,3 +74,21 @@ def test_fast_rerun_writes_its_report_outside_the_checkout(monkeypatch):
     assert not Path(out_dir).resolve().is_relative_to(root)
     assert any("Fast re-run" in s.value for s in at.subheader)
     assert not at.get("progress")
+
+
+@pytest.mark.parametrize(
+    ("finding", "retrained_prefix", "n_figures"),
+    [("icl-gd", "icl-gd-seed", 4), ("clock-pizza", "clock-pizza-alpha", 3)],
+)
+def test_page_shows_a_findings_checkpoint_table_and_figures(finding, retrained_prefix, n_figures):
+    """The page shows the finding's checkpoint table (= from_checkpoints, nothing retrained) and its figures."""
+    at = _page()
+    at.session_state["reproduction_finding"] = finding
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    expected = reproductions.from_checkpoints(finding)
+    assert expected.passed, expected.table()
+    assert not any(name.startswith(retrained_prefix) for name in expected.models)
+    assert list(at.table[-1].value.index) == [c.quantity for c in expected.checks]
+    assert len(at.get("plotly_chart")) == len(expected.figures) == n_figures
+    assert any(m.value.startswith(finding) for m in at.success)

@@ -246,28 +246,6 @@ def test_faithful_reproduction_passes(tmp_path):
     print(f"faithful clock-pizza reproduction: {time.perf_counter() - start:.1f} s")
 
 
-def test_reproductions_page_shows_the_table_and_figures():
-    """The explorer's Reproductions page shows clock-pizza's checkpoint table (= from_checkpoints) and figures."""
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("streamlit")
-    from streamlit.testing.v1 import AppTest
-
-    apps = Path(__file__).resolve().parents[1] / "apps"
-    if str(apps) not in sys.path:
-        sys.path.insert(0, str(apps))
-    at = AppTest.from_file(str(apps / "views" / "reproductions.py"), default_timeout=300)
-    at.session_state["reproduction_finding"] = "clock-pizza"
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    expected = reproductions.from_checkpoints("clock-pizza")  # nothing retrained
-    assert expected.passed, expected.table()
-    assert not any(name.startswith("clock-pizza-alpha") for name in expected.models)
-    assert list(at.table[-1].value.index) == [c.quantity for c in expected.checks]
-    assert len(at.get("plotly_chart")) == len(expected.figures) == 3
-
-
 def test_walk_through_runs(capsys):
     """analyses/clock_pizza.py's demo part (the reproduction itself is tested above)."""
     import runpy

@@ -196,29 +196,6 @@ def test_retrain_reproduces_the_shipped_metrics(tmp_path):
         assert meta["metrics"][key] == pytest.approx(shipped[key], rel=1e-3), key
 
 
-def test_reproductions_page_shows_the_table_and_figures():
-    """The explorer's Reproductions page shows icl-gd's checkpoint table (= from_checkpoints) and figures."""
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("streamlit")
-    from streamlit.testing.v1 import AppTest
-
-    apps = Path(__file__).resolve().parents[1] / "apps"
-    if str(apps) not in sys.path:
-        sys.path.insert(0, str(apps))
-    at = AppTest.from_file(str(apps / "views" / "reproductions.py"), default_timeout=300)
-    at.session_state["reproduction_finding"] = "icl-gd"
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    expected = reproductions.from_checkpoints("icl-gd")  # the faithful analysis, nothing retrained
-    assert expected.passed, expected.table()
-    assert not any(name.startswith("icl-gd-seed") for name in expected.models)
-    assert list(at.table[-1].value.index) == [c.quantity for c in expected.checks]
-    assert len(at.get("plotly_chart")) == len(expected.figures) == 4
-    assert any(m.value.startswith("icl-gd") for m in at.success)
-
-
 def test_walk_through_runs(capsys):
     """analyses/icl_gd.py's demo part (the reproduction itself is tested above)."""
     import runpy
