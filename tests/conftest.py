@@ -121,3 +121,14 @@ def softmax():
     import interp
 
     return interp.load("zoo:digits-softmax")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A clean/corrupted pair of token ids for the patching toys (vocabulary 40): two positions differ."""
+    torch.manual_seed(0)
+    clean = torch.randint(0, 39, (2, 6))
+    corrupted = clean.clone()
+    corrupted[:, 1] = (clean[:, 1] + 5) % 39
+    corrupted[:, 3] = (clean[:, 3] + 7) % 39
+    return clean, corrupted

@@ -40,16 +40,6 @@ def toy():
     return interp.load(TOY)
 
 
-@pytest.fixture(scope="module")
-def pair():
-    torch.manual_seed(0)
-    clean = torch.randint(0, 39, (2, 6))
-    corrupted = clean.clone()
-    corrupted[:, 1] = (clean[:, 1] + 5) % 39
-    corrupted[:, 3] = (clean[:, 3] + 7) % 39
-    return clean, corrupted
-
-
 def logit_diff(clean):
     def metric(logits):
         rows = torch.arange(clean.shape[0])
