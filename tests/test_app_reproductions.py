@@ -92,3 +92,17 @@ def test_page_shows_a_findings_checkpoint_table_and_figures(finding, retrained_p
     assert list(at.table[-1].value.index) == [c.quantity for c in expected.checks]
     assert len(at.get("plotly_chart")) == len(expected.figures) == n_figures
     assert any(m.value.startswith(finding) for m in at.success)
+
+
+def test_tolerances_starting_with_a_comparison_are_not_markdown_quotes():
+    """st.table renders cells as Markdown, where a leading '>' ('>= 0.5') starts a block quote and the
+    browser shows '| = 0.5'; such cells are escaped."""
+    expected = reproductions.from_checkpoints("induction")
+    raw = [c.row()[3] for c in expected.checks]
+    assert any(t.startswith(">") for t in raw)  # the case exists in this finding
+    at = _page()
+    at.session_state["reproduction_finding"] = "induction"
+    at.run()
+    shown = list(at.table[-1].value["tolerance"])
+    assert not any(str(t).startswith(">") for t in shown)
+    assert [str(t).removeprefix("\\") for t in shown] == raw

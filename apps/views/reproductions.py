@@ -25,9 +25,14 @@ def checkpoint_report(finding: str) -> reproductions.Report:
     return reproductions.from_checkpoints(finding)
 
 
+def _as_text(cell: object) -> object:
+    """st.table renders cells as Markdown: a tolerance such as ">= 0.5" would start a block quote."""
+    return "\\" + cell if isinstance(cell, str) and cell[:1] in (">", "#") else cell
+
+
 def show(report: reproductions.Report) -> None:
     rows = [
-        dict(zip(("quantity", "paper", "ours", "tolerance", "pass"), c.row(), strict=True))
+        dict(zip(("quantity", "paper", "ours", "tolerance", "pass"), map(_as_text, c.row()), strict=True))
         for c in report.checks
     ]
     verdict = (
