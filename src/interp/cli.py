@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_argument(
         "--no-resume", action="store_true", help="overwrite an existing capture instead of resuming"
     )
+    capture.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="under torchrun: seconds to reach MASTER_ADDR, and without a heartbeat from another rank, "
+        "before giving up (default 600)",
+    )
     capture.set_defaults(run=_capture)
 
     explore = sub.add_parser("explore", help="open the Streamlit explorer")
@@ -174,17 +181,23 @@ def _capture(args: argparse.Namespace) -> int:
     writable_dir(args.out, "--out directory")  # the cheap checks first: before loading the model
     if not Path(args.input).is_file():
         raise InterpError(f"--input {args.input!r} is not a file. Check the path.")
-    model = interp.load(args.model)
-    hooks = model.resolve(args.hooks)  # a bad pattern fails before the inputs are read
-    dataset = capture_to_disk(
-        model,
-        read_inputs(args.input),
-        hooks,
-        args.out,
-        batch_size=args.batch_size,
-        resume=not args.no_resume,
-    )
-    print(f"wrote {len(dataset)} rows with {len(dataset.column_names)} columns to {args.out}")
+    from interp.distributed import DEFAULT_TIMEOUT, process_group
+
+    timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+    with process_group(timeout) as ctx:  # under torchrun: one rank of a data-parallel capture
+        model = interp.load(args.model)
+        hooks = model.resolve(args.hooks)  # a bad pattern fails before the inputs are read
+        dataset = capture_to_disk(
+            model,
+            read_inputs(args.input),
+            hooks,
+            args.out,
+            batch_size=args.batch_size,
+            resume=not args.no_resume,
+            timeout=timeout,
+        )
+    if ctx.is_main:
+        print(f"wrote {len(dataset)} rows with {len(dataset.column_names)} columns to {args.out}")
     return 0
 
 

@@ -74,7 +74,8 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT = "interp.capture"
 VERSION = 2  # 2: shard checksums
-_OURS_RE = re.compile(r"^(shard-\d{5,}\.arrow|manifest\.json)(\.tmp.*)?$|^\.lock$")
+PARTS = "parts"  # a data-parallel capture's per-part directories while it runs (see capture_to_disk)
+_OURS_RE = re.compile(r"^(shard-\d{5,}\.arrow|manifest\.json)(\.tmp.*)?$|^\.lock$|^parts$")
 _STORABLE = {
     torch.float16: "float16",
     torch.float32: "float32",
@@ -114,6 +115,7 @@ def capture_to_disk(
     shard_rows: int | None = None,
     shard_seconds: float = 60.0,
     verify: bool = True,
+    timeout: float | None = None,
 ) -> datasets.Dataset:
     """Capture the named activations over ``inputs`` into Arrow shards in ``out_dir``.
 
@@ -137,6 +139,20 @@ def capture_to_disk(
             ``0`` for any of them gives one shard per batch.
         verify: on resume, check the checksum of every shard already on disk before trusting it
             (the other manifest checks always run). ``False`` skips that read, for trusted data.
+        timeout: data-parallel runs only: seconds without a heartbeat from another rank before
+            this one gives up on it (default ``interp.distributed.DEFAULT_TIMEOUT``).
+
+    Data parallel (inside a ``torch.distributed`` process group, e.g. under ``torchrun``), the
+    call is collective: every rank calls it with the same arguments. The inputs are split into
+    one contiguous part per rank, cut on ``batch_size`` boundaries so every forward pass sees the
+    same examples as in one process (the dataset is the same, row for row). Each rank writes its
+    part's shards under ``out_dir/parts/part-NNNNN/`` (each a capture of its range, with its own
+    manifest, checksums and resume); rank 0 then hard-links them, in input order, into
+    ``out_dir`` as ``shard-NNNNN.arrow`` and writes the one manifest, so the finished directory is
+    exactly what one process writes. Rerunning after a kill resumes every part. The split is
+    fixed by the first run: a resume on another number of processes (one included) handles it,
+    part ``p`` going to rank ``p % world_size`` (a warning says so). A capture begun by one
+    process and resumed by several is finished by rank 0 alone while the others wait.
 
     Returns:
         The whole capture as a ``datasets.Dataset`` in torch format (see ``load_capture``).
@@ -152,22 +168,68 @@ def capture_to_disk(
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _refuse_foreign(out)
+    from interp import distributed
 
-    with _locked(out):
-        header = _header(model, chosen, store_dtype, batch_size, source)
-        manifest = _open_manifest(out, header, resume, verify)
-        start = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
-        bar = tqdm(total=source.n, initial=start, unit="ex", desc=f"capture {out.name}", disable=not progress)
-        if start and progress:
-            bar.write(f"resuming {out}: {start} of {source.n} examples already on disk")
-        try:
-            _run(model, source, chosen, store_dtype, batch_size, out, manifest, start, limits, bar)
-        finally:
-            bar.close()
-        manifest["complete"] = True
-        _write_manifest(out, manifest)
+    ctx = distributed.current()
+    job = _Job(model, source, chosen, store_dtype, batch_size, out, resume, verify, limits)
+    if ctx.distributed or (resume and _is_parts(_read_manifest(out))):
+        _capture_parts(job, ctx, progress, distributed.DEFAULT_TIMEOUT if timeout is None else timeout)
+    else:
+        with _locked(out):
+            bar = tqdm(total=source.n, unit="ex", desc=f"capture {out.name}", disable=not progress)
+            try:
+                job.single(bar, progress)
+            finally:
+                bar.close()
     # Every shard was checksummed as it was written or verified above: skip reading them again.
     return load_capture(out, verify=False)
+
+
+@dataclass
+class _Job:
+    """One capture_to_disk call's arguments, checked."""
+
+    model: HookedModel
+    source: _Source
+    chosen: list[str]
+    store_dtype: str | None
+    batch_size: int
+    out: Path
+    resume: bool
+    verify: bool
+    limits: _ShardLimits
+
+    def header(self) -> dict[str, Any]:
+        return _header(self.model, self.chosen, self.store_dtype, self.batch_size, self.source)
+
+    def single(self, bar: Any, progress: bool) -> None:
+        """The whole capture in this process, into ``out`` itself (the caller holds its lock)."""
+        manifest = _open_manifest(self.out, self.header(), self.resume, self.verify)
+        start = manifest["shards"][-1]["stop"] if manifest["shards"] else 0
+        bar.update(start)
+        if start and progress:
+            bar.write(f"resuming {self.out}: {start} of {self.source.n} examples already on disk")
+        self.run(self.out, manifest, start, self.source.n, bar)
+
+    def part(self, index: int, lo: int, hi: int, bar: Any, tick: Any) -> None:
+        """Examples ``[lo, hi)`` into ``out/parts/part-NNNNN`` (a capture of that range), resumed."""
+        directory = self.out / PARTS / f"part-{index:05d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        with _locked(directory):
+            header = {**self.header(), "range": [lo, hi], "part": index}
+            manifest = _open_manifest(directory, header, True, self.verify)
+            start = manifest["shards"][-1]["stop"] if manifest["shards"] else lo
+            bar.update(start - lo)
+            self.run(directory, manifest, start, hi, bar, tick)
+
+    def run(
+        self, out: Path, manifest: dict[str, Any], start: int, stop: int, bar: Any, tick: Any = None
+    ) -> None:
+        if start < stop:
+            _run(self.model, self.source, self.chosen, self.store_dtype, self.batch_size, out, manifest,
+                 start, self.limits, bar, stop=stop, tick=tick)  # fmt: skip
+        manifest["complete"] = True
+        _write_manifest(out, manifest)
 
 
 def load_capture(
@@ -192,6 +254,12 @@ def load_capture(
     if report.problem is not None:
         raise InputError(f"the capture in {out} cannot be trusted: {report.problem}. {report.fix}")
     done = report.shards[-1]["stop"] if report.shards else 0
+    if _is_parts(manifest):
+        raise InputError(
+            f"the capture in {out} is a data-parallel capture that has not finished (its parts are in "
+            f"{out / PARTS}). Rerun the same command, with torchrun or without (any number of processes "
+            "finishes it), to complete and merge it."
+        )
     if not manifest["complete"] and not partial:
         raise InputError(
             f"the capture in {out} is unfinished ({done} of {manifest['n_examples']} examples). "
@@ -438,6 +506,7 @@ _IDENTITY = {
     "input_kind": "kind of inputs",
     "n_examples": "number of examples",
     "inputs_fingerprint": "inputs (their content differs)",
+    "range": "part range",
 }
 
 
@@ -445,10 +514,10 @@ def _open_manifest(out: Path, header: dict[str, Any], resume: bool, verify: bool
     existing = _read_manifest(out)
     _refuse_foreign(out)
     if existing is not None and resume:
-        differ = [label for key, label in _IDENTITY.items() if existing.get(key) != header[key]]
+        differ = [label for key, label in _IDENTITY.items() if existing.get(key) != header.get(key)]
         if differ:
             details = "; ".join(
-                f"{label}: on disk {_short(existing.get(key))}, now {_short(header[key])}"
+                f"{label}: on disk {_short(existing.get(key))}, now {_short(header.get(key))}"
                 for key, label in _IDENTITY.items()
                 if label in differ
             )
@@ -465,13 +534,16 @@ def _open_manifest(out: Path, header: dict[str, Any], resume: bool, verify: bool
                 stacklevel=3,
             )
         manifest = {**existing, "batch_size": header["batch_size"], "shards": report.shards}
+        manifest.pop("parts", None)
         manifest["complete"] = report.problem is None and existing["complete"]
         manifest.setdefault("created", _now())
     else:
         manifest = {**header, "features": None, "shards": [], "complete": False, "created": _now()}
     keep = {s["file"] for s in manifest["shards"]}
     for p in out.iterdir():  # leftovers: temp files, partial shards, shards the manifest never listed
-        if _OURS_RE.match(p.name) and p.name not in keep and p.name not in (MANIFEST, LOCK):
+        if p.name == PARTS and p.is_dir():  # a data-parallel capture's parts, replaced by this one
+            _rmtree(p)
+        elif _OURS_RE.match(p.name) and p.name not in keep and p.name not in (MANIFEST, LOCK):
             p.unlink()
     if not manifest["shards"]:
         manifest["features"] = None  # inferred again from the first batch
@@ -541,20 +613,32 @@ def _inspect(out: Path, manifest: dict[str, Any], *, verify: bool) -> _Report:
     report = _Report([], [])
     try:
         features = _checked_fields(manifest)
-        expected = 0
+        lo, hi = _range(manifest)
+        expected = lo
         for index, entry in enumerate(manifest["shards"]):  # features is not None when shards are listed
             report.parts.append(_checked_shard(out, index, entry, expected, manifest, features, verify))
             report.shards.append(entry)
             expected = entry["stop"]
-        if manifest["complete"] and expected != manifest["n_examples"]:
+        if manifest["complete"] and expected != hi:
             raise _Bad(
-                f"field 'complete' in {MANIFEST} is true, but its shards cover {expected:,} of the "
-                f"{manifest['n_examples']:,} examples"
+                f"field 'complete' in {MANIFEST} is true, but its shards cover {expected - lo:,} of the "
+                f"{hi - lo:,} examples"
             )
     except _Bad as bad:
         report.problem, report.fix = bad.problem, bad.fix
         del report.parts[len(report.shards) :]
     return report
+
+
+def _range(manifest: dict[str, Any]) -> tuple[int, int]:
+    """The examples a manifest covers: all inputs, or one part's ``range`` (checked by _checked_fields)."""
+    lo, hi = manifest.get("range", [0, manifest["n_examples"]])
+    return lo, hi
+
+
+def _is_parts(manifest: dict[str, Any] | None) -> bool:
+    """Whether ``manifest`` is the top manifest of a data-parallel capture still in its parts."""
+    return manifest is not None and "parts" in manifest and not manifest.get("complete")
 
 
 def _is_int(value: Any) -> bool:
@@ -575,6 +659,11 @@ def _checked_fields(manifest: dict[str, Any]) -> datasets.Features | None:
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise _Bad(f"field 'shards' in {MANIFEST} is {_short(shards)}, not a list")
+    span = manifest.get("range", [0, manifest["n_examples"]])
+    if not (isinstance(span, list) and len(span) == 2 and all(map(_is_int, span))) or not (
+        0 <= span[0] < span[1] <= manifest["n_examples"]
+    ):
+        raise _Bad(f"field 'range' in {MANIFEST} is {_short(span)}, not [start, stop] within the inputs")
     data = manifest.get("features")
     if data is None:
         if shards:
@@ -610,13 +699,15 @@ def _checked_shard(
     for key in ("start", "stop", "bytes"):
         if not _is_int(entry.get(key)):
             raise _Bad(f"{where} ({name}) has {key!r} = {_short(entry.get(key))}, not an integer")
-    start, stop, n = entry["start"], entry["stop"], manifest["n_examples"]
+    start, stop, (lo, n) = entry["start"], entry["stop"], _range(manifest)
     label = f"{where} ({_short(entry.get('file'))})"
     if start != expected:
-        before = f"the shard before it ends at {expected:,}" if index else "the first shard must start at 0"
+        first = f"the first shard must start at {lo:,}"
+        before = f"the shard before it ends at {expected:,}" if index else first
         raise _Bad(f"{label} starts at example {start:,}, but {before}: shard ranges must be contiguous")
     if not start < stop <= n:
-        raise _Bad(f"{label} claims examples {start:,} to {stop:,}, not a range within the {n:,} inputs")
+        what = f"the {n:,} inputs" if lo == 0 else f"this part's examples {lo:,} to {n:,}"
+        raise _Bad(f"{label} claims examples {start:,} to {stop:,}, not a range within {what}")
     if entry.get("file") != name:
         raise _Bad(f"{where} names file {_short(entry.get('file'))}; shard {index} must be {name!r}")
     path = out / name
@@ -927,7 +1018,13 @@ def _run(
     start: int,
     limits: _ShardLimits,
     bar: Any,
+    *,
+    stop: int | None = None,
+    tick: Any = None,
 ) -> None:
+    """Capture examples ``[start, stop)`` (stop: all) into ``out``, shard by shard; ``tick()`` runs
+    before each batch (a data-parallel job's check that no other rank has failed)."""
+    stop = source.n if stop is None else stop
     features = _features_from_dict(manifest["features"]) if manifest.get("features") else None
     shapes = model.hook_shapes
     ragged = {n for n in chosen if source.kind == "text" and "pos" in (shapes.get(n) or ())}
@@ -935,8 +1032,10 @@ def _run(
     tokens = written = 0
     began = time.perf_counter()
     try:
-        for lo in range(start, source.n, batch_size):
-            hi = min(lo + batch_size, source.n)
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            if tick is not None:
+                tick()
             batch_began = _clock()
             _, cache = model.run_with_cache(source.batch(lo, hi), names=chosen, stop_early=True)
             columns, n_tokens = _rows(model, source, cache, chosen, store_dtype, lo, hi)
@@ -953,7 +1052,7 @@ def _run(
             _write_batch(writer, table, hi)
             del table
             tokens += n_tokens
-            if hi == source.n or limits.reached(writer):
+            if hi == stop or limits.reached(writer):
                 written += writer.nbytes
                 manifest["shards"].append(writer.commit())
                 writer = None
@@ -1185,6 +1284,221 @@ def _nested(rows: Any, pa_type: pa.DataType) -> pa.Array:
         np.cumsum(lengths, out=offsets[1:])
         values = pa.ListArray.from_arrays(pa.array(offsets), values)
     return values.cast(pa_type) if values.type != pa_type else values
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel: one part per rank, merged by rank 0
+# ------------------------------------------------------------------------------------------------
+
+
+def _capture_parts(job: _Job, ctx: Any, progress: bool, timeout: float) -> None:
+    """The collective capture (see capture_to_disk): check that every rank was given the same
+    capture, let rank 0 prepare the directory, capture this rank's parts, let rank 0 merge."""
+    from tqdm.auto import tqdm
+
+    from interp import distributed
+
+    header = job.header()
+    with distributed.coordinator(ctx, "capture", timeout) as co, contextlib.ExitStack() as held:
+        identities = co.phase("identity", lambda: _identity(header))
+        differ = [rank for rank, value in enumerate(identities) if value != identities[0]]
+        if differ:
+            raise InputError(
+                f"rank {differ[0]} was given a different capture than rank 0 (model, hook names, dtype, "
+                "batch size or inputs). Every rank must call capture_to_disk with the same arguments."
+            )
+
+        def prepare() -> dict[str, Any]:
+            held.enter_context(_locked(job.out))  # rank 0 holds the directory until the merge
+            return _prepare_parts(job, header, ctx.world_size)
+
+        plan = co.phase("prepare", prepare if ctx.is_main else lambda: None)[0]
+        show = progress and ctx.is_main
+        bar = _JobBar(
+            co, tqdm(total=job.source.n, unit="ex", desc=f"capture {job.out.name}", disable=not show)
+        )
+        if show and plan["note"]:
+            bar.write(plan["note"])
+        try:
+            if plan["ranges"] is None:  # one process's capture: rank 0 finishes (or checks) it
+                co.phase("capture", lambda: job.single(bar, show) if ctx.is_main else None, bar.poll)
+            else:
+                mine = [
+                    (p, lo, hi) for p, (lo, hi) in enumerate(plan["ranges"]) if p % ctx.world_size == ctx.rank
+                ]
+                co.phase(
+                    "capture",
+                    lambda: [job.part(p, lo, hi, bar, co.check_abort) for p, lo, hi in mine],
+                    bar.poll,
+                )
+                co.phase("merge", lambda: _merge_parts(job.out, plan["ranges"]) if ctx.is_main else None)
+        finally:
+            bar.close()
+
+
+def _identity(header: dict[str, Any]) -> str:
+    """What every rank of one capture must agree on, as one string."""
+    keys = [*_IDENTITY, "batch_size"]
+    return json.dumps({k: header.get(k) for k in keys}, sort_keys=True, default=str)
+
+
+def _prepare_parts(job: _Job, header: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Rank 0, holding the lock: start or resume a data-parallel capture. Returns the plan:
+    ``ranges`` (one ``[lo, hi)`` per part, or None for a one-process capture that rank 0 finishes)
+    and a ``note`` for the user."""
+    out = job.out
+    existing = _read_manifest(out) if job.resume else None
+    if existing is not None and not _is_parts(existing):
+        note = None
+        if not existing.get("complete"):
+            note = (
+                f"{out} holds a capture begun by one process: rank 0 finishes it alone while the other "
+                f"{world_size - 1} wait (rerun with resume=False / --no-resume to split it across ranks)"
+            )
+        return {"ranges": None, "note": note}
+    if existing is not None:
+        differ = [
+            label
+            for key, label in _IDENTITY.items()
+            if key != "range" and existing.get(key) != header.get(key)
+        ]
+        if differ:
+            raise InputError(
+                f"{out} holds a capture made with a different {', '.join(differ)}. Use a new out_dir, or "
+                "pass resume=False (`interp capture --no-resume`) to delete it and start over."
+            )
+        ranges = existing["parts"]
+        if not _valid_ranges(ranges, header["n_examples"]):
+            raise InputError(
+                f"field 'parts' in {out / MANIFEST} is {_short(ranges)}, not contiguous ranges over the inputs. "
+                "Rerun with resume=False (`--no-resume`) to capture again."
+            )
+        for p in out.iterdir():  # shards left by a merge that was killed before its manifest
+            if _OURS_RE.match(p.name) and p.name not in (MANIFEST, LOCK, PARTS):
+                p.unlink()
+        was = existing.get("world_size")
+        note = None
+        if was != world_size:
+            note = (
+                f"resuming a capture split into {len(ranges)} parts (by {was} processes) on {world_size}: "
+                f"part p runs on rank p % {world_size}; the dataset is the same"
+            )
+        return {"ranges": ranges, "note": note}
+    for p in out.iterdir():  # a fresh start: nothing of ours survives (the caller refused foreign files)
+        if p.name == PARTS and p.is_dir():
+            _rmtree(p)
+        elif _OURS_RE.match(p.name) and p.name != LOCK:
+            p.unlink()
+    ranges = _part_ranges(header["n_examples"], job.batch_size, world_size)
+    manifest = {**header, "parts": ranges, "world_size": world_size, "features": None, "shards": [],
+                "complete": False, "created": _now()}  # fmt: skip
+    _write_manifest(out, manifest)
+    return {"ranges": ranges, "note": None}
+
+
+def _part_ranges(n: int, batch_size: int, parts: int) -> list[list[int]]:
+    """``parts`` contiguous ranges over ``n`` examples, cut on ``batch_size`` boundaries (so each
+    forward pass holds the same examples as in one process), as even as that allows."""
+    batches = math.ceil(n / batch_size)
+    parts = min(parts, batches)
+    cuts = [min(n, (p * batches // parts) * batch_size) for p in range(parts + 1)]
+    return [[cuts[p], cuts[p + 1]] for p in range(parts)]
+
+
+def _valid_ranges(ranges: Any, n: int) -> bool:
+    if not isinstance(ranges, list) or not ranges:
+        return False
+    expected = 0
+    for span in ranges:
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(map(_is_int, span))
+            and span[0] == expected < span[1]
+        ):
+            return False
+        expected = span[1]
+    return expected == n
+
+
+def _merge_parts(out: Path, ranges: list[list[int]]) -> None:
+    """Rank 0: every part checked and complete, their shards linked into ``out`` in input order,
+    then the one manifest written, then the parts removed. Each step can be killed and rerun: shards
+    linked before the manifest are unlisted (removed on rerun), parts left after it are ignored."""
+    top = _parse_manifest(out)
+    assert top is not None
+    features: Any = None
+    shards: list[dict[str, Any]] = []
+    for index, (lo, hi) in enumerate(ranges):
+        directory = out / PARTS / f"part-{index:05d}"
+        manifest = _read_manifest(directory)
+        if manifest is None or manifest.get("range") != [lo, hi]:
+            raise InputError(f"part {index} of {out} (examples {lo:,} to {hi:,}) has no manifest. {_RERUN}.")
+        report = _inspect(directory, manifest, verify=False)  # checksummed as written or verified on resume
+        if report.problem is not None or not manifest["complete"]:
+            raise InputError(
+                f"part {index} of {out} is not finished ({report.problem or 'incomplete'}). {_RERUN}."
+            )
+        if features is None:
+            features = manifest["features"]
+        elif manifest["features"] != features:
+            raise InputError(
+                f"part {index} of {out} has other columns than part 0 ({_short(manifest['features'])}); a hook "
+                "changed its shape between examples. Capture the parts' hooks separately."
+            )
+        for entry in report.shards:
+            name = f"shard-{len(shards):05d}.arrow"
+            _link(directory / entry["file"], out / name)
+            shards.append({**entry, "file": name})
+    merged = {k: v for k, v in top.items() if k != "parts"}
+    merged.update(features=features, shards=shards, complete=True, parts_merged=len(ranges))
+    _write_manifest(out, merged)
+    _rmtree(out / PARTS)
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` becomes the same file as ``source`` (a hard link; a copy where links fail)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _JobBar:
+    """Rank 0's one bar for the whole job: every rank adds its examples to the job's counter."""
+
+    def __init__(self, co: Any, bar: Any) -> None:
+        self.co, self.bar = co, bar
+
+    def update(self, n: int) -> None:
+        self._show(self.co.add_progress(n))
+
+    def poll(self) -> None:
+        self._show(self.co.add_progress(0))
+
+    def _show(self, done: int) -> None:
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass  # per-rank rates would mislead; tqdm's own rate is the job's
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def shard_files(out_dir: str | os.PathLike, *, verify: bool = True) -> list[str]:

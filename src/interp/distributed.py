@@ -1,0 +1,297 @@
+"""Data-parallel work on ``torch.distributed``: the process group, and ranks that agree or fail together.
+
+interp does not schedule anything itself. A launcher (``torchrun``, SLURM's ``srun`` with torchrun,
+a Kubernetes PyTorchJob) starts one process per rank and sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; ``process_group()`` joins that job (gloo on
+CPU, nccl on GPUs), or does nothing in a plain single process. Library calls that are collective
+(``capture_to_disk``, ``interp.sae.train``) find the group with ``current()``.
+
+Failure: ``Coordinator.phase`` runs one step of a collective job on every rank and exchanges the
+outcome through the job's key-value store (not a blocking collective, so a rank may take hours
+over its share without tripping a timeout). A rank that raises publishes its message; every other
+rank stops at its next batch (``check_abort``) or at the end of the phase and raises
+``DistributedError`` naming the failed rank and its message, so the job exits non-zero instead of
+hanging. A rank that dies without raising (killed) stops sending heartbeats; the others give up
+after ``timeout`` seconds without one and name it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from interp.errors import InputError, InterpError
+
+DEFAULT_TIMEOUT = 600.0  # seconds without a heartbeat (or to reach MASTER_ADDR) before a job gives up
+HEARTBEAT_SECONDS = 1.0
+_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedError(InterpError):
+    """Another rank of the job failed, died, or could not be reached; the message names it."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the job: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> Context:
+    """This process's place in the initialised process group (rank 0 of 1 when there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Context()
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as set by the launcher (1 when unset)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise InputError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a whole number; check the launcher"
+        ) from None
+
+
+def backend() -> str:
+    """nccl when this process has a GPU, gloo otherwise (the CPU backend, used by the tests)."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@contextlib.contextmanager
+def process_group(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Context]:
+    """Join the launcher's job for the duration of the block (and leave it after); yields the
+    ``Context``. In a plain process (``WORLD_SIZE`` unset or 1), or when a group is already
+    initialised, it only reports where this process stands."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or env_world_size() <= 1:
+        yield current()
+        return
+    ctx = init_from_env(timeout)
+    try:
+        yield ctx
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> Context:
+    """``init_process_group`` from the launcher's environment, with ``timeout`` seconds to reach
+    ``MASTER_ADDR``; a rank that cannot reach it raises ``DistributedError`` naming the address."""
+    import torch
+    import torch.distributed as dist
+
+    missing = [name for name in _ENV if not os.environ.get(name)]
+    if missing:
+        raise InputError(
+            f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but {', '.join(missing)} is not set. Launch with "
+            "torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), or set them all."
+        )
+    rank, world = int(os.environ["RANK"]), env_world_size()
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    name = backend()
+    if name == "nccl":
+        torch.cuda.set_device(local)
+    try:
+        dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as err:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
+        raise DistributedError(
+            f"rank {rank} of {world} could not join the job at MASTER_ADDR:MASTER_PORT = {address} within "
+            f"{timeout:g} s ({type(err).__name__}: {_first_line(err)}). Check that rank 0 is running, "
+            "that the address and port are right and reachable from this node (firewall, hostname)."
+        ) from None
+    return Context(rank, world, local)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranks that agree or fail together
+# ------------------------------------------------------------------------------------------------
+
+
+_CALLS = itertools.count()  # every rank makes the same collective calls, so the ids agree
+
+
+class Coordinator:
+    """Exchanges phase outcomes, progress and heartbeats between the ranks of one collective call,
+    through the process group's key-value store. Use as a context manager (it runs the heartbeat)."""
+
+    def __init__(self, ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        import torch.distributed as dist
+
+        self.ctx, self.timeout = ctx, timeout
+        # The default group's store (private accessor, stable since torch 1.x): the one the job
+        # already rendezvoused through, so nothing else needs a port.
+        self.store = dist.distributed_c10d._get_default_store()
+        self.prefix = f"interp/{name}/{next(_CALLS)}"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._seen: dict[int, tuple[int, float]] = {}
+
+    def __enter__(self) -> Coordinator:
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _key(self, *parts: object) -> str:
+        return "/".join([self.prefix, *map(str, parts)])
+
+    def _heartbeat(self) -> None:
+        key = self._key("beat", self.ctx.rank)
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # a lost store is reported by the waiting loop
+                self.store.add(key, 1)
+            self._stop.wait(HEARTBEAT_SECONDS)
+
+    # --- progress ---
+
+    def add_progress(self, n: int) -> int:
+        """Add ``n`` examples done here; returns the job's total so far."""
+        return int(self.store.add(self._key("progress"), n))
+
+    # --- failure ---
+
+    def check_abort(self) -> None:
+        """Raise ``DistributedError`` if another rank has failed (call between units of work)."""
+        if self.store.check([self._key("abort")]):
+            message = self.store.get(self._key("abort")).decode()
+            raise DistributedError(f"stopped: {message}")
+
+    def phase(
+        self, label: str, fn: Callable[[], Any], on_wait: Callable[[], None] | None = None
+    ) -> list[Any]:
+        """Run ``fn`` here and wait for every rank to finish the same phase; returns every rank's
+        result (JSON-able), in rank order. If any rank raised, every rank raises: an ``InputError``
+        when all failures were bad input (the first one's message), else ``DistributedError``."""
+        try:
+            status: dict[str, Any] = {"ok": True, "value": fn()}
+        except Exception as err:
+            status = {
+                "ok": False,
+                "type": type(err).__name__,
+                "message": str(err),
+                "input": isinstance(err, InputError),
+            }
+            with contextlib.suppress(Exception):
+                if not self.store.check([self._key("abort")]):
+                    self.store.set(
+                        self._key("abort"), f"rank {self.ctx.rank} failed: {type(err).__name__}: {err}"
+                    )
+        self.store.set(self._key(label, self.ctx.rank), json.dumps(status))
+        statuses = self._wait(label, on_wait)
+        failed = [(rank, s) for rank, s in enumerate(statuses) if not s["ok"]]
+        if failed:
+            raise self._failure(failed)
+        return [s["value"] for s in statuses]
+
+    def _failure(self, failed: list[tuple[int, dict[str, Any]]]) -> InterpError:
+        real = [(r, s) for r, s in failed if s["type"] != "DistributedError"] or failed
+        rank, first = real[0]
+        if all(s["input"] for _, s in real) and len({s["message"] for _, s in real}) == 1:
+            return InputError(
+                first["message"] if len(real) == self.ctx.world_size else f"rank {rank}: {first['message']}"
+            )
+        ranks = ", ".join(str(r) for r, _ in real)
+        return DistributedError(
+            f"rank {ranks} of {self.ctx.world_size} failed: {first['type']}: {first['message']}"
+        )
+
+    def _wait(self, label: str, on_wait: Callable[[], None] | None) -> list[dict[str, Any]]:
+        keys = [self._key(label, rank) for rank in range(self.ctx.world_size)]
+        while True:
+            try:
+                if self.store.check(keys):
+                    return [json.loads(self.store.get(k)) for k in keys]
+                self._check_alive(keys)
+            except DistributedError:
+                raise
+            except Exception as err:
+                raise DistributedError(
+                    f"rank {self.ctx.rank} lost contact with the job's store at {_master()} "
+                    f"({type(err).__name__}: {_first_line(err)}); rank 0 or the launcher has probably died"
+                ) from None
+            if on_wait is not None:
+                on_wait()
+            time.sleep(0.05)
+
+    def _check_alive(self, keys: list[str]) -> None:
+        now = time.monotonic()
+        for rank, key in enumerate(keys):
+            if rank == self.ctx.rank or self.store.check([key]):
+                continue
+            beats = int(self.store.add(self._key("beat", rank), 0))
+            last = self._seen.get(rank)
+            if last is None or beats != last[0]:
+                self._seen[rank] = (beats, now)
+            elif now - last[1] > self.timeout:
+                raise DistributedError(
+                    f"rank {rank} of {self.ctx.world_size} sent no heartbeat for {self.timeout:g} s (killed, "
+                    "out of memory, or its node is down). Rerun the same command to resume."
+                )
+
+
+def _master() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class LocalCoordinator:
+    """The same interface for one process (no group): phases just run, progress just counts."""
+
+    def __init__(self) -> None:
+        self.ctx, self._done = Context(), 0
+
+    def __enter__(self) -> LocalCoordinator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_progress(self, n: int) -> int:
+        self._done += n
+        return self._done
+
+    def check_abort(self) -> None:
+        pass
+
+    def phase(
+        self, label: str, fn: Callable[[], Any], on_wait: Callable[[], None] | None = None
+    ) -> list[Any]:
+        return [fn()]
+
+
+def coordinator(ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> Coordinator | LocalCoordinator:
+    """A ``Coordinator`` for a job of several ranks, a ``LocalCoordinator`` for one process."""
+    return Coordinator(ctx, name, timeout) if ctx.distributed else LocalCoordinator()
