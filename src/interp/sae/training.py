@@ -32,6 +32,19 @@ checkpoint and gives the same result as an uninterrupted run. NaN or inf in a ba
 (or in the loss) stops the run with an error naming the step; the last good checkpoint is kept.
 The config, seed and data description go to ``sae.cfg.metadata["training"]``; per-step metrics to
 ``sae.history`` (and ``out/history.json``).
+
+Data parallel (inside a ``torch.distributed`` group, e.g. under ``torchrun``; every rank calls
+``train`` with the same arguments): the data is split into ``data_lanes`` contiguous lanes
+(default: the world size of the run's first start), each with its own seeded shuffle buffer
+giving ``batch_size / data_lanes`` tokens per step; a step's global batch is every lane's batch,
+and rank ``r`` reads only lanes ``p % world_size == r`` (its share of a capture's rows, hence of
+its shards). The model is wrapped in ``DistributedDataParallel``; each rank's loss is weighted by
+its share of the global batch, and everything that looks at the whole batch (dead-latent counts,
+the AuxK normaliser, ``b_dec``'s initial mean, resampling, the metrics) is reduced across ranks.
+So the same seed, ``batch_size`` and ``data_lanes`` give the same weights on any number of
+processes up to ``data_lanes`` (a one-process run with ``data_lanes=N`` equals an N-process run,
+to float rounding). Rank 0 writes the checkpoints; a run resumes on any such number of processes.
+BatchTopK's batch-level top-k needs the whole batch on one process and is refused there.
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ from typing import Any
 
 import torch
 
+from interp import distributed
 from interp.errors import InputError
 from interp.models.zoo.checkpoint import read_verified, write_verified
 from interp.sae.config import SAEConfig
@@ -84,6 +98,7 @@ class TrainConfig:
     b_dec_init: str = "mean"
     jumprelu_bandwidth: float = 0.001
     jumprelu_init_threshold: float = 0.001
+    data_lanes: int = 1
 
     @property
     def steps(self) -> int:
@@ -123,10 +138,14 @@ def train(
         raise InputError(
             f"unknown training option(s) {unknown}; valid: {', '.join(TrainConfig.__dataclass_fields__)}"
         )
+    ctx = distributed.current()
+    if options.get("data_lanes") is None:
+        options["data_lanes"] = _saved_lanes(out) or ctx.world_size
     cfg = TrainConfig(
         hook=hook, arch=arch, d_sae=d_sae, k=k if arch in ("topk", "batchtopk") else None, **options
     )
     _check_config(cfg)
+    _check_parallel(cfg, ctx)
     sae_cfg = _sae_config(model, cfg)
     return _Trainer(model, cfg, sae_cfg, data, data_kind, out, progress).run()
 
@@ -141,6 +160,38 @@ def _check_config(cfg: TrainConfig) -> None:
         raise InputError(f"b_dec_init must be 'mean' or 'zeros', got {cfg.b_dec_init!r}")
     if cfg.lr <= 0:
         raise InputError(f"lr must be positive, got {cfg.lr}")
+
+
+def _saved_lanes(out: Any) -> int | None:
+    """The ``data_lanes`` of the checkpoint in ``out`` (a resume keeps its split of the data)."""
+    meta = Path(out) / "checkpoint" / "trainer.json" if out is not None else None
+    if meta is None or not meta.is_file():
+        return None
+    try:
+        return int(json.loads(meta.read_text())["config"].get("data_lanes", 1))
+    except (ValueError, KeyError, TypeError):
+        return None  # the resume itself reports the damaged checkpoint
+
+
+def _check_parallel(cfg: TrainConfig, ctx: distributed.Context) -> None:
+    if not isinstance(cfg.data_lanes, int) or cfg.data_lanes < 1:
+        raise InputError(f"data_lanes must be a whole number >= 1, got {cfg.data_lanes!r}")
+    if cfg.batch_size % cfg.data_lanes:
+        raise InputError(
+            f"batch_size {cfg.batch_size} is not a multiple of data_lanes {cfg.data_lanes}; every lane gives "
+            "the same number of tokens to a step. Pick a batch_size divisible by data_lanes."
+        )
+    if ctx.world_size > cfg.data_lanes:
+        raise InputError(
+            f"this run splits its data into {cfg.data_lanes} lane(s) (data_lanes), fewer than the "
+            f"{ctx.world_size} processes; each process needs at least one. Resume on at most "
+            f"{cfg.data_lanes} processes, or start a new run (another out=) with data_lanes={ctx.world_size}."
+        )
+    if ctx.distributed and cfg.arch == "batchtopk":
+        raise InputError(
+            "BatchTopK keeps the k*batch largest activations of the whole batch, which no single process of "
+            "a data-parallel run sees. Train it on one process, or use arch='topk'."
+        )
 
 
 def _sae_config(model: Any, cfg: TrainConfig) -> SAEConfig:
@@ -202,28 +253,50 @@ def describe_data(data: Any, data_kind: str) -> str:
 
 
 def _rows(
-    model: Any, data: Any, names: list[str], cfg: TrainConfig, data_kind: str
+    model: Any, data: Any, names: list[str], cfg: TrainConfig, data_kind: str, lane: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One pass over the data as chunks of token rows, one tensor per hook name."""
+    """One pass over lane ``lane[0]`` of ``lane[1]`` (a contiguous share of the examples or token
+    rows; all of them for one lane) as chunks of token rows, one tensor per hook name."""
     kind = _kind(data, data_kind)
     if kind == "capture":
-        return _capture_rows(Path(data), names)
+        return _capture_rows(Path(data), names, lane)
     if kind == "activations":
-        return _tensor_rows(data if isinstance(data, tuple) else (data,), cfg.batch_size)
+        return _tensor_rows(data if isinstance(data, tuple) else (data,), cfg.batch_size, lane)
     if kind == "inputs":
-        return _model_rows(model, data, names, cfg.model_batch_size)
+        return _model_rows(model, _lane_inputs(data, lane), names, cfg.model_batch_size)
     raise InputError(f"data_kind must be 'auto', 'capture', 'activations' or 'inputs', got {data_kind!r}")
 
 
-def _tensor_rows(data: tuple[torch.Tensor, ...], chunk: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def _span(n: int, lane: tuple[int, int]) -> tuple[int, int]:
+    """Lane ``index`` of ``lanes``: its contiguous share of ``n`` items."""
+    index, lanes = lane
+    return index * n // lanes, (index + 1) * n // lanes
+
+
+def _lane_inputs(data: Any, lane: tuple[int, int]) -> Any:
+    if lane[1] == 1:
+        return data
+    lo, hi = _span(len(data), lane)
+    if hasattr(data, "select") and hasattr(data, "column_names"):  # a datasets.Dataset
+        return data.select(range(lo, hi))
+    return data[lo:hi]
+
+
+def _tensor_rows(
+    data: tuple[torch.Tensor, ...], chunk: int, lane: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[torch.Tensor, ...]]:
     flat = [t.reshape(-1, t.shape[-1]) for t in data]
     if len({len(t) for t in flat}) != 1:
         raise InputError(f"the (x, y) tensors hold different numbers of tokens: {[len(t) for t in flat]}")
+    lo, hi = _span(len(flat[0]), lane)
+    flat = [t[lo:hi] for t in flat]
     for i in range(0, len(flat[0]), chunk):
         yield tuple(t[i : i + chunk] for t in flat)
 
 
-def _capture_rows(path: Path, names: list[str]) -> Iterator[tuple[torch.Tensor, ...]]:
+def _capture_rows(
+    path: Path, names: list[str], lane: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[torch.Tensor, ...]]:
     from interp.store import load_capture
 
     ds = load_capture(path)
@@ -233,9 +306,11 @@ def _capture_rows(path: Path, names: list[str]) -> Iterator[tuple[torch.Tensor, 
         raise InputError(f"the capture in {path} has no column {missing[0]!r}; it holds {have}")
     table = getattr(ds.data, "table", ds.data)  # the memory-mapped Arrow table under the Dataset
     step = 64  # examples per read: one Arrow slice, flattened to [tokens, d] without Python objects
-    for start in range(0, len(ds), step):
-        part = table.slice(start, step)
-        yield tuple(_flat_rows(part.column(n), ds, n, start, step) for n in names)
+    lo, hi = _span(len(ds), lane)
+    for start in range(lo, hi, step):
+        count = min(step, hi - start)
+        part = table.slice(start, count)
+        yield tuple(_flat_rows(part.column(n), ds, n, start, count) for n in names)
 
 
 def _flat_rows(column: Any, ds: Any, name: str, start: int, step: int) -> torch.Tensor:
@@ -265,7 +340,12 @@ def _model_rows(
 
 
 def stream(
-    model: Any, data: Any, names: list[str], cfg: TrainConfig, data_kind: str = "auto"
+    model: Any,
+    data: Any,
+    names: list[str],
+    cfg: TrainConfig,
+    data_kind: str = "auto",
+    lane: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Endless ``batch_size`` batches over repeated passes of the data.
 
@@ -273,16 +353,21 @@ def stream(
     emitted; the rest stays mixed with what comes next. Memory: the buffer plus one chunk. The
     batches depend only on the order of tokens (not on how the source chunks them), so a capture,
     a tensor and the model's own forward over the same inputs give the same run.
+
+    ``lane=(index, lanes)``: the stream of one lane of the data (see the module docstring), in
+    ``batch_size / lanes`` batches with its own seed; ``(0, 1)`` is the whole data.
     """
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    cap = cfg.batch_size * max(1, cfg.buffer_batches)
-    emit = cfg.batch_size * max(1, cfg.buffer_batches // 2)
+    index, lanes = lane
+    size = cfg.batch_size // lanes
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * index)
+    cap = size * max(1, cfg.buffer_batches)
+    emit = size * max(1, cfg.buffer_batches // 2)
     buffer: list[torch.Tensor] | None = None
     pending: list[tuple[torch.Tensor, ...]] = []
     n_pending = 0
     while True:
         seen = 0
-        for chunk in _rows(model, data, names, cfg, data_kind):
+        for chunk in _rows(model, data, names, cfg, data_kind, lane):
             seen += len(chunk[0])
             pending.append(chunk)
             n_pending += len(chunk[0])
@@ -298,12 +383,13 @@ def stream(
                 )
                 perm = torch.randperm(cap, generator=gen)
                 buffer = [b[perm] for b in buffer]
-                for start in range(0, emit, cfg.batch_size):
-                    yield tuple(b[start : start + cfg.batch_size] for b in buffer)
+                for start in range(0, emit, size):
+                    yield tuple(b[start : start + size] for b in buffer)
                 buffer = [b[emit:] for b in buffer]
                 have = len(buffer[0])
         if seen == 0:
-            raise InputError("the training data holds no activations")
+            where = f" (lane {index} of {lanes}: use fewer data_lanes)" if lanes > 1 else ""
+            raise InputError(f"the training data holds no activations{where}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,9 +412,25 @@ class _Trainer:
         self.data_desc = describe_data(data, data_kind)
         self.out = Path(out) if out is not None else None
         self.names = [cfg.hook] + ([cfg.hook_out] if sae_cfg.is_transcoder else [])
+        self.ctx = distributed.current()
+        world, rank = self.ctx.world_size, self.ctx.rank
+        self.lanes = [lane for lane in range(cfg.data_lanes) if lane % world == rank]  # this rank's data
+        self.n_local = len(self.lanes) * (cfg.batch_size // cfg.data_lanes)  # its tokens per step
+        self.share = (
+            self.n_local * world / cfg.batch_size
+        )  # its loss weight: DDP's mean is then the global mean
         self.sae = SAE.init(sae_cfg, seed=cfg.seed)
+        self.comm_device = torch.device("cpu")
+        if self.ctx.distributed and distributed.backend() == "nccl":
+            self.comm_device = torch.device("cuda", self.ctx.local_rank)
+            self.sae.to(self.comm_device)
         self.sae.train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        self.objective: torch.nn.Module = _Objective(self)
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.objective = DistributedDataParallel(self.objective)
         self.step = 0
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -368,7 +470,10 @@ class _Trainer:
         err = recons - y
         mse = err.pow(2).sum(-1).mean()
         fired = (acts > 0).any(0)
-        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + len(x))
+        if self.ctx.distributed:  # fired anywhere in the global batch
+            fired = self._sum(fired.to(torch.int32)) > 0
+        seen = self.cfg.batch_size if self.ctx.distributed else len(x)
+        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + seen)
         metrics = {"mse": float(mse.detach()), "l0": float((acts > 0).float().sum(-1).mean())}
         loss = mse
         if arch in ("topk", "batchtopk"):
@@ -386,7 +491,7 @@ class _Trainer:
             loss = loss + self.l1_at(self.step) * l1
             metrics["l1"] = float(l1.detach())
         metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        return loss, self._mean_metrics(metrics)
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
@@ -398,7 +503,10 @@ class _Trainer:
         values, index = masked.topk(k_aux, dim=-1)
         aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
         aux_recons = aux_acts @ self.sae.W_dec
-        scale = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+        if self.ctx.distributed:  # the normaliser of the global batch
+            scale = (self._sum(residual.pow(2).sum()) / self.cfg.batch_size).clamp_min(1e-12)
+        else:
+            scale = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
         return (aux_recons - residual).pow(2).sum(-1).mean() / scale
 
     @torch.no_grad()
@@ -423,7 +531,7 @@ class _Trainer:
             and (self.step + 1) % every == 0
             and not last
         ):
-            self.resample(x, y)
+            self.resample(*self._global_batch(x, y))
 
     @torch.no_grad()
     def resample(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -455,6 +563,52 @@ class _Trainer:
                     else:
                         state[key][dead] = 0.0
         self.since_fired[dead] = 0
+
+    # --- data parallel: reductions over the ranks (identity on one process) ---
+
+    def _sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over the ranks (no gradient)."""
+        import torch.distributed as dist
+
+        total = value.detach().to(self.comm_device).clone()
+        dist.all_reduce(total)
+        return total.to(value.device)
+
+    def _mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-rank means weighted by each rank's tokens: the global batch's means."""
+        if not self.ctx.distributed:
+            return metrics
+        local = torch.tensor(list(metrics.values()), dtype=torch.float64) * self.n_local
+        return dict(zip(metrics, (self._sum(local) / self.cfg.batch_size).tolist(), strict=True))
+
+    def _global_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole step's batch, lanes in order, on every rank (for resampling)."""
+        if not self.ctx.distributed:
+            return x, y
+        import torch.distributed as dist
+
+        pieces: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(pieces, (self.lanes, x.cpu(), y.cpu()))
+        size = self.cfg.batch_size // self.cfg.data_lanes
+        by_lane = {}
+        for lanes, px, py in pieces:
+            for i, lane in enumerate(lanes):
+                by_lane[lane] = (px[i * size : (i + 1) * size], py[i * size : (i + 1) * size])
+        order = range(self.cfg.data_lanes)
+        return (
+            torch.cat([by_lane[lane][0] for lane in order]).to(x.device),
+            torch.cat([by_lane[lane][1] for lane in order]).to(y.device),
+        )
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        """This rank's part of every step's batch: its lanes' batches, concatenated."""
+        streams = [
+            stream(self.model, self.data, self.names, self.cfg, self.data_kind, (lane, self.cfg.data_lanes))
+            for lane in self.lanes
+        ]
+        while True:
+            parts = [next(s) for s in streams]
+            yield parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
     # --- checkpoints ---
 
@@ -525,6 +679,7 @@ class _Trainer:
             "data": self.data_desc,
             "model_name": getattr(self.model, "name", None),
             "torch": torch.__version__,
+            "world_size": self.ctx.world_size,
         }
 
     # --- run ---
@@ -534,12 +689,11 @@ class _Trainer:
 
         c = self.cfg
         start = self.try_resume()
-        batches = stream(self.model, self.data, self.names, c, self.data_kind)
+        batches = self.batches()
         for _ in range(start):  # a resumed run sees the same batches as an uninterrupted one
             next(batches)
-        bar = tqdm(
-            total=c.steps, initial=start, unit="step", desc=f"train {c.arch}", disable=not self.progress
-        )
+        show = self.progress and self.ctx.is_main  # one bar for the job
+        bar = tqdm(total=c.steps, initial=start, unit="step", desc=f"train {c.arch}", disable=not show)
         try:
             while self.step < c.steps:
                 batch = next(batches)
@@ -548,10 +702,11 @@ class _Trainer:
                 self._check_finite(x, y, "activations")
                 if self.step == 0 and c.b_dec_init == "mean":
                     with torch.no_grad():
-                        self.sae.b_dec.copy_(y.mean(0))
+                        mean = self._sum(y.sum(0)) / c.batch_size if self.ctx.distributed else y.mean(0)
+                        self.sae.b_dec.copy_(mean)
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step)
-                loss, metrics = self.loss(x, y)
+                loss, metrics = self.objective(x, y)
                 if not math.isfinite(metrics["loss"]):
                     self._stop(f"the loss became {metrics['loss']}")
                 self.opt.zero_grad(set_to_none=True)
@@ -562,20 +717,28 @@ class _Trainer:
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(mse=f"{metrics['mse']:.4g}", l0=f"{metrics['l0']:.1f}", refresh=False)
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                due = c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps
+                if due and self.ctx.is_main:  # every rank holds the same state: rank 0 writes it
                     self.save_checkpoint()
         finally:
             bar.close()
         self.sae.eval()
         self.sae.cfg.metadata["training"] = self.record()
         self.sae.history = self.history
-        if self.out is not None:
+        if self.out is not None and self.ctx.is_main:
             save_sae(self.sae, self.out / "final")
             (self.out / "history.json").write_text(json.dumps(self.history) + "\n")
+        if self.ctx.distributed:  # when train returns on any rank, the final SAE is on disk
+            import torch.distributed as dist
+
+            dist.barrier()
         return self.sae
 
     def _check_finite(self, x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        bad = torch.tensor(int(not (torch.isfinite(x).all() and torch.isfinite(y).all())))
+        if self.ctx.distributed:  # every rank stops together
+            bad = self._sum(bad)
+        if int(bad):
             self._stop(f"NaN or inf in the batch of {what}")
 
     def _stop(self, why: str) -> None:
@@ -592,6 +755,22 @@ class _Trainer:
 
     def _saved_step(self) -> int:
         return json.loads((self._checkpoint_dir() / "trainer.json").read_text())["step"]
+
+
+class _Objective(torch.nn.Module):
+    """The training loss as a module over the SAE's parameters, so ``DistributedDataParallel`` can
+    wrap it (DDP synchronises gradients of what runs through its forward). Returns this rank's
+    loss weighted by its share of the global batch, and the global metrics."""
+
+    def __init__(self, trainer: _Trainer) -> None:
+        super().__init__()
+        self.sae = trainer.sae
+        self._trainer = [trainer]  # a list, so the trainer is not registered as a submodule
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        trainer = self._trainer[0]
+        loss, metrics = trainer.loss(x, y)
+        return (loss if trainer.share == 1 else loss * trainer.share), metrics
 
 
 class _JumpReLU(torch.autograd.Function):

@@ -1,0 +1,168 @@
+"""Data-parallel dictionary training (DistributedDataParallel, gloo, 2 processes on localhost):
+the same seed, global batch and data lanes give the one-process weights; rank 0's checkpoint
+resumes on another world size; bad parallel settings are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from test_distributed import torchrun
+
+import interp
+from interp import distributed
+from interp.errors import InputError
+from interp.sae import train
+from interp.sae.training import TrainConfig, _check_parallel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The model, capture and recipes, shared by the workers and the one-process references.
+COMMON = """
+import torch, interp
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return interp.load(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), input_shape=(6,))
+
+BASE = dict(d_sae=32, tokens=64 * 24, batch_size=64, lr=3e-3, buffer_batches=4, progress=False, seed=3)
+RECIPES = {
+    # dead latents from step 2 on: the AuxK loss (its normaliser is the global batch's) is live
+    "topk": dict(arch="topk", k=4, dead_after_tokens=128, **BASE),
+    # resampling every 8 steps draws from the global batch on every rank
+    "standard": dict(arch="standard", l1_coefficient=5.0, resample_every=8, dead_after_tokens=64,
+                     **{**BASE, "lr": 3e-2}),
+}
+"""
+
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import model, RECIPES
+from interp.distributed import process_group
+from interp.sae import train
+from interp.sae import training
+
+capture, out, mode = sys.argv[1:4]
+with process_group(timeout=60) as ctx:
+    if mode == "stop":  # rank 0 dies right after writing its first checkpoint
+        real = training._Trainer.save_checkpoint
+        def save_then_die(self):
+            real(self)
+            os._exit(3)
+        training._Trainer.save_checkpoint = save_then_die
+        train(model(), "1.hook_out", capture, out=f"{out}/run", checkpoint_every=10, **RECIPES["topk"])
+    else:
+        for name, recipe in RECIPES.items():
+            sae = train(model(), "1.hook_out", capture, out=f"{out}/{name}", **recipe)
+            torch.save(sae.state_dict(), f"{out}/{name}/rank{ctx.rank}.pt")
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "common.py").write_text(COMMON)
+    (root / "worker.py").write_text(WORKER)
+    sys.path.insert(0, str(root))
+    import common
+
+    model = common.model()
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
+    interp.capture_to_disk(model, x, "1.hook_out", root / "capture", batch_size=50, progress=False)
+    yield root, common
+    sys.path.remove(str(root))
+
+
+def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
+def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatch):
+    root, common = setup
+    result = torchrun(2, str(root / "worker.py"), str(root / "capture"), str(tmp_path), "full")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from interp.sae import training
+
+    dead_at_resample = []
+    real = training._Trainer.resample
+
+    def counting(self, x, y):
+        dead_at_resample.append(int((self.since_fired >= self.cfg.dead_after_tokens).sum()))
+        return real(self, x, y)
+
+    monkeypatch.setattr(training._Trainer, "resample", counting)
+    for name, recipe in common.RECIPES.items():
+        one = train(common.model(), "1.hook_out", root / "capture", data_lanes=2, **recipe)
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)]
+        assert_close(ranks[0], one.state_dict())
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP keeps the ranks equal
+        history = json.loads((tmp_path / name / "history.json").read_text())  # rank 0 wrote the run
+        assert [h["step"] for h in history] == list(range(len(one.history)))
+        for ours, ref in zip(history, one.history, strict=True):
+            assert ours.keys() == ref.keys()
+            assert all(abs(ours[k] - ref[k]) <= 1e-5 * max(1.0, abs(ref[k])) for k in ref), (ours, ref)
+        if name == "topk":
+            assert max(h["aux"] for h in history) > 0  # the AuxK path ran
+        else:
+            assert dead_at_resample and min(dead_at_resample) > 0  # resampling replaced latents
+        saved = interp.sae.load(tmp_path / name / "final")
+        assert saved.cfg.metadata["training"]["world_size"] == 2
+        assert saved.cfg.metadata["training"]["data_lanes"] == 2  # the default: the world size
+
+
+def test_rank0_checkpoint_resumes_on_one_process(setup, tmp_path):
+    """A 2-process run dies after its first checkpoint (rank 0 wrote it); the same call on one
+    process resumes it and ends with the uninterrupted one-process weights."""
+    root, common = setup
+    recipe = common.RECIPES["topk"]
+    result = torchrun(2, str(root / "worker.py"), str(root / "capture"), str(tmp_path), "stop")
+    assert result.returncode != 0
+    meta = json.loads((tmp_path / "run" / "checkpoint" / "trainer.json").read_text())
+    assert meta["step"] == 10 and not (tmp_path / "run" / "final").exists()
+    resumed = train(
+        common.model(), "1.hook_out", root / "capture", out=tmp_path / "run", checkpoint_every=10, **recipe
+    )
+    assert resumed.cfg.metadata["training"]["data_lanes"] == 2  # kept from the checkpoint
+    reference = train(
+        common.model(), "1.hook_out", root / "capture", data_lanes=2, checkpoint_every=10, **recipe
+    )
+    assert_close(resumed.state_dict(), reference.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"data_lanes": 1},
+            "Resume on at most 1 processes, or start a new run (another out=) with data_lanes=2",
+        ),
+        ({"data_lanes": 2, "batch_size": 63}, "batch_size 63 is not a multiple of data_lanes 2"),
+        ({"data_lanes": 2, "arch": "batchtopk"}, "Train it on one process, or use arch='topk'"),
+    ],
+)
+def test_bad_parallel_settings_are_refused(options, message):
+    cfg = TrainConfig(hook="h", **{"batch_size": 64, **options})
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _check_parallel(cfg, distributed.Context(rank=0, world_size=2))
+
+
+def test_two_data_lanes_read_disjoint_halves_of_the_capture(setup):
+    """Lane p of 2 streams only rows of its half of the capture (half the batch each)."""
+    root, common = setup
+    from interp.sae.training import stream
+
+    cfg = TrainConfig(hook="1.hook_out", batch_size=64, buffer_batches=4, seed=3)
+    ds = interp.load_capture(root / "capture")
+    rows = torch.stack([ds[i]["1.hook_out"] for i in range(len(ds))])
+    halves = [set(map(tuple, rows[:150].tolist())), set(map(tuple, rows[150:].tolist()))]
+    for lane in (0, 1):
+        lane_stream = stream(common.model(), root / "capture", ["1.hook_out"], cfg, lane=(lane, 2))
+        seen = torch.cat([next(lane_stream)[0] for _ in range(10)])  # > one pass over the half
+        assert seen.shape == (320, 16)
+        assert set(map(tuple, seen.tolist())) == halves[lane]
