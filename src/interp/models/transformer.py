@@ -323,8 +323,13 @@ class _HeadResults:
     n_heads: int
 
     def per_head_weight(self) -> torch.Tensor:
-        """``W_O`` as ``[head, d_head, d_model]``."""
+        """``W_O`` as ``[head, d_head, d_model]`` (loaded for the call when accelerate offloaded it)."""
         weight = self.proj.weight
+        if weight.device.type == "meta":  # disk / CPU offload: only a placeholder between forwards
+            from accelerate.utils import align_module_device
+
+            with align_module_device(self.proj):
+                weight = self.proj.weight.detach().clone()  # outlives the block (no gradient to W_O)
         if type(self.proj).__name__ == "Conv1D":
             return rearrange(weight, "(h d) m -> h d m", h=self.n_heads)
         return rearrange(weight, "m (h d) -> h d m", h=self.n_heads)
