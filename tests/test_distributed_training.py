@@ -166,3 +166,31 @@ def test_two_data_lanes_read_disjoint_halves_of_the_capture(setup):
         seen = torch.cat([next(lane_stream)[0] for _ in range(10)])  # > one pass over the half
         assert seen.shape == (320, 16)
         assert set(map(tuple, seen.tolist())) == halves[lane]
+
+
+def test_checkpoint_from_before_data_lanes_still_resumes(setup, tmp_path, monkeypatch):
+    """A checkpoint whose config has no data_lanes (written before lanes existed) is one lane."""
+    root, common = setup
+    recipe = {**common.RECIPES["topk"], "tokens": 64 * 12}
+    from interp.sae import training
+
+    real = training._Trainer.save_checkpoint
+
+    def save_then_stop(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(common.model(), "1.hook_out", root / "capture", out=tmp_path, checkpoint_every=6, **recipe)
+    monkeypatch.setattr(training._Trainer, "save_checkpoint", real)
+    meta_path = tmp_path / "checkpoint" / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["data_lanes"]
+    meta_path.write_text(json.dumps(meta))
+    resumed = train(
+        common.model(), "1.hook_out", root / "capture", out=tmp_path, checkpoint_every=6, **recipe
+    )
+    reference = train(common.model(), "1.hook_out", root / "capture", checkpoint_every=6, **recipe)
+    assert resumed.cfg.metadata["training"]["data_lanes"] == 1
+    assert_close(resumed.state_dict(), reference.state_dict(), atol=0)

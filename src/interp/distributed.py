@@ -75,6 +75,12 @@ def env_world_size() -> int:
         ) from None
 
 
+def check_timeout(timeout: float) -> None:
+    """A timeout is a positive number of seconds."""
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise InputError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
 def backend() -> str:
     """nccl when this process has a GPU, gloo otherwise (the CPU backend, used by the tests)."""
     import torch
@@ -89,6 +95,7 @@ def process_group(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Context]:
     initialised, it only reports where this process stands."""
     import torch.distributed as dist
 
+    check_timeout(timeout)
     if dist.is_initialized() or env_world_size() <= 1:
         yield current()
         return
@@ -294,4 +301,5 @@ class LocalCoordinator:
 
 def coordinator(ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> Coordinator | LocalCoordinator:
     """A ``Coordinator`` for a job of several ranks, a ``LocalCoordinator`` for one process."""
+    check_timeout(timeout)
     return Coordinator(ctx, name, timeout) if ctx.distributed else LocalCoordinator()

@@ -162,14 +162,16 @@ def capture_to_disk(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     limits = _ShardLimits.checked(shard_mb, shard_rows, shard_seconds)
+    from interp import distributed
+
+    if timeout is not None:
+        distributed.check_timeout(timeout)
     source = _as_source(model, inputs)
     chosen = model.resolve(names)  # UnknownHookError with suggestions for a typo
     store_dtype = _normalize_dtype(dtype)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     _refuse_foreign(out)
-    from interp import distributed
-
     ctx = distributed.current()
     job = _Job(model, source, chosen, store_dtype, batch_size, out, resume, verify, limits)
     if ctx.distributed or (resume and _is_parts(_read_manifest(out))):

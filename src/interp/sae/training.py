@@ -654,7 +654,8 @@ class _Trainer:
             return 0
         ckpt = self._checkpoint_dir()
         meta = json.loads((ckpt / "trainer.json").read_text())
-        if meta["config"] != json.loads(json.dumps(asdict(self.cfg))):
+        saved = {"data_lanes": 1, **meta["config"]}  # checkpoints from before data lanes had one
+        if saved != json.loads(json.dumps(asdict(self.cfg))):
             raise InputError(
                 f"{ckpt} holds a run with a different config; pass another out= or delete {ckpt} to start over"
             )
