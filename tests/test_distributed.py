@@ -159,6 +159,13 @@ def test_killed_rank_then_rerun_equals_one_process(images, cnn_reference, tmp_pa
         assert result.returncode == 0, result.stderr[-3000:]
         assert "part p runs on rank" not in result.stdout
     else:
+        top = (out / "manifest.json").read_text()
+        damaged = json.loads(top)
+        damaged["parts"][1][0] += 4  # a gap between the parts: the split cannot be trusted
+        (out / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(InputError, match="field 'parts' .* not contiguous ranges .*--no-resume"):
+            capture_to_disk(model, x, CNN_HOOKS, out, batch_size=4)
+        (out / "manifest.json").write_text(top)
         capture_to_disk(model, x, CNN_HOOKS, out, batch_size=4)
         assert "resuming a capture split into 2 parts (by 2 processes) on 1" in capsys.readouterr().out
     merged = load_capture(out)

@@ -233,6 +233,7 @@ class Coordinator:
 
     def _wait(self, label: str, on_wait: Callable[[], None] | None) -> list[dict[str, Any]]:
         keys = [self._key(label, rank) for rank in range(self.ctx.world_size)]
+        pause = 0.001  # short phases end within a millisecond or two; long waits poll every 50 ms
         while True:
             try:
                 if self.store.check(keys):
@@ -247,7 +248,8 @@ class Coordinator:
                 ) from None
             if on_wait is not None:
                 on_wait()
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
 
     def _check_alive(self, keys: list[str]) -> None:
         now = time.monotonic()
