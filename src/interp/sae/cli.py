@@ -60,29 +60,32 @@ def _data(path: str):
 def _train(args: argparse.Namespace) -> int:
     import interp
     from interp import sae as S
+    from interp.distributed import process_group
 
-    model = interp.load(args.model)
-    options = {"hook_out": args.hook_out} if args.hook_out else {}
-    sae = S.train(
-        model,
-        args.hook,
-        _data(args.data),
-        arch=args.arch,
-        d_sae=args.d_sae,
-        k=args.k,
-        out=args.out,
-        tokens=args.tokens,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        l1_coefficient=args.l1_coefficient,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        **options,
-    )
+    with process_group() as ctx:  # under torchrun: one rank of a data-parallel (DDP) run
+        model = interp.load(args.model)
+        options = {"hook_out": args.hook_out} if args.hook_out else {}
+        sae = S.train(
+            model,
+            args.hook,
+            _data(args.data),
+            arch=args.arch,
+            d_sae=args.d_sae,
+            k=args.k,
+            out=args.out,
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            l1_coefficient=args.l1_coefficient,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            **options,
+        )
     last = sae.history[-1] if sae.history else {}
-    print(
-        f"wrote {Path(args.out) / 'final'}: {sae.cfg.architecture}, d_sae={sae.cfg.d_sae}, last step {last}"
-    )
+    if ctx.is_main:
+        print(
+            f"wrote {Path(args.out) / 'final'}: {sae.cfg.architecture}, d_sae={sae.cfg.d_sae}, last step {last}"
+        )
     return 0
 
 
