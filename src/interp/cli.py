@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-resume", action="store_true", help="overwrite an existing capture instead of resuming"
     )
     capture.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model runs: cpu, cuda (under torchrun: each rank's cuda:LOCAL_RANK), cuda:N",
+    )
+    capture.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -185,7 +190,8 @@ def _capture(args: argparse.Namespace) -> int:
 
     timeout = DEFAULT_TIMEOUT if args.timeout is None else args.timeout
     with process_group(timeout) as ctx:  # under torchrun: one rank of a data-parallel capture
-        model = interp.load(args.model)
+        device = f"cuda:{ctx.local_rank}" if args.device == "cuda" and ctx.distributed else args.device
+        model = interp.load(args.model, device=device)
         hooks = model.resolve(args.hooks)  # a bad pattern fails before the inputs are read
         dataset = capture_to_disk(
             model,
