@@ -10,6 +10,8 @@ Layout of ``out_dir``::
     shard-00000.arrow    Arrow IPC stream files with Hugging Face ``datasets`` schema metadata,
     shard-00001.arrow    so each one opens with ``datasets.Dataset.from_file`` (memory-mapped)
     .lock                held (``flock``) while a capture writes, so two runs cannot interleave
+    parts/part-00000/    only while a data-parallel capture runs: one capture of each rank's range
+                         (manifest with "range", shards, lock), merged into the layout above at the end
 
 One row per example: ``example`` (its index in the inputs), ``input_ids`` and ``str_tokens`` for
 transformers (the real tokens only, no padding), and one column per hook name holding that
