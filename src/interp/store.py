@@ -1437,7 +1437,11 @@ def _merge_parts(out: Path, ranges: list[list[int]]) -> None:
         directory = out / PARTS / f"part-{index:05d}"
         manifest = _read_manifest(directory)
         if manifest is None or manifest.get("range") != [lo, hi]:
-            raise InputError(f"part {index} of {out} (examples {lo:,} to {hi:,}) has no manifest. {_RERUN}.")
+            raise InputError(
+                f"part {index} of {out} (examples {lo:,} to {hi:,}) has no manifest where rank 0 can read it. "
+                "The output directory must be one that every node shares (NFS, Lustre, a shared volume); "
+                f"then {_RERUN[0].lower()}{_RERUN[1:]}."
+            )
         report = _inspect(directory, manifest, verify=False)  # checksummed as written or verified on resume
         if report.problem is not None or not manifest["complete"]:
             raise InputError(
