@@ -198,9 +198,11 @@ class Coordinator:
         """Run ``fn`` here and wait for every rank to finish the same phase; returns every rank's
         result (JSON-able), in rank order. If any rank raised, every rank raises: an ``InputError``
         when all failures were bad input (the first one's message), else ``DistributedError``."""
+        local: Exception | None = None
         try:
             status: dict[str, Any] = {"ok": True, "value": fn()}
         except Exception as err:
+            local = err
             status = {
                 "ok": False,
                 "type": type(err).__name__,
@@ -216,7 +218,7 @@ class Coordinator:
         statuses = self._wait(label, on_wait)
         failed = [(rank, s) for rank, s in enumerate(statuses) if not s["ok"]]
         if failed:
-            raise self._failure(failed)
+            raise self._failure(failed) from local  # this rank's own traceback, where it failed
         return [s["value"] for s in statuses]
 
     def _failure(self, failed: list[tuple[int, dict[str, Any]]]) -> InterpError:
