@@ -416,9 +416,8 @@ class _Trainer:
         world, rank = self.ctx.world_size, self.ctx.rank
         self.lanes = [lane for lane in range(cfg.data_lanes) if lane % world == rank]  # this rank's data
         self.n_local = len(self.lanes) * (cfg.batch_size // cfg.data_lanes)  # its tokens per step
-        self.share = (
-            self.n_local * world / cfg.batch_size
-        )  # its loss weight: DDP's mean is then the global mean
+        # its loss weight: DDP averages the ranks' gradients, which is then the global batch's mean
+        self.share = self.n_local * world / cfg.batch_size
         self.sae = SAE.init(sae_cfg, seed=cfg.seed)
         self.comm_device = torch.device("cpu")
         if self.ctx.distributed and distributed.backend() == "nccl":
