@@ -134,7 +134,10 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
             assert "L0H0" in body and f"L0H{minilm.cfg.n_heads - 1}" in body
             # The view was handed this text's tokens, and drew the patterns: the zoomed head and one
             # thumbnail per head are canvases with coloured (non-white) pixels.
-            assert json.dumps(tokens) in (iframe.get_attribute("srcdoc") or "")
+            srcdoc = iframe.get_attribute("srcdoc") or ""
+            assert json.dumps(tokens) in srcdoc
+            # circuitsvis's 1.3 MB bundle is served once from apps/static/, not inlined per render.
+            assert '<script src="app/static/circuitsvis-' in srcdoc and len(srcdoc) < 200_000, len(srcdoc)
             painted = frame.evaluate(PAINTED_CANVASES_JS)
             assert painted >= minilm.cfg.n_heads + 1, painted
             assert page.locator("[data-testid='stException']").count() == 0
