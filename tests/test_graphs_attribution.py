@@ -378,3 +378,22 @@ def test_models_without_mlp_decoders_are_refused(gpt2_model):
 def test_encoder_only_models_are_refused(minilm):
     with pytest.raises(InputError, match="encoder-only"):
         graphs.attribute(minilm, [], "the cat sat")
+
+
+def test_the_library_checks_pass_on_the_graph_and_catch_a_corrupted_one(setup):
+    model, tcs, graph, _ = setup
+    edges = graphs.edge_check(model, tcs, graph, n_pairs=30)
+    assert edges["max_abs_error"] < 1e-9 and edges["max_edge"] > 0.1
+    assert graphs.reconstruction_check(graph)["max_abs_error"] < 1e-9
+    broken = graphs.Graph(
+        adjacency=graph.adjacency * 1.01,
+        nodes=graph.nodes,
+        logit_probs=graph.logit_probs,
+        prompt_tokens=graph.prompt_tokens,
+        bias=graph.bias,
+        metadata=graph.metadata,
+    )
+    assert graphs.edge_check(model, tcs, broken, n_pairs=30)["max_abs_error"] > 1e-3
+    assert graphs.reconstruction_check(broken)["max_abs_error"] > 1e-3
+    with pytest.raises(InputError, match="before prune"):
+        graphs.reconstruction_check(graph.prune())

@@ -126,3 +126,33 @@ def test_schema_rejects_a_broken_export(tiny):
     del data["nodes"][0]["jsNodeId"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"positional_embedding_type": "rotary"},
+        {"normalization_type": "RMS"},
+        {"n_key_value_heads": 2},
+    ],
+    ids=["rotary", "rmsnorm", "gqa"],
+)
+def test_other_native_architectures_are_exact(overrides):
+    """Rotary positions, RMSNorm and grouped-query attention: the recorded forward is the bridge's,
+    edges + bias reconstruct every target, and QK pair terms sum to the model's score.
+
+    TL's native RMSNorm computes in float32 even in a float64 model, so the real values carry
+    float32 rounding that the (float64) frozen linear map does not: there the tolerance is 1e-5."""
+    model, tcs = tiny_model(**overrides), tiny_transcoders()
+    _, cache = model.run_with_cache(TOKENS[None], names=["blocks.2.attn.hook_attn_scores"])
+    logits = model(TOKENS[None])[0]
+    graph = graphs.attribute(model, tcs, TOKENS, progress=False)
+    torch.testing.assert_close(graphs.record(model, tcs, TOKENS).logits, logits, atol=1e-10, rtol=0)
+    targets = graph.kind_mask("feature") | graph.kind_mask("logit")
+    values = torch.tensor([n.activation for n in graph.nodes], dtype=torch.float64)
+    recon = graph.adjacency.sum(1) + graph.bias
+    tol = 1e-5 if overrides.get("normalization_type") == "RMS" else 1e-9
+    torch.testing.assert_close(recon[targets], values[targets], atol=tol, rtol=0)
+    result = qk_attribution(model, tcs, TOKENS, layer=2, head=3, query=7, key=2)
+    expected = cache["blocks.2.attn.hook_attn_scores"][0, 3, 7, 2].item()
+    assert result.scores.sum().item() == pytest.approx(expected, abs=tol)

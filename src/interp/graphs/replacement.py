@@ -19,7 +19,9 @@ precision): that is what makes its gradients the real model's local, linearized 
 
 Supported models: ``TransformerBridge.boot_native`` decoders (``interp.load`` of a zoo model or a
 ``TransformerBridgeConfig``) with LayerNorm, LayerNormPre or RMSNorm, learned or rotary positions,
-a (non-gated) MLP per layer and no logit soft-cap.
+a (non-gated) MLP per layer and no logit soft-cap. Grouped-query attention is supported. (TL's
+native RMSNorm computes in float32 even in a float64 model, so there the replay matches the real
+values to float32 rounding only.)
 """
 
 from __future__ import annotations
