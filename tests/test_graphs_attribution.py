@@ -21,7 +21,7 @@ from interp.sae import SAE, SAEConfig
 TOKENS = torch.tensor([1, 5, 7, 3, 9, 2, 11, 4])
 
 
-def tiny_model(seed: int = 0, **overrides):
+def tiny_model(seed: int = 0, double: bool = True, **overrides):
     from transformer_lens.config import TransformerBridgeConfig
 
     kw = dict(
@@ -39,18 +39,19 @@ def tiny_model(seed: int = 0, **overrides):
     )
     kw.update(overrides)
     model = interp.load(TransformerBridgeConfig(**kw))
-    model.bridge.double()
+    if double:
+        model.bridge.double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.bridge.original_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.3)
     return model
 
 
 SITES = ("mlp.hook_in", "ln2.hook_in", "ln2.hook_normalized")
 
 
-def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 3):
+def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 3, dtype: str = "float64"):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for layer in range(n_layers):
@@ -61,15 +62,17 @@ def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 3):
             architecture="skip_transcoder" if skip else "transcoder",
             hook_name=f"blocks.{layer}.{SITES[layer % 3]}",
             hook_name_out=f"blocks.{layer}.mlp.hook_out",
-            dtype="float64",
+            dtype=dtype,
             apply_b_dec_to_input=False,
         )
         tc = SAE(cfg)
         with torch.no_grad():
             for p, std in ((tc.W_enc, 0.3), (tc.W_dec, 0.3), (tc.b_enc, 0.5), (tc.b_dec, 0.1)):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
             if skip:
-                tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64) * 0.1)
+                tc.W_skip.copy_(
+                    torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64).to(tc.dtype) * 0.1
+                )
         out.append(tc)
     return out
 
@@ -397,3 +400,15 @@ def test_the_library_checks_pass_on_the_graph_and_catch_a_corrupted_one(setup):
     assert graphs.reconstruction_check(broken)["max_abs_error"] > 1e-3
     with pytest.raises(InputError, match="before prune"):
         graphs.reconstruction_check(graph.prune())
+
+
+def test_float32_models_give_float32_graphs_that_reconstruct_to_rounding():
+    from interp.progress import report_progress
+
+    model, tcs = tiny_model(double=False), tiny_transcoders(dtype="float32")
+    seen: list[float] = []
+    with report_progress(lambda fraction, _desc: seen.append(fraction)):
+        graph = graphs.attribute(model, tcs, TOKENS, progress=True)
+    assert graph.adjacency.dtype == torch.float32 and seen and seen[-1] == 1.0
+    check = graphs.reconstruction_check(graph)
+    assert check["max_abs_error"] < 1e-4 * max(1.0, check["max_value"])
