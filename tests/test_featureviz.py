@@ -183,7 +183,7 @@ def test_bad_units_and_layers_are_clear_input_errors(cnn, gpt2_model):
         fv.render(cnn, fv.class_logit(10), steps=1)
     with pytest.raises(InputError, match=r"direction has 7 features"):
         fv.render(cnn, fv.direction("conv2.hook_out", torch.ones(7)), steps=1)
-    with pytest.raises(InputError, match=r"transformer reads discrete tokens"):
+    with pytest.raises(InputError, match=r"transformer reads discrete tokens; use render_tokens"):
         fv.render(gpt2_model, fv.neuron("blocks.0.mlp.hook_post", 0), steps=1)
     with pytest.raises(InputError, match=r"positive radius"):
         fv.render(cnn, fv.class_logit(0), constraint="l2", steps=1)
@@ -356,6 +356,36 @@ def test_bad_parameterizations_are_clear_input_errors(cnn):
         fv.render(cnn, "conv2.hook_out:1", decorrelate=True, steps=1)
     with pytest.raises(InputError, match=r"unknown parameterization 'lowres'"):
         fv.render(cnn, "conv2.hook_out:1", param="lowres", steps=1)
+
+
+def test_transformer_units_by_embedding_optimization_with_nearest_token_readout(gpt2_model):
+    """Each optimized embedding reads out as its L2-nearest vocabulary token (brute force here),
+    the readout's scores are the unit's activations on those tokens run as ordinary input, and
+    the optimization raised the objective above its starting tokens."""
+    layer, units = "blocks.1.mlp.hook_pre", [0, 7, 30]
+    vis = fv.render_tokens(gpt2_model, layer, units, length=5, steps=48, seed=2)
+    table = gpt2_model.module.transformer.wte.weight.detach()
+    for u in range(3):
+        for p in range(5):
+            distances = ((table - vis.embeddings[u, p]) ** 2).sum(-1)
+            assert int(vis.tokens[u, p]) == int(distances.argmin())
+    _, cache = gpt2_model.run_with_cache(vis.tokens, names=layer)
+    torch.testing.assert_close(
+        vis.token_scores, cache[layer][torch.arange(3), -1, units], atol=1e-5, rtol=1e-5
+    )
+    start = torch.randint(table.shape[0], (3, 5), generator=torch.Generator().manual_seed(2))
+    _, cache = gpt2_model.run_with_cache(start, names=layer)
+    assert torch.all(vis.scores > cache[layer][torch.arange(3), -1, units] + 0.5), vis.scores
+    assert vis.config["readout"] == "nearest token (L2)" and len(vis.str_tokens[0]) == 5
+    with pytest.raises(InputError, match=r"unit index 999 is out of range: blocks.1.mlp.hook_pre has"):
+        fv.render_tokens(gpt2_model, layer, [999], steps=1)
+    with pytest.raises(InputError, match=r"has no hook 'blocks.9.mlp.hook_pre'"):
+        fv.render_tokens(gpt2_model, "blocks.9.mlp.hook_pre", [0], steps=1)
+
+
+def test_render_tokens_needs_a_transformer(cnn):
+    with pytest.raises(InputError, match=r"not a transformer, use render"):
+        fv.render_tokens(cnn, "conv2.hook_out", [0], steps=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -916,6 +916,155 @@ def visualize(
     return render(model, build(layer, units), **kwargs)
 
 
+@dataclass
+class TokenVisualization:
+    """Optimized input embeddings for transformer units, read out as their nearest tokens.
+
+    Attributes:
+        embeddings: ``[U, length, d_model]`` the optimized word embeddings (hook ``embed.hook_out``).
+        tokens: ``[U, length]`` the nearest vocabulary token (L2) to each optimized embedding.
+        str_tokens: the readout as token strings (ids as text without a tokenizer).
+        scores: ``[U]`` the objective on the continuous embeddings.
+        token_scores: ``[U]`` the objective on the readout tokens, run as ordinary input: the honest
+            number (the continuous optimum is usually far above what any token sequence reaches).
+        layer, units, config, history: what was optimized and how (seed, steps, lr, position...).
+    """
+
+    embeddings: torch.Tensor
+    tokens: torch.Tensor
+    str_tokens: list[list[str]]
+    scores: torch.Tensor
+    token_scores: torch.Tensor
+    layer: str
+    units: list[int]
+    history: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+TOKEN_EMBED = "embed.hook_out"
+
+
+def render_tokens(
+    model: HookedModel,
+    layer: str,
+    units: Units,
+    *,
+    length: int = 8,
+    position: int | None = -1,
+    steps: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    callback: Progress | None = None,
+) -> TokenVisualization:
+    """Feature visualization for transformer units: optimize the word embeddings of a
+    ``length``-token input (Adam) to maximize unit ``units[b]`` of ``layer`` for sequence ``b``,
+    then read each position out as its nearest vocabulary token — the option beside dataset
+    examples (``interp.methods.examples.top_k``), which show real contexts instead.
+
+    Args:
+        model: a transformer whose word embedding is the hook ``embed.hook_out`` (an embedding table).
+        layer: a hook ``[batch, pos, ...]``; its axes after ``pos`` are flattened into units (so a
+            head hook ``[batch, pos, head, d_head]`` has ``head * d_head`` units).
+        units: unit indices; one optimized sequence per unit.
+        length: tokens per sequence.
+        position: the position whose activation is maximized (default the last), None: the mean.
+        steps, lr, seed: Adam steps, learning rate, and the seed of the starting tokens.
+        callback: ``callback(step, steps)`` after each step (a UI progress bar).
+    """
+    table = _token_table(model)
+    u = _units(units)
+    if not isinstance(length, int) or length < 1:
+        raise InputError(f"length must be a positive number of tokens, got {length!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if position is not None and not -length <= position < length:
+        raise InputError(f"position {position} is out of range for {length} tokens")
+    (name,) = model.resolve(layer) if layer in model.hook_names else (layer,)
+    if name not in model.hook_names:
+        raise InputError(f"{model.name} has no hook {layer!r}; see model.hook_names")
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(table.shape[0], (len(u), length), generator=gen).to(table.device)
+    dummy = torch.zeros_like(start)
+    _check_token_units(model, name, u, start)
+    score = _unit_score(name, u, position)
+    embeds = torch.nn.Parameter(table[start].detach().clone())
+    opt = torch.optim.Adam([embeds], lr=lr)
+    history: list[float] = []
+    for step in range(steps):
+        loss = -score(_token_acts(model, name, dummy, embeds)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 16 == 0 or step == steps - 1:
+            history.append(loss.item())
+        if callback is not None:
+            callback(step + 1, steps)
+    with torch.no_grad():
+        final = embeds.detach()
+        scores = score(_token_acts(model, name, dummy, final))
+        tokens = torch.cdist(rearrange(final, "u p d -> (u p) d"), table).argmin(-1).view(len(u), length)
+        token_scores = score(_token_acts(model, name, tokens, None))
+    tok = getattr(model, "tokenizer", None)
+    strs = [
+        tok.convert_ids_to_tokens(row) if tok is not None else [str(int(i)) for i in row] for row in tokens
+    ]
+    config = {"seed": seed, "steps": steps, "lr": lr, "length": length, "position": position,
+              "embedding": TOKEN_EMBED, "readout": "nearest token (L2)", "optimizer": "Adam"}  # fmt: skip
+    return TokenVisualization(final, tokens, strs, scores, token_scores, name, u.tolist(), history, config)
+
+
+def _token_table(model: HookedModel) -> torch.Tensor:
+    """The word-embedding table behind ``embed.hook_out`` (``[vocab, d_model]``)."""
+    if model.kind != "transformer":
+        raise InputError(
+            f"render_tokens optimizes token embeddings; {model.name} is not a transformer, use render"
+        )
+    site = model._sites.get(TOKEN_EMBED)
+    weight = getattr(site.module, "weight", None) if site is not None else None
+    if not isinstance(site.module if site else None, torch.nn.Embedding) or weight is None:
+        raise InputError(
+            f"{model.name} has no word-embedding table at {TOKEN_EMBED!r}, so its embeddings cannot be "
+            "read out as tokens; use dataset examples (interp.methods.examples.top_k)"
+        )
+    return weight.detach()
+
+
+def _token_acts(
+    model: HookedModel, layer: str, ids: torch.Tensor, embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """``layer``'s activation on ``ids`` (word embeddings replaced by ``embeds`` when given)."""
+    from interp.models.transformer import Tokens
+
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        store[layer] = act
+        raise StopForward
+
+    hooks = [] if embeds is None else [(TOKEN_EMBED, lambda act, hook: embeds)]
+    with model.hooks([*hooks, (layer, keep)]), contextlib.suppress(StopForward):
+        model._forward(Tokens(ids, torch.ones_like(ids)))
+    return store[layer]
+
+
+def _unit_score(
+    layer: str, units: torch.Tensor, position: int | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def score(act: torch.Tensor) -> torch.Tensor:
+        flat = rearrange(act, "b p ... -> b p (...)")
+        picked = flat[torch.arange(flat.shape[0]), :, units.to(flat.device)]  # [U, pos]
+        return picked.mean(-1) if position is None else picked[:, position]
+
+    return score
+
+
+def _check_token_units(model: HookedModel, layer: str, units: torch.Tensor, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        act = _token_acts(model, layer, ids[:1], None)
+    size = int(np.prod(act.shape[2:])) if act.ndim > 2 else 1
+    _check_range(units, size, f"{layer} has {size} units per position")
+
+
 def transformed_scores(
     model: HookedModel,
     objective: Objective,
@@ -989,7 +1138,8 @@ def _check_model(model: HookedModel) -> None:
     if model.kind == "transformer":
         raise InputError(
             "feature visualization optimizes a continuous input, and a transformer reads discrete tokens; "
-            "use dataset examples (interp.methods.examples.top_k) for transformer units"
+            "use render_tokens (optimized embeddings read out as tokens) or dataset examples "
+            "(interp.methods.examples.top_k) for transformer units"
         )
     if getattr(model, "input_shape", None) is None:
         raise InputError(f"{model.name} has no input_shape; load it with input_shape=(C, H, W)")
