@@ -433,6 +433,76 @@ def test_features_page_draws_gallery_attribution_and_tokens(cnn):
     np.testing.assert_allclose(z[::-1], expected, rtol=1e-4, atol=1e-6)
     assert page.get("iframe") or page.get("html")  # the circuitsvis token view (sidebar model: MiniLM)
 
+    assert set(page.selectbox(key="features_method").options) >= {"DeepLift", "LIME", "Kernel SHAP"}
     page.number_input(key="features_token_target").set_value(10**6).run()
     assert not page.exception
     assert any("out of range" in e.value for e in page.error)
+
+
+@pytest.mark.slow  # ~8 more reruns of the whole page (MiniLM token IG on each): ~45 s
+def test_features_page_offers_the_new_methods_and_parameterizations(cnn):
+    """DeepLift under a noise tunnel, Grad-CAM at a layer, a CPPN gallery, token IG split by
+    embedding table and optimized tokens beside a neuron's contexts, each equal to the library."""
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from interp.methods import attribution as at
+    from interp.models.zoo import digits_data
+
+    _, _, x, _ = digits_data()
+    app = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
+    page = AppTest.from_file(str(app), default_timeout=300).run()
+    page.switch_page("views/features.py").run()
+    page.slider(key="features_steps").set_value(16).run()
+    page.number_input(key="features_image").set_value(3).run()
+    # DeepLift's map is captum's (through attribute) on the same image
+    assert set(page.selectbox(key="features_method").options) >= {"DeepLift", "LIME", "Kernel SHAP"}
+    page.selectbox(key="features_method").set_value("DeepLift").run()
+    page.selectbox(key="features_noise").set_value("SmoothGrad").run()
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    expected = at.attribute(
+        cnn, x[3:4], method="deeplift", noise_tunnel="smoothgrad", nt_samples=8, stdevs=0.1
+    ).values[0, 0]
+    attr = next(c for c in _charts(page) if "deeplift attribution" in json.dumps(c["layout"]))
+    np.testing.assert_allclose(_z(attr["data"][1]["z"], (8, 8))[::-1], expected.numpy(), rtol=1e-4, atol=1e-6)
+    page.radio(key="features_level").set_value("a layer").run()
+    page.selectbox(key="features_layer_method").set_value("Grad-CAM").run()
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    layer = page.selectbox(key="features_attr_layer::digits-cnn").value
+    expected = at.attribute(cnn, x[3:4], method="gradcam", layer=layer).values[0].sum(0)
+    attr = next(c for c in _charts(page) if "gradcam attribution" in json.dumps(c["layout"]))
+    shape = tuple(expected.shape)
+    np.testing.assert_allclose(_z(attr["data"][1]["z"], shape)[::-1], expected.numpy(), rtol=1e-4, atol=1e-6)
+    assert any(f"at `{layer}`" in c.value for c in page.caption)
+
+    page.selectbox(key="features_param").set_value("CPPN").run()  # the gallery with a CPPN
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert any("cppn" in c.value and "lr 0.005" in c.value for c in page.caption)
+
+    page.checkbox(key="features_token_layers").check().run()  # layer IG per embedding table
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert any(
+        "Per embedding layer" in c.value and "token_type_embed.hook_out" in c.value for c in page.caption
+    )
+    page.checkbox(key="features_ctx_optimize").check().run()  # render_tokens beside the contexts
+    assert not page.exception and not page.error, [e.value for e in page.error]
+    assert any("on their nearest tokens run as text" in c.value for c in page.caption)
+    assert page.code and len(page.code[0].value.split()) >= 8
+
+
+def _charts(page) -> list[dict]:
+    import json
+
+    return [json.loads(c.proto.spec) for c in page.get("plotly_chart")]
+
+
+def _z(z, shape) -> np.ndarray:
+    """A heatmap's z as an array (plotly may encode it as base64 bytes)."""
+    import base64
+
+    if isinstance(z, dict):
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    return np.asarray(z)
