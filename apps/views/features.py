@@ -147,11 +147,19 @@ def attribution_map(model: interp.HookedModel, name: str) -> None:
         if method in ("deeplift_shap", "gradient_shap"):
             kwargs["baselines"] = x[-16:]  # a reference distribution: the last 16 test images
     else:
-        layers = [n for n, s in model.hook_shapes.items() if s is not None and len(s) == 4]
+        layers = [
+            n
+            for n, s in model.hook_shapes.items()
+            if s is not None and len(s) == 4 and n.endswith("hook_out")
+        ]
+        if not layers:
+            st.info(f"{name} has no convolutional layer; pick digits-cnn for layer attribution.")
+            return
+        convs = [i for i, n in enumerate(layers) if n.startswith("conv")]
         method_label = columns[2].selectbox("Method", list(LAYER_METHODS), key="features_layer_method")
         method = LAYER_METHODS[method_label]
         kwargs["layer"] = st.selectbox(
-            "Layer", layers, index=len(layers) - 1, key=f"features_attr_layer::{name}"
+            "Layer", layers, index=convs[-1] if convs else len(layers) - 1, key=f"features_attr_layer::{name}"
         )
     with common.guard():
         with st.spinner(f"{method_label}..."):
@@ -201,7 +209,8 @@ def token_attributions() -> None:
                 model, text, target=None if target < 0 else int(target), method=method, **kwargs
             )
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
-        st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{delta}")
+        how = " (layer IG, split by embedding table)" if result.by_layer else ""
+        st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{how}{delta}")
         common.embed(result.html(0), alt="token attributions")
         st.plotly_chart(result.figure(0), key="features_token_attr")
         if result.by_layer:

@@ -1,11 +1,15 @@
-"""Input attribution: which pixels or tokens drive one output, by four methods with one result type.
+"""Input, layer and neuron attribution: which pixels, tokens or activations drive one output, by
+every method captum has, with one call shape and one result type.
 
     >>> a = attribute(model, images, target=3, method="ig")          # pixels of an image model
     >>> a.values.shape, a.delta                                        # [B, 1, 8, 8], IG's error
     >>> a = attribute(lm, "The cat sat on the", method="saliency")    # tokens of a transformer
     >>> a.values.shape                                                 # [B, pos]
+    >>> attribute(model, images, 3, "ig", noise_tunnel="smoothgrad")   # SmoothGrad over IG
+    >>> attribute(model, images, 3, "gradcam", layer="conv2.hook_out") # a layer, by hook name
+    >>> attribute(model, images, method="ig", layer="conv2.hook_out", neuron=(5, 3, 3))
 
-Methods (all attribute one scalar per example: ``target`` picks it from the output):
+Input methods (all attribute one scalar per example: ``target`` picks it from the output):
 
 * ``"saliency"``: |d out / d x| (Simonyan et al. 2014), through captum's ``Saliency``.
 * ``"grad_x_input"``: x * d out / d x, through captum's ``InputXGradient``.
@@ -15,11 +19,25 @@ Methods (all attribute one scalar per example: ``target`` picks it from the outp
   so memory holds ``internal_batch_size`` steps instead of all ``n_steps`` x batch (captum's
   default, the cause of its OOM reports). ``delta`` = sum(attributions) - (out(x) - out(baseline)),
   the completeness error, per example.
+* through captum unchanged (``captum_bridge``): ``"deeplift"``, ``"deeplift_shap"``,
+  ``"guided_backprop"``, ``"deconvolution"`` (image models: they replace module backwards),
+  ``"gradient_shap"``, ``"lime"``, ``"kernel_shap"``, ``"feature_ablation"``; stochastic ones are
+  seeded (``seed=``).
+* ``noise_tunnel=`` ``"smoothgrad"``, ``"smoothgrad_sq"`` or ``"vargrad"`` over any of them
+  (captum's NoiseTunnel; over IG streamed here with captum's noise draws: equal results in a
+  fraction of the memory, benchmarks/bench_ig.py).
+
+Layer methods (``layer=`` any hook name, mapped to the module captum hooks): ``"ig"``
+(LayerIntegratedGradients, several layers at once), ``"conductance"``, ``"gradcam"``; neuron
+methods (``layer=`` and ``neuron=``): ``"ig"`` (NeuronIntegratedGradients), ``"gradient"``.
+``model_randomization`` runs the Adebayo et al. sanity check for any of them.
 
 Image models are attributed per pixel. Transformers are attributed per token through the
 embedding: the word embeddings (hook ``hook_embed``) are replaced by the tensor being attributed,
 so IG interpolates embeddings, occlusion replaces one token's embedding by the baseline's, and each
-token's score is the sum (saliency: L2 norm) over the embedding dimension.
+token's score is the sum (saliency: L2 norm) over the embedding dimension. Layer IG and Grad-CAM on
+a transformer run from the token ids (the baseline is a token id, default 0), as captum's
+LayerIntegratedGradients on an embedding layer.
 """
 
 from __future__ import annotations
