@@ -400,3 +400,33 @@ def test_bad_layer_and_method_inputs_are_clear_input_errors(cnn, digits, gpt2_mo
         at.attribute(gpt2_model, "the cat", target=1, method="deeplift")
     with pytest.raises(InputError, match=r"passes by keyword or beside non-tensor arguments"):
         at.attribute(minilm, "the cat", target=1, method="ig", layer="blocks.1.hook_resid_pre")
+
+
+def test_zoo_lm_layer_ig_over_token_and_position_embeddings_equals_captum():
+    """zoo:induction-2l (a TransformerLens bridge): hook_embed and hook_pos_embed at once, and a
+    head-split hook, against captum on the bridge's own hook_dict modules (TL's names)."""
+    from captum.attr import LayerIntegratedGradients
+
+    import interp
+
+    model = interp.load("zoo:induction-2l")
+    bridge = model.module
+    ids = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def forward(rows):
+        return bridge(rows)[:, -1]
+
+    names = ["hook_embed", "hook_pos_embed"]
+    ours = at.attribute(model, ids, target=3, method="ig", layer=names, n_steps=8)
+    refs = LayerIntegratedGradients(forward, [bridge.hook_dict[n] for n in names]).attribute(
+        ids, baselines=torch.zeros_like(ids), target=3, n_steps=8
+    )
+    for name, ref in zip(names, refs, strict=True):
+        torch.testing.assert_close(ours.by_layer[name], ref, atol=1e-5, rtol=1e-5)
+    z = at.attribute(model, ids, target=3, method="ig", layer="blocks.1.attn.hook_z", n_steps=8)
+    ref = LayerIntegratedGradients(forward, bridge.hook_dict["blocks.1.attn.hook_z"]).attribute(
+        ids, baselines=torch.zeros_like(ids), target=3, n_steps=8
+    )
+    # interp's hook_z is TL's [batch, pos, head, d_head]; the bridge's HookPoint carries it flat
+    torch.testing.assert_close(z.by_layer["blocks.1.attn.hook_z"].flatten(2), ref, atol=1e-5, rtol=1e-5)
+    assert z.values.shape == (2, 10)

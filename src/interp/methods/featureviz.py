@@ -1014,19 +1014,31 @@ def render_tokens(
 
 
 def _token_table(model: HookedModel) -> torch.Tensor:
-    """The word-embedding table behind ``embed.hook_out`` (``[vocab, d_model]``)."""
+    """The word-embedding table behind ``embed.hook_out`` (``[vocab, d_model]``): an
+    ``nn.Embedding``'s weight, or a TransformerLens bridge's ``W_E``, checked on a probe to be what
+    the hook carries (``table[ids]``), so the nearest-token readout reads the right table."""
     if model.kind != "transformer":
         raise InputError(
             f"render_tokens optimizes token embeddings; {model.name} is not a transformer, use render"
         )
     site = model._sites.get(TOKEN_EMBED)
-    weight = getattr(site.module, "weight", None) if site is not None else None
-    if not isinstance(site.module if site else None, torch.nn.Embedding) or weight is None:
+    module = site.module if site is not None else None
+    table = module.weight if isinstance(module, torch.nn.Embedding) else getattr(model.module, "W_E", None)
+    if site is None or not isinstance(table, torch.Tensor) or table.ndim != 2:
         raise InputError(
             f"{model.name} has no word-embedding table at {TOKEN_EMBED!r}, so its embeddings cannot be "
             "read out as tokens; use dataset examples (interp.methods.examples.top_k)"
         )
-    return weight.detach()
+    table = table.detach()
+    probe = torch.arange(min(4, table.shape[0]), device=table.device).view(1, -1)
+    with torch.no_grad():
+        seen = _token_acts(model, TOKEN_EMBED, probe, None)
+    if seen.shape != (1, probe.shape[1], table.shape[1]) or not torch.allclose(seen[0], table[probe[0]]):
+        raise InputError(
+            f"{TOKEN_EMBED!r} of {model.name} is not a plain lookup in its embedding table, so the "
+            "nearest-token readout would not be faithful; use dataset examples (examples.top_k)"
+        )
+    return table
 
 
 def _token_acts(
