@@ -346,9 +346,11 @@ def logit_effects_figure(
     bottom_tokens: Sequence[str],
     bottom_values: Sequence[float],
     title: str = "Logit effects",
+    axis: str = "logit change per unit of activation",
 ):
     """Horizontal bars: the tokens a direction raises most (top) and lowers most (bottom), as
-    ``S.logit_effects`` lists them; the largest effect is at the top."""
+    ``S.logit_effects`` lists them (or ``S.intervene``'s ``raised``/``lowered``); the largest
+    effect is at the top."""
     import plotly.graph_objects as go
 
     tokens = [repr(str(t))[1:-1] for t in list(bottom_tokens)[::-1] + list(top_tokens)[::-1]]
@@ -368,7 +370,7 @@ def logit_effects_figure(
     fig.update_yaxes(tickmode="array", tickvals=list(range(len(values))), ticktext=tokens)
     fig.update_layout(
         title={"text": title},
-        xaxis_title="logit change per unit of activation",
+        xaxis_title=axis,
         height=int(max(300, 90 + 22 * len(values))),
         margin={"l": 110, "r": 20, "t": 50, "b": 50},
     )

@@ -309,7 +309,9 @@ class Intervention:
 
     Language models (``kind="logits"``), at the last position: ``top_before``/``top_after`` the
     ``k`` most likely next tokens ``(token, probability)``; ``raised``/``lowered`` the tokens whose
-    logit changed most each way ``(token, change)``; ``kl`` KL(before || after) in nats.
+    logit changed most each way ``(token, change)``; ``kl`` KL(before || after) in nats;
+    ``predictions`` a table (``token``, ``before``, ``after`` probabilities) of the tokens in
+    either top-k list, for a side-by-side view.
 
     Other models (``kind="hidden"``, e.g. the MiniLM encoder, whose output is the last hidden
     state): ``cosine[i]`` the cosine between the output vectors at token ``i`` before and after,
@@ -330,6 +332,7 @@ class Intervention:
     raised: list[tuple[str, float]] = field(default_factory=list)
     lowered: list[tuple[str, float]] = field(default_factory=list)
     kl: float | None = None
+    predictions: dict[str, list] = field(default_factory=dict)
     cosine: list[float] = field(default_factory=list)
     pooled_cosine: float | None = None
     relative_change: list[float] = field(default_factory=list)
@@ -406,6 +409,12 @@ def _compare_logits(model: Any, result: Intervention, k: int) -> None:
     ]
     logp, logq = before.log_softmax(-1), after.log_softmax(-1)
     result.kl = float((logp.exp() * (logp - logq)).sum())
+    ids = list(dict.fromkeys(torch.topk(before, k).indices.tolist() + torch.topk(after, k).indices.tolist()))
+    result.predictions = {
+        "token": [decode(i) for i in ids],
+        "before": logp.exp()[ids].tolist(),
+        "after": logq.exp()[ids].tolist(),
+    }
 
 
 def _compare_hidden(result: Intervention) -> None:

@@ -1,0 +1,102 @@
+"""The Dictionary explorer page, headless with AppTest: it draws what interp.sae computes for a
+dictionary typed in as a folder (a small SAE trained on MiniLM in a fixture, so nothing depends on
+the shipped zoo), and bad input (a wrong folder, a dictionary for another model) is a message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+from test_app import decode  # noqa: E402
+
+from interp import sae as S  # noqa: E402
+from interp.methods import examples as ex  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
+TIMEOUT = 180  # the first run loads MiniLM; the machine may be busy
+
+
+def open_page(folder: str | None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.switch_page("views/dictionary.py").run()
+    if folder is not None:
+        if at.radio(key="dict_source::minilm").value != "Directory":
+            at.radio(key="dict_source::minilm").set_value("Directory").run()
+        at.text_input(key="dict_path").set_value(folder).run()
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def latent_box(at: AppTest):
+    return next(s for s in at.selectbox if s.key.startswith("dict_latent::"))
+
+
+def test_dictionary_page_browses_a_latent_and_steers(minilm, minilm_sae_dir):
+    at = open_page(minilm_sae_dir)
+    assert_clean(at)
+    assert at.title[0].value == "Dictionary"
+    sae = S.load(minilm_sae_dir)
+    stats = S.latent_stats(minilm, sae, ex.sample_inputs(minilm))
+    # browse by max activation (the default), then by density: the first option is the library's order
+    assert latent_box(at).options[0].startswith(f"{stats.order('max_activation')[0]}:")
+    at.selectbox(key="dict_order").set_value("density").run()
+    assert_clean(at)
+    densest = stats.order("density")[0]
+    assert latent_box(at).value == densest
+    assert at.subheader[0].value == f"Latent {densest}"
+    assert any(m.label == "Density" and m.value == f"{float(stats.density[densest]):.3%}" for m in at.metric)
+    assert any("No logit effects" in i.value and "no unembedding" in i.value for i in at.info)
+    hist = json.loads(at.get("plotly_chart")[0].proto.spec)
+    dash = S.dashboard(minilm, sae, densest, ex.sample_inputs(minilm), k=10)
+    assert decode(hist["data"][0]["y"]).tolist() == dash.histogram["counts"]
+    assert sum(dash.histogram["counts"]) == dash.n_active
+    frames = at.get("iframe")
+    assert frames and f"#{dash.examples[0].index} " in frames[0].proto.srcdoc
+
+    # steer (the default action): the page's pooled cosine is the library's
+    text = at.text_area(key="text").value
+    alpha = at.number_input(key=f"dict_alpha::{densest}").value
+    change = S.intervene(minilm, sae, text, latent=densest, alpha=alpha)
+    assert any(f"**{change.pooled_cosine:.4f}**" in c.value for c in at.caption)
+    at.number_input(key=f"dict_alpha::{densest}").set_value(0.0).run()
+    assert any("**1.0000**" in c.value for c in at.caption)  # α = 0 with the error term: no change
+    at.radio(key="dict_action").set_value("splice").run()
+    assert_clean(at)
+    spliced = S.intervene(minilm, sae, text)
+    assert any(
+        f"**{spliced.pooled_cosine:.4f}**" in c.value and "without its error term" in c.value
+        for c in at.caption
+    )
+
+
+def test_dictionary_page_bad_input_is_a_message(minilm, tmp_path):
+    at = open_page(str(tmp_path / "nowhere"))
+    assert not at.exception
+    assert any("not found" in e.value for e in at.error)
+    assert not at.get("plotly_chart")
+
+    wrong = S.SAE(S.SAEConfig(d_in=32, d_sae=8, hook_name="blocks.2.hook_resid_post"))  # MiniLM is 384 wide
+    S.save(wrong, tmp_path / "narrow")
+    at.text_input(key="dict_path").set_value(str(tmp_path / "narrow")).run()
+    assert not at.exception
+    assert any("d_in=32" in e.value and "width 384" in e.value for e in at.error)
+
+    elsewhere = S.SAE(S.SAEConfig(d_in=384, d_sae=8, hook_name="blocks.2.hook_resid_pst"))
+    S.save(elsewhere, tmp_path / "typo")
+    at.text_input(key="dict_path").set_value(str(tmp_path / "typo")).run()
+    assert not at.exception
+    assert any("blocks.2.hook_resid_post" in e.value for e in at.error)  # the closest hook is named
+
+    (tmp_path / "typo" / S.io.WEIGHTS).write_bytes(b"\x00" * 64)  # corrupt weights, same folder
+    at.text_input(key="dict_path").set_value(str(tmp_path / "typo") + "/").run()
+    assert not at.exception
+    assert any("sha256" in e.value or "corrupt" in e.value for e in at.error)
+    assert not at.get("plotly_chart")  # nothing drawn past the error
