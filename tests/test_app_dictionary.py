@@ -24,9 +24,10 @@ def open_page(folder: str | None) -> AppTest:
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     at.switch_page("views/dictionary.py").run()
     if folder is not None:
-        if at.radio(key="dict_source::minilm").value != "Directory":
-            at.radio(key="dict_source::minilm").set_value("Directory").run()
-        at.text_input(key="dict_path").set_value(folder).run()
+        source = [r for r in at.radio if r.key == "dict_source::minilm"]  # only when a zoo one fits
+        if source and source[0].value != "Directory":
+            source[0].set_value("Directory").run()
+        at.text_input(key="dict_path::minilm").set_value(folder).run()
     return at
 
 
@@ -85,18 +86,56 @@ def test_dictionary_page_bad_input_is_a_message(minilm, tmp_path):
 
     wrong = S.SAE(S.SAEConfig(d_in=32, d_sae=8, hook_name="blocks.2.hook_resid_post"))  # MiniLM is 384 wide
     S.save(wrong, tmp_path / "narrow")
-    at.text_input(key="dict_path").set_value(str(tmp_path / "narrow")).run()
+    at.text_input(key="dict_path::minilm").set_value(str(tmp_path / "narrow")).run()
     assert not at.exception
     assert any("d_in=32" in e.value and "width 384" in e.value for e in at.error)
 
     elsewhere = S.SAE(S.SAEConfig(d_in=384, d_sae=8, hook_name="blocks.2.hook_resid_pst"))
     S.save(elsewhere, tmp_path / "typo")
-    at.text_input(key="dict_path").set_value(str(tmp_path / "typo")).run()
+    at.text_input(key="dict_path::minilm").set_value(str(tmp_path / "typo")).run()
     assert not at.exception
     assert any("blocks.2.hook_resid_post" in e.value for e in at.error)  # the closest hook is named
 
     (tmp_path / "typo" / S.io.WEIGHTS).write_bytes(b"\x00" * 64)  # corrupt weights, same folder
-    at.text_input(key="dict_path").set_value(str(tmp_path / "typo") + "/").run()
+    at.text_input(key="dict_path::minilm").set_value(str(tmp_path / "typo") + "/").run()
     assert not at.exception
     assert any("sha256" in e.value or "corrupt" in e.value for e in at.error)
     assert not at.get("plotly_chart")  # nothing drawn past the error
+
+
+def test_dictionary_page_before_after_for_a_language_model(gpt2_dir, gpt2_model, tmp_path):
+    """A causal LM (the tiny GPT-2 typed into the sidebar): logit effects and next-token predictions
+    before and after steering, as the library computes them."""
+    sae = S.train(
+        gpt2_model,
+        "blocks.0.hook_resid_post",
+        ex.sample_inputs(gpt2_model),
+        arch="topk",
+        d_sae=32,
+        k=4,
+        tokens=64 * 20,
+        batch_size=64,
+        progress=False,
+    )
+    S.save(sae, tmp_path / "sae")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.text_input(key="model_spec").set_value(gpt2_dir).run()
+    at.switch_page("views/dictionary.py").run()
+    at.text_input(key=f"dict_path::{gpt2_dir}").set_value(str(tmp_path / "sae")).run()
+    assert_clean(at)
+    latent = latent_box(at).value
+    charts = {
+        json.loads(c.proto.spec)["layout"]["title"]["text"]: json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+    }
+    effects = S.logit_effects(gpt2_model, sae, latent, k=10)
+    bars = decode(charts["Logit effects (W_dec row @ W_U)"]["data"][0]["x"])
+    assert sorted(bars.tolist()) == pytest.approx(
+        sorted(effects.top_values + effects.bottom_values), abs=1e-5
+    )
+    alpha = at.number_input(key=f"dict_alpha::{latent}").value
+    change = S.intervene(gpt2_model, sae, at.text_area(key="text").value, latent=latent, alpha=alpha)
+    table = charts["Top predictions before and after"]["data"]
+    assert decode(table[0]["y"]) == pytest.approx(change.predictions["before"], abs=1e-6)
+    assert decode(table[1]["y"]) == pytest.approx(change.predictions["after"], abs=1e-6)
+    assert any(f"KL(before ‖ after) = {change.kl:.4g}" in c.value for c in at.caption)

@@ -193,6 +193,10 @@ def test_token_rows_html_is_offline_and_escapes_tokens():
     assert "http" not in html and "src=" not in html  # nothing to fetch
     assert 'title="2.5"' in html and "rgba(255,140,0,1.000)" in html and "rgba(30,120,220,0.400)" in html
     assert ">ay<" in html  # a WordPiece continuation joins its word
+    assert (
+        html.count('class="t peak"') == 1
+        and 'class="t peak" style="background:rgba(255,140,0,1.000)"' in html
+    )
     fig = viz.latent_histogram_figure([3, 0, 1], [0.0, 1.0, 2.0, 3.0])
     assert list(fig.data[0].y) == [3, 0, 1] and list(fig.data[0].x) == [0.5, 1.5, 2.5]
     with pytest.raises(InputError):

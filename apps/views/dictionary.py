@@ -80,9 +80,10 @@ def zoo_choices(model: interp.HookedModel) -> list[str]:
 def pick_dictionary(model: interp.HookedModel, spec: str) -> tuple[str, S.SAE] | None:
     """The source picker; the loaded dictionary that fits the model, or None after saying why."""
     zoo = zoo_choices(model)
-    options = [ZOO, DIRECTORY] if zoo else [DIRECTORY]
-    source = st.radio("Dictionary", options, horizontal=True, key=f"dict_source::{spec}")
-    if not zoo:
+    source = DIRECTORY
+    if zoo:
+        source = st.radio("Dictionary", [ZOO, DIRECTORY], horizontal=True, key=f"dict_source::{spec}")
+    else:
         shipped = ", ".join(S.zoo_names()) or "none"
         st.caption(f"No shipped dictionary fits {model.name} (shipped: {shipped}); load one from a folder.")
     if source == ZOO:
@@ -91,7 +92,7 @@ def pick_dictionary(model: interp.HookedModel, spec: str) -> tuple[str, S.SAE] |
     else:
         where = st.text_input(
             "Dictionary folder",
-            key="dict_path",
+            key=f"dict_path::{spec}",
             placeholder="/path/to/sae (holds cfg.json and sae_weights.safetensors)",
             help="A folder in SAELens's format, written by sae.save(dir), `interp sae train` or SAELens.",
         ).strip()
@@ -283,12 +284,10 @@ def show_intervention(model: interp.HookedModel, sae: S.SAE, text: str, dash: S.
                 f"on the sidebar input; after: {what}. Cosine of the mean-pooled output (the sentence "
                 f"embedding) before vs after: **{change.pooled_cosine:.4f}**."
             )
-            st.plotly_chart(
-                viz.activation_figure(
-                    np.asarray(change.cosine), "Cosine of each token's output, before vs after", change.tokens
-                ),
-                key="dict_cosine",
+            fig = viz.activation_figure(
+                np.asarray(change.cosine), "Cosine of each token's output, before vs after", change.tokens
             )
+            st.plotly_chart(fig.update_layout(yaxis_title="cosine"), key="dict_cosine")
 
 
 st.title("Dictionary")

@@ -412,7 +412,8 @@ def token_rows_html(
 ) -> str:
     """Rows of tokens, each token's background as strong as its value (one scale for all rows):
     ``rows`` is ``(label, tokens, values)`` per row. Plain HTML and CSS (no script, no network), so
-    it renders offline anywhere; hovering a token shows its value. Tokens are drawn as they read
+    it renders offline anywhere; hovering a token shows its value, and each row's largest value is
+    outlined in bold (a dashboard's peak token). Tokens are drawn as they read
     (``examples.readable_tokens``): WordPiece ``##`` pieces join their word."""
     from html import escape
 
@@ -427,12 +428,15 @@ def token_rows_html(
         if len(tokens) != len(values):
             raise InputError(f"row {label!r} has {len(tokens)} tokens but {len(values)} values")
         spans = []
-        for tok, v in zip(readable_tokens([str(t) for t in tokens]), values, strict=True):
+        peak = int(np.argmax(np.abs(np.asarray(values, dtype=float)))) if len(values) else -1
+        for j, (tok, v) in enumerate(zip(readable_tokens([str(t) for t in tokens]), values, strict=True)):
             strength = min(1.0, abs(float(v)) / top)
             color = "255,140,0" if float(v) >= 0 else "30,120,220"
+            word = tok.lstrip(" ")
+            space = "&nbsp;" * (len(tok) - len(word))  # outside the highlight: only the token is coloured
             spans.append(
-                f'<span class="t" style="background:rgba({color},{strength:.3f})" '
-                f'title="{float(v):.4g}">{escape(tok).replace(" ", "&nbsp;")}</span>'
+                f'{space}<span class="{"t peak" if j == peak else "t"}" style="background:rgba({color},{strength:.3f})" '
+                f'title="{float(v):.4g}">{escape(word)}</span>'
             )
         lines.append(
             f'<div class="row"><span class="label">{escape(str(label))}</span>{"".join(spans)}</div>'
@@ -441,7 +445,8 @@ def token_rows_html(
         "<style>body{font-family:sans-serif;font-size:14px;margin:4px}"
         ".row{padding:3px 0;border-bottom:1px solid #eee;line-height:1.9}"
         ".label{display:inline-block;min-width:9em;color:#666;font-size:12px}"
-        ".t{border-radius:3px;padding:1px 0;white-space:pre}</style>"
+        ".t{border-radius:3px;padding:1px 0;white-space:pre}"
+        ".peak{font-weight:bold;outline:1.5px solid #333}</style>"
     )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(lines)}</body></html>"
