@@ -228,3 +228,21 @@ def test_module_model_dashboard_has_examples_without_tokens():
     assert [e.index for e in dash.examples] == torch.argsort(acts[:, latent], descending=True)[:3].tolist()
     assert all(e.tokens is None for e in dash.examples)
     assert dash.logit_effects is None and dash.logit_note
+
+
+def test_a_shared_capture_is_made_once_and_a_dead_latent_has_nothing_to_show(gpt2_model, texts, tmp_path):
+    sae = S.SAE(S.SAEConfig(d_in=32, d_sae=16, hook_name=SITE))
+    with torch.no_grad():
+        sae.W_enc.normal_(generator=torch.Generator().manual_seed(0))
+        sae.b_enc.fill_(-1e4)  # no latent can fire
+    forwards = []
+    handle = gpt2_model.module.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        stats = S.latent_stats(gpt2_model, sae, texts, out_dir=tmp_path, batch_size=8)
+        before = len(forwards)
+        dash = S.dashboard(gpt2_model, sae, 3, texts, out_dir=tmp_path, batch_size=8)
+    finally:
+        handle.remove()
+    assert before >= 5 and len(forwards) == before  # 40 texts in batches of 8; the dashboard reads them back
+    assert stats.dead == 16 and dash.dead and dash.density == 0.0 and dash.examples == []
+    assert dash.histogram == {"edges": [], "counts": []} and dash.max_activation == 0.0

@@ -229,6 +229,7 @@ def dashboard(
         peak = float(top.scores[0, 0])
         counts, n_active, n_tokens = _histogram(ds, hook, latent, peak, bins, batch_size, callback)
     edges = np.linspace(0.0, peak, bins + 1) if n_active else np.zeros(0)
+    counts = counts if n_active else []  # a dead latent has no histogram
     examples = _examples(top, context)
     return LatentDashboard(
         latent,
