@@ -139,3 +139,21 @@ def test_dictionary_page_before_after_for_a_language_model(gpt2_dir, gpt2_model,
     assert decode(table[0]["y"]) == pytest.approx(change.predictions["before"], abs=1e-6)
     assert decode(table[1]["y"]) == pytest.approx(change.predictions["after"], abs=1e-6)
     assert any(f"KL(before ‖ after) = {change.kl:.4g}" in c.value for c in at.caption)
+
+
+def test_dictionary_page_offers_only_the_zoo_dictionaries_that_fit(
+    minilm, minilm_sae_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    shutil.copytree(minilm_sae_dir, tmp_path / "minilm-small")
+    S.save(
+        S.SAE(S.SAEConfig(d_in=64, d_sae=8, hook_name="blocks.1.hook_resid_post")), tmp_path / "other-width"
+    )
+    monkeypatch.setattr(S.io, "ZOO_DIR", tmp_path)  # the shipped zoo is not this test's business
+    at = open_page(None)
+    assert_clean(at)
+    assert at.radio(key="dict_source::minilm").value == "Zoo"
+    assert at.selectbox(key="dict_zoo::minilm").options == ["minilm-small"]
+    assert at.subheader and at.subheader[0].value.startswith("Latent ")
+    assert any("256 latents at" in m.value for m in at.markdown)
