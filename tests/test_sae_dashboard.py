@@ -246,3 +246,4 @@ def test_a_shared_capture_is_made_once_and_a_dead_latent_has_nothing_to_show(gpt
     assert before >= 5 and len(forwards) == before  # 40 texts in batches of 8; the dashboard reads them back
     assert stats.dead == 16 and dash.dead and dash.density == 0.0 and dash.examples == []
     assert dash.histogram == {"edges": [], "counts": []} and dash.max_activation == 0.0
+    assert len(viz.latent_histogram_figure(**dash.histogram).data[0].y) == 0

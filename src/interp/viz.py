@@ -283,11 +283,11 @@ def share_color_range(*figures: Any) -> tuple[float, float]:
 
 def latent_histogram_figure(counts: Sequence[int], edges: Sequence[float], title: str = "Activations"):
     """Bars of a latent's non-zero activation counts per bin (``edges`` has one more entry than
-    ``counts``), as ``S.dashboard(...).histogram`` holds them."""
+    ``counts``; both empty for a latent that never fires), as ``S.dashboard(...).histogram`` holds them."""
     import plotly.graph_objects as go
 
     counts, edges = np.asarray(counts, dtype=np.int64), to_numpy(edges)
-    if len(edges) != len(counts) + 1:
+    if len(edges) != len(counts) + 1 and not (len(edges) == len(counts) == 0):  # a dead latent: no bins
         raise InputError(
             f"a histogram needs len(edges) = len(counts) + 1; got {len(edges)} and {len(counts)}"
         )
