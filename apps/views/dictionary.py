@@ -125,6 +125,16 @@ def describe(sae: S.SAE) -> str:
     c = sae.cfg
     where = f"`{c.hook_name}` → `{c.hook_name_out}`" if c.is_transcoder else f"`{c.hook_name}`"
     k = f", k={c.k}" if getattr(c, "k", None) else ""
+    zoo = c.metadata.get("zoo") or {}
+    if zoo.get("description"):  # a shipped dictionary records what it is and how well it does
+        metrics = zoo.get("metrics") or {}
+        scores = [
+            f"{name} {metrics[key]:.3g}"
+            for key, name in (("explained_variance", "EV"), ("l0", "L0"))
+            if key in metrics
+        ]
+        held = f" (held out: {', '.join(scores)})" if scores else ""
+        return f"**{c.architecture}**{k} · {where} · {zoo['description']}{held}"
     training = c.metadata.get("training") or {}
     data = f"; trained on {training['data']}" if training.get("data") else ""
     return f"**{c.architecture}**{k} · {c.d_in} → {c.d_sae} latents at {where}{data}"
