@@ -16,7 +16,9 @@ What each piece is:
   the latent never fires are left out (their order would be arbitrary).
 - **density**: the fraction of tokens (of examples, for a model without a token axis) where the
   latent is non-zero, as ``S.evaluate``'s ``feature_density``; padding is never counted (the
-  capture keeps each example's real tokens only).
+  capture keeps each example's real tokens only). Every axis before the latent axis counts as a
+  token axis: at a hook with more (a TMS model's ``[batch, instance, d]``), each instance of each
+  example is one "token", all instances pooled.
 - **histogram**: counts of the latent's non-zero activations over ``bins`` equal bins from 0 to its
   largest activation; the counts sum to the number of active tokens.
 - **logit effects**: ``S.logit_effects``: the decoder direction through the unembedding
