@@ -23,6 +23,7 @@ from interp.methods import examples as ex
 
 ROWS = 50  # latents listed in the browse table
 K = 10  # top examples per dashboard
+CONTEXT = 8  # tokens shown either side of each example's peak
 ORDERS = {"max activation": "max_activation", "density": "density", "mean when active": "mean_activation"}
 ZOO, DIRECTORY = "Zoo", "Directory"
 ACTIONS = {
@@ -170,7 +171,7 @@ def dashboard_for(
                 latent,
                 inputs,
                 k=K,
-                context=8,
+                context=CONTEXT,
                 batch_size=8,
                 out_dir=folder,
                 callback=callback,
@@ -237,7 +238,8 @@ def show_dashboard(dash: S.LatentDashboard, stats: S.LatentStats) -> None:
         )
     if dash.examples:
         st.markdown(
-            f"**Top {len(dash.examples)} examples** (8 tokens either side of each peak; hover for values)"
+            f"**Top {len(dash.examples)} examples** ({CONTEXT} tokens either side of each peak, outlined; "
+            "hover for values)"
         )
         rows = [
             (f"#{e.index} · {e.score:.3g}", e.tokens or [f"example {e.index}"], e.values or [e.score])
@@ -249,14 +251,12 @@ def show_dashboard(dash: S.LatentDashboard, stats: S.LatentStats) -> None:
 def show_intervention(model: interp.HookedModel, sae: S.SAE, text: str, dash: S.LatentDashboard) -> None:
     st.subheader("Splice or steer")
     action = st.radio("Intervention", list(ACTIONS), format_func=ACTIONS.get, key="dict_action")
-    latent, alpha = None, 0.0
+    latent, alpha = (dash.latent if action == "steer" else None), 0.0
     if action == "steer":
         default = float(np.round(2 * dash.max_activation, 2)) or 1.0
         alpha = st.number_input("α", value=default, step=0.5, key=f"dict_alpha::{dash.latent}")
     with common.guard():
-        change = S.intervene(
-            model, sae, text, latent=latent if action == "splice" else dash.latent, alpha=float(alpha)
-        )
+        change = S.intervene(model, sae, text, latent=latent, alpha=float(alpha))
         what = (
             f"latent {dash.latent} steered by α = {alpha:g}"
             if change.mode == "steer"
