@@ -24,9 +24,16 @@ The dictionaries:
   ``zoo:tms-20-5``'s instance 4 (feature probability 0.01, 12 of its 20 features represented, in
   superposition), trained on the model's own input distribution. ``source_model`` gives that instance
   as a one-instance model, so splicing and ``S.evaluate`` see exactly what it was trained on.
-- ``modadd-113-mlp0-transcoder``: transcoder (d_sae 1024) from ``blocks.0.mlp.hook_in`` to
+- ``modadd-113-mlp0-transcoder``: transcoder (d_sae 1024, L1 5) from ``blocks.0.mlp.hook_in`` to
   ``blocks.0.hook_mlp_out`` of ``zoo:modadd-113``, trained on every ``(a, b, =)`` input (all
-  positions); evaluated on all of them too, with the CE/KL splice scores.
+  positions) and evaluated on all of them. The model answers at the last position only, so instead of
+  SAELens's next-token CE score ``metadata.zoo.task_metrics`` holds the same score on the task
+  (:func:`modadd_task_metrics`). The MLP's output is dense in any basis this small (Fourier features
+  of a and b): at EV 0.977 the transcoder uses 137 latents per token, 44% of them dense (> 10%).
+
+Recorded (``metadata.zoo.metrics``, held-out data): minilm EV 0.862, L0 32, dead 0; tms EV 0.917,
+L0 0.83 (cossim 0.60: on samples where only unrepresented features are on, h is tiny and the SAE
+rightly outputs ~0); modadd EV 0.977, L0 137, task loss score 0.997, accuracy 0.9998 spliced.
 """
 
 from __future__ import annotations
@@ -394,6 +401,33 @@ RECIPES: dict[str, DictionaryRecipe] = {
             train_data=_tms_train,
             eval_data=_tms_eval,
             eval_options={"batch_size": 4096},
+        ),
+        DictionaryRecipe(
+            name="modadd-113-mlp0-transcoder",
+            description="transcoder (1024 latents, L1) from blocks.0.mlp.hook_in to blocks.0.hook_mlp_out "
+            "of zoo:modadd-113, trained on every (a, b, =) input",
+            model="zoo:modadd-113",
+            hook="blocks.0.mlp.hook_in",
+            options={
+                "arch": "transcoder",
+                "hook_out": "blocks.0.hook_mlp_out",
+                "d_sae": 1024,
+                "k": None,
+                "tokens": 2_000_000,
+                "batch_size": 2048,
+                "lr": 1e-3,
+                "l1_coefficient": 5.0,
+                "l1_warmup_steps": 200,
+                "lr_decay_steps": 300,
+                "resample_every": 200,
+                "dead_after_tokens": 50_000,
+                "seed": 0,
+            },
+            fast_overrides={"tokens": 20_000, "l1_warmup_steps": 0, "lr_decay_steps": 0, "resample_every": 0},
+            train_data=_modadd_train,
+            eval_data=_modadd_eval,
+            eval_options={"batch_size": 1024, "model_metrics": False},
+            task_metrics=modadd_task_metrics,
         ),
     )
 }
