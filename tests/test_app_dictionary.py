@@ -157,3 +157,33 @@ def test_dictionary_page_offers_only_the_zoo_dictionaries_that_fit(
     assert at.selectbox(key="dict_zoo::minilm").options == ["minilm-small"]
     assert at.subheader and at.subheader[0].value.startswith("Latent ")
     assert any("256 latents at" in m.value for m in at.markdown)
+
+
+@pytest.mark.slow  # loads zoo:modadd-113 twice (here and in the app): ~40 s on a busy machine
+def test_dictionary_page_reads_a_modular_addition_model_on_its_own_questions(tmp_path):
+    """zoo:modadd-113 only ever sees 'a b =': the page reads its latents on such questions."""
+    import interp
+    from interp import viz
+
+    model = interp.load("zoo:modadd-113")
+    questions = [viz.sample_text(model, seed=i) for i in range(256)]
+    _, cache = model.run_with_cache(questions, names="blocks.0.hook_resid_post")
+    acts = cache["blocks.0.hook_resid_post"].reshape(-1, 128)  # every question is 3 tokens: no padding
+    sae = S.train(
+        model, "blocks.0.hook_resid_post", acts, arch="topk", d_sae=64, k=4, tokens=1536, progress=False
+    )
+    S.save(sae, tmp_path / "sae")
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    at.text_input(key="model_spec").set_value("zoo:modadd-113").run()
+    at.switch_page("views/dictionary.py").run()
+    source = [r for r in at.radio if r.key == "dict_source::zoo:modadd-113"]
+    if source:  # a shipped transcoder fits it
+        source[0].set_value("Directory").run()
+    at.text_input(key="dict_path::zoo:modadd-113").set_value(str(tmp_path / "sae")).run()
+    assert_clean(at)
+    stats = S.latent_stats(model, sae, questions)
+    assert stats.n_tokens == 3 * 256
+    assert any(
+        f"{stats.n_tokens} tokens of 256 random 'a b =' questions; {stats.dead} of 64" in c.value
+        for c in at.caption
+    )

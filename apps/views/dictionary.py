@@ -24,6 +24,7 @@ from interp.methods import examples as ex
 ROWS = 50  # latents listed in the browse table
 K = 10  # top examples per dashboard
 CONTEXT = 8  # tokens shown either side of each example's peak
+QUESTIONS = 256  # 'a b =' inputs for a modular-addition model
 ORDERS = {"max activation": "max_activation", "density": "density", "mean when active": "mean_activation"}
 ZOO, DIRECTORY = "Zoo", "Directory"
 ACTIONS = {
@@ -122,6 +123,19 @@ def pick_dictionary(model: interp.HookedModel, spec: str) -> tuple[str, S.SAE] |
     return f"{where}@{verify}@{weights_stamp(where)}", sae
 
 
+def sample_set(model: interp.HookedModel) -> tuple[object, str]:
+    """The inputs every latent is read on, and what they are: the built-in sample set
+    (``examples.sample_inputs``), except for a modular-addition vocabulary (an ``=`` token), whose
+    model only ever sees ``a b =`` questions: QUESTIONS of them, as ``viz.sample_text`` draws them."""
+    vocab = getattr(model, "tokenizer", None)
+    if viz.is_id_vocabulary(model) and "=" in getattr(vocab, "ids", {}):
+        return [
+            viz.sample_text(model, seed=i) for i in range(QUESTIONS)
+        ], f"{QUESTIONS} random 'a b =' questions"
+    inputs = ex.sample_inputs(model)
+    return inputs, f"{len(inputs)} built-in sample inputs"
+
+
 def describe(sae: S.SAE) -> str:
     c = sae.cfg
     where = f"`{c.hook_name}` → `{c.hook_name_out}`" if c.is_transcoder else f"`{c.hook_name}`"
@@ -179,7 +193,7 @@ def dashboard_for(
     return store.get(dkey)
 
 
-def browse(stats: S.LatentStats, spec: str, source_key: str) -> int:
+def browse(stats: S.LatentStats, spec: str, source_key: str, what: str) -> int:
     """The sort order, the table of the first ROWS latents, and the latent to open."""
     left, right = st.columns([1, 2])
     order_by = left.selectbox("Sort latents by", list(ORDERS), key="dict_order")
@@ -192,10 +206,7 @@ def browse(stats: S.LatentStats, spec: str, source_key: str) -> int:
         ),
         key=f"dict_latent::{spec}::{source_key}::{order_by}",
     )
-    st.caption(
-        f"{stats.n_tokens} tokens of {stats.n_examples} built-in sample inputs; "
-        f"{stats.dead} of {len(order)} latents never fire on them."
-    )
+    st.caption(f"{stats.n_tokens} tokens of {what}; {stats.dead} of {len(order)} latents never fire on them.")
     with st.expander(f"The first {min(ROWS, len(order))} latents by {order_by}", expanded=False):
         st.dataframe(stats.rows(order[:ROWS]), hide_index=True)
     return int(latent)
@@ -312,12 +323,12 @@ if picked is None:
     st.stop()
 source_key, sae = picked
 st.markdown(describe(sae))
-inputs = ex.sample_inputs(model)
+inputs, what = sample_set(model)
 key = (spec, source_key)
 stats = stats_for(key, model, sae, inputs)
 if stats is None:
     st.stop()
-latent = browse(stats, spec, source_key)
+latent = browse(stats, spec, source_key, what)
 dash = dashboard_for(key, latent, model, sae, inputs)
 if dash is None:
     st.stop()
