@@ -99,7 +99,7 @@ def pages_note(model: interp.HookedModel | None) -> str:
     what = "the input above" if viz.is_id_vocabulary(model) else "the text above"
     causal = "generated repeated tokens" if viz.is_id_vocabulary(model) else "its own prompt pair"
     return (
-        f"**{model.name} on {what}**: Home, Activations, Attention, Features (token tabs); "
+        f"**{model.name} on {what}**: Home, Activations, Attention, Features (token tabs), Dictionary; "
         f"Causal uses {causal}. " + own
     )
 

@@ -238,8 +238,9 @@ def set_model(page, spec: str) -> None:
     wait_idle(page)
 
 
-def interact(page, title: str) -> list[str]:
-    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here)."""
+def interact(page, title: str, dictionary: str | None = None) -> list[str]:
+    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here).
+    ``dictionary``: a dictionary folder that fits the sidebar model, for the Dictionary page."""
     main = page.locator("[data-testid='stMain']")
     found: list[str] = []
     if title == "Activations":
@@ -260,6 +261,15 @@ def interact(page, title: str) -> list[str]:
             page.get_by_role("tab", name=tab).click()
             wait_idle(page)
             found.extend(f"{tab} tab: {p}" for p in problems(page))
+    elif title == "Dictionary" and dictionary is not None:
+        if main.get_by_text("Directory", exact=True).count():
+            main.get_by_text("Directory", exact=True).first.click()
+            wait_idle(page)
+        box = main.get_by_role("textbox", name="Dictionary folder")
+        box.fill(dictionary)
+        box.press("Enter")
+        wait_idle(page)
+        select(page, "Sort latents by", "density")
     wait_idle(page)
     return found
 
@@ -272,15 +282,18 @@ PAGE_TITLES = [
     "Probing",
     "Adversarial",
     "Features",
+    "Dictionary",
     "Reproductions",
 ]
-SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features"}  # the others use their own models
+# the others use their own models
+SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features", "Dictionary"}
 
 
-def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
+def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sae_dir):
     """Served once: each page visited with MiniLM, then the sidebar pages with zoo:induction-2l;
     the main interaction run on each; no exception text, no leftover progress bar, no iframe more
-    than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at."""
+    than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at. The
+    Dictionary page gets a small MiniLM SAE trained by a fixture (none for the zoo model)."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -300,7 +313,7 @@ def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
                     if spec != "minilm" and title not in SIDEBAR_PAGES:
                         continue
                     goto(page, title)
-                    found = interact(page, title)
+                    found = interact(page, title, minilm_sae_dir if spec == "minilm" else None)
                     name = f"{spec.replace(':', '_')}-{title.lower()}"
                     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
                     if found := found + problems(page):
