@@ -30,6 +30,7 @@ def home() -> None:
         "**Attention** show what the model computes on the text; **Causal** patches, ablates and "
         "attributes to find what matters; **Probing** and **Adversarial** train probes and attack "
         "inputs to see where an attack bites; **Features** shows what units respond to; "
+        "**Dictionary** browses a sparse dictionary's latents and steers with them; "
         "**Reproductions** puts published findings next to ours."
     )
     model = common.current_model()
@@ -56,6 +57,7 @@ PAGES = [
     st.Page("views/probing.py", title="Probing"),
     st.Page("views/adversarial.py", title="Adversarial"),
     st.Page("views/features.py", title="Features"),
+    st.Page("views/dictionary.py", title="Dictionary"),
     st.Page("views/reproductions.py", title="Reproductions"),
 ]
 

@@ -7,8 +7,13 @@ the library's own message, never a traceback.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import streamlit as st
@@ -94,7 +99,7 @@ def pages_note(model: interp.HookedModel | None) -> str:
     what = "the input above" if viz.is_id_vocabulary(model) else "the text above"
     causal = "generated repeated tokens" if viz.is_id_vocabulary(model) else "its own prompt pair"
     return (
-        f"**{model.name} on {what}**: Home, Activations, Attention, Features (token tabs); "
+        f"**{model.name} on {what}**: Home, Activations, Attention, Features (token tabs), Dictionary; "
         f"Causal uses {causal}. " + own
     )
 
@@ -151,7 +156,46 @@ FIT_SCRIPT = """<script>
 
 def embed(html: str, alt: str) -> None:
     """A self-contained HTML view (circuitsvis...) in an iframe exactly as tall as what it draws."""
-    st.iframe(html + FIT_SCRIPT, height="content", alt=alt)
+    st.iframe(shared_scripts(html) + FIT_SCRIPT, height="content", alt=alt)
+
+
+# circuitsvis inlines its whole 1.3 MB JavaScript bundle in every view, so each re-render made the
+# browser parse and compile it again (about a second on this box). Served once as a static file
+# (server.enableStaticServing, apps/.streamlit/config.toml), it is fetched and compiled once and
+# then comes from the browser's cache. Without static serving, or where apps/static/ cannot be
+# written, views stay self-contained.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CIRCUITSVIS_BUNDLE = re.compile(
+    r'(<script crossorigin type="module">)\s*("use strict";var CircuitsVis=.*?//# sourceMappingURL=iife\.js\.map)',
+    re.S,
+)
+
+
+def shared_scripts(html: str) -> str:
+    """``html`` with circuitsvis's inlined bundle replaced by a script tag for its static copy."""
+    match = CIRCUITSVIS_BUNDLE.search(html)
+    if match is None or not st.get_option("server.enableStaticServing"):
+        return html
+    url = _static_copy(match.group(2))
+    if url is None:
+        return html
+    return f'{html[: match.start()]}<script src="{url}"></script>\n{match.group(1)}{html[match.end() :]}'
+
+
+@cache
+def _static_copy(script: str) -> str | None:
+    """The app-relative URL of ``script`` written once (atomically) under apps/static/."""
+    name = f"circuitsvis-{hashlib.sha256(script.encode()).hexdigest()[:16]}.js"
+    path = STATIC_DIR / name
+    try:
+        if not path.is_file():
+            STATIC_DIR.mkdir(exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(script)
+            partial.replace(path)
+    except OSError:
+        return None
+    return f"app/static/{name}"  # relative: resolves against the page (and any server.baseUrlPath)
 
 
 def show_error(err: BaseException) -> None:

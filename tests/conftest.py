@@ -132,3 +132,30 @@ def pair():
     corrupted[:, 1] = (clean[:, 1] + 5) % 39
     corrupted[:, 3] = (clean[:, 3] + 7) % 39
     return clean, corrupted
+
+
+MINILM_SAE_HOOK = "blocks.2.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def minilm_sae_dir(minilm, tmp_path_factory) -> str:
+    """A small TopK SAE (256 latents, k=8) on MiniLM's middle residual stream, trained in ~2 s on
+    the built-in sample texts and saved in SAELens's format: a dictionary that fits the default
+    model, for tests that must not depend on the shipped zoo dictionaries."""
+    from interp import sae as S
+    from interp.methods.examples import SAMPLE_TEXTS
+
+    sae = S.train(
+        minilm,
+        MINILM_SAE_HOOK,
+        list(SAMPLE_TEXTS),
+        arch="topk",
+        d_sae=256,
+        k=8,
+        tokens=2000,
+        batch_size=100,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+    )
+    return str(S.save(sae, tmp_path_factory.mktemp("minilm-sae")))

@@ -134,7 +134,10 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
             assert "L0H0" in body and f"L0H{minilm.cfg.n_heads - 1}" in body
             # The view was handed this text's tokens, and drew the patterns: the zoomed head and one
             # thumbnail per head are canvases with coloured (non-white) pixels.
-            assert json.dumps(tokens) in (iframe.get_attribute("srcdoc") or "")
+            srcdoc = iframe.get_attribute("srcdoc") or ""
+            assert json.dumps(tokens) in srcdoc
+            # circuitsvis's 1.3 MB bundle is served once from apps/static/, not inlined per render.
+            assert '<script src="app/static/circuitsvis-' in srcdoc and len(srcdoc) < 200_000, len(srcdoc)
             painted = frame.evaluate(PAINTED_CANVASES_JS)
             assert painted >= minilm.cfg.n_heads + 1, painted
             assert page.locator("[data-testid='stException']").count() == 0
@@ -235,8 +238,9 @@ def set_model(page, spec: str) -> None:
     wait_idle(page)
 
 
-def interact(page, title: str) -> list[str]:
-    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here)."""
+def interact(page, title: str, dictionary: str | None = None) -> list[str]:
+    """Each page's main interaction; the problems seen on the way (inactive tabs are checked here).
+    ``dictionary``: a dictionary folder that fits the sidebar model, for the Dictionary page."""
     main = page.locator("[data-testid='stMain']")
     found: list[str] = []
     if title == "Activations":
@@ -257,6 +261,15 @@ def interact(page, title: str) -> list[str]:
             page.get_by_role("tab", name=tab).click()
             wait_idle(page)
             found.extend(f"{tab} tab: {p}" for p in problems(page))
+    elif title == "Dictionary" and dictionary is not None:
+        if main.get_by_text("Directory", exact=True).count():
+            main.get_by_text("Directory", exact=True).first.click()
+            wait_idle(page)
+        box = main.get_by_role("textbox", name="Dictionary folder")
+        box.fill(dictionary)
+        box.press("Enter")
+        wait_idle(page)
+        select(page, "Sort latents by", "density")
     wait_idle(page)
     return found
 
@@ -269,15 +282,18 @@ PAGE_TITLES = [
     "Probing",
     "Adversarial",
     "Features",
+    "Dictionary",
     "Reproductions",
 ]
-SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features"}  # the others use their own models
+# the others use their own models
+SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features", "Dictionary"}
 
 
-def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
+def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sae_dir):
     """Served once: each page visited with MiniLM, then the sidebar pages with zoo:induction-2l;
     the main interaction run on each; no exception text, no leftover progress bar, no iframe more
-    than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at."""
+    than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at. The
+    Dictionary page gets a small MiniLM SAE trained by a fixture (none for the zoo model)."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -297,7 +313,7 @@ def test_every_page_with_the_default_and_a_zoo_model(chromium, server):
                     if spec != "minilm" and title not in SIDEBAR_PAGES:
                         continue
                     goto(page, title)
-                    found = interact(page, title)
+                    found = interact(page, title, minilm_sae_dir if spec == "minilm" else None)
                     name = f"{spec.replace(':', '_')}-{title.lower()}"
                     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
                     if found := found + problems(page):

@@ -54,6 +54,45 @@ def test_hub_name_offline_without_copy_says_what_to_do(monkeypatch):
     assert "offline" in message and "save_pretrained" in message and "interp.load('DIR')" in message
 
 
+def test_unreachable_hub_fails_at_once_and_bad_ids_never_touch_the_network(tmp_path):
+    """With HF_HUB_OFFLINE unset and no network, a hub id costs one connect attempt (our probe), not
+    huggingface_hub's five retries with back-off; a cached id still loads; an invalid id makes no call."""
+    script = textwrap.dedent(
+        f"""
+        import os, socket, sys
+        os.environ["HF_HUB_CACHE"] = {str(tmp_path)!r}
+        calls = []
+        def unreachable(*args, **kwargs):
+            calls.append(args[0])
+            raise socket.gaierror(-2, "Name or service not known")
+        socket.getaddrinfo = unreachable
+        sys.path.insert(0, {str(TESTS)!r})
+        from conftest import save_tiny_gpt2
+        repo = os.path.join({str(tmp_path)!r}, "models--someorg--tiny-gpt2")
+        snap = os.path.join(repo, "snapshots", "0" * 40)
+        os.makedirs(snap); os.makedirs(os.path.join(repo, "refs"))
+        open(os.path.join(repo, "refs", "main"), "w").write("0" * 40)
+        save_tiny_gpt2(snap)
+        os.environ.pop("HF_HUB_OFFLINE", None)  # conftest sets it
+        import interp
+        from interp.errors import ModelLoadError
+        for name in ["someorg/absent", "bad name!!"]:
+            before = len(calls)
+            try:
+                interp.load(name)
+            except ModelLoadError as err:
+                print("REFUSED", name, len(calls) - before, "offline" in str(err) or "hub model id" in str(err))
+        before = len(calls)
+        model = interp.load("someorg/tiny-gpt2")
+        print("CACHED", len(calls) - before, tuple(model("the cat sat").shape))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "REFUSED someorg/absent 1 True" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "REFUSED bad name!! 0 True" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "CACHED 1 (1, 3, 20)" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 def test_missing_and_non_model_directories(tmp_path):
     with pytest.raises(ModelLoadError, match="no model directory at"):
         interp.load(str(tmp_path / "nope"))

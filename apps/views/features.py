@@ -1,6 +1,8 @@
 """Features: what the channels of a digits CNN layer respond to (optimized images beside their top
-test-set examples), pixel attribution maps for a chosen digit, token attributions for the text, and
-the top-activating contexts of a transformer's MLP neurons and attention heads."""
+test-set examples; pixel, Fourier or CPPN parameterization, standard or lucent transforms), pixel or
+layer attribution maps for a chosen digit (every captum method, with a noise tunnel), token
+attributions for the text (optionally split by embedding layer), and the top-activating contexts of
+a transformer's MLP neurons and attention heads, with an optimized-embedding input beside them."""
 
 from __future__ import annotations
 
@@ -24,7 +26,29 @@ METHODS = {
     "Saliency": "saliency",
     "Gradient × input": "grad_x_input",
     "Occlusion": "occlusion",
+    "DeepLift": "deeplift",
+    "DeepLift SHAP": "deeplift_shap",
+    "Gradient SHAP": "gradient_shap",
+    "Guided backprop": "guided_backprop",
+    "Deconvolution": "deconvolution",
+    "LIME": "lime",
+    "Kernel SHAP": "kernel_shap",
+    "Feature ablation": "feature_ablation",
 }
+LAYER_METHODS = {
+    "Layer integrated gradients": "ig",
+    "Layer conductance": "conductance",
+    "Grad-CAM": "gradcam",
+}
+TOKEN_METHODS = {  # the methods that run through a transformer's embedding
+    k: v
+    for k, v in METHODS.items()
+    if v not in ("deeplift", "deeplift_shap", "guided_backprop", "deconvolution")
+}
+NOISE = {"none": None, "SmoothGrad": "smoothgrad", "SmoothGrad²": "smoothgrad_sq", "VarGrad": "vargrad"}
+PARAMS = {"pixel (clipped box)": "pixel", "Fourier (1/f)": "fourier", "CPPN": "cppn"}
+TRANSFORMS = {"standard (8 px)": "standard", "lucent's list (scaled to 8 px)": "lucent", "none": None}
+EMBEDDINGS = ["embed.hook_out", "pos_embed.hook_out", "token_type_embed.hook_out"]
 
 
 @st.cache_resource(show_spinner=False)
@@ -61,27 +85,36 @@ def gallery(model: interp.HookedModel, name: str) -> None:
     if not layers:
         st.info(f"{name} has no convolutional layer; pick digits-cnn for the channel gallery.")
         return
-    columns = st.columns(3)
+    columns = st.columns(4)
     convs = [i for i, n in enumerate(layers) if n.startswith("conv")]
     default = convs[-1] if convs else len(layers) - 1
     layer = columns[0].selectbox("Layer", layers, index=default, key=f"features_layer::{name}")
     steps = columns[1].slider("Optimization steps", 16, 512, 128, step=16, key="features_steps")
-    param = columns[2].selectbox("Parameterization", ["pixel", "fourier"], key="features_param")
-    key = (name, layer, steps, param)
+    param_label = columns[2].selectbox("Parameterization", list(PARAMS), key="features_param")
+    tf_label = columns[3].selectbox("Transforms", list(TRANSFORMS), key="features_transforms")
+    param, tf_name = PARAMS[param_label], TRANSFORMS[tf_label]
+    key = (name, layer, steps, param, tf_name)
     store = shared_results()
     if key not in store:
         with common.guard():
+            transforms = fv.lucent_transforms() if tf_name == "lucent" else tf_name
             with common.progress("Optimizing") as callback:
-                vis = fv.visualize(model, layer, steps=steps, param=param, callback=callback)
+                vis = fv.visualize(
+                    model, layer, steps=steps, param=param, transforms=transforms, callback=callback
+                )
             with common.progress("Dataset examples") as callback:
                 top = ex.top_k(model, x, layer, k=6, callback=callback)
             store[key] = (vis, top)
     if key not in store:
         return
     vis, top = store[key]
+    box = {"clip": "pixels clipped to [0, 1]", "sigmoid": "sigmoid onto [0, 1]"}.get(
+        vis.config["box_map"], ""
+    )
     st.caption(
         f"{len(top.units)} channels of `{layer}` optimized together in one batch ({steps} Adam steps, "
-        f"{param}, seed {vis.config['seed']}, jitter/scale/rotate). Titles: the channel's mean activation."
+        f"lr {vis.config['lr']:g}, {param}, {box}, seed {vis.config['seed']}, transforms: {tf_label}). "
+        "Titles: the channel's mean activation."
     )
     st.plotly_chart(
         vis.figure([f"ch {u}: {s:.2g}" for u, s in zip(top.units, vis.scores.tolist(), strict=True)])
@@ -100,16 +133,50 @@ def gallery(model: interp.HookedModel, name: str) -> None:
 
 def attribution_map(model: interp.HookedModel, name: str) -> None:
     x, y = test_set()
-    columns = st.columns(3)
+    columns = st.columns(4)
     index = columns[0].number_input(f"Test image (0-{len(x) - 1})", 0, len(x) - 1, 0, key="features_image")
-    method = columns[1].selectbox("Method", list(METHODS), key="features_method")
-    target = columns[2].number_input("Target class (-1: predicted)", -1, 9, -1, key="features_target")
-    with common.guard():
-        result = at.attribute(
-            model, x[index : index + 1], target=None if target < 0 else int(target), method=METHODS[method]
+    level = columns[1].radio("Attribute to", ["pixels", "a layer"], key="features_level", horizontal=True)
+    target = columns[3].number_input("Target class (-1: predicted)", -1, 9, -1, key="features_target")
+    kwargs: dict = {}
+    if level == "pixels":
+        method_label = columns[2].selectbox("Method", list(METHODS), key="features_method")
+        method = METHODS[method_label]
+        noise = st.selectbox("Noise tunnel", list(NOISE), key="features_noise")
+        if NOISE[noise] is not None:
+            kwargs.update(noise_tunnel=NOISE[noise], nt_samples=8, stdevs=0.1)
+        if method in ("deeplift_shap", "gradient_shap"):
+            kwargs["baselines"] = x[-16:]  # a reference distribution: the last 16 test images
+    else:
+        layers = [
+            n
+            for n, s in model.hook_shapes.items()
+            if s is not None and len(s) == 4 and n.endswith("hook_out")
+        ]
+        if not layers:
+            st.info(f"{name} has no convolutional layer; pick digits-cnn for layer attribution.")
+            return
+        convs = [i for i, n in enumerate(layers) if n.startswith("conv")]
+        method_label = columns[2].selectbox("Method", list(LAYER_METHODS), key="features_layer_method")
+        method = LAYER_METHODS[method_label]
+        kwargs["layer"] = st.selectbox(
+            "Layer", layers, index=convs[-1] if convs else len(layers) - 1, key=f"features_attr_layer::{name}"
         )
+    with common.guard():
+        with st.spinner(f"{method_label}..."):
+            result = at.attribute(
+                model,
+                x[index : index + 1],
+                target=None if target < 0 else int(target),
+                method=method,
+                **kwargs,
+            )
         delta = "" if result.delta is None else f"; IG completeness error δ = {float(result.delta[0]):.2e}"
-        st.caption(f"label {int(y[index])}, attributed class {int(result.target[0])}{delta}")
+        where = f" at `{kwargs['layer']}` (summed over its channels)" if "layer" in kwargs else ""
+        smooth = f", {kwargs['noise_tunnel']} over 8 noisy copies (σ 0.1)" if "noise_tunnel" in kwargs else ""
+        st.caption(
+            f"label {int(y[index])}, attributed class {int(result.target[0])}{where}{smooth}; "
+            f"computed by {result.config.get('library', 'captum')}{delta}"
+        )
         st.plotly_chart(result.figure(0), key="features_attr")
 
 
@@ -121,19 +188,37 @@ def token_attributions() -> None:
     if model.kind != "transformer":
         st.info("Token attributions need a transformer: pick one in the sidebar (e.g. 'minilm').")
         return
-    columns = st.columns(2)
-    method = columns[0].selectbox("Method", list(METHODS), key="features_token_method")
+    columns = st.columns(3)
+    method_label = columns[0].selectbox("Method", list(TOKEN_METHODS), key="features_token_method")
     target = columns[1].number_input(
         "Output index at the last token (-1: the largest)", -1, None, -1, key="features_token_target"
     )
+    embeddings = [n for n in EMBEDDINGS if n in model.hook_names]
+    at_layers = columns[2].checkbox(
+        "Split by embedding layer (layer IG)", key="features_token_layers", disabled=len(embeddings) < 2
+    )
+    kwargs: dict = {"n_steps": 32}
+    if at_layers:
+        kwargs["layer"] = [n for n in embeddings if n != "pos_embed.hook_out"]  # captum cannot hook it
+        method = "ig"
+    else:
+        method = TOKEN_METHODS[method_label]
     with common.guard():
-        result = at.attribute(
-            model, text, target=None if target < 0 else int(target), method=METHODS[method], n_steps=32
-        )
+        with st.spinner("Attributing..."):
+            result = at.attribute(
+                model, text, target=None if target < 0 else int(target), method=method, **kwargs
+            )
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
-        st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{delta}")
+        how = " (layer IG, split by embedding table)" if result.by_layer else ""
+        st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{how}{delta}")
         common.embed(result.html(0), alt="token attributions")
         st.plotly_chart(result.figure(0), key="features_token_attr")
+        if result.by_layer:
+            totals = {n: float(v[0].sum()) for n, v in result.by_layer.items()}
+            st.caption(
+                "Per embedding layer (sum over tokens): "
+                + ", ".join(f"`{n}` {t:.3g}" for n, t in totals.items())
+            )
 
 
 def unit_contexts(model: interp.HookedModel, layer: str, reduce_by: str) -> ex.TopExamples | None:
@@ -188,6 +273,30 @@ def token_contexts() -> None:
     )
     k = columns[3].slider("Contexts (k)", 1, CONTEXTS, 5, key="features_ctx_k")
     show_contexts(top, int(unit), int(k), noun)
+    if kind == "MLP neurons" and st.checkbox(
+        "Also optimize an input for this neuron (embeddings, nearest-token readout)",
+        key="features_ctx_optimize",
+    ):
+        optimized_tokens(model, layer, int(unit))
+
+
+def optimized_tokens(model: interp.HookedModel, layer: str, unit: int) -> None:
+    """``render_tokens`` for one neuron: 8 word embeddings optimized for its activation at the last
+    token, read out as their nearest tokens, with both scores (computed once per setting)."""
+    store = shared_results()
+    key = ("render_tokens", common.current_spec(), layer, unit)
+    if key not in store:
+        with common.guard(), common.progress(f"Optimizing embeddings for neuron {unit}") as callback:
+            store[key] = fv.render_tokens(model, layer, [unit], length=8, steps=64, callback=callback)
+    vis = store.get(key)
+    if vis is None:
+        return
+    st.caption(
+        f"Neuron {unit} of `{layer}` at the last of 8 positions: {float(vis.scores[0]):.3g} on the optimized "
+        f"embeddings, {float(vis.token_scores[0]):.3g} on their nearest tokens run as text "
+        f"(64 Adam steps, seed {vis.config['seed']})."
+    )
+    st.code(" ".join(vis.str_tokens[0]), language=None)
 
 
 def show_contexts(top: ex.TopExamples, unit: int, k: int, noun: str) -> None:

@@ -233,14 +233,30 @@ def _zoo_list(args: argparse.Namespace) -> int:
         print(f"zoo:{entry['name']:<18} {entry['kind']:<11} {entry['description']}{mark}")
         if entry["metrics"]:
             print("    recorded: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items()))
+    _zoo_list_dictionaries()
     return 0
+
+
+def _zoo_list_dictionaries() -> None:
+    from interp.sae import zoo_recipes
+
+    for entry in zoo_recipes.describe():
+        mark = "" if entry["has_checkpoint"] else f"  (no checkpoint: run `interp zoo train {entry['name']}`)"
+        print(f"zoo:{entry['name']:<18} {'dictionary':<11} {entry['description']}{mark}")
+        if entry["metrics"]:
+            print("    recorded: " + ", ".join(f"{k} {v:.4g}" for k, v in entry["metrics"].items()))
 
 
 def _zoo_train(args: argparse.Namespace) -> int:
     import json
 
     from interp.models import zoo
+    from interp.sae import zoo_recipes
 
+    if args.name in zoo_recipes.DICTIONARY_NAMES:  # a zoo dictionary (src/interp/sae/zoo/NAME)
+        record = zoo_recipes.train_dictionary(args.name, args.out, fast=args.fast, progress=True)
+        print(json.dumps(record["metrics"], indent=2, default=str))
+        return 0
     # zoo.train checks the name and that the output directory is writable before it trains
     meta = zoo.train(args.name, args.out, fast=args.fast, progress=True, resume=not args.restart)
     print(json.dumps(meta.get("metrics", meta), indent=2, default=str))

@@ -274,3 +274,180 @@ def share_color_range(*figures: Any) -> tuple[float, float]:
     for trace in heatmaps:
         trace.update(zmin=low, zmax=high, zmid=mid, zauto=False)
     return (low, high)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dictionary latents (interp.sae dashboards)
+# ----------------------------------------------------------------------------------------------
+
+
+def latent_histogram_figure(counts: Sequence[int], edges: Sequence[float], title: str = "Activations"):
+    """Bars of a latent's non-zero activation counts per bin (``edges`` has one more entry than
+    ``counts``; both empty for a latent that never fires), as ``S.dashboard(...).histogram`` holds them."""
+    import plotly.graph_objects as go
+
+    counts, edges = np.asarray(counts, dtype=np.int64), to_numpy(edges)
+    if len(edges) != len(counts) + 1 and not (len(edges) == len(counts) == 0):  # a dead latent: no bins
+        raise InputError(
+            f"a histogram needs len(edges) = len(counts) + 1; got {len(edges)} and {len(counts)}"
+        )
+    fig = go.Figure(
+        go.Bar(
+            x=(edges[:-1] + edges[1:]) / 2,
+            y=counts,
+            width=np.diff(edges),
+            customdata=np.stack([edges[:-1], edges[1:]], axis=-1) if len(counts) else None,
+            hovertemplate="[%{customdata[0]:.3g}, %{customdata[1]:.3g}): %{y} tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title={"text": title},
+        xaxis_title="activation (non-zero only)",
+        yaxis_title="tokens",
+        height=320,
+        bargap=0.05,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+    )
+    return fig
+
+
+def density_figure(density: Any, latent: int | None = None, bins: int = 40):
+    """Every latent's density on a log10 axis (dead latents counted in the title); ``latent``'s own
+    density is marked with a line, to place it among the others."""
+    import plotly.graph_objects as go
+
+    values = to_numpy(density).ravel()
+    live = values[values > 0]
+    fig = go.Figure(go.Histogram(x=np.log10(live), nbinsx=bins, name="latents"))
+    dead = int((values == 0).sum())
+    if latent is not None:
+        if not 0 <= latent < len(values):
+            raise InputError(f"latent {latent} is out of range for {len(values)} densities")
+        if values[latent] > 0:
+            fig.add_vline(
+                x=float(np.log10(values[latent])),
+                line_color="crimson",
+                annotation_text=f"latent {latent}",
+                annotation_position="top",
+            )
+    fig.update_layout(
+        title={"text": f"Density of the {len(values)} latents ({dead} never fire)"},
+        xaxis_title="log10 fraction of tokens where active",
+        yaxis_title="latents",
+        height=320,
+        margin={"l": 60, "r": 20, "t": 50, "b": 50},
+    )
+    return fig
+
+
+def logit_effects_figure(
+    top_tokens: Sequence[str],
+    top_values: Sequence[float],
+    bottom_tokens: Sequence[str],
+    bottom_values: Sequence[float],
+    title: str = "Logit effects",
+    axis: str = "logit change per unit of activation",
+):
+    """Horizontal bars: the tokens a direction raises most (top) and lowers most (bottom), as
+    ``S.logit_effects`` lists them (or ``S.intervene``'s ``raised``/``lowered``); the largest
+    effect is at the top."""
+    import plotly.graph_objects as go
+
+    tokens = [repr(str(t))[1:-1] for t in list(bottom_tokens)[::-1] + list(top_tokens)[::-1]]
+    values = list(bottom_values)[::-1] + list(top_values)[::-1]
+    values = [float(v) for v in values]
+    # a token may be in both lists (tiny vocabularies): rows are positions, labelled by token
+    fig = go.Figure(
+        go.Bar(
+            x=values,
+            y=list(range(len(values))),
+            orientation="h",
+            marker_color=["crimson" if v < 0 else "steelblue" for v in values],
+            customdata=tokens,
+            hovertemplate="%{customdata}: %{x:.4g}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(values))), ticktext=tokens)
+    fig.update_layout(
+        title={"text": title},
+        xaxis_title=axis,
+        height=int(max(300, 90 + 22 * len(values))),
+        margin={"l": 110, "r": 20, "t": 50, "b": 50},
+    )
+    return fig
+
+
+def before_after_figure(
+    labels: Sequence[str], before: Sequence[float], after: Sequence[float], title: str, axis: str
+):
+    """Grouped bars of one quantity before and after an intervention, per label (token...)."""
+    import plotly.graph_objects as go
+
+    if not len(labels) == len(before) == len(after):
+        raise InputError(
+            f"labels, before and after must have one entry each; got {len(labels)}, {len(before)}, {len(after)}"
+        )
+    names = [repr(str(t))[1:-1] for t in labels]
+    x = list(range(len(names)))
+    fig = go.Figure(
+        [
+            go.Bar(x=x, y=[float(v) for v in before], name="before", customdata=names),
+            go.Bar(x=x, y=[float(v) for v in after], name="after", customdata=names),
+        ]
+    )
+    fig.update_traces(hovertemplate="%{customdata}: %{y:.4g}")
+    fig.update_xaxes(tickmode="array", tickvals=x, ticktext=names, tickangle=-45)
+    fig.update_layout(
+        title={"text": title},
+        yaxis_title=axis,
+        barmode="group",
+        height=360,
+        margin={"l": 60, "r": 20, "t": 50, "b": 90},
+    )
+    return fig
+
+
+def token_rows_html(
+    rows: Sequence[tuple[str, Sequence[str], Sequence[float]]], *, max_value: float | None = None
+) -> str:
+    """Rows of tokens, each token's background as strong as its value (one scale for all rows):
+    ``rows`` is ``(label, tokens, values)`` per row. Plain HTML and CSS (no script, no network), so
+    it renders offline anywhere; hovering a token shows its value, and each row's largest value is
+    outlined in bold (a dashboard's peak token). Tokens are drawn as they read
+    (``examples.readable_tokens``): WordPiece ``##`` pieces join their word."""
+    from html import escape
+
+    from interp.methods.examples import readable_tokens
+
+    top = max_value
+    if top is None:
+        top = max((abs(float(v)) for _, _, vals in rows for v in vals), default=0.0)
+    top = top if top and top > 0 else 1.0
+    lines = []
+    for label, tokens, values in rows:
+        if len(tokens) != len(values):
+            raise InputError(f"row {label!r} has {len(tokens)} tokens but {len(values)} values")
+        spans = []
+        peak = int(np.argmax(np.abs(np.asarray(values, dtype=float)))) if len(values) else -1
+        for j, (tok, v) in enumerate(zip(readable_tokens([str(t) for t in tokens]), values, strict=True)):
+            strength = min(1.0, abs(float(v)) / top)
+            color = "255,140,0" if float(v) >= 0 else "30,120,220"
+            word = tok.lstrip(" ")
+            space = "&nbsp;" * (len(tok) - len(word))  # outside the highlight: only the token is coloured
+            spans.append(
+                f'{space}<span class="{"t peak" if j == peak else "t"}" style="background:rgba({color},{strength:.3f})" '
+                f'title="{float(v):.4g}">{escape(word)}</span>'
+            )
+        lines.append(
+            f'<div class="row"><span class="label">{escape(str(label))}</span>{"".join(spans)}</div>'
+        )
+    style = (
+        "<style>body{font-family:sans-serif;font-size:14px;margin:4px}"
+        ".row{padding:3px 0;border-bottom:1px solid #eee;line-height:1.9}"
+        ".label{display:inline-block;min-width:9em;color:#666;font-size:12px}"
+        ".t{border-radius:3px;padding:1px 0;white-space:pre}"
+        ".peak{font-weight:bold;outline:1.5px solid #333}</style>"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(lines)}</body></html>"
+    )

@@ -12,13 +12,21 @@ Objectives: ``neuron``, ``channel``, ``direction`` (any vector over a layer's fe
 probe's weights), ``class_logit``, ``diversity`` (Gram-matrix dissimilarity across the batch) and
 the regularizers ``total_variation`` and ``l2``; combine them with ``+``, ``-`` and ``*``.
 
-Parameterizations: ``"pixel"`` or ``"fourier"`` (lucent's 1/f-scaled spectrum). Constraints:
-``"box"`` (a sigmoid onto the model's input range), ``"l2"`` (the ball of ``radius``) or
-``"none"``. Transformation robustness (``Transforms``): pad, jitter, scale and rotate sized for
-8x8 inputs (lucent's defaults of pad 12 / jitter 8 assume 224 px), drawn from a seeded
-``torch.Generator`` so a run is reproducible from its recorded config. ``transformed_scores``
-measures that robustness afterwards (the objective under seeded random jitters), and ``tv`` the
-high-frequency content of an image.
+Parameterizations: ``"pixel"``, ``"fourier"`` (lucent's 1/f-scaled spectrum) or ``"cppn"``
+(lucent's compositional pattern-producing network, one per image), each optionally in lucent's
+decorrelated colour space (``decorrelate=True``, RGB inputs). Constraints: ``"box"`` (the model's
+input range: pixels are clipped into it after each Adam step, so none saturates and linear units
+reach their analytic optimum; other parameterizations use a sigmoid), ``"sigmoid"``, ``"l2"`` (the
+ball of ``radius``) or ``"none"``. Objectives may also be ``"layer:unit"`` strings
+(``as_objective``: ``"conv2.hook_out:3"``), and they add, subtract and scale by numbers.
+
+Transformation robustness: ``Transforms`` (the default ``"standard"``: pad, jitter, scale and
+rotate per image in one affine warp, sized for 8x8 inputs: lucent's defaults of pad 12 / jitter 8
+assume 224 px), or a list of lucent's transforms in order (``pad``, ``jitter``, ``random_scale``,
+``random_rotate``; ``lucent_transforms()`` is its standard list scaled to 8 px). Every draw comes
+from a seeded ``torch.Generator`` so a run is reproducible from its recorded config.
+``transformed_scores`` measures that robustness afterwards (the objective under seeded random
+jitters), and ``tv`` the high-frequency content of an image.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce
+from einops import rearrange, reduce, repeat
 
 from interp.errors import InputError
 from interp.hooks import StopForward
@@ -80,7 +88,18 @@ class Objective:
     def __call__(self, ctx: Context) -> torch.Tensor:
         return self.fn(ctx)
 
-    def __add__(self, other: Objective) -> Objective:
+    def __add__(self, other: Objective | float) -> Objective:
+        if isinstance(other, int | float):
+            return Objective(
+                lambda ctx: self(ctx) + other,
+                f"{self.description} + {other:g}",
+                self.names,
+                self.needs_output,
+                self.batch,
+                self.checks,
+            )
+        if not isinstance(other, Objective):
+            return NotImplemented
         if self.batch and other.batch and self.batch != other.batch:
             raise InputError(f"cannot add objectives over {self.batch} and {other.batch} units")
         return Objective(
@@ -92,7 +111,13 @@ class Objective:
             self.checks + other.checks,
         )
 
+    __radd__ = __add__
+
     def __mul__(self, weight: float) -> Objective:
+        if not isinstance(weight, int | float):
+            raise InputError(
+                f"an objective scales by a number, got {type(weight).__name__}; add objectives with +"
+            )
         return Objective(
             lambda ctx: weight * self(ctx),
             f"{weight:g}*({self.description})",
@@ -104,11 +129,91 @@ class Objective:
 
     __rmul__ = __mul__
 
+    def __truediv__(self, weight: float) -> Objective:
+        if not isinstance(weight, int | float) or weight == 0:
+            raise InputError(f"an objective divides by a non-zero number, got {weight!r}")
+        return self * (1.0 / weight)
+
     def __neg__(self) -> Objective:
         return self * -1.0
 
-    def __sub__(self, other: Objective) -> Objective:
+    def __sub__(self, other: Objective | float) -> Objective:
         return self + (-other)
+
+    def __rsub__(self, other: float) -> Objective:
+        return (-self) + other
+
+    @staticmethod
+    def sum(objectives: Sequence[Objective]) -> Objective:
+        """The sum of ``objectives`` (lucent's ``Objective.sum``)."""
+        if not objectives:
+            raise InputError("Objective.sum needs at least one objective")
+        total = objectives[0]
+        for other in objectives[1:]:
+            total = total + other
+        return total
+
+
+def as_objective(spec: Objective | str) -> Objective:
+    """An objective, or a ``"layer:unit"`` string (lucent's ``as_objective``): the hook name, a
+    colon and a unit index, or several (``"conv2.hook_out:3"``, ``"conv2.hook_out:0,4,9"``,
+    ``"conv2.hook_out:0-31"``). Spatial layers give ``channel``, others ``neuron``; ``"output:3"``
+    (or ``"logits:3"``) is ``class_logit(3)``. Checked against the model when rendered."""
+    if isinstance(spec, Objective):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") < 1:
+        raise InputError(
+            f"an objective is an Objective or a 'layer:unit' string such as 'conv2.hook_out:3', got {spec!r}"
+        )
+    layer, _, units_text = spec.rpartition(":")
+    layer = layer.strip()
+    try:
+        units = _parse_units(units_text)
+    except ValueError:
+        raise InputError(
+            f"{spec!r}: the part after ':' must be unit indices ('3', '0,4,9' or '0-31'), got {units_text!r}"
+        ) from None
+    if layer in ("output", "logits"):
+        return class_logit(units)
+    return _layer_unit(layer, units, spec)
+
+
+def _parse_units(text: str) -> list[int]:
+    units: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            units.extend(range(int(lo), int(hi) + 1))
+        else:
+            units.append(int(part))
+    if not units:
+        raise ValueError(text)
+    return units
+
+
+def _layer_unit(layer: str, units: list[int], spec: str) -> Objective:
+    """``channel`` of a spatial layer or ``neuron`` of a flat one, decided at the first check."""
+    u = _units(units)
+    chosen: dict[str, Objective] = {}
+
+    def pick(model: HookedModel) -> Objective:
+        if "objective" not in chosen:
+            spatial = len(_shape_of(model, layer)) >= 3
+            chosen["objective"] = channel(layer, u) if spatial else neuron(layer, u)
+        return chosen["objective"]
+
+    def check(model: HookedModel) -> None:
+        for inner in pick(model).checks:
+            inner(model)
+
+    def fn(ctx: Context) -> torch.Tensor:
+        if "objective" not in chosen:  # called without a model check: decide from the activation
+            act = ctx.acts[layer]
+            chosen["objective"] = channel(layer, u) if act.ndim >= 3 else neuron(layer, u)
+        return chosen["objective"](ctx)
+
+    return Objective(fn, spec, (layer,), batch=len(u), checks=(check,))
 
 
 def _units(units: Units) -> torch.Tensor:
@@ -291,8 +396,27 @@ def _output_size(model: HookedModel) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+PARAMS = ("pixel", "fourier", "cppn")
+CONSTRAINTS = ("box", "sigmoid", "l2", "none")
+
+# lucent's colour decorrelation (param/color.py): the square root of ImageNet's colour covariance,
+# scaled so its largest column norm is 1; an image is optimized in these decorrelated coordinates.
+_COLOR_SVD_SQRT = np.asarray([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+COLOR_CORRELATION = torch.tensor(
+    _COLOR_SVD_SQRT / np.max(np.linalg.norm(_COLOR_SVD_SQRT, axis=0)), dtype=torch.float32
+)
+
+
 class Param(torch.nn.Module):
-    """Trainable image batch: ``pixel`` or ``fourier`` raw values, then the constraint."""
+    """Trainable image batch: raw values (``pixel``, ``fourier`` or ``cppn``), optional colour
+    decorrelation, then the constraint.
+
+    ``constraint="box"`` keeps images in the input range without saturating: a pixel
+    parameterization holds the pixels themselves and ``project()`` clips them into the box after
+    every optimizer step (projected Adam), so a pixel pinned at a bound moves off it as soon as the
+    gradient turns; every other parameterization goes through a sigmoid onto the box (lucent's
+    ``to_valid_rgb``), as does ``constraint="sigmoid"`` for every parameterization.
+    """
 
     def __init__(
         self,
@@ -303,24 +427,20 @@ class Param(torch.nn.Module):
         radius: float | None,
         gen: torch.Generator,
         init_std: float = 0.01,
+        decorrelate: bool = False,
     ) -> None:
         super().__init__()
-        if kind not in ("pixel", "fourier"):
-            raise InputError(f"unknown parameterization {kind!r}; use 'pixel' or 'fourier'")
-        if constraint not in ("box", "l2", "none"):
-            raise InputError(f"unknown constraint {constraint!r}; use 'box', 'l2' or 'none'")
-        if constraint == "l2" and (radius is None or not radius > 0):
-            raise InputError("constraint='l2' needs a positive radius=")
-        self.kind, self.constraint, self.bounds, self.radius, self.hw = (
-            kind,
-            constraint,
-            bounds,
-            radius,
-            shape[-2:],
-        )
+        _check_param(kind, constraint, radius, decorrelate, shape)
+        self.kind, self.constraint, self.bounds, self.radius = kind, constraint, bounds, radius
+        self.hw, self.decorrelate = shape[-2:], decorrelate
+        self.clipped = kind == "pixel" and constraint == "box" and not decorrelate
         if kind == "pixel":
-            self.raw = torch.nn.Parameter(torch.randn(shape, generator=gen) * init_std)
-        else:
+            raw = torch.randn(shape, generator=gen) * init_std
+            if self.clipped:  # the pixels themselves, starting at the middle of the box
+                low, high = bounds
+                raw = (low + high) / 2 + (high - low) * raw
+            self.raw = torch.nn.Parameter(raw)
+        elif kind == "fourier":
             h, w = self.hw
             freqs = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None] ** 2)
             self.register_buffer(
@@ -329,19 +449,99 @@ class Param(torch.nn.Module):
             self.raw = torch.nn.Parameter(
                 torch.randn((*shape[:-2], *freqs.shape, 2), generator=gen) * init_std
             )
+        else:
+            self.cppn = CPPN(shape, gen)
 
-    def forward(self) -> torch.Tensor:
-        raw = self.raw
+    def image(self) -> torch.Tensor:
+        """The unconstrained image ``[B, C, H, W]`` (before colour decorrelation and the box)."""
+        if self.kind == "cppn":
+            return self.cppn()
         if self.kind == "fourier":
             spectrum = torch.view_as_complex(self.raw) * self.scale
-            raw = torch.fft.irfft2(spectrum, s=self.hw, norm="ortho") / 4.0  # lucent's "magic" 4
-        if self.constraint == "box":
+            return torch.fft.irfft2(spectrum, s=self.hw, norm="ortho") / 4.0  # lucent's "magic" 4
+        return self.raw
+
+    def forward(self) -> torch.Tensor:
+        raw = self.image()
+        if self.clipped:
+            return raw
+        if self.decorrelate:
+            raw = torch.einsum("bchw,dc->bdhw", raw, COLOR_CORRELATION.to(raw))
+        if self.constraint in ("box", "sigmoid"):
             low, high = self.bounds
             return low + (high - low) * torch.sigmoid(raw)
         if self.constraint == "l2":
             norms = reduce(raw**2, "b ... -> b", "sum").sqrt().clamp_min(1e-12)
             return raw * (self.radius / norms).clamp(max=1.0).view(-1, *([1] * (raw.ndim - 1)))
         return raw
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """After an optimizer step: clip a clipped pixel parameterization back into the box."""
+        if self.clipped:
+            self.raw.clamp_(*self.bounds)
+
+
+def _check_param(
+    kind: str, constraint: str, radius: float | None, decorrelate: bool, shape: tuple[int, ...]
+) -> None:
+    if kind not in PARAMS:
+        raise InputError(f"unknown parameterization {kind!r}; use one of {', '.join(PARAMS)}")
+    if constraint not in CONSTRAINTS:
+        raise InputError(f"unknown constraint {constraint!r}; use one of {', '.join(CONSTRAINTS)}")
+    if constraint == "l2" and (radius is None or not radius > 0):
+        raise InputError("constraint='l2' needs a positive radius=")
+    if kind in ("cppn", "fourier") and len(shape) != 4:
+        raise InputError(
+            f"param={kind!r} draws images, but the input shape is {tuple(shape[1:])}, not (C, H, W); "
+            "use param='pixel' for a non-image input"
+        )
+    if decorrelate and (len(shape) != 4 or shape[1] != 3):
+        raise InputError(
+            f"decorrelate=True decorrelates RGB colour, but the input shape is {tuple(shape[1:])}; "
+            "it needs 3 channels (C=3, H, W)"
+        )
+
+
+class CompositeActivation(torch.nn.Module):
+    """lucent's CPPN activation: ``atan(x)`` as ``[atan/0.67, atan^2/0.6]`` (channels double)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.atan(x)
+        return torch.cat([x / 0.67, (x * x) / 0.6], 1)
+
+
+class CPPN(torch.nn.Module):
+    """A compositional pattern-producing network per image (lucent's ``param.cppn``): 1x1 layers
+    over the (x, y) coordinates in [-sqrt(3), sqrt(3)], ``CompositeActivation`` between them,
+    weights ~ N(0, 1/fan_in), zero biases and a zero last layer; one independent network per image
+    of the batch (batched matrices, so ``B`` networks cost one forward)."""
+
+    def __init__(
+        self, shape: tuple[int, ...], gen: torch.Generator, hidden: int = 24, layers: int = 8
+    ) -> None:
+        super().__init__()
+        b, c, h, w = shape
+        r = 3**0.5
+        ys, xs = torch.linspace(-r, r, h), torch.linspace(-r, r, w)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # lucent: x runs down the rows
+        self.register_buffer("coords", repeat(grid, "k h w -> b k h w", b=b))
+        self.weights, self.biases = torch.nn.ParameterList(), torch.nn.ParameterList()
+        for i in range(layers):
+            fan_in = 2 if i == 0 else 2 * hidden
+            out = c if i == layers - 1 else hidden
+            weight = torch.randn((b, out, fan_in), generator=gen) * math.sqrt(1 / fan_in)
+            self.weights.append(torch.nn.Parameter(weight if i < layers - 1 else weight * 0))
+            self.biases.append(torch.nn.Parameter(torch.zeros(b, out, 1, 1)))
+        self.act = CompositeActivation()
+
+    def forward(self) -> torch.Tensor:
+        x = self.coords
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            x = torch.einsum("boi,bihw->bohw", weight, x) + bias
+            if i < len(self.weights) - 1:
+                x = self.act(x)
+        return x  # the box (sigmoid) is applied by Param, as lucent's output Sigmoid
 
 
 @dataclass
@@ -378,6 +578,171 @@ class Transforms:
         theta = torch.cat([linear, offset.unsqueeze(-1)], -1).to(x)
         grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
         return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# lucent's composable transforms (optvis/transform.py), same order and meaning. Each is called as
+# ``t(x, gen, fill)`` and draws ONE value per call for the whole batch from ``gen`` (as lucent draws
+# one per step), so unit b's image in a batched run equals a run of unit b alone with the same seed.
+# A list of them is applied in order; ``render`` then fits the result to the model's input size.
+
+
+def _choice(options: Sequence[float], gen: torch.Generator) -> float:
+    return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+
+@dataclass
+class Pad:
+    """``pad(width, mode, value)``: ``F.pad`` by ``width`` pixels on every side. ``mode``
+    ``"reflect"`` (lucent's default) or ``"constant"`` with ``value`` (default: the run's fill, the
+    low end of the input range; lucent: 0.5)."""
+
+    width: int
+    mode: str = "reflect"
+    value: float | None = None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+        if self.mode != "constant":
+            return F.pad(x, [self.width] * 4, mode=self.mode)
+        return F.pad(x, [self.width] * 4, value=fill if self.value is None else self.value)
+
+
+@dataclass
+class Jitter:
+    """``jitter(d)``: translate by whole pixels ``(dx, dy)``, each drawn from ``0..d-1`` (right and
+    down), vacated pixels 0, as lucent's ``translate`` with integer shifts."""
+
+    d: int
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+        dx, dy = (int(v) for v in torch.randint(self.d, (2,), generator=gen))
+        return shift(x, dx, dy)
+
+
+@dataclass
+class RandomScale:
+    """``random_scale(scales)``: bilinear resize (align_corners=True) to ``ceil(scale * size)``,
+    then zero padding of ``ceil((size - new) / 2)`` per side when it shrank (lucent's)."""
+
+    scales: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+        return scale_image(x, _choice(self.scales, gen))
+
+
+@dataclass
+class RandomRotate:
+    """``random_rotate(angles)``: rotate by one of ``angles`` degrees (counter-clockwise as seen)
+    about the centre ``((W-1)/2, (H-1)/2)``, bilinear, zeros outside (lucent's kornia warp)."""
+
+    angles: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+        return rotate_image(x, _choice(self.angles, gen))
+
+
+def pad(width: int, mode: str = "reflect", value: float | None = None) -> Pad:
+    """lucent's ``transform.pad``; see ``Pad``."""
+    if not isinstance(width, int) or width < 0 or mode not in ("reflect", "constant", "replicate"):
+        raise InputError(
+            f"pad needs a width >= 0 and mode 'reflect', 'constant' or 'replicate'; got {width!r}, {mode!r}"
+        )
+    return Pad(width, mode, value)
+
+
+def jitter(d: int) -> Jitter:
+    """lucent's ``transform.jitter``: shifts of ``0..d-1`` pixels (lucent asserts ``d > 1``)."""
+    if not isinstance(d, int) or d < 1:
+        raise InputError(f"jitter needs a positive whole number of pixels, got {d!r}")
+    return Jitter(d)
+
+
+def random_scale(scales: Sequence[float]) -> RandomScale:
+    """lucent's ``transform.random_scale``; see ``RandomScale``."""
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise InputError(f"random_scale needs positive scale factors, got {scales!r}")
+    return RandomScale(scales)
+
+
+def random_rotate(angles: Sequence[float]) -> RandomRotate:
+    """lucent's ``transform.random_rotate`` (degrees); see ``RandomRotate``."""
+    angles = tuple(float(a) for a in angles)
+    if not angles:
+        raise InputError("random_rotate needs at least one angle (degrees)")
+    return RandomRotate(angles)
+
+
+def shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``x`` moved ``dx`` pixels right and ``dy`` down (negative: left/up), zeros where vacated."""
+    h, w = x.shape[-2:]
+    out = torch.zeros_like(x)
+    src_y, dst_y = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
+    out[..., dst_y, dst_x] = x[..., src_y, src_x]
+    return out
+
+
+def scale_image(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """lucent's ``random_scale`` at one factor (see ``RandomScale``)."""
+    h, w = x.shape[-2:]
+    new_h, new_w = math.ceil(factor * h), math.ceil(factor * w)
+    out = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=True)
+    pad_x, pad_y = max(0, math.ceil((w - new_w) / 2)), max(0, math.ceil((h - new_h) / 2))
+    return F.pad(out, [pad_x, pad_x, pad_y, pad_y])
+
+
+def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``x`` rotated ``degrees`` counter-clockwise (as displayed, y down) about its centre."""
+    h, w = x.shape[-2:]
+    rad = math.radians(degrees)
+    c, s = math.cos(rad), math.sin(rad)
+    # output pixel p (relative to the centre) samples the input at R(-angle) p; in normalized
+    # coordinates (align_corners=True: -1/+1 are the outer pixel centres) x and y scale apart
+    sx, sy = max(w - 1, 1) / 2, max(h - 1, 1) / 2
+    theta = torch.tensor([[c, -s * sy / sx, 0.0], [s * sx / sy, c, 0.0]], dtype=x.dtype, device=x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def fit(x: torch.Tensor, size: Sequence[int], fill: float) -> torch.Tensor:
+    """``x`` centre-cropped (or padded with ``fill``) to ``size`` (H, W): the model reads a fixed
+    input size, where lucent upsamples to 224 for models that take any size."""
+    out = x
+    for axis, want in zip((-2, -1), size, strict=True):
+        have = out.shape[axis]
+        if have > want:
+            out = out.narrow(axis, (have - want) // 2, want)
+        elif have < want:
+            before = (want - have) // 2
+            widths = [0, 0, before, want - have - before] if axis == -2 else [before, want - have - before]
+            out = F.pad(out, widths, value=fill)
+    return out
+
+
+def compose(transforms: Sequence[Callable]) -> Callable:
+    """The transforms applied in order, as lucent's ``transform.compose``."""
+    steps = list(transforms)
+
+    def run(x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+        for t in steps:
+            x = t(x, gen, fill)
+        return x
+
+    return run
+
+
+def lucent_transforms(scale: float = 8 / 224) -> list:
+    """lucent's ``standard_transforms`` with pixel sizes scaled from its 224 px to the input:
+    pad(12, constant) -> jitter(8) -> random_scale(0.90..1.10) -> random_rotate(-10..10 + 5x0)
+    -> jitter(4); at 8 px: pad 1, jitter 2, ..., jitter 2."""
+    size = max(1, round(12 * scale))
+    return [
+        pad(size, mode="constant"),
+        jitter(max(2, round(8 * scale))),
+        random_scale([1 + (i - 5) / 50 for i in range(11)]),
+        random_rotate(list(range(-10, 11)) + 5 * [0]),
+        jitter(max(2, round(4 * scale))),
+    ]
 
 
 STANDARD = Transforms()
@@ -420,14 +785,15 @@ class FeatureVisualization:
 
 def render(
     model: HookedModel,
-    objective: Objective,
+    objective: Objective | str,
     *,
     param: str = "pixel",
     constraint: str = "box",
     radius: float | None = None,
-    transforms: Transforms | str | None = "standard",
+    decorrelate: bool = False,
+    transforms: Transforms | Sequence[Callable] | str | None = "standard",
     steps: int = 256,
-    lr: float = 0.05,
+    lr: float | None = None,
     seed: int = 0,
     batch: int | None = None,
     progress: bool = False,
@@ -437,12 +803,19 @@ def render(
 
     Args:
         model: an image model with a known ``input_shape`` (e.g. ``interp.load("zoo:digits-cnn")``).
-        objective: see the module docstring; its unit count sets the batch size.
-        param: ``"pixel"`` or ``"fourier"``.
-        constraint: ``"box"`` (sigmoid onto ``model.input_range``, default [0, 1]), ``"l2"``
-            (``||x|| <= radius``) or ``"none"``.
-        transforms: ``"standard"`` (``Transforms()``), a ``Transforms``, or None (no robustness).
-        steps, lr: Adam steps and learning rate (lucent: 512 and 0.05).
+        objective: see the module docstring, or a ``"layer:unit"`` string (``as_objective``); its
+            unit count sets the batch size.
+        param: ``"pixel"``, ``"fourier"`` (lucent's 1/f spectrum) or ``"cppn"`` (lucent's CPPN).
+        constraint: ``"box"`` (the default: the input range ``model.input_range``, default [0, 1];
+            clipped pixels for ``param="pixel"``, a sigmoid otherwise), ``"sigmoid"`` (a sigmoid
+            onto the box for every param, lucent's ``to_valid_rgb``), ``"l2"`` (``||x|| <= radius``)
+            or ``"none"``.
+        decorrelate: optimize RGB images in lucent's decorrelated colour space (3 channels).
+        transforms: ``"standard"`` (``Transforms()``), a ``Transforms``, a list of transforms
+            applied in order (``[pad(1), jitter(2), random_scale(...), random_rotate(...)]``,
+            lucent's; the result is centre-cropped or padded back to the input size), or None.
+        steps, lr: Adam steps and learning rate (lucent: 512 and 0.05). ``lr=None``: 0.05, and
+            0.005 for ``param="cppn"`` (lucent's CPPN notebook; at 0.05 its sigmoid saturates).
         seed: seeds the initialization and every transform draw (``torch.Generator``).
         batch: images when the objective does not fix it (e.g. a direction shared by all + diversity).
         progress: show a tqdm bar. ``callback(step, steps)`` is called after each step (e.g. to
@@ -450,18 +823,19 @@ def render(
     """
     from tqdm.auto import tqdm
 
+    objective = as_objective(objective)
     _check_model(model)
     for check in objective.checks:
         check(model)
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     n = objective.batch or batch or 1
-    tf = STANDARD if transforms == "standard" else transforms
-    if tf is not None and not isinstance(tf, Transforms):
-        raise InputError(f"transforms must be 'standard', None or a Transforms, got {transforms!r}")
+    tf = _render_transforms(transforms, tuple(model.input_shape))
     bounds = tuple(model.input_range) if getattr(model, "input_range", None) else (0.0, 1.0)
     gen = torch.Generator().manual_seed(seed)
-    image = Param((n, *model.input_shape), param, constraint, bounds, radius, gen).to(model.device)
+    shape = (n, *model.input_shape)
+    image = Param(shape, param, constraint, bounds, radius, gen, decorrelate=decorrelate).to(model.device)
+    lr = (0.005 if param == "cppn" else 0.05) if lr is None else lr
     opt = torch.optim.Adam(image.parameters(), lr=lr)
     history: list[float] = []
     with model.hooks(_readers(objective, store := {})):
@@ -472,6 +846,7 @@ def render(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            image.project()
             if step % 16 == 0 or step == steps - 1:
                 history.append(loss.item())
             if callback is not None:
@@ -485,12 +860,47 @@ def render(
         "lr": lr,
         "param": param,
         "constraint": constraint,
+        "box_map": "clip" if image.clipped else "sigmoid" if constraint in ("box", "sigmoid") else None,
+        "decorrelate": decorrelate,
         "radius": radius,
-        "transforms": None if tf is None else vars(tf) | {"fill": bounds[0] if tf.fill is None else tf.fill},
+        "transforms": _describe_transforms(transforms, bounds[0]),
         "batch": n,
         "optimizer": "Adam",
     }
     return FeatureVisualization(final.detach(), scores.detach(), objective.description, history, config)
+
+
+def _render_transforms(transforms: Any, input_shape: tuple[int, ...]) -> Callable | None:
+    """``render``'s transforms as one callable ``(x, gen, fill) -> x`` at the input size, or None."""
+    if transforms is None:
+        return None
+    if transforms == "standard":
+        return STANDARD
+    if isinstance(transforms, Transforms):
+        return transforms
+    if isinstance(transforms, list | tuple) and all(callable(t) for t in transforms):
+        if len(input_shape) != 3:
+            raise InputError(
+                f"a transform list warps images, but the input shape is {input_shape}, not (C, H, W)"
+            )
+        steps = compose(transforms)
+        size = input_shape[-2:]
+        return lambda x, gen, fill: fit(steps(x, gen, fill), size, fill)
+    raise InputError(
+        f"transforms must be 'standard', None, a Transforms or a list of transforms "
+        f"(fv.pad, fv.jitter, fv.random_scale, fv.random_rotate), got {transforms!r}"
+    )
+
+
+def _describe_transforms(transforms: Any, fill: float) -> Any:
+    """The transforms for ``config``: their settings, so a run can be repeated."""
+    if transforms is None:
+        return None
+    if transforms == "standard":
+        transforms = STANDARD
+    if isinstance(transforms, Transforms):
+        return vars(transforms) | {"fill": fill if transforms.fill is None else transforms.fill}
+    return [{"name": type(t).__name__, **vars(t)} if hasattr(t, "__dict__") else repr(t) for t in transforms]
 
 
 def visualize(
@@ -504,6 +914,167 @@ def visualize(
         units = range(shape[1] if len(shape) > 1 else 1)
     build = channel if kind == "channel" else neuron
     return render(model, build(layer, units), **kwargs)
+
+
+@dataclass
+class TokenVisualization:
+    """Optimized input embeddings for transformer units, read out as their nearest tokens.
+
+    Attributes:
+        embeddings: ``[U, length, d_model]`` the optimized word embeddings (hook ``embed.hook_out``).
+        tokens: ``[U, length]`` the nearest vocabulary token (L2) to each optimized embedding.
+        str_tokens: the readout as token strings (ids as text without a tokenizer).
+        scores: ``[U]`` the objective on the continuous embeddings.
+        token_scores: ``[U]`` the objective on the readout tokens, run as ordinary input: the honest
+            number (the continuous optimum is usually far above what any token sequence reaches).
+        layer, units, config, history: what was optimized and how (seed, steps, lr, position...).
+    """
+
+    embeddings: torch.Tensor
+    tokens: torch.Tensor
+    str_tokens: list[list[str]]
+    scores: torch.Tensor
+    token_scores: torch.Tensor
+    layer: str
+    units: list[int]
+    history: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+TOKEN_EMBED = "embed.hook_out"
+
+
+def render_tokens(
+    model: HookedModel,
+    layer: str,
+    units: Units,
+    *,
+    length: int = 8,
+    position: int | None = -1,
+    steps: int = 128,
+    lr: float = 0.05,
+    seed: int = 0,
+    callback: Progress | None = None,
+) -> TokenVisualization:
+    """Feature visualization for transformer units: optimize the word embeddings of a
+    ``length``-token input (Adam) to maximize unit ``units[b]`` of ``layer`` for sequence ``b``,
+    then read each position out as its nearest vocabulary token — the option beside dataset
+    examples (``interp.methods.examples.top_k``), which show real contexts instead.
+
+    Args:
+        model: a transformer whose word embedding is the hook ``embed.hook_out`` (an embedding table).
+        layer: a hook ``[batch, pos, ...]``; its axes after ``pos`` are flattened into units (so a
+            head hook ``[batch, pos, head, d_head]`` has ``head * d_head`` units).
+        units: unit indices; one optimized sequence per unit.
+        length: tokens per sequence.
+        position: the position whose activation is maximized (default the last), None: the mean.
+        steps, lr, seed: Adam steps, learning rate, and the seed of the starting tokens.
+        callback: ``callback(step, steps)`` after each step (a UI progress bar).
+    """
+    table = _token_table(model)
+    u = _units(units)
+    if not isinstance(length, int) or length < 1:
+        raise InputError(f"length must be a positive number of tokens, got {length!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    if position is not None and not -length <= position < length:
+        raise InputError(f"position {position} is out of range for {length} tokens")
+    (name,) = model.resolve(layer) if layer in model.hook_names else (layer,)
+    if name not in model.hook_names:
+        raise InputError(f"{model.name} has no hook {layer!r}; see model.hook_names")
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(table.shape[0], (len(u), length), generator=gen).to(table.device)
+    dummy = torch.zeros_like(start)
+    _check_token_units(model, name, u, start)
+    score = _unit_score(name, u, position)
+    embeds = torch.nn.Parameter(table[start].detach().clone())
+    opt = torch.optim.Adam([embeds], lr=lr)
+    history: list[float] = []
+    for step in range(steps):
+        loss = -score(_token_acts(model, name, dummy, embeds)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 16 == 0 or step == steps - 1:
+            history.append(loss.item())
+        if callback is not None:
+            callback(step + 1, steps)
+    with torch.no_grad():
+        final = embeds.detach()
+        scores = score(_token_acts(model, name, dummy, final))
+        tokens = torch.cdist(rearrange(final, "u p d -> (u p) d"), table).argmin(-1).view(len(u), length)
+        token_scores = score(_token_acts(model, name, tokens, None))
+    tok = getattr(model, "tokenizer", None)
+    strs = [
+        tok.convert_ids_to_tokens(row) if tok is not None else [str(int(i)) for i in row] for row in tokens
+    ]
+    config = {"seed": seed, "steps": steps, "lr": lr, "length": length, "position": position,
+              "embedding": TOKEN_EMBED, "readout": "nearest token (L2)", "optimizer": "Adam"}  # fmt: skip
+    return TokenVisualization(final, tokens, strs, scores, token_scores, name, u.tolist(), history, config)
+
+
+def _token_table(model: HookedModel) -> torch.Tensor:
+    """The word-embedding table behind ``embed.hook_out`` (``[vocab, d_model]``): an
+    ``nn.Embedding``'s weight, or a TransformerLens bridge's ``W_E``, checked on a probe to be what
+    the hook carries (``table[ids]``), so the nearest-token readout reads the right table."""
+    if model.kind != "transformer":
+        raise InputError(
+            f"render_tokens optimizes token embeddings; {model.name} is not a transformer, use render"
+        )
+    site = model._sites.get(TOKEN_EMBED)
+    module = site.module if site is not None else None
+    table = module.weight if isinstance(module, torch.nn.Embedding) else getattr(model.module, "W_E", None)
+    if site is None or not isinstance(table, torch.Tensor) or table.ndim != 2:
+        raise InputError(
+            f"{model.name} has no word-embedding table at {TOKEN_EMBED!r}, so its embeddings cannot be "
+            "read out as tokens; use dataset examples (interp.methods.examples.top_k)"
+        )
+    table = table.detach()
+    probe = torch.arange(min(4, table.shape[0]), device=table.device).view(1, -1)
+    with torch.no_grad():
+        seen = _token_acts(model, TOKEN_EMBED, probe, None)
+    if seen.shape != (1, probe.shape[1], table.shape[1]) or not torch.allclose(seen[0], table[probe[0]]):
+        raise InputError(
+            f"{TOKEN_EMBED!r} of {model.name} is not a plain lookup in its embedding table, so the "
+            "nearest-token readout would not be faithful; use dataset examples (examples.top_k)"
+        )
+    return table
+
+
+def _token_acts(
+    model: HookedModel, layer: str, ids: torch.Tensor, embeds: torch.Tensor | None
+) -> torch.Tensor:
+    """``layer``'s activation on ``ids`` (word embeddings replaced by ``embeds`` when given)."""
+    from interp.models.transformer import Tokens
+
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> None:
+        store[layer] = act
+        raise StopForward
+
+    hooks = [] if embeds is None else [(TOKEN_EMBED, lambda act, hook: embeds)]
+    with model.hooks([*hooks, (layer, keep)]), contextlib.suppress(StopForward):
+        model._forward(Tokens(ids, torch.ones_like(ids)))
+    return store[layer]
+
+
+def _unit_score(
+    layer: str, units: torch.Tensor, position: int | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def score(act: torch.Tensor) -> torch.Tensor:
+        flat = rearrange(act, "b p ... -> b p (...)")
+        picked = flat[torch.arange(flat.shape[0]), :, units.to(flat.device)]  # [U, pos]
+        return picked.mean(-1) if position is None else picked[:, position]
+
+    return score
+
+
+def _check_token_units(model: HookedModel, layer: str, units: torch.Tensor, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        act = _token_acts(model, layer, ids[:1], None)
+    size = int(np.prod(act.shape[2:])) if act.ndim > 2 else 1
+    _check_range(units, size, f"{layer} has {size} units per position")
 
 
 def transformed_scores(
@@ -579,7 +1150,8 @@ def _check_model(model: HookedModel) -> None:
     if model.kind == "transformer":
         raise InputError(
             "feature visualization optimizes a continuous input, and a transformer reads discrete tokens; "
-            "use dataset examples (interp.methods.examples.top_k) for transformer units"
+            "use render_tokens (optimized embeddings read out as tokens) or dataset examples "
+            "(interp.methods.examples.top_k) for transformer units"
         )
     if getattr(model, "input_shape", None) is None:
         raise InputError(f"{model.name} has no input_shape; load it with input_shape=(C, H, W)")

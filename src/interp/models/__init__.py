@@ -209,9 +209,17 @@ def _load_hf(
         )
     if looks_local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    else:
+        _check_hub_id(source)
+    files_only = looks_local or not _hub_reachable()
     try:
         hf_model, tokenizer, adapter = _hf_parts(
-            str(path) if looks_local else source, device, trust_remote_code, looks_local, placement
+            str(path) if looks_local else source,
+            device,
+            trust_remote_code,
+            looks_local,
+            files_only,
+            placement,
         )
     except ModelLoadError:
         raise
@@ -229,11 +237,52 @@ def _load_hf(
     return HFTransformer(hf_model, tokenizer, adapter, name, source=str(path) if looks_local else source)
 
 
+def _check_hub_id(source: str) -> None:
+    """Refuse at once a name that is neither a local directory nor a valid hub id (no network call)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError as err:
+        raise ModelLoadError(
+            f"could not load {source!r}: it is neither a local directory nor a hub model id ({_first_line(err).rstrip('.')}). "
+            "Pass a directory saved with save_pretrained, a zoo name (`interp zoo list`) or an id like 'org/name'."
+        ) from None
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the hub answers a TCP connect within ``timeout_s``; False when HF_HUB_OFFLINE=1.
+
+    Checked once per load so that an offline machine fails (or reads its local cache) at once,
+    rather than after huggingface_hub's five retries with back-off (about 30 s).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _hf_parts(
-    source: str, device: str, trust_remote_code: bool, local: bool, placement: dict[str, Any] | None = None
+    source: str,
+    device: str,
+    trust_remote_code: bool,
+    local: bool,
+    files_only: bool = True,
+    placement: dict[str, Any] | None = None,
 ):
     """The HF model, its tokenizer and the TransformerLens adapter; each step's failure says which
-    file is at fault (config, weights, tokenizer) and never blames the weights for the config."""
+    file is at fault (config, weights, tokenizer) and never blames the weights for the config.
+
+    ``files_only`` reads local files and the hub cache only (``local_files_only``), never the network.
+    """
     import torch
     import transformers
     from transformer_lens.model_bridge.sources.transformers.source import (
@@ -243,7 +292,9 @@ def _hf_parts(
     )
 
     try:
-        hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        hf_config = transformers.AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=files_only
+        )
     except OSError:
         raise  # missing / offline: the caller words it
     except Exception as err:
@@ -270,6 +321,7 @@ def _hf_parts(
             config=hf_config,
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
+            local_files_only=files_only,
             **(placement or {}),
         )
         if placement is None:  # a placed model is where accelerate put it
@@ -278,20 +330,22 @@ def _hf_parts(
         if isinstance(err, OSError) and not local:
             raise
         raise ModelLoadError(_weights_message(source, err)) from None
-    return hf_model.eval(), _tokenizer(source, trust_remote_code, local), adapter
+    return hf_model.eval(), _tokenizer(source, trust_remote_code, local, files_only), adapter
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
                    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
-def _tokenizer(source: str, trust_remote_code: bool, local: bool) -> Any:
+def _tokenizer(source: str, trust_remote_code: bool, local: bool, files_only: bool = True) -> Any:
     """The tokenizer, None when the model ships none (token ids still work); a local directory
     whose tokenizer files exist but cannot be read is refused, naming them."""
     import transformers
 
     try:
-        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return transformers.AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=files_only
+        )
     except Exception as err:  # any failure of a tokenizer that is there is reported
         present = [name for name in TOKENIZER_FILES if local and (Path(source) / name).is_file()]
         if not present:

@@ -19,6 +19,8 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
 * ``clock-pizza``: modular addition learned by two algorithms, Clock with standard attention and
   Pizza with constant attention, told apart by gradient symmetricity and distance irrelevance
   (Zhong et al. 2023).
+* ``saes``: sparse autoencoders recover ground-truth features in superposition (MMCS, Hungarian MCC)
+  and a toy model's feature directions (Sharkey, Braun & Millidge 2022).
 
 The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
 smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
@@ -34,13 +36,23 @@ from pathlib import Path
 from interp.errors import InputError, closest
 from interp.reproductions.report import Check, Report
 
-FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial", "icl-gd", "clock-pizza")
+FINDINGS: tuple[str, ...] = (
+    "induction",
+    "grokking",
+    "superposition",
+    "adversarial",
+    "icl-gd",
+    "clock-pizza",
+    "saes",
+)
 _ALIASES = {
     "induction-heads": "induction",
     "induction_heads": "induction",
     "tms": "superposition",
     "icl_gd": "icl-gd",
     "clock_pizza": "clock-pizza",
+    "sae": "saes",
+    "sharkey": "saes",
 }
 
 __all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]

@@ -17,15 +17,28 @@ Pieces for dashboards and analyses (all work on any spliced latent, by its hook 
 - steering: ``model.run_with_saes(x, [sae], use_error_term=True,
   hooks=[(S.latent_hook(sae), S.steering_hook(i, alpha))])``;
 - patching / attribution patching / ablation per latent and position: ``site="sae_latent"``;
-- what a dictionary was trained on and how: ``sae.cfg.metadata["training"]`` (seed, config, data).
+- what a dictionary was trained on and how: ``sae.cfg.metadata["training"]`` (seed, config, data);
+- a whole dashboard: ``S.dashboard(model, sae, i, texts)`` (top examples with context, density,
+  histogram, logit effects), every latent's density and max in one pass: ``S.latent_stats``, and
+  the output before/after splicing or steering: ``S.intervene`` (figures in ``interp.viz``);
+- the shipped dictionaries: ``S.zoo_names()``, each loading as ``S.load("zoo:NAME")``.
 """
 
 from __future__ import annotations
 
 from interp.sae.analysis import LogitEffects, logit_effects
 from interp.sae.config import ARCHITECTURES, SAEConfig
+from interp.sae.dashboard import (
+    Example,
+    Intervention,
+    LatentDashboard,
+    LatentStats,
+    dashboard,
+    intervene,
+    latent_stats,
+)
 from interp.sae.evaluation import EvalResult, evaluate
-from interp.sae.io import load, save
+from interp.sae.io import load, save, zoo_names
 from interp.sae.modules import HOOK_POINTS, SAE
 from interp.sae.splicing import (
     check_fits,
@@ -40,15 +53,22 @@ from interp.sae.training import TRAINABLE, TrainConfig, train
 __all__ = [
     "ARCHITECTURES",
     "EvalResult",
+    "Example",
     "HOOK_POINTS",
+    "Intervention",
+    "LatentDashboard",
+    "LatentStats",
     "LogitEffects",
     "SAE",
     "SAEConfig",
     "TRAINABLE",
     "TrainConfig",
     "check_fits",
+    "dashboard",
     "evaluate",
+    "intervene",
     "latent_hook",
+    "latent_stats",
     "load",
     "logit_effects",
     "run_with_cache_with_saes",
@@ -57,4 +77,5 @@ __all__ = [
     "splice",
     "steering_hook",
     "train",
+    "zoo_names",
 ]

@@ -162,8 +162,9 @@ def evaluate(
             for batch in batches:
                 _, cache = model.run_with_cache(batch, names=names, stop_early=True)
                 mask = _mask(cache, cache[c.hook_name])
-                x = sae.flat(cache[c.hook_name][mask]).to(sae.device, sae.dtype)
-                target = sae.flat(cache[c.hook_out][mask]).to(sae.device, sae.dtype)
+                # one row per token (or per [batch, instance] entry of a module's activation)
+                x = sae.flat(cache[c.hook_name][mask]).reshape(-1, c.d_in).to(sae.device, sae.dtype)
+                target = sae.flat(cache[c.hook_out][mask]).reshape(-1, c.width_out).to(sae.device, sae.dtype)
                 acts = sae.activation(sae.pre_acts(x))
                 stats.add(target, sae.reconstruct(x), acts)
         if stats.n == 0:

@@ -101,15 +101,21 @@ def load(
     return sae
 
 
+def zoo_names() -> tuple[str, ...]:
+    """The zoo dictionaries shipped under ``ZOO_DIR`` (folders holding a ``cfg.json``), sorted;
+    each loads as ``S.load("zoo:NAME")``."""
+    if not ZOO_DIR.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in ZOO_DIR.iterdir() if (p / CFG).is_file()))
+
+
 def _resolve(source: str | os.PathLike) -> Path:
     text = str(source)
     if text.startswith("zoo:"):
         name = text.removeprefix("zoo:")
         path = ZOO_DIR / name
         if not (path / CFG).is_file():
-            have = (
-                sorted(p.name for p in ZOO_DIR.iterdir() if (p / CFG).is_file()) if ZOO_DIR.is_dir() else []
-            )
+            have = list(zoo_names())
             near = closest(name, have, n=3)
             raise CheckpointError(
                 f"no zoo dictionary {name!r}."
