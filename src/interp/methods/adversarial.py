@@ -1139,7 +1139,8 @@ def attack_figure(attack: Attack, index: int = 0):
     )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, scaleanchor="x")
-    fig.update_layout(height=320, title=f"{attack.config['attack']} eps={attack.config['eps']}")
+    budget = f"eps={attack.config['eps']}" if "eps" in attack.config else "minimal perturbation"
+    fig.update_layout(height=320, title=f"{attack.config['attack']} {budget}")
     return fig
 
 

@@ -40,7 +40,7 @@ def autoattack(
     Args:
         steps: APGD iterations (torchattacks' default 10; AutoAttack's paper uses 100).
         n_queries: Square's query budget.
-        progress: optional ``progress(done, total, name)`` called after each member.
+        progress: optional ``progress(done, total)`` called after each member (of :data:`MEMBERS`).
 
     ``config["robust_after"]`` counts the images still classified correctly after each member.
     """
@@ -64,7 +64,7 @@ def autoattack(
             fails = fails[~wrong]
             robust_after.append(len(fails))
             if progress is not None:
-                progress(i + 1, len(members), MEMBERS[i])
+                progress(i + 1, len(members))
             if not len(fails):
                 break
     config = {"attack": "autoattack", "members": list(MEMBERS), "eps": eps, "steps": int(steps),

@@ -51,6 +51,7 @@ def cw(
     bounds: tuple[float, float] | None = None,
     normalize: tuple[Any, Any] | None = None,
     seed: int | None = 0,
+    progress: Any = None,
 ) -> Attack:
     """Carlini-Wagner L2 (2017): minimise ``|x' - x|² + c · f(x')`` over ``x' = box(tanh(w))`` with Adam.
 
@@ -59,6 +60,7 @@ def cw(
         kappa: confidence: the margin the adversarial class must win by.
         steps, lr: Adam iterations and learning rate (torchattacks' defaults).
         target: a targeted attack's goal (see ``resolve_target``); ``seed`` seeds ``"random"``.
+        progress: optional ``progress(done, total)`` called after each step.
 
     Each image keeps the smallest-L2 adversarial found (the clean image where none was found).
     """
@@ -72,7 +74,7 @@ def cw(
     width = high - low
     with _eval(module), torch.enable_grad():
         best = _cw_loop(module, images, classes, goal is not None, float(c), float(kappa), int(steps),
-                        float(lr), low, width)  # fmt: skip
+                        float(lr), low, width, progress)  # fmt: skip
     config = {"attack": "cw", "c": c, "kappa": kappa, "steps": int(steps), "lr": lr, "norm": "l2",
               "bounds": (low, high), "targeted": goal is not None, "target_mode": _target_mode(target),
               "normalize": _stats(normalize), "seed": seed}  # fmt: skip
@@ -90,6 +92,7 @@ def _cw_loop(
     lr: float,
     low: float,
     width: float,
+    progress: Any = None,
 ) -> torch.Tensor:
     unit = (images - low) / width
     w = _atanh(torch.clamp(unit * 2 - 1, min=-1, max=1)).detach()
@@ -116,6 +119,8 @@ def _cw_loop(
             better = success & (best_l2 > current_l2)
             best_l2 = torch.where(better, current_l2, best_l2)
             best_adv = torch.where(better.view(-1, *[1] * (images.ndim - 1)), adv, best_adv)
+        if progress is not None:
+            progress(step + 1, steps)
         if step % check_every == 0:  # torchattacks' early stop: the cost stopped falling
             if cost.item() > prev_cost:
                 break
@@ -143,6 +148,7 @@ def deepfool(
     *,
     bounds: tuple[float, float] | None = None,
     normalize: tuple[Any, Any] | None = None,
+    progress: Any = None,
 ) -> Attack:
     """DeepFool (Moosavi-Dezfooli et al. 2016): step to the nearest linearised class boundary.
 
@@ -152,7 +158,8 @@ def deepfool(
     pixel bounds. An image stops once it is misclassified. For a linear model one step lands on the
     closest boundary (times ``1 + overshoot``): the minimal L2 perturbation.
 
-    ``config["steps_used"]`` holds each image's number of steps.
+    ``config["steps_used"]`` holds each image's number of steps; ``progress(done, total)``, if given,
+    is called after each step.
     """
     check_number("steps", steps, minimum=1, integer=True, why="DeepFool iterations")
     check_number("overshoot", overshoot, minimum=0.0, why="how far past the boundary to step")
@@ -179,6 +186,8 @@ def deepfool(
             moved = _deepfool_step(logits.detach(), jac, lab, point.detach(), float(overshoot))
             adv[idx[keep]] = torch.clamp(moved[keep], min=low, max=high)
             used[idx[keep].cpu()] += 1
+            if progress is not None:
+                progress(step + 1, int(steps))
     config = {"attack": "deepfool", "steps": int(steps), "overshoot": overshoot, "norm": "l2",
               "bounds": (low, high), "targeted": False, "normalize": _stats(normalize),
               "steps_used": used.tolist()}  # fmt: skip

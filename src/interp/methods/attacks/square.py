@@ -46,6 +46,7 @@ def square(
     seed: int = 0,
     bounds: tuple[float, float] | None = None,
     normalize: tuple[Any, Any] | None = None,
+    progress: Any = None,
 ) -> Attack:
     """Square attack in an L∞ ball of radius ``eps`` on images ``[batch, channels, height, width]``.
 
@@ -54,6 +55,7 @@ def square(
         p_init: the initial share of pixels a square covers (the schedule divides it down).
         loss: ``"margin"`` (true logit minus the best other) or ``"ce"`` to minimise.
         target: a targeted attack's goal (see ``resolve_target``).
+        progress: optional ``progress(done, total)`` called after each query.
     """
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -65,7 +67,9 @@ def square(
         raise InputError(f"Square needs images [batch, channels, height, width], got shape {tuple(xt.shape)}")
     goal = _target(target, False, yt, module, xt, seed)
     classes = yt if goal is None else goal
-    run = _Square(module, float(eps), int(n_queries), float(p_init), loss, goal is not None, low, high)
+    run = _Square(
+        module, float(eps), int(n_queries), float(p_init), loss, goal is not None, low, high, progress
+    )
     with _eval(module), torch.no_grad():
         pred = _logits(module, xt).argmax(1)
         acc = pred == classes if goal is None else pred != classes
@@ -88,9 +92,9 @@ def square(
 
 
 class _Square:
-    def __init__(self, module, eps, n_queries, p_init, loss, targeted, low, high) -> None:
+    def __init__(self, module, eps, n_queries, p_init, loss, targeted, low, high, progress=None) -> None:
         self.module, self.eps, self.n_queries, self.p_init = module, eps, n_queries, p_init
-        self.loss, self.targeted, self.low, self.high = loss, targeted, low, high
+        self.loss, self.targeted, self.low, self.high, self.progress = loss, targeted, low, high, progress
 
     def margin_and_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.module(x)
@@ -145,6 +149,8 @@ class _Square:
             improved = improved | (margin <= 0.0)
             margin_min[idx] = torch.where(improved, margin, margin_min_curr)
             x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
+            if self.progress is not None:
+                self.progress(i_iter + 1, self.n_queries)
             if bool((margin_min <= 0.0).all()):
                 break
         return x_best
