@@ -78,7 +78,7 @@ def test_minimal_attacks_draw_the_library_result(model):
     from interp.models import zoo
 
     _, _, x_te, y_te = zoo.digits_data(0)
-    ref = A.deepfool(model, x_te[:1], y_te[:1], steps=20)
+    ref = A.deepfool(model, x_te[:1], y_te[:1], steps=50)  # the page default for DeepFool
     drawn = chart(at, 1)["data"][1]["y"]  # adversarial probabilities
     torch.testing.assert_close(
         torch.tensor(drawn, dtype=torch.float64), ref.logits_adv[0].softmax(-1).double(), atol=1e-6, rtol=0

@@ -73,6 +73,8 @@ def attack(model: interp.HookedModel, x, y, kind: str, eps: float, steps: int, t
         kw |= {"alpha": eps / 4, "norm": norm, "seed": 0}
     if name == "apgd-ce" or name == "apgd-dlr":
         kw["norm"] = norm
+    if name == "cw":  # torchattacks' c=1, lr=0.01 barely move 8x8 digits in 50 steps
+        kw |= {"c": 10.0, "lr": 0.05}
     if name == "square":
         kw["n_queries"] = steps
     if name == "autoattack":
@@ -157,14 +159,16 @@ eps = left.slider(
     "eps (L∞ budget; L2 radius for PGD L2)", 0.0, 1.0, 0.1, 0.01, key="adv_eps", disabled=minimal,
     help="CW and DeepFool take no budget: they search for the smallest L2 perturbation that flips the class.",
 )  # fmt: skip
-steps_label = (
-    "Square queries" if name == "square" else "Steps (AutoAttack: APGD steps; Square gets 10x as queries)"
-)
-steps = left.number_input(steps_label if name != "fgsm" else "Steps (FGSM takes one)", 1, 2000,
-                          100 if name == "square" else 20, key=f"adv_steps::{name == 'square'}",
-                          disabled=name == "fgsm")  # fmt: skip
+STEPS_LABELS = {"fgsm": "Steps (FGSM takes one)", "square": "Queries (Square)",
+                "autoattack": "APGD steps (Square gets 10x as many queries)"}  # fmt: skip
+DEFAULT_STEPS = {"square": 100, "deepfool": 50, "cw": 50}
+steps = left.number_input(STEPS_LABELS.get(name, "Steps"), 1, 2000, DEFAULT_STEPS.get(name, 20),
+                          key=f"adv_steps::{name}", disabled=name == "fgsm")  # fmt: skip
 if minimal:
-    left.caption("Minimal-perturbation attack: the eps slider does not apply; see |δ|₂ below.")
+    left.caption(
+        "Minimal-perturbation attack: the eps slider does not apply; see |δ|₂ below."
+        + (" CW runs with c=10, lr=0.05 here." if name == "cw" else "")
+    )
 source = right.radio("Image", ["test set", "upload"], horizontal=True, key="adv_source")
 # Drawn before anything can stop the page, so the toggle keeps its state (and shows it) whatever
 # image source is picked; the analysis below runs only while it is on.
@@ -216,6 +220,14 @@ if image is not None:
         st.plotly_chart(fig)
         norms = result.norms()
         st.caption(f"|δ|∞ = {norms['linf'][0]:.3f}, |δ|₂ = {norms['l2'][0]:.3f}; true label {label}")
+        if float(norms["linf"][0]) == 0 and name not in ("fgsm", "pgd"):
+            st.caption(
+                f"{kind} found no adversarial within its steps and returns the image unchanged (as torchattacks "
+                "does): raise the steps."
+                if minimal
+                else f"{kind} did not break this image within its budget "
+                "and returns it unchanged (as AutoAttack and torchattacks do): raise eps or the steps."
+            )
 
 st.subheader(f"Layer by layer, over the first {N_LAYER_IMAGES} test images")
 st.caption(

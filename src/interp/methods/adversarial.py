@@ -1124,8 +1124,12 @@ def attack_figure(attack: Attack, index: int = 0):
             t[index].reshape(-1, t.shape[-1]).cpu().numpy() if t.ndim >= 3 else t[index][None].cpu().numpy()
         )
 
+    peak = float(attack.delta[index].abs().max())
+    # an image the attack left unchanged (APGD, Square and the ensemble return those clean): say so,
+    # and scale the empty panel by the budget rather than by ~0 (which labels the colour bar in pico)
+    third = "perturbation" if peak > 0 else "perturbation: none (image unchanged)"
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", "perturbation"))  # fmt: skip
+        f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", third))  # fmt: skip
     low, high = attack.config.get("bounds", (0.0, 1.0))
     fig.add_heatmap(
         z=img(attack.x)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=1
@@ -1133,7 +1137,7 @@ def attack_figure(attack: Attack, index: int = 0):
     fig.add_heatmap(
         z=img(attack.x_adv)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=2
     )
-    bound = max(float(attack.delta[index].abs().max()), 1e-12)
+    bound = peak if peak > 0 else float(attack.config.get("eps") or 1.0) or 1.0
     fig.add_heatmap(
         z=img(attack.delta)[::-1], colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound, row=1, col=3
     )
