@@ -46,6 +46,8 @@ SPECS = [s for s in B.SPECS if s["key"] != "autoattack"] + [
      "target": 7, "shift": 100.0},
     {"key": "pgd-normalized", "attack": "pgd", "eps": 0.1, "args": {"alpha": 0.025, "steps": 5},
      "normalize": [MEAN, STD]},
+    {"key": "apgd-l2", "attack": "apgd-ce", "eps": 1.0, "args": {"steps": 5, "norm": "L2"}},
+    {"key": "apgd-dlr-l2", "attack": "apgd-dlr", "eps": 1.0, "args": {"steps": 5, "norm": "L2"}},
     {"key": "apgd-normalized", "attack": "apgd-ce", "eps": 0.1, "args": {"steps": 5}, "normalize": [MEAN, STD]},
 ]  # fmt: skip
 
@@ -74,7 +76,7 @@ def slow():
 
 def _ours(spec, model, x, y) -> torch.Tensor:
     """Our attack for a spec, as the benchmark's worker runs it (the same translation)."""
-    kw = dict(spec.get("args", {}))
+    kw = {k: v.lower() if k == "norm" else v for k, v in spec.get("args", {}).items()}  # "L2" -> "l2"
     if spec.get("shift"):
         model = torch.nn.Sequential(model, _Shift(spec["shift"]))
     extra = {}

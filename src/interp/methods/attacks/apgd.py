@@ -114,6 +114,8 @@ def apgd_t(
     turn (default: all ``classes - 1``), each run on the images still robust.
 
     The returned attack is untargeted in meaning (``target`` is None): success is misclassification.
+    L∞ is identical to torchattacks' ``APGDT``; for L2, torchattacks steps every image by the first
+    image's step size (``step_size[0]``), where this steps each by its own, as APGD does.
     """
     module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, rho, norm, bounds, normalize)
     n_classes = _n_classes(module, xt)
