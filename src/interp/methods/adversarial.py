@@ -15,6 +15,14 @@ gradient, clamp of the perturbation then of the image), so on the same model and
 bit-identical and PGD without random start matches to float rounding; the benchmark checks both.
 ``embedding_pgd`` attacks a transformer in its input-embedding space through a replacement hook.
 ``adversarial_train`` is Madry et al.'s PGD training.
+
+The other attacks live in ``interp.methods.attacks`` and are importable from here too: ``cw``
+(L2), ``deepfool``, ``apgd`` (CE or DLR loss), ``apgd_t``, ``square`` (L∞) and ``autoattack``
+(APGD-CE + APGD-T + Square). ``run_attack(name, ...)`` runs any of :data:`ATTACK_NAMES`, and
+``robustness_curve`` takes every one. Every attack takes ``normalize=(mean, std)`` for a model that
+expects normalised inputs (the attack stays in pixel space); the targeted ones take ``target=`` as
+a class, ``"random"``, ``"least-likely"`` or a function (``resolve_target``). ``Attack.save`` and
+``load_attack`` keep an adversarial set with its config and seed in a safetensors file.
 """
 
 from __future__ import annotations
