@@ -284,3 +284,18 @@ def test_fgsm_checks_labels_without_an_extra_forward(cnn, batch):
         handle.remove()
     assert len(calls) == 1
     assert all(p.requires_grad for p in cnn.module.parameters())  # the attack's freeze is undone
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "deepfool"])
+def test_attack_probes_take_any_attack(cnn, digits, name):
+    """The probe reads an Attack from any attack and equals the probe of its tensors."""
+    x_tr, y_tr, x, y = digits
+    run = A.run_attack(name, cnn, x[:60], y[:60], 0.2)
+    probe = A.attack_probe(cnn, run, names=["pool.hook_out", "fc.hook_out"], train=(x_tr[:200], y_tr[:200]))
+    ref = A.attack_probe(cnn, run.x, run.x_adv, run.labels, names=["pool.hook_out", "fc.hook_out"],
+                         train=(x_tr[:200], y_tr[:200]))  # fmt: skip
+    assert probe.accuracy_adv == ref.accuracy_adv == pytest.approx(run.accuracy_adv)
+    torch.testing.assert_close(probe.divergence, ref.divergence)
+    assert probe.divergence[-1] > 0
+    with pytest.raises(InputError, match="either an Attack or"):
+        A.attack_probe(cnn, run, run.x_adv)

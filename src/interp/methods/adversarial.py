@@ -1029,8 +1029,8 @@ def _pair(
 def attack_probe(
     model: HookedModel | nn.Module,
     clean: Any,
-    adversarial: Any,
-    labels: Any,
+    adversarial: Any = None,
+    labels: Any = None,
     names: str | Sequence[str] | None = None,
     *,
     train: tuple[Any, Any] | None = None,
@@ -1040,6 +1040,9 @@ def attack_probe(
     seed: int = 0,
 ) -> AttackProbe:
     """Compare a clean batch and its adversarial twin at every hook point.
+
+    ``clean`` may be an :class:`Attack` from any attack (then ``adversarial`` and ``labels`` come
+    from it): ``attack_probe(model, A.square(model, x, y, 0.1))``.
 
     Args:
         names: hook points (default: every leaf module's output, or the residual stream).
@@ -1053,6 +1056,12 @@ def attack_probe(
     check_number("topk_frac", topk_frac, minimum=0.0, strict=True, why="a share of units, at most 1")
     if topk_frac > 1:
         raise InputError(f"topk_frac must be a share of units in (0, 1], got {topk_frac!r}")
+    if isinstance(clean, Attack):
+        if adversarial is not None or labels is not None:
+            raise InputError("pass either an Attack or (clean, adversarial, labels), not both")
+        clean, adversarial, labels = clean.x, clean.x_adv, clean.labels
+    if adversarial is None or labels is None:
+        raise InputError("attack_probe needs the adversarial batch and the labels (or an Attack as clean=)")
     hooked = _as_hooked(model)
     x, xa, y = _pair(hooked, clean, adversarial, labels)
     chosen = hooked.resolve(names) if names is not None else probing.default_names(hooked)
