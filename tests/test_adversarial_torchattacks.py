@@ -17,8 +17,19 @@ import torch
 from interp.methods import adversarial as A
 from interp.models import zoo
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_attacks as B  # noqa: E402
+# bench_attacks imports benchmarks/common.py as `common`, which would shadow the explorer's
+# apps/common.py for the AppTest tests of the same session: import it with its own path, then put
+# sys.path and sys.modules back as they were
+_BENCH = str(Path(__file__).resolve().parents[1] / "benchmarks")
+_before = sys.modules.pop("common", None)
+sys.path.insert(0, _BENCH)
+try:
+    import bench_attacks as B  # noqa: E402
+finally:
+    sys.path.remove(_BENCH)
+    sys.modules.pop("common", None)
+    if _before is not None:
+        sys.modules["common"] = _before
 
 PYTHON = B.VENV / "bin" / "python"
 
