@@ -1,4 +1,4 @@
-"""FGSM and PGD: ours vs torchattacks on the same weights and batch, checked for agreement, then timed.
+"""Every attack: ours vs torchattacks on the same weights and batch, checked for agreement, then timed.
 
 torchattacks pins an old ``requests`` that clashes with streamlit, so it never enters the main
 environment: this script makes its own venv (``$TA_VENV``, default ``/tmp/ta-venv``) on first run —
@@ -9,9 +9,13 @@ back the same way. Our side runs in a worker of the same shape (main environment
 fresh single-thread processes; timing is interleaved round by round, each worker timing its own
 call.
 
-    python benchmarks/bench_attacks.py            # digits-cnn, 360 test images
+    python benchmarks/bench_attacks.py            # every attack, digits-cnn, 360 test images
+    python benchmarks/bench_attacks.py fgsm pgd   # only these (keys of SPECS)
+    ROUNDS=5 python benchmarks/bench_attacks.py   # fewer rounds
 
-Checks: FGSM identical bit for bit; PGD (no random start) within 1e-6; time ratio ours/theirs <= 1.0.
+Checks: the adversarial images agree (identical bit for bit, or within TOLERANCE where batching
+changes float rounding); time ratio ours/theirs <= 1.0 per attack. Each worker reports wall and
+thread CPU time; the CPU-time ratio is the one less disturbed by a busy machine.
 """
 
 from __future__ import annotations
@@ -33,42 +37,102 @@ from interp.models import zoo  # noqa: E402
 
 VENV = Path(os.environ.get("TA_VENV", "/tmp/ta-venv"))
 EPS, ALPHA, STEPS = 0.1, 0.025, 10
-ROUNDS = 21
+ROUNDS = 11
 
 WORKER = textwrap.dedent(
     """
     import json, sys, time
     import torch
-    import statistics
 
     from safetensors.torch import load_file, save_file
     from interp_bench_model import build
     torch.set_num_threads(1)
     side, work = sys.argv[1], sys.argv[2]
-    eps, alpha, steps = (float(a) for a in sys.argv[3:6])
-    model = build()
-    model.load_state_dict(load_file(f"{work}/weights.safetensors"))
-    model.eval()
+    specs = json.loads(open(f"{work}/specs.json").read())
+    base = build()
+    base.load_state_dict(load_file(f"{work}/weights.safetensors"))
+    base.eval()
     batch = load_file(f"{work}/batch.safetensors")
     x, y = batch["x"], batch["y"]
-    if side == "torchattacks":
-        import torchattacks
-        fgsm = torchattacks.FGSM(model, eps=eps)
-        pgd = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=int(steps), random_start=False)
-        attacks = {"fgsm": lambda: fgsm(x, y), "pgd": lambda: pgd(x, y)}
-    else:
-        from interp.methods import adversarial as A
-        attacks = {
-            "fgsm": lambda: A.fgsm(model, x, y, eps).x_adv,
-            "pgd": lambda: A.pgd(model, x, y, eps, alpha, int(steps), random_start=False).x_adv,
+
+
+    class Shifted(torch.nn.Module):
+        # the model with every logit raised by a constant: the same predictions and margins
+
+        def __init__(self, inner, shift):
+            super().__init__()
+            self.inner, self.shift = inner, shift
+
+        def forward(self, z):
+            return self.inner(z) + self.shift
+
+
+    def theirs(spec):
+        import torchattacks as ta
+        model = Shifted(base, spec["shift"]) if spec.get("shift") else base
+        x, y = batch["x"][: spec.get("n")], batch["y"][: spec.get("n")]
+        a, kw = spec["attack"], spec.get("args", {})
+        eps = spec.get("eps")
+        make = {
+            "fgsm": lambda: ta.FGSM(model, eps=eps),
+            "pgd": lambda: ta.PGD(model, eps=eps, random_start=False, **kw),
+            "cw": lambda: ta.CW(model, **kw),
+            "deepfool": lambda: ta.DeepFool(model, **kw),
+            "apgd-ce": lambda: ta.APGD(model, eps=eps, loss="ce", **kw),
+            "apgd-dlr": lambda: ta.APGD(model, eps=eps, loss="dlr", **kw),
+            "apgd-t": lambda: ta.APGDT(model, eps=eps, n_classes=10, **kw),
+            "square": lambda: ta.Square(model, eps=eps, **kw),
+            "autoattack": lambda: ta.MultiAttack([
+                ta.APGD(model, eps=eps, loss="ce", seed=0, steps=kw.get("steps", 10)),
+                ta.APGDT(model, eps=eps, n_classes=10, seed=0, steps=kw.get("steps", 10)),
+                ta.Square(model, eps=eps, seed=0, n_queries=kw.get("n_queries", 5000))]),
         }
+        atk = make[a]()
+        labels = y
+        mode = spec.get("mode")
+        if mode == "least-likely":
+            atk.set_mode_targeted_least_likely(quiet=True)
+        elif mode == "label":
+            atk.set_mode_targeted_by_label(quiet=True)
+            labels = torch.tensor(spec["target"]).expand(len(y)).clone()
+        norm = spec.get("normalize")
+        if norm is None:
+            return lambda: atk(x, labels)
+        # the model expects normalised inputs; torchattacks takes and returns normalised images
+        # (attacking in pixels inside): compare in pixels
+        atk.set_normalization_used(*norm)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
+        return lambda: atk((x - mean) / std, labels) * std + mean
+
+
+    def ours(spec):
+        from interp.methods import adversarial as A
+        model = Shifted(base, spec["shift"]) if spec.get("shift") else base
+        x, y = batch["x"][: spec.get("n")], batch["y"][: spec.get("n")]
+        a, kw, eps = spec["attack"], dict(spec.get("args", {})), spec.get("eps")
+        rename = {"n_restarts": "restarts"}
+        kw = {rename.get(k, k): v.lower() if k == "norm" else v for k, v in kw.items()}
+        extra = {}
+        if spec.get("mode") == "least-likely":
+            extra["target"] = "least-likely"
+        elif spec.get("mode") == "label":
+            extra["target"] = spec["target"]
+        if spec.get("normalize") is not None:
+            extra["normalize"] = tuple(spec["normalize"])
+        if a == "pgd":
+            return lambda: A.pgd(model, x, y, eps, random_start=False, **kw, **extra).x_adv
+        return lambda: A.run_attack(a, model, x, y, eps, **kw, **extra).x_adv
+
+
+    attacks = {spec["key"]: (theirs if side == "torchattacks" else ours)(spec) for spec in specs}
     save_file({k: a().contiguous() for k, a in attacks.items()}, f"{work}/{side}.safetensors")
     print("ready", flush=True)
     for line in sys.stdin:
         name = line.strip()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         attacks[name]()
-        print(json.dumps({"name": name, "s": time.perf_counter() - start}), flush=True)
+        print(json.dumps({"name": name, "s": time.perf_counter() - start, "cpu": time.thread_time() - cpu}),
+              flush=True)
     """
 )
 
@@ -116,69 +180,120 @@ def trained_cnn() -> torch.nn.Module:
 def _start(python: str | Path, side: str, work: Path) -> subprocess.Popen:
     """A worker process for one side, ready to time attacks on request."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")])}
-    worker = subprocess.Popen([str(python), str(work / "worker.py"), side, str(work), str(EPS), str(ALPHA), str(STEPS)],
+    worker = subprocess.Popen([str(python), str(work / "worker.py"), side, str(work)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     if worker.stdout.readline().strip() != "ready":
         raise RuntimeError(f"the {side} worker failed to start (see its stderr above)")
     return worker
 
 
-def main() -> int:
-    import statistics
+def prepare(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, specs: list[dict]) -> Path:
+    """A work folder with the weights, the batch, the attack specs and the worker script."""
+    from safetensors.torch import save_file
 
-    from safetensors.torch import load_file, save_file
-
-    torch.set_num_threads(1)
-    python = ensure_venv()
-    model = trained_cnn().eval()
-    _, _, x, y = zoo.digits_data(0)
     work = Path(tempfile.mkdtemp(prefix="bench-attacks-"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "weights.safetensors")
     save_file({"x": x.contiguous(), "y": y}, work / "batch.safetensors")
     (work / "interp_bench_model.py").write_text(MODEL_SRC)
     (work / "worker.py").write_text(WORKER)
+    (work / "specs.json").write_text(json.dumps(specs))
+    return work
+
+
+def torchattacks_results(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    specs: list[dict],
+    python: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """torchattacks' adversarial images for each spec (``key``, ``attack``, ``eps``, ``args``,
+    optional ``mode`` / ``target`` / ``normalize``), computed in the venv; for the tests."""
+    from safetensors.torch import load_file
+
+    python = python or VENV / "bin" / "python"
+    work = prepare(model, x, y, specs)
+    worker = _start(python, "torchattacks", work)
+    worker.stdin.close()
+    worker.wait()
+    return load_file(work / "torchattacks.safetensors")
+
+
+SPECS = [
+    {"key": "fgsm", "attack": "fgsm", "eps": EPS},
+    {"key": "pgd", "attack": "pgd", "eps": EPS, "args": {"alpha": ALPHA, "steps": STEPS}},
+    # torchattacks' CW margin reads max(onehot * z) and max((1 - onehot) * z), 0 in place of a
+    # negative logit; on logits raised by a constant (the same predictions and margins) all are
+    # positive, so the two implementations must agree
+    {"key": "cw", "attack": "cw", "args": {"c": 1.0, "steps": 50, "lr": 0.01}, "shift": 100.0},
+    # torchattacks' DeepFool runs one backward per class per image (~2 min for 360 images): 60 here
+    {"key": "deepfool", "attack": "deepfool", "args": {"steps": 50, "overshoot": 0.02}, "n": 60},
+    {"key": "apgd-ce", "attack": "apgd-ce", "eps": EPS, "args": {"steps": 10}},
+    {"key": "apgd-dlr", "attack": "apgd-dlr", "eps": EPS, "args": {"steps": 10}},
+    {"key": "apgd-t", "attack": "apgd-t", "eps": EPS, "args": {"steps": 10}},
+    {"key": "square", "attack": "square", "eps": EPS, "args": {"n_queries": 200}},
+    {"key": "autoattack", "attack": "autoattack", "eps": EPS, "args": {"steps": 10, "n_queries": 200}},
+]
+# identical bit for bit (B) or within this max |difference| (float rounding of batched vs per-image work)
+TOLERANCE = {"fgsm": 0.0, "pgd": 1e-6, "cw": 1e-6, "deepfool": 1e-5}
+
+
+def main() -> int:
+    import statistics
+
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    python = ensure_venv()
+    model = trained_cnn().eval()
+    _, _, x, y = zoo.digits_data(0)
+    names = sys.argv[1:] or [s["key"] for s in SPECS]
+    specs = [s for s in SPECS if s["key"] in names]
+    work = prepare(model, x, y, specs)
     workers = {
         side: _start(exe, side, work) for side, exe in (("ours", sys.executable), ("torchattacks", python))
     }
     ours = load_file(work / "ours.safetensors")
     theirs = load_file(work / "torchattacks.safetensors")
-    fgsm_equal = torch.equal(ours["fgsm"], theirs["fgsm"])
-    pgd_diff = (ours["pgd"] - theirs["pgd"]).abs().max().item()
-    print(
-        f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each in its own worker process; {machine()}"
-    )
-    print(f"FGSM eps={EPS}: identical bit for bit: {fgsm_equal}")
-    print(f"PGD eps={EPS} alpha={ALPHA} steps={STEPS}, no random start: max |ours - theirs| = {pgd_diff:.2e}")
+    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each in its own worker process; "
+          f"{machine()}")  # fmt: skip
+    agree = {}
+    for spec in specs:
+        k = spec["key"]
+        diff = (ours[k] - theirs[k]).abs().max().item()
+        agree[k] = diff <= TOLERANCE.get(k, 0.0)
+        print(f"{k:10s} {json.dumps({kk: v for kk, v in spec.items() if kk != 'key'})}: max |ours - theirs| = "
+              f"{diff:.2e} ({'agree' if agree[k] else 'DIFFER'})")  # fmt: skip
 
-    times: dict[str, list[float]] = {f"{side} {k}": [] for k in ("fgsm", "pgd") for side in workers}
-    for r in range(ROUNDS + 1):  # round 0 is the warm-up
-        for name in ("fgsm", "pgd"):
+    times: dict[str, list[float]] = {f"{side} {s['key']}": [] for s in specs for side in workers}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+    rounds = max(1, int(os.environ.get("ROUNDS", ROUNDS)))
+    for r in range(rounds + 1):  # round 0 is the warm-up
+        for spec in specs:
             for side in ("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours"):
                 worker = workers[side]
-                worker.stdin.write(name + "\n")
+                worker.stdin.write(spec["key"] + "\n")
                 worker.stdin.flush()
-                seconds = json.loads(worker.stdout.readline())["s"]
+                answer = json.loads(worker.stdout.readline())
                 if r:
-                    times[f"{side} {name}"].append(seconds)
+                    times[f"{side} {spec['key']}"].append(answer["s"])
+                    cpu[f"{side} {spec['key']}"].append(answer["cpu"])
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
     medians = {k: statistics.median(v) for k, v in times.items()}
-    ok = report(
-        "time per attack (median of interleaved rounds)",
-        medians,
-        [
-            ("FGSM ours/torchattacks", "ours fgsm", "torchattacks fgsm", 1.0, "max"),
-            ("PGD ours/torchattacks", "ours pgd", "torchattacks pgd", 1.0, "max"),
-        ],
+    goals = [(f"{s['key']} ours/torchattacks", f"ours {s['key']}", f"torchattacks {s['key']}", 1.0, "max")
+             for s in specs]  # fmt: skip
+    ok = report("wall time per attack (median of interleaved rounds)", medians, goals)
+    print(
+        "  per-round ratio ours/torchattacks, wall [min - max]; thread CPU time median (less disturbed by load):"
     )
-    best = {k: min(v) for k, v in times.items()}
-    print("  fastest round (least disturbed by background load):")
-    for kind in ("fgsm", "pgd"):
-        ratio = best[f"ours {kind}"] / best[f"torchattacks {kind}"]
-        print(f"    {kind}: ours {best[f'ours {kind}'] * 1e3:.1f} ms, torchattacks "
-              f"{best[f'torchattacks {kind}'] * 1e3:.1f} ms, ratio {ratio:.3f}x")  # fmt: skip
-    ok = ok and fgsm_equal and pgd_diff <= 1e-6
+    for s in specs:
+        k = s["key"]
+        ratios = [a / b for a, b in zip(times[f"ours {k}"], times[f"torchattacks {k}"], strict=True)]
+        c = statistics.median(cpu[f"ours {k}"]) / statistics.median(cpu[f"torchattacks {k}"])
+        print(f"    {k:10s} wall [{min(ratios):.3f} - {max(ratios):.3f}]x, cpu median {c:.3f}x")
+    ok = ok and all(agree.values())
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

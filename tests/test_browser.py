@@ -332,3 +332,40 @@ def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sa
         finally:
             browser.close()
     assert not failures, failures
+
+
+def test_adversarial_page_with_the_ensemble_and_a_minimal_attack(chromium, server):
+    """The Adversarial page served for real: the AutoAttack-style ensemble with its robustness curve,
+    then CW (no budget: the eps slider is disabled); no exception, no progress bar left standing.
+    Screenshots: SHOTS/adversarial-autoattack.png and SHOTS/adversarial-cw.png."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, list[str]] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1900})
+            page.set_default_timeout(IDLE_MS)
+            page.goto(server)
+            page.wait_for_selector("h1:has-text('interp explorer')")
+            wait_idle(page)
+            goto(page, "Adversarial")
+            main = page.locator("[data-testid='stMain']")
+            select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + Square")
+            wait_idle(page)
+            main.get_by_text("Robustness curve (first").first.click()
+            wait_idle(page)
+            assert main.get_by_text("Accuracy under AutoAttack-style").count() >= 1
+            page.screenshot(path=str(SHOTS / "adversarial-autoattack.png"), full_page=True)
+            if found := problems(page):
+                failures["autoattack"] = found
+            select(page, "Attack", "CW (L2, minimal)")
+            wait_idle(page)
+            assert main.get_by_text("Minimal-perturbation attack: the eps slider does not apply").count() == 1
+            page.screenshot(path=str(SHOTS / "adversarial-cw.png"), full_page=True)
+            if found := problems(page):
+                failures["cw"] = found
+        finally:
+            browser.close()
+    assert not failures, failures

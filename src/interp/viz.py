@@ -451,3 +451,20 @@ def token_rows_html(
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(lines)}</body></html>"
     )
+
+
+def robustness_figure(curves: Sequence[Any], title: str = "Accuracy under attack"):
+    """Accuracy against eps, one line per robustness curve (``adversarial.robustness_curve``), so
+    attacks (or models) compare on one axis; a minimal-perturbation attack's curve is its L2 budget."""
+    import plotly.graph_objects as go
+
+    if not curves:
+        raise InputError("robustness_figure needs at least one curve (from adversarial.robustness_curve)")
+    fig = go.Figure()
+    for curve in curves:
+        norm = curve.config.get("norm", "linf")
+        fig.add_scatter(x=list(curve.eps), y=list(curve.accuracy), mode="lines+markers", name=curve.attack,
+                        hovertemplate=f"{curve.attack}: eps %{{x}} ({norm}), accuracy %{{y:.3f}}<extra></extra>")  # fmt: skip
+    fig.update_layout(title=title, xaxis_title="eps (perturbation budget)", yaxis_title="accuracy",
+                      yaxis_range=[0, 1.02], height=380)  # fmt: skip
+    return fig

@@ -15,16 +15,26 @@ gradient, clamp of the perturbation then of the image), so on the same model and
 bit-identical and PGD without random start matches to float rounding; the benchmark checks both.
 ``embedding_pgd`` attacks a transformer in its input-embedding space through a replacement hook.
 ``adversarial_train`` is Madry et al.'s PGD training.
+
+The other attacks live in ``interp.methods.attacks`` and are importable from here too: ``cw``
+(L2), ``deepfool``, ``apgd`` (CE or DLR loss), ``apgd_t``, ``square`` (L∞) and ``autoattack``
+(APGD-CE + APGD-T + Square). ``run_attack(name, ...)`` runs any of :data:`ATTACK_NAMES`, and
+``robustness_curve`` takes every one. Every attack takes ``normalize=(mean, std)`` for a model that
+expects normalised inputs (the attack stays in pixel space); the targeted ones take ``target=`` as
+a class, ``"random"``, ``"least-likely"`` or a function (``resolve_target``). ``Attack.save`` and
+``load_attack`` keep an adversarial set with its config and seed in a safetensors file.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,26 +71,93 @@ def _module_and_bounds(
 
 
 def check_inputs(
-    model: HookedModel | nn.Module, x: Any, y: Any, eps: float, bounds: tuple[float, float] | None = None
+    model: HookedModel | nn.Module,
+    x: Any,
+    y: Any,
+    eps: float,
+    bounds: tuple[float, float] | None = None,
+    *,
+    norm: str = "linf",
+    normalize: tuple[Any, Any] | None = None,
+    classes: bool = True,
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, tuple[float, float]]:
-    """Validate an attack's inputs; InputError with the fix for each way they can be wrong."""
+    """Validate an attack's inputs; InputError with the fix for each way they can be wrong.
+
+    ``normalize=(mean, std)`` (one value per channel) wraps the model so it sees ``(x - mean) / std``
+    while the attack, its budget and its result stay in pixel space. ``classes=False`` leaves the
+    label-range check to the caller (an attack that checks it on its own first forward).
+    """
     check_number("eps", eps, minimum=0.0, why="the perturbation budget")
     module, (low, high) = _module_and_bounds(model, bounds)
     # a loaded model checks shape, range and finiteness itself
     xt = model.prepare(x) if isinstance(model, HookedModel) else torch.as_tensor(x).float()
-    require_finite(xt, "the images", "Replace or drop the NaN/inf images.")
     if xt.numel() == 0:
         raise InputError("got an empty batch of images; pass at least one image")
-    if xt.numel() and (xt.min() < low or xt.max() > high):
+    lo, hi = (v.item() for v in torch.aminmax(xt.detach()))  # one pass: a NaN/inf shows in min or max
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        require_finite(xt, "the images", "Replace or drop the NaN/inf images.")
+    if lo < low or hi > high:
         raise InputError(
-            f"images must lie in [{low}, {high}], got values in [{xt.min().item():.3g}, {xt.max().item():.3g}]. "
+            f"images must lie in [{low}, {high}], got values in [{lo:.3g}, {hi:.3g}]. "
             "Rescale them (e.g. pixels / 255) or pass bounds=(low, high)."
         )
+    check_eps_range(eps, norm, (low, high), xt)
     yt = class_labels(y, "labels", xt.device)
     if len(yt) != len(xt):
         raise InputError(f"got {len(yt)} labels for {len(xt)} images; pass exactly one label per image")
-    check_classes(module, xt, yt, "labels")
+    if normalize is not None:
+        if not isinstance(normalize, tuple | list) or len(normalize) != 2:
+            raise InputError(f"normalize must be (mean, std), one value per channel each, got {normalize!r}")
+        module = Normalized(module, *normalize, channels=xt.shape[1] if xt.ndim > 1 else 1)
+    if classes:
+        check_classes(module, xt, yt, "labels")
     return module, xt.detach(), yt, (low, high)
+
+
+def check_eps_range(eps: float, norm: str, bounds: tuple[float, float], x: torch.Tensor) -> None:
+    """InputError for a budget wider than the pixel range allows (L∞: ``high - low``; L2: that times
+    the square root of the pixels per image): such an eps is in the wrong units (0-255 pixels for
+    images in [0, 1]), and every image in the ball would be reachable."""
+    width = bounds[1] - bounds[0]
+    limit = width if norm == "linf" else width * math.sqrt(max(1, x[0].numel()))
+    if eps > limit * (1 + 1e-6):
+        raise InputError(
+            f"eps={eps:g} is larger than the input range allows ({norm} at most {limit:g} for pixels in "
+            f"[{bounds[0]:g}, {bounds[1]:g}]); give eps in the images' own units (e.g. 8/255, not 8)"
+        )
+
+
+class Normalized(nn.Module):
+    """``module((x - mean) / std)``: a model that expects normalised inputs, attacked in pixel space
+    (torchattacks' ``set_normalization_used``: the budget and bounds are in pixels)."""
+
+    def __init__(self, module: nn.Module, mean: Any, std: Any, *, channels: int) -> None:
+        super().__init__()
+        stats = []
+        for what, value in (("mean", mean), ("std", std)):
+            try:
+                t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(
+                    f"normalize {what} must be numbers, one per channel, got {value!r}"
+                ) from None
+            if len(t) != channels:
+                raise InputError(
+                    f"normalize {what} has {len(t)} values but the images have {channels} channel(s) "
+                    f"(dim 1); pass one {what} per channel"
+                )
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"normalize {what} must be finite, got {value!r}")
+            stats.append(t)
+        if bool((stats[1] <= 0).any()):
+            raise InputError(f"normalize std must be > 0 for every channel, got {std!r}")
+        self.module = module
+        self.register_buffer("mean", stats[0], persistent=False)
+        self.register_buffer("std", stats[1], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, *[1] * (x.ndim - 2))
+        return self.module((x - self.mean.view(shape).to(x)) / self.std.view(shape).to(x))
 
 
 def check_number(
@@ -119,6 +196,11 @@ def check_classes(module: nn.Module, x: torch.Tensor, labels: torch.Tensor, what
     """InputError if a label is not one of the model's classes (one forward of one image)."""
     with _eval(module), torch.no_grad():
         n_classes = module(x[:1]).shape[-1]
+    check_class_range(n_classes, labels, what)
+
+
+def check_class_range(n_classes: int, labels: torch.Tensor, what: str) -> None:
+    """InputError if a label is outside ``[0, n_classes)``."""
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
         raise InputError(
             f"{what} must be classes in [0, {n_classes}) for this model (it outputs {n_classes} logits), "
@@ -149,7 +231,7 @@ class Attack:
     labels: torch.Tensor
     target: torch.Tensor | None
     config: dict[str, Any]
-    module: nn.Module = field(repr=False)
+    module: nn.Module | None = field(repr=False)
 
     @property
     def delta(self) -> torch.Tensor:
@@ -158,11 +240,16 @@ class Attack:
 
     @cached_property
     def logits_clean(self) -> torch.Tensor:
-        return _logits(self.module, self.x)
+        return _logits(self._model(), self.x)
 
     @cached_property
     def logits_adv(self) -> torch.Tensor:
-        return _logits(self.module, self.x_adv)
+        return _logits(self._model(), self.x_adv)
+
+    def _model(self) -> nn.Module:
+        if self.module is None:
+            raise InputError("this adversarial set was loaded without a model; pass model= to load_attack")
+        return self.module
 
     @property
     def accuracy_clean(self) -> float:
@@ -188,6 +275,58 @@ class Attack:
         """Original, adversarial and perturbation images of one example, with both predictions."""
         return attack_figure(self, index)
 
+    def save(self, path: str | Path) -> Path:
+        """Write the adversarial set to a safetensors file: clean and adversarial images, labels, the
+        target (if any), and the attack's config (with its seed) as JSON metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"x": self.x, "x_adv": self.x_adv, "labels": self.labels}
+        if self.target is not None:
+            tensors["target"] = self.target
+        meta = {"format": "interp-adversarial-set/1", "config": json.dumps(self.config, default=_jsonable)}
+        path = Path(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, tuple | set):
+        return list(value)
+    return repr(value)
+
+
+def load_attack(path: str | Path, model: HookedModel | nn.Module | None = None) -> Attack:
+    """Read a set written by :meth:`Attack.save`. With ``model`` its predictions can be recomputed
+    (``accuracy_adv``, ``figure``); the config's normalisation, if any, is applied to it again."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no adversarial set at {str(path)!r}; pass the path Attack.save wrote")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(
+            f"{str(path)!r} is not a safetensors file ({err}); pass a file Attack.save wrote"
+        ) from None
+    if meta.get("format") != "interp-adversarial-set/1" or not {"x", "x_adv", "labels"} <= tensors.keys():
+        raise InputError(f"{str(path)!r} is not an adversarial set written by Attack.save")
+    config = json.loads(meta["config"])
+    if "bounds" in config:
+        config["bounds"] = tuple(config["bounds"])
+    module = None
+    if model is not None:
+        module = model.module if isinstance(model, HookedModel) else model
+        stats = config.get("normalize")
+        if stats:
+            module = Normalized(module, stats["mean"], stats["std"], channels=len(stats["mean"]))
+    return Attack(tensors["x"], tensors["x_adv"], tensors["labels"], tensors.get("target"), config, module)
+
 
 def _logits(module: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tensor:
     with torch.no_grad():
@@ -199,10 +338,16 @@ def _logits(module: nn.Module, x: torch.Tensor, batch: int = 1024) -> torch.Tens
 # ------------------------------------------------------------------------------------------------
 
 
-def _input_grad(module: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tensor:
-    """Gradient of the mean cross-entropy (negated when targeted) with respect to the images."""
+def _input_grad(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, targeted: bool, check: str | None = None
+) -> torch.Tensor:
+    """Gradient of the mean cross-entropy (negated when targeted) with respect to the images;
+    ``check`` names the labels to check against the model's classes on this forward."""
     x.requires_grad_(True)
-    cost = F.cross_entropy(module(x), y)
+    logits = module(x)
+    if check is not None:
+        check_class_range(logits.shape[-1], y, check)
+    cost = F.cross_entropy(logits, y)
     if targeted:
         cost = -cost
     return torch.autograd.grad(cost, x)[0]
@@ -217,19 +362,25 @@ def fgsm(
     targeted: bool = False,
     target: Any = None,
     bounds: tuple[float, float] | None = None,
+    normalize: tuple[Any, Any] | None = None,
+    seed: int | None = 0,
 ) -> Attack:
     """Fast gradient sign method (Goodfellow et al. 2015): ``x + eps * sign(∇x CE)``, clamped.
 
-    Untargeted it ascends the loss of the true labels ``y``; targeted (``target`` given) it descends
-    the loss of ``target``.
+    Untargeted it ascends the loss of the true labels ``y``; targeted (``target`` given: see
+    :func:`resolve_target` for the modes) it descends the loss of the target. ``normalize=(mean, std)``
+    attacks a model that expects normalised inputs, in pixel space. ``seed`` seeds ``target="random"``.
     """
-    module, xt, yt, (low, high) = check_inputs(model, x, y, eps, bounds)
-    goal = _target(target, targeted, yt, module, xt)
+    module, xt, yt, (low, high) = check_inputs(model, x, y, eps, bounds, normalize=normalize, classes=False)
+    goal = _target(target, targeted, yt, module, xt, seed)
     with _eval(module), torch.enable_grad():
         images = xt.clone().detach()
-        grad = _input_grad(module, images, yt if goal is None else goal, goal is not None)
+        labels = yt if goal is None else goal
+        # the one forward also checks the labels against the model's classes (a goal is checked already)
+        grad = _input_grad(module, images, labels, goal is not None, check="labels" if goal is None else None)
         x_adv = torch.clamp(images + eps * grad.sign(), min=low, max=high).detach()
-    config = {"attack": "fgsm", "eps": eps, "targeted": goal is not None, "bounds": (low, high)}
+    config = {"attack": "fgsm", "eps": eps, "targeted": goal is not None, "bounds": (low, high),
+              "target_mode": _target_mode(target), "normalize": _stats(normalize), "seed": seed}  # fmt: skip
     return Attack(xt, x_adv, yt, goal, config, module)
 
 
@@ -247,6 +398,7 @@ def pgd(
     targeted: bool = False,
     target: Any = None,
     bounds: tuple[float, float] | None = None,
+    normalize: tuple[Any, Any] | None = None,
     seed: int | None = 0,
 ) -> Attack:
     """Projected gradient descent (Madry et al. 2018) in an L∞ or L2 ball of radius ``eps``.
@@ -258,7 +410,10 @@ def pgd(
         random_start: start uniformly in the L∞ ball (L2: a random direction, radius ~ U(0, eps)).
         restarts: independent random starts; per example the one with the highest loss (lowest
             for targeted) is kept.
-        seed: seeds the random starts (None: use the global RNG).
+        target: a targeted attack's goal; see :func:`resolve_target` for the modes.
+        normalize: ``(mean, std)`` per channel for a model that expects normalised inputs; the
+            attack, eps and the result stay in pixel space.
+        seed: seeds the random starts and ``target="random"`` (None: use the global RNG).
     """
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -266,9 +421,9 @@ def pgd(
     check_number("restarts", restarts, minimum=1, integer=True)
     if alpha is not None:
         check_number("alpha", alpha, minimum=0.0, why="the step size; a negative one reverses the attack")
-    module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds)
+    module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds, norm=norm, normalize=normalize)
     alpha = eps / 4 if alpha is None else float(alpha)
-    goal = _target(target, targeted, yt, module, xt)
+    goal = _target(target, targeted, yt, module, xt, seed)
     labels = yt if goal is None else goal
     gen = torch.Generator(device=xt.device).manual_seed(seed) if seed is not None else None
     best, best_loss = None, None
@@ -292,7 +447,8 @@ def pgd(
                 best_loss = torch.maximum(loss, best_loss)
     config = {"attack": f"pgd-{norm}", "eps": eps, "alpha": alpha, "steps": int(steps), "norm": norm,
               "random_start": random_start, "restarts": int(restarts), "targeted": goal is not None,
-              "bounds": bounds_, "seed": seed}  # fmt: skip
+              "bounds": bounds_, "seed": seed, "target_mode": _target_mode(target),
+              "normalize": _stats(normalize)}  # fmt: skip
     return Attack(xt, best, yt, goal, config, module)
 
 
@@ -311,14 +467,15 @@ def _pgd_loop(
     low, high = bounds
     for _ in range(steps):
         grad = _input_grad(module, adv, labels, targeted)
+        # torchattacks' arithmetic, operation for operation (so bit-identical), in place: the graph
+        # of this step is freed, and reusing its buffers saves five allocations per step
         if norm == "linf":
-            adv = adv.detach() + alpha * grad.sign()
-            delta = torch.clamp(adv - images, min=-eps, max=eps)
+            adv = adv.detach().add_(grad.sign_().mul_(alpha))
         else:
             grad = grad / _batch_norm(grad).add(EPS_DIVISION).view(-1, *[1] * (grad.ndim - 1))
-            adv = adv.detach() + alpha * grad
-            delta = _project_l2(adv - images, eps)
-        adv = torch.clamp(images + delta, min=low, max=high).detach()
+            adv = adv.detach().add_(grad.mul_(alpha))
+        delta = adv.sub_(images).clamp_(-eps, eps) if norm == "linf" else _project_l2(adv - images, eps)
+        adv = delta.add_(images).clamp_(low, high)  # images + delta, then the pixel bounds
     return adv
 
 
@@ -344,13 +501,36 @@ def _random_start(
     return torch.clamp(x + noise, min=bounds[0], max=bounds[1]).detach()
 
 
-def _target(
-    target: Any, targeted: bool, y: torch.Tensor, module: nn.Module, x: torch.Tensor
-) -> torch.Tensor | None:
-    if target is None:
-        if targeted:
-            raise InputError("targeted=True needs target=: the class (or one class per image) to reach")
-        return None
+TARGET_MODES = ("random", "least-likely")
+
+
+def resolve_target(
+    target: Any, y: torch.Tensor, module: nn.Module, x: torch.Tensor, seed: int | None = 0
+) -> torch.Tensor:
+    """The target class of each image, in torchattacks' ``set_mode_targeted_*`` meanings:
+
+    - a class or one class per image: by label (``set_mode_targeted_by_label``);
+    - ``"random"``: a class drawn uniformly among those other than the true label (seeded);
+    - ``"least-likely"``: the class, other than the true label, with the lowest clean logit;
+    - a function ``f(x, y) -> classes``: by function (``set_mode_targeted_by_function``).
+    """
+    if isinstance(target, str):
+        if target not in TARGET_MODES:
+            raise InputError(
+                f"target must be a class, classes, a function f(x, y) or one of {TARGET_MODES}, got {target!r}"
+            )
+        with _eval(module), torch.no_grad():
+            logits = _logits(module, x)
+        if target == "least-likely":
+            return logits.scatter(1, y[:, None], math.inf).argmin(-1)
+        gen = torch.Generator(device=x.device).manual_seed(seed) if seed is not None else None
+        n = logits.shape[-1]
+        if n < 2:
+            raise InputError("target='random' needs a model with at least 2 classes")
+        draw = (torch.rand(len(y), generator=gen, device=x.device) * (n - 1)).long().clamp_max(n - 2)
+        return draw + (draw >= y).long()  # skip the true label: uniform over the other n - 1
+    if callable(target):
+        target = target(x, y)
     t = class_labels(target, "target", y.device)
     t = t.expand(len(y)).clone() if t.numel() == 1 else t
     if len(t) != len(y):
@@ -359,6 +539,34 @@ def _target(
         )
     check_classes(module, x, t, "target")
     return t
+
+
+def _target(
+    target: Any, targeted: bool, y: torch.Tensor, module: nn.Module, x: torch.Tensor, seed: int | None = 0
+) -> torch.Tensor | None:
+    if target is None:
+        if targeted:
+            raise InputError("targeted=True needs target=: the class (or one class per image) to reach")
+        return None
+    return resolve_target(target, y, module, x, seed)
+
+
+def _target_mode(target: Any) -> str | None:
+    """How the target was given, for the attack's config (and a saved set)."""
+    if target is None:
+        return None
+    if isinstance(target, str):
+        return target
+    return "function" if callable(target) else "label"
+
+
+def _stats(normalize: tuple[Any, Any] | None) -> dict[str, list[float]] | None:
+    if normalize is None:
+        return None
+    return {
+        k: torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist()
+        for k, v in zip(("mean", "std"), normalize, strict=True)
+    }
 
 
 class _eval:
@@ -403,16 +611,65 @@ class RobustnessCurve:
         return fig
 
 
+EPS_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack")
+MIN_NORM_ATTACKS = ("cw", "deepfool")  # one run gives the whole curve (accuracy at each budget)
+ATTACK_NAMES = EPS_ATTACKS + MIN_NORM_ATTACKS
+
+
+def run_attack(name: str, model: HookedModel | nn.Module, x: Any, y: Any, eps: float | None = None,
+               **kwargs: Any) -> Attack:  # fmt: skip
+    """Any attack by name (:data:`ATTACK_NAMES`); ``eps`` is ignored by the minimal-perturbation
+    attacks (cw, deepfool), required by the others."""
+    from interp.methods import attacks
+
+    table = {"fgsm": fgsm, "pgd": pgd, "apgd-ce": lambda *a, **k: attacks.apgd(*a, loss="ce", **k),
+             "apgd-dlr": lambda *a, **k: attacks.apgd(*a, loss="dlr", **k), "apgd-t": attacks.apgd_t,
+             "square": attacks.square, "autoattack": attacks.autoattack}  # fmt: skip
+    if name in MIN_NORM_ATTACKS:
+        return (attacks.cw if name == "cw" else attacks.deepfool)(model, x, y, **kwargs)
+    if name not in table:
+        raise InputError(f"attack must be one of {ATTACK_NAMES}, got {name!r}")
+    if eps is None:
+        raise InputError(f"{name} needs eps=, the perturbation budget")
+    return table[name](model, x, y, eps, **kwargs)
+
+
 def robustness_curve(
-    model: HookedModel | nn.Module, x: Any, y: Any, eps: Sequence[float], attack: str = "fgsm", **kwargs: Any
+    model: HookedModel | nn.Module,
+    x: Any,
+    y: Any,
+    eps: Sequence[float],
+    attack: str = "fgsm",
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
 ) -> RobustnessCurve:
-    """Adversarial accuracy at each eps (``attack`` is ``"fgsm"`` or ``"pgd"``; kwargs go to it;
-    a PGD ``alpha`` not given is ``eps / 4`` at each eps)."""
-    run = {"fgsm": fgsm, "pgd": pgd}.get(attack)
-    if run is None:
-        raise InputError(f"attack must be 'fgsm' or 'pgd', got {attack!r}")
-    acc = [run(model, x, y, e, **kwargs).accuracy_adv for e in eps]
-    return RobustnessCurve(list(map(float, eps)), acc, attack, dict(kwargs))
+    """Adversarial accuracy at each eps, for any attack in :data:`ATTACK_NAMES` (kwargs go to it; a
+    PGD ``alpha`` not given is ``eps / 4`` at each eps).
+
+    An eps attack runs once per eps. A minimal-perturbation attack (cw, deepfool) runs once: the
+    accuracy at eps counts the images it did not break within L2 distance eps (``min_norm_accuracy``).
+    ``progress(done, total)`` is called after each run.
+    """
+    if attack not in ATTACK_NAMES:
+        raise InputError(f"attack must be one of {ATTACK_NAMES}, got {attack!r}")
+    eps = [float(e) for e in eps]
+    for e in eps:
+        check_number("eps", e, minimum=0.0, why="each budget of the curve")
+    if attack in MIN_NORM_ATTACKS:
+        from interp.methods.attacks import min_norm_accuracy
+
+        run = run_attack(attack, model, x, y, **kwargs)
+        acc = [min_norm_accuracy(run, e, "l2") for e in eps]
+        if progress is not None:
+            progress(1, 1)
+        return RobustnessCurve(eps, acc, attack, {**kwargs, "norm": "l2", "one_run": True})
+    acc = []
+    for i, e in enumerate(eps):
+        acc.append(run_attack(attack, model, x, y, e, **kwargs).accuracy_adv)
+        if progress is not None:
+            progress(i + 1, len(eps))
+    return RobustnessCurve(eps, acc, attack, dict(kwargs))
 
 
 @dataclass
@@ -772,8 +1029,8 @@ def _pair(
 def attack_probe(
     model: HookedModel | nn.Module,
     clean: Any,
-    adversarial: Any,
-    labels: Any,
+    adversarial: Any = None,
+    labels: Any = None,
     names: str | Sequence[str] | None = None,
     *,
     train: tuple[Any, Any] | None = None,
@@ -783,6 +1040,9 @@ def attack_probe(
     seed: int = 0,
 ) -> AttackProbe:
     """Compare a clean batch and its adversarial twin at every hook point.
+
+    ``clean`` may be an :class:`Attack` from any attack (then ``adversarial`` and ``labels`` come
+    from it): ``attack_probe(model, A.square(model, x, y, 0.1))``.
 
     Args:
         names: hook points (default: every leaf module's output, or the residual stream).
@@ -796,6 +1056,12 @@ def attack_probe(
     check_number("topk_frac", topk_frac, minimum=0.0, strict=True, why="a share of units, at most 1")
     if topk_frac > 1:
         raise InputError(f"topk_frac must be a share of units in (0, 1], got {topk_frac!r}")
+    if isinstance(clean, Attack):
+        if adversarial is not None or labels is not None:
+            raise InputError("pass either an Attack or (clean, adversarial, labels), not both")
+        clean, adversarial, labels = clean.x, clean.x_adv, clean.labels
+    if adversarial is None or labels is None:
+        raise InputError("attack_probe needs the adversarial batch and the labels (or an Attack as clean=)")
     hooked = _as_hooked(model)
     x, xa, y = _pair(hooked, clean, adversarial, labels)
     chosen = hooked.resolve(names) if names is not None else probing.default_names(hooked)
@@ -875,8 +1141,12 @@ def attack_figure(attack: Attack, index: int = 0):
             t[index].reshape(-1, t.shape[-1]).cpu().numpy() if t.ndim >= 3 else t[index][None].cpu().numpy()
         )
 
+    peak = float(attack.delta[index].abs().max())
+    # an image the attack left unchanged (APGD, Square and the ensemble return those clean): say so,
+    # and scale the empty panel by the budget rather than by ~0 (which labels the colour bar in pico)
+    third = "perturbation" if peak > 0 else "perturbation: none (image unchanged)"
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", "perturbation"))  # fmt: skip
+        f"original: {c} ({p_clean[c]:.2f})", f"adversarial: {a} ({p_adv[a]:.2f})", third))  # fmt: skip
     low, high = attack.config.get("bounds", (0.0, 1.0))
     fig.add_heatmap(
         z=img(attack.x)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=1
@@ -884,11 +1154,26 @@ def attack_figure(attack: Attack, index: int = 0):
     fig.add_heatmap(
         z=img(attack.x_adv)[::-1], colorscale="gray", zmin=low, zmax=high, showscale=False, row=1, col=2
     )
-    bound = max(float(attack.delta[index].abs().max()), 1e-12)
+    bound = peak if peak > 0 else float(attack.config.get("eps") or 1.0) or 1.0
     fig.add_heatmap(
         z=img(attack.delta)[::-1], colorscale="RdBu", zmid=0, zmin=-bound, zmax=bound, row=1, col=3
     )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, scaleanchor="x")
-    fig.update_layout(height=320, title=f"{attack.config['attack']} eps={attack.config['eps']}")
+    budget = f"eps={attack.config['eps']}" if "eps" in attack.config else "minimal perturbation"
+    fig.update_layout(height=320, title=f"{attack.config['attack']} {budget}")
     return fig
+
+
+_FROM_ATTACKS = ("apgd", "apgd_t", "autoattack", "cw", "deepfool", "dlr_loss", "dlr_loss_targeted",
+                 "min_norm_accuracy", "square")  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """The attacks of ``interp.methods.attacks`` are importable from here too (lazily: that package
+    imports this module's helpers)."""
+    if name in _FROM_ATTACKS:
+        from interp.methods import attacks
+
+        return getattr(attacks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
