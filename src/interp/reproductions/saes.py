@@ -369,6 +369,12 @@ def reproduce(fast: bool = False, *, setup: ToySetup | None = None, retrain: boo
 
     Fast: d=32, G=64, 1,500 steps per SAE, MMCS bound 0.9 (not 0.95), MCC >= 0.85, the TMS retrain on
     half the tokens with cosine >= 0.98. Faithful: d=64, G=128, 5,000 steps, the stated bounds.
+
+    Measured (shared 2-core box, load ~8). Faithful, 7/7 in 1,151 s wall: MMCS 0.986 (dict 128 = G,
+    L1 0.2) and 1.000 (dict 256, L1 0.4), 0.703 at dict 64; MMCS over L1 (0.03 ... 1.6) at dict 256
+    [0.969, 0.999, 1.000, 1.000, 0.985, 0.779]; Hungarian MCC 0.972 at dict = G; TMS min cosine 0.9997
+    shipped and retrained. Fast, 7/7 (~35 s CPU): MMCS 0.950 / 0.961 at 1x / 2x G, 0.761 at 0.5x, sweep
+    [0.639, 0.837, 0.961, 0.685], MCC 0.915.
     """
     setup = setup or (FAST if fast else FAITHFUL)
     report = Report("saes", fast=fast)
