@@ -46,8 +46,9 @@ from interp.graphs.graph import Graph, Node, normalize_matrix
 from interp.graphs.replacement import Replacement, check_transcoders, native_core, record
 
 
-def _tokens(model: Any, prompt: Any, n_ctx: int) -> torch.Tensor:
-    """The prompt as a 1-D LongTensor, checked against the context length before any work."""
+def _tokens(model: Any, prompt: Any, n_ctx: int, d_vocab: int) -> torch.Tensor:
+    """The prompt as a 1-D LongTensor, checked against the context length and the vocabulary
+    before any work (an id outside it would surface as an embedding's raw IndexError)."""
     if isinstance(prompt, str):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
@@ -76,6 +77,12 @@ def _tokens(model: Any, prompt: Any, n_ctx: int) -> torch.Tensor:
         raise InputError(
             f"the prompt has {ids.numel()} tokens but the model's context is n_ctx={n_ctx}: shorten the prompt "
             f"to at most {n_ctx} tokens."
+        )
+    outside = ids[(ids < 0) | (ids >= d_vocab)]
+    if outside.numel():
+        raise InputError(
+            f"token ids {outside.tolist()[:5]} are outside the vocabulary [0, {d_vocab}): pass ids the model "
+            "embeds (or text, read by its tokenizer)."
         )
     return ids.long()
 
@@ -383,7 +390,7 @@ def attribute(
 
     core = native_core(model)
     check_transcoders(core, transcoders)
-    tokens = _tokens(model, prompt, int(core.cfg.n_ctx))
+    tokens = _tokens(model, prompt, int(core.cfg.n_ctx), int(core.cfg.d_vocab))
     explicit = None if targets is None else _target_ids(model, targets, int(core.cfg.d_vocab))
     if max_n_logits < 1 or not 0 < desired_logit_prob <= 1:
         raise InputError("max_n_logits must be >= 1 and desired_logit_prob in (0, 1]")
