@@ -402,6 +402,14 @@ def test_bad_layer_and_method_inputs_are_clear_input_errors(cnn, digits, gpt2_mo
         at.attribute(minilm, "the cat", target=1, method="ig", layer="blocks.1.hook_resid_pre")
 
 
+@pytest.mark.parametrize("method", ["lime", "kernel_shap", "gradient_shap"])
+def test_a_sample_count_below_one_is_refused_before_captum_runs(cnn, digits, method):
+    """n_samples=0 was captum's ZeroDivisionError (gradient_shap) or torch.cat's ValueError (lime)."""
+    x, _ = digits
+    with pytest.raises(InputError, match=r"n_samples must be a positive integer, got 0"):
+        at.attribute(cnn, x[:1], target=1, method=method, n_samples=0)
+
+
 def test_zoo_lm_layer_ig_over_token_and_position_embeddings_equals_captum():
     """zoo:induction-2l (a TransformerLens bridge): hook_embed and hook_pos_embed at once, and a
     head-split hook, against captum on the bridge's own hook_dict modules (TL's names)."""

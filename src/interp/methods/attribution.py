@@ -217,6 +217,8 @@ def attribute(
     _check_method(method, layer, neuron, noise_tunnel, target)
     if not isinstance(n_steps, int) or n_steps < 1:
         raise InputError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
+        raise InputError(f"n_samples must be a positive integer, got {n_samples!r}")
     shap = method in bridge.SHAP_METHODS and layer is None
     space = (
         _image_space(model, inputs, None if shap else base_arg)
