@@ -336,6 +336,25 @@ def test_token_methods_through_the_embedding(gpt2_model):
     )
 
 
+def test_the_default_position_is_the_last_real_token_under_left_padding(gpt2_model):
+    """With a left-padded batch the last real token is the last column, not mask.sum() - 1 (which
+    there is a padding position); the explained scalar is the model's output at that token."""
+    tokenizer = gpt2_model.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        texts = ["the cat sat on the mat", "a dog"]
+        prepared = gpt2_model.prepare(texts)
+        result = at.attribute(gpt2_model, texts, target=3, method="saliency")
+    finally:
+        tokenizer.padding_side = side
+    assert prepared.attention_mask[1, 0] == 0  # the batch really is left-padded
+    last = prepared.input_ids.shape[1] - 1
+    assert result.config["position"] == [last, last]
+    logits = gpt2_model.run_with_hooks(prepared, [])
+    torch.testing.assert_close(result.output, logits[:, last, 3])
+
+
 @pytest.mark.parametrize("method", at.METHODS)
 def test_model_randomization_is_available_for_every_method(cnn, digits, references, method):
     """Adebayo et al. 2018, reproduced: randomizing every layer decorrelates every method's maps;

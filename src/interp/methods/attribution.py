@@ -758,7 +758,9 @@ def _str_tokens(model: HookedModel, ids: torch.Tensor, mask: torch.Tensor) -> li
 
 
 def _positions(mask: torch.Tensor, position: int | None) -> torch.Tensor:
-    last = mask.sum(-1).long() - 1
+    """Each example's explained position: ``position``, or its last real token (the last 1 in the
+    mask, so left padding counts as well as right padding)."""
+    last = (mask.shape[1] - 1) - mask.long().flip(-1).argmax(-1)
     if position is None:
         return last
     if not -mask.shape[1] <= position < mask.shape[1]:
