@@ -364,6 +364,17 @@ def test_token_ids_outside_the_vocabulary_are_refused(setup, bad):
         graphs.qk_attribution(model, tcs, prompt, layer=1, head=0, query=3, key=1)
 
 
+def test_explicit_targets_take_numpy_and_torch_integers_but_not_bools(setup):
+    """An id from a tensor or an array is an id (was refused as 'not a token id'); True is not."""
+    import numpy as np
+
+    model, tcs, *_ = setup
+    graph = graphs.attribute(model, tcs, TOKENS, targets=[np.int64(3), torch.tensor(7)], progress=False)
+    assert graph.logit_tokens == [3, 7]
+    with pytest.raises(InputError, match="not a token id"):
+        graphs.attribute(model, tcs, TOKENS, targets=[True], progress=False)
+
+
 def test_a_graph_over_the_memory_budget_names_the_fix(setup):
     model, tcs, *_ = setup
     with pytest.raises(InputError, match="lower max_feature_nodes .* or raise memory_budget"):

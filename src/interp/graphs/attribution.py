@@ -34,9 +34,11 @@ rotary models, ``W_E[tok_p]``), so the graph's inputs are the whole embedding.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from einops import einsum
 from tqdm.auto import tqdm
@@ -87,6 +89,13 @@ def _tokens(model: Any, prompt: Any, n_ctx: int, d_vocab: int) -> torch.Tensor:
     return ids.long()
 
 
+def _is_id(value: Any) -> bool:
+    """An integer token id: a Python, numpy or 0-d torch integer (a bool is not one)."""
+    if torch.is_tensor(value):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def _target_ids(model: Any, targets: Sequence[Any], d_vocab: int) -> list[int]:
     """Token ids of explicitly requested logit targets; each must be one token."""
     ids: list[int] = []
@@ -104,7 +113,7 @@ def _target_ids(model: Any, targets: Sequence[Any], d_vocab: int) -> list[int]:
                     "Pass a single-token string (mind the leading space) or a token id."
                 )
             ids.append(int(encoded[0]))
-        elif isinstance(target, int) and 0 <= target < d_vocab:
+        elif _is_id(target) and 0 <= int(target) < d_vocab:
             ids.append(int(target))
         else:
             raise InputError(
