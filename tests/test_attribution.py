@@ -351,6 +351,11 @@ def test_the_default_position_is_the_last_real_token_under_left_padding(gpt2_mod
     assert result.config["position"] == [last, last]
     logits = gpt2_model.run_with_hooks(prepared, [])
     torch.testing.assert_close(result.output, logits[:, last, 3])
+    # the bars line up with the real tokens (was values[:len(tokens)]: the padding, then cut short)
+    bars = result.figure(1).data[0].y
+    real = prepared.attention_mask[1].bool()
+    assert len(bars) == len(result.str_tokens[1]) == int(real.sum())
+    assert list(bars) == result.values[1][real].tolist() and bars[-1] == result.values[1, -1].item()
 
 
 @pytest.mark.parametrize("method", at.METHODS)

@@ -96,7 +96,7 @@ class Attribution:
         inputs: the images, or the token ids ``[B, pos]``.
         baseline: the baseline (images, or embeddings ``[B, pos, d_model]``), None for saliency.
         output: ``[B]`` the attributed scalar ``f(x)``.
-        str_tokens: token strings per example (transformers).
+        str_tokens: token strings per example (transformers), real tokens only.
         per_dim: transformers: attributions per embedding dimension ``[B, pos, d_model]`` (layer
             methods: per dimension of the first layer's activation).
         config: method settings (n_steps, window, library, ...), recorded for reports.
@@ -115,6 +115,13 @@ class Attribution:
     per_dim: torch.Tensor | None = None
     config: dict[str, Any] = field(default_factory=dict)
     by_layer: dict[str, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+
+    def token_values(self, index: int = 0) -> torch.Tensor:
+        """Transformers: example ``index``'s values at its real tokens, aligned with
+        ``str_tokens[index]`` (padding dropped, whichever side it is on)."""
+        row = self.values[index]
+        return row if self.mask is None else row[self.mask[index].bool()]
 
     def figure(self, index: int = 0) -> go.Figure:
         """Image models: the input beside its attribution map; transformers: a bar per token."""
@@ -128,7 +135,7 @@ class Attribution:
         import plotly.graph_objects as go
 
         tokens = self.str_tokens[index]
-        values = self.values[index, : len(tokens)].tolist()
+        values = self.token_values(index).tolist()
         labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
         fig = go.Figure(
             go.Bar(x=labels, y=values, marker_color=["#d62728" if v < 0 else "#1f77b4" for v in values])
@@ -143,7 +150,7 @@ class Attribution:
         from circuitsvis.tokens import colored_tokens
 
         tokens = self.str_tokens[index]
-        values = self.values[index, : len(tokens)].float()
+        values = self.token_values(index).float()
         bound = float(values.abs().max().clamp_min(1e-12))
         return colored_tokens(tokens, values.tolist(), min_value=-bound, max_value=bound).local_src
 
@@ -699,7 +706,9 @@ def _token_space(model: HookedModel, inputs: Any, baseline: Any, position: int |
         strs = tokens.str_tokens or _str_tokens(model, ids, mask)
         kept = None if method == "saliency" else base
         config = {**config, "position": pos.tolist(), "embedding": EMBED_HOOK}
-        return Attribution(per_token, method, targets, delta, ids, kept, scalar, strs, values, config)
+        return Attribution(
+            per_token, method, targets, delta, ids, kept, scalar, strs, values, config, mask=mask
+        )
 
     def plain(ids_rows, mask_rows, pos_rows) -> torch.Tensor:
         from interp.models.transformer import Tokens
@@ -734,6 +743,7 @@ def _token_space(model: HookedModel, inputs: Any, baseline: Any, position: int |
             by_layer[first],
             config,
             by_layer,
+            mask,
         )
 
     d = embed.shape[-1]
