@@ -100,19 +100,26 @@ def _at_zero(model, text):
     return out[torch.arange(len(last)), last, 5]
 
 
-def test_token_occlusion_and_saliency_by_hand(gpt2_model):
-    text = "the cat sat on the mat"
-    occ = at.attribute(gpt2_model, text, target=3, method="occlusion")
-    base = gpt2_model.run_with_hooks(text, [])[0, -1, 3]
-    for i in range(occ.values.shape[1]):
+def _token_drops(model, text: str, target: int) -> torch.Tensor:
+    """By hand: the last position's ``target`` logit minus its value with token i's embedding
+    zeroed, for every token i (what occlusion and feature ablation of one token compute)."""
+    base = model.run_with_hooks(text, [])[0, -1, target]
+    drops = []
+    for i in range(model.prepare(text).input_ids.shape[1]):
 
         def drop(act, hook, i=i):
             act = act.clone()
             act[:, i] = 0
             return act
 
-        expected = base - gpt2_model.run_with_hooks(text, [("hook_embed", drop)])[0, -1, 3]
-        assert abs(occ.values[0, i].item() - expected.item()) < 1e-5
+        drops.append(base - model.run_with_hooks(text, [("hook_embed", drop)])[0, -1, target])
+    return torch.stack(drops).detach()
+
+
+def test_token_occlusion_and_saliency_by_hand(gpt2_model):
+    text = "the cat sat on the mat"
+    occ = at.attribute(gpt2_model, text, target=3, method="occlusion")
+    torch.testing.assert_close(occ.values[0], _token_drops(gpt2_model, text, 3), atol=1e-5, rtol=0)
     sal = at.attribute(gpt2_model, text, target=3, method="saliency")
     _, cache = gpt2_model.run_with_cache(text, names="hook_embed", grad_of=lambda out: out[0, -1, 3])
     torch.testing.assert_close(sal.values[0], cache.grads["hook_embed"][0].norm(dim=-1))
@@ -315,16 +322,7 @@ def test_token_methods_through_the_embedding(gpt2_model):
     stochastic and noise-tunnel method runs per token on a transformer."""
     text = "the cat sat on the mat"
     ablation = at.attribute(gpt2_model, text, target=3, method="feature_ablation")
-    base = gpt2_model.run_with_hooks(text, [])[0, -1, 3]
-    for i in range(ablation.values.shape[1]):
-
-        def drop(act, hook, i=i):
-            act = act.clone()
-            act[:, i] = 0
-            return act
-
-        expected = base - gpt2_model.run_with_hooks(text, [("hook_embed", drop)])[0, -1, 3]
-        assert abs(ablation.values[0, i].item() - expected.item()) < 1e-5
+    torch.testing.assert_close(ablation.values[0], _token_drops(gpt2_model, text, 3), atol=1e-5, rtol=0)
     for method in ("lime", "kernel_shap", "gradient_shap"):
         result = at.attribute(gpt2_model, text, target=3, method=method)
         assert result.values.shape == ablation.values.shape and torch.isfinite(result.values).all()
@@ -334,6 +332,30 @@ def test_token_methods_through_the_embedding(gpt2_model):
     torch.testing.assert_close(
         smooth.values, at.attribute(gpt2_model, text, target=3, method="ig", n_steps=8).values
     )
+
+
+def test_the_default_position_is_the_last_real_token_under_left_padding(gpt2_model):
+    """With a left-padded batch the last real token is the last column, not mask.sum() - 1 (which
+    there is a padding position); the explained scalar is the model's output at that token."""
+    tokenizer = gpt2_model.tokenizer
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        texts = ["the cat sat on the mat", "a dog"]
+        prepared = gpt2_model.prepare(texts)
+        result = at.attribute(gpt2_model, texts, target=3, method="saliency")
+    finally:
+        tokenizer.padding_side = side
+    assert prepared.attention_mask[1, 0] == 0  # the batch really is left-padded
+    last = prepared.input_ids.shape[1] - 1
+    assert result.config["position"] == [last, last]
+    logits = gpt2_model.run_with_hooks(prepared, [])
+    torch.testing.assert_close(result.output, logits[:, last, 3])
+    # the bars line up with the real tokens (was values[:len(tokens)]: the padding, then cut short)
+    bars = result.figure(1).data[0].y
+    real = prepared.attention_mask[1].bool()
+    assert len(bars) == len(result.str_tokens[1]) == int(real.sum())
+    assert list(bars) == result.values[1][real].tolist() and bars[-1] == result.values[1, -1].item()
 
 
 @pytest.mark.parametrize("method", at.METHODS)
@@ -400,6 +422,14 @@ def test_bad_layer_and_method_inputs_are_clear_input_errors(cnn, digits, gpt2_mo
         at.attribute(gpt2_model, "the cat", target=1, method="deeplift")
     with pytest.raises(InputError, match=r"passes by keyword or beside non-tensor arguments"):
         at.attribute(minilm, "the cat", target=1, method="ig", layer="blocks.1.hook_resid_pre")
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap", "gradient_shap"])
+def test_a_sample_count_below_one_is_refused_before_captum_runs(cnn, digits, method):
+    """n_samples=0 was captum's ZeroDivisionError (gradient_shap) or torch.cat's ValueError (lime)."""
+    x, _ = digits
+    with pytest.raises(InputError, match=r"n_samples must be a positive integer, got 0"):
+        at.attribute(cnn, x[:1], target=1, method=method, n_samples=0)
 
 
 def test_zoo_lm_layer_ig_over_token_and_position_embeddings_equals_captum():

@@ -351,6 +351,30 @@ def test_prompts_longer_than_the_context_are_refused_before_work(setup):
         graphs.attribute(model, tcs, "some text")
 
 
+@pytest.mark.parametrize("bad", [20, -3])
+def test_token_ids_outside_the_vocabulary_are_refused(setup, bad):
+    """attribute, intervene and qk_attribution all name the vocabulary (was torch's IndexError)."""
+    model, tcs, *_ = setup
+    prompt = torch.tensor([1, 5, bad, 3])
+    with pytest.raises(InputError, match=r"outside the vocabulary \[0, 20\)"):
+        graphs.attribute(model, tcs, prompt, progress=False)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        graphs.intervene(model, tcs, prompt, [(0, 0, 0, 1.0)])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        graphs.qk_attribution(model, tcs, prompt, layer=1, head=0, query=3, key=1)
+
+
+def test_explicit_targets_take_numpy_and_torch_integers_but_not_bools(setup):
+    """An id from a tensor or an array is an id (was refused as 'not a token id'); True is not."""
+    import numpy as np
+
+    model, tcs, *_ = setup
+    graph = graphs.attribute(model, tcs, TOKENS, targets=[np.int64(3), torch.tensor(7)], progress=False)
+    assert graph.logit_tokens == [3, 7]
+    with pytest.raises(InputError, match="not a token id"):
+        graphs.attribute(model, tcs, TOKENS, targets=[True], progress=False)
+
+
 def test_a_graph_over_the_memory_budget_names_the_fix(setup):
     model, tcs, *_ = setup
     with pytest.raises(InputError, match="lower max_feature_nodes .* or raise memory_budget"):

@@ -247,3 +247,18 @@ def test_a_shared_capture_is_made_once_and_a_dead_latent_has_nothing_to_show(gpt
     assert stats.dead == 16 and dash.dead and dash.density == 0.0 and dash.examples == []
     assert dash.histogram == {"edges": [], "counts": []} and dash.max_activation == 0.0
     assert len(viz.latent_histogram_figure(**dash.histogram).data[0].y) == 0
+
+
+def test_a_shared_out_dir_never_gives_one_dictionary_anothers_activations(gpt2_model, texts, tmp_path):
+    """Two dictionaries of one shape at one hook: the second must read its own latents from a shared
+    out_dir, not the first one's capture (the store's header names the hook, not the weights)."""
+    first, second = (S.SAE(S.SAEConfig(d_in=32, d_sae=16, hook_name=SITE)) for _ in range(2))
+    with torch.no_grad():
+        for seed, sae in enumerate((first, second)):
+            sae.W_enc.normal_(generator=torch.Generator().manual_seed(seed))
+    S.latent_stats(gpt2_model, first, texts[:8], out_dir=tmp_path, batch_size=8)
+    shared = S.latent_stats(gpt2_model, second, texts[:8], out_dir=tmp_path, batch_size=8)
+    fresh = S.latent_stats(gpt2_model, second, texts[:8], batch_size=8)
+    assert torch.equal(shared.max_activation, fresh.max_activation)
+    dash = S.dashboard(gpt2_model, second, 0, texts[:8], out_dir=tmp_path, batch_size=8)
+    assert dash.max_activation == pytest.approx(float(fresh.max_activation[0]))

@@ -3,7 +3,7 @@
 >>> from interp import graphs
 >>> graph = graphs.attribute(model, transcoders, prompt)        # one transcoder per layer
 >>> pruned = graph.prune(node_threshold=0.8, edge_threshold=0.98)
->>> pruned.replacement_score(), pruned.completeness_score()
+>>> graph.replacement_score(), graph.completeness_score()      # of the full graph, as circuit-tracer
 >>> graph.to_neuronpedia("graph.json")                          # Neuronpedia's graph JSON
 >>> graphs.intervene(model, transcoders, prompt, [(layer, pos, feature, 0.0)])   # real model
 >>> graphs.qk_attribution(model, transcoders, prompt, layer=1, head=0, query=7, key=3)

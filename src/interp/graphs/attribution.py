@@ -34,9 +34,11 @@ rotary models, ``W_E[tok_p]``), so the graph's inputs are the whole embedding.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from einops import einsum
 from tqdm.auto import tqdm
@@ -46,8 +48,9 @@ from interp.graphs.graph import Graph, Node, normalize_matrix
 from interp.graphs.replacement import Replacement, check_transcoders, native_core, record
 
 
-def _tokens(model: Any, prompt: Any, n_ctx: int) -> torch.Tensor:
-    """The prompt as a 1-D LongTensor, checked against the context length before any work."""
+def _tokens(model: Any, prompt: Any, n_ctx: int, d_vocab: int) -> torch.Tensor:
+    """The prompt as a 1-D LongTensor, checked against the context length and the vocabulary
+    before any work (an id outside it would surface as an embedding's raw IndexError)."""
     if isinstance(prompt, str):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
@@ -77,7 +80,20 @@ def _tokens(model: Any, prompt: Any, n_ctx: int) -> torch.Tensor:
             f"the prompt has {ids.numel()} tokens but the model's context is n_ctx={n_ctx}: shorten the prompt "
             f"to at most {n_ctx} tokens."
         )
+    outside = ids[(ids < 0) | (ids >= d_vocab)]
+    if outside.numel():
+        raise InputError(
+            f"token ids {outside.tolist()[:5]} are outside the vocabulary [0, {d_vocab}): pass ids the model "
+            "embeds (or text, read by its tokenizer)."
+        )
     return ids.long()
+
+
+def _is_id(value: Any) -> bool:
+    """An integer token id: a Python, numpy or 0-d torch integer (a bool is not one)."""
+    if torch.is_tensor(value):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
 
 
 def _target_ids(model: Any, targets: Sequence[Any], d_vocab: int) -> list[int]:
@@ -97,7 +113,7 @@ def _target_ids(model: Any, targets: Sequence[Any], d_vocab: int) -> list[int]:
                     "Pass a single-token string (mind the leading space) or a token id."
                 )
             ids.append(int(encoded[0]))
-        elif isinstance(target, int) and 0 <= target < d_vocab:
+        elif _is_id(target) and 0 <= int(target) < d_vocab:
             ids.append(int(target))
         else:
             raise InputError(
@@ -383,7 +399,7 @@ def attribute(
 
     core = native_core(model)
     check_transcoders(core, transcoders)
-    tokens = _tokens(model, prompt, int(core.cfg.n_ctx))
+    tokens = _tokens(model, prompt, int(core.cfg.n_ctx), int(core.cfg.d_vocab))
     explicit = None if targets is None else _target_ids(model, targets, int(core.cfg.d_vocab))
     if max_n_logits < 1 or not 0 < desired_logit_prob <= 1:
         raise InputError("max_n_logits must be >= 1 and desired_logit_prob in (0, 1]")

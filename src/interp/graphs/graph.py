@@ -22,6 +22,9 @@ What is matched, exactly (each checked on hand-built graphs in ``tests/test_grap
   error nodes with no kept outgoing edge and feature nodes with no kept incoming edge.
 - ``replacement_score``: token influence / (token influence + error influence).
 - ``completeness_score``: ``sum_t (1 - sum_{s error} Â[t,s]) (I(t) + w(t)) / sum_t (I(t) + w(t))``.
+  circuit-tracer reports both scores of the full (unpruned) graph; on a pruned graph each row is
+  renormalized over its kept edges, so the scores are that subgraph's own and differ from the
+  full graph's (either way).
 
 Two deliberate differences: edges into or out of a node dropped by node pruning are never kept
 (circuit-tracer's first pass can keep such zero-score edges when an edge threshold lands on a zero

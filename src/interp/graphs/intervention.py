@@ -96,7 +96,7 @@ def intervene(
 
     core = native_core(model)
     check_transcoders(core, transcoders)
-    tokens = _tokens(model, prompt, int(core.cfg.n_ctx))
+    tokens = _tokens(model, prompt, int(core.cfg.n_ctx), int(core.cfg.d_vocab))
     _check(interventions, transcoders, len(tokens), mode)
     edits: dict[int, list[tuple]] = {}
     for layer, pos, feature, value in interventions:

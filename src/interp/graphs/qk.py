@@ -133,7 +133,7 @@ def qk_attribution(
 
     core = native_core(model, allow_attn_only=transcoders is None)
     reads = None if transcoders is None else check_transcoders(core, transcoders)
-    tokens = _tokens(model, prompt, int(core.cfg.n_ctx))
+    tokens = _tokens(model, prompt, int(core.cfg.n_ctx), int(core.cfg.d_vocab))
     n_pos = len(tokens)
     _check(core, layer, head, query, key, n_pos)
     with torch.no_grad():

@@ -96,7 +96,7 @@ class Attribution:
         inputs: the images, or the token ids ``[B, pos]``.
         baseline: the baseline (images, or embeddings ``[B, pos, d_model]``), None for saliency.
         output: ``[B]`` the attributed scalar ``f(x)``.
-        str_tokens: token strings per example (transformers).
+        str_tokens: token strings per example (transformers), real tokens only.
         per_dim: transformers: attributions per embedding dimension ``[B, pos, d_model]`` (layer
             methods: per dimension of the first layer's activation).
         config: method settings (n_steps, window, library, ...), recorded for reports.
@@ -115,6 +115,13 @@ class Attribution:
     per_dim: torch.Tensor | None = None
     config: dict[str, Any] = field(default_factory=dict)
     by_layer: dict[str, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None
+
+    def token_values(self, index: int = 0) -> torch.Tensor:
+        """Transformers: example ``index``'s values at its real tokens, aligned with
+        ``str_tokens[index]`` (padding dropped, whichever side it is on)."""
+        row = self.values[index]
+        return row if self.mask is None else row[self.mask[index].bool()]
 
     def figure(self, index: int = 0) -> go.Figure:
         """Image models: the input beside its attribution map; transformers: a bar per token."""
@@ -128,7 +135,7 @@ class Attribution:
         import plotly.graph_objects as go
 
         tokens = self.str_tokens[index]
-        values = self.values[index, : len(tokens)].tolist()
+        values = self.token_values(index).tolist()
         labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
         fig = go.Figure(
             go.Bar(x=labels, y=values, marker_color=["#d62728" if v < 0 else "#1f77b4" for v in values])
@@ -143,7 +150,7 @@ class Attribution:
         from circuitsvis.tokens import colored_tokens
 
         tokens = self.str_tokens[index]
-        values = self.values[index, : len(tokens)].float()
+        values = self.token_values(index).float()
         bound = float(values.abs().max().clamp_min(1e-12))
         return colored_tokens(tokens, values.tolist(), min_value=-bound, max_value=bound).local_src
 
@@ -217,6 +224,8 @@ def attribute(
     _check_method(method, layer, neuron, noise_tunnel, target)
     if not isinstance(n_steps, int) or n_steps < 1:
         raise InputError(f"n_steps must be a positive integer, got {n_steps!r}")
+    if n_samples is not None and (not isinstance(n_samples, int) or n_samples < 1):
+        raise InputError(f"n_samples must be a positive integer, got {n_samples!r}")
     shap = method in bridge.SHAP_METHODS and layer is None
     space = (
         _image_space(model, inputs, None if shap else base_arg)
@@ -697,7 +706,9 @@ def _token_space(model: HookedModel, inputs: Any, baseline: Any, position: int |
         strs = tokens.str_tokens or _str_tokens(model, ids, mask)
         kept = None if method == "saliency" else base
         config = {**config, "position": pos.tolist(), "embedding": EMBED_HOOK}
-        return Attribution(per_token, method, targets, delta, ids, kept, scalar, strs, values, config)
+        return Attribution(
+            per_token, method, targets, delta, ids, kept, scalar, strs, values, config, mask=mask
+        )
 
     def plain(ids_rows, mask_rows, pos_rows) -> torch.Tensor:
         from interp.models.transformer import Tokens
@@ -732,6 +743,7 @@ def _token_space(model: HookedModel, inputs: Any, baseline: Any, position: int |
             by_layer[first],
             config,
             by_layer,
+            mask,
         )
 
     d = embed.shape[-1]
@@ -756,7 +768,9 @@ def _str_tokens(model: HookedModel, ids: torch.Tensor, mask: torch.Tensor) -> li
 
 
 def _positions(mask: torch.Tensor, position: int | None) -> torch.Tensor:
-    last = mask.sum(-1).long() - 1
+    """Each example's explained position: ``position``, or its last real token (the last 1 in the
+    mask, so left padding counts as well as right padding)."""
+    last = (mask.shape[1] - 1) - mask.long().flip(-1).argmax(-1)
     if position is None:
         return last
     if not -mask.shape[1] <= position < mask.shape[1]:

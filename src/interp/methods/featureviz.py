@@ -837,20 +837,15 @@ def render(
     image = Param(shape, param, constraint, bounds, radius, gen, decorrelate=decorrelate).to(model.device)
     lr = (0.005 if param == "cppn" else 0.05) if lr is None else lr
     opt = torch.optim.Adam(image.parameters(), lr=lr)
-    history: list[float] = []
     with model.hooks(_readers(objective, store := {})):
-        for step in tqdm(range(steps), desc="feature vis", disable=not progress):
+
+        def loss() -> torch.Tensor:
             x = image()
             seen = tf(x, gen, bounds[0]) if tf is not None else x
-            loss = -objective(_run(model, objective, seen, x, store)).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            image.project()
-            if step % 16 == 0 or step == steps - 1:
-                history.append(loss.item())
-            if callback is not None:
-                callback(step + 1, steps)
+            return -objective(_run(model, objective, seen, x, store)).sum()
+
+        bar = tqdm(range(steps), desc="feature vis", disable=not progress)
+        history = _descend(loss, opt, bar, callback, after_step=image.project)
         with torch.no_grad():
             final = image()
             scores = _per_image(objective, _run(model, objective, final, final, store), n)
@@ -944,6 +939,32 @@ class TokenVisualization:
 TOKEN_EMBED = "embed.hook_out"
 
 
+def _descend(
+    loss: Callable[[], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    steps: Any,
+    callback: Callable[[int, int], None] | None,
+    after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """One optimizer step on ``loss()`` per item of ``steps`` (a range, or a tqdm over one), then
+    ``after_step()`` (e.g. a projection onto the box) and ``callback(step, n_steps)``. Returns the
+    loss every 16 steps and at the last: the history ``render`` and ``render_tokens`` record."""
+    n = len(steps)
+    history: list[float] = []
+    for step in steps:
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        if step % 16 == 0 or step == n - 1:
+            history.append(value.item())
+        if callback is not None:
+            callback(step + 1, n)
+    return history
+
+
 def render_tokens(
     model: HookedModel,
     layer: str,
@@ -989,16 +1010,9 @@ def render_tokens(
     score = _unit_score(name, u, position)
     embeds = torch.nn.Parameter(table[start].detach().clone())
     opt = torch.optim.Adam([embeds], lr=lr)
-    history: list[float] = []
-    for step in range(steps):
-        loss = -score(_token_acts(model, name, dummy, embeds)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 16 == 0 or step == steps - 1:
-            history.append(loss.item())
-        if callback is not None:
-            callback(step + 1, steps)
+    history = _descend(
+        lambda: -score(_token_acts(model, name, dummy, embeds)).sum(), opt, range(steps), callback
+    )
     with torch.no_grad():
         final = embeds.detach()
         scores = score(_token_acts(model, name, dummy, final))

@@ -35,6 +35,7 @@ once and reused for every latent.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -121,8 +122,9 @@ def latent_stats(
         model, sae: the model and a dictionary that fits it (``S.check_fits``).
         inputs: what ``interp.capture_to_disk`` takes (texts, token ids, tensors).
         batch_size: examples per forward and per read-back chunk.
-        out_dir: where the capture lives (reused when it already holds it); default a temporary
-            folder deleted afterwards.
+        out_dir: where the capture lives, in a subfolder named by a hash of the dictionary's
+            weights (reused when it already holds it, never by another dictionary); default a
+            temporary folder deleted afterwards.
         progress: a tqdm bar during the capture; ``callback(done, total)`` after each chunk read.
     """
     check_fits(model, sae)
@@ -443,12 +445,23 @@ def _capture(
     from interp.store import capture_to_disk
 
     with tempfile.TemporaryDirectory(prefix="interp-sae-dash-") as tmp:
-        where = Path(out_dir) if out_dir is not None else Path(tmp)
+        where = Path(out_dir) / f"sae-{_weights_digest(sae)}" if out_dir is not None else Path(tmp)
         with model.saes([sae], use_error_term=True):
             ds = capture_to_disk(
                 model, inputs, [latent_hook(sae)], where, batch_size=batch_size, progress=progress
             )
         yield ds, where
+
+
+def _weights_digest(sae: SAE) -> str:
+    """A short hash of the dictionary's weights. The store's resume check names the hook, not the
+    weights, so a shared ``out_dir`` keeps each dictionary's capture in its own subfolder: another
+    dictionary of the same shape at the same hook never reads this one's latents."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _chunks(
