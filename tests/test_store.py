@@ -424,6 +424,25 @@ def test_shard_checksums_are_recorded_and_verified(cnn, tmp_path, monkeypatch, a
         store.shard_files(out)
 
 
+def test_resume_with_same_sized_other_weights_is_refused(cnn, tmp_path):
+    """A retrained model keeps its name and parameter count; its weights fingerprint tells them apart."""
+    import copy
+
+    x = torch.rand(12, *cnn.input_shape)
+    out = tmp_path / "cap"
+    capture_to_disk(cnn, x, "conv1.hook_out", out, batch_size=4, progress=False)
+    capture_to_disk(cnn, x, "conv1.hook_out", out, batch_size=4, progress=False)  # same weights: resumes
+    retrained = copy.deepcopy(cnn)
+    with torch.no_grad():
+        next(retrained.module.parameters()).add_(1e-3)
+    with pytest.raises(InputError, match="different model weights"):
+        capture_to_disk(retrained, x, "conv1.hook_out", out, batch_size=4, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())  # written before fingerprints existed
+    del manifest["weights_fingerprint"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert len(capture_to_disk(cnn, x, "conv1.hook_out", out, batch_size=4, progress=False)) == 12
+
+
 def test_mismatched_resume_is_refused(lm, texts, tmp_path):
     out = tmp_path / "cap"
     capture_to_disk(lm, texts, "blocks.0.hook_resid_post", out, batch_size=8, shard_mb=0, progress=False)

@@ -490,6 +490,7 @@ def _header(
         "model_kind": getattr(model, "kind", "module"),
         "model_class": type(model.module).__name__,
         "n_params": sum(p.numel() for p in model.module.parameters()),
+        "weights_fingerprint": weights_fingerprint(model.module),
         "names": chosen,
         "shapes": {n: (list(shapes[n]) if shapes.get(n) is not None else None) for n in chosen},
         "dtype": store_dtype,
@@ -505,6 +506,7 @@ _IDENTITY = {
     "model_kind": "model kind",
     "model_class": "model class",
     "n_params": "model parameter count",
+    "weights_fingerprint": "model weights (same name and size, other values: retrained?)",
     "names": "hook names",
     "dtype": "dtype",
     "input_kind": "kind of inputs",
@@ -514,11 +516,34 @@ _IDENTITY = {
 }
 
 
+# Identity keys that older manifests lack: a capture written before them still resumes.
+_ADDED_LATER = {"weights_fingerprint"}
+
+
+def weights_fingerprint(module: Any) -> str:
+    """xxh3_128 of every parameter and buffer (names, dtypes, shapes and values), so a resume or a
+    reuse never mixes activations of two models that share a name and a size. Tensors offloaded to
+    the meta device (``device_map`` with disk offload) count by name, dtype and shape only."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for name, tensor in module.state_dict(keep_vars=False).items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.device.type != "meta" and tensor.numel():
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            digest.update(memoryview(data.numpy()))
+    return digest.hexdigest()
+
+
 def _open_manifest(out: Path, header: dict[str, Any], resume: bool, verify: bool) -> dict[str, Any]:
     existing = _read_manifest(out)
     _refuse_foreign(out)
     if existing is not None and resume:
-        differ = [label for key, label in _IDENTITY.items() if existing.get(key) != header.get(key)]
+        differ = [
+            label
+            for key, label in _IDENTITY.items()
+            if existing.get(key) != header.get(key) and (key in existing or key not in _ADDED_LATER)
+        ]
         if differ:
             details = "; ".join(
                 f"{label}: on disk {_short(existing.get(key))}, now {_short(header.get(key))}"
