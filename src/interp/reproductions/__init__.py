@@ -19,6 +19,9 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
 * ``clock-pizza``: modular addition learned by two algorithms, Clock with standard attention and
   Pizza with constant attention, told apart by gradient symmetricity and distance irrelevance
   (Zhong et al. 2023).
+* ``circuits``: attribution graphs with transcoders on the grammar model, checked against
+  interventions in the real model: agreement features flip the verb's number, the IOI path from the
+  name to the answer restores the logit difference (Ameisen et al. 2025).
 
 The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
 smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
@@ -34,7 +37,9 @@ from pathlib import Path
 from interp.errors import InputError, closest
 from interp.reproductions.report import Check, Report
 
-FINDINGS: tuple[str, ...] = ("induction", "grokking", "superposition", "adversarial", "icl-gd", "clock-pizza")
+FINDINGS: tuple[str, ...] = (
+    "induction", "grokking", "superposition", "adversarial", "icl-gd", "clock-pizza", "circuits",
+)  # fmt: skip
 _ALIASES = {
     "induction-heads": "induction",
     "induction_heads": "induction",
