@@ -90,6 +90,11 @@ def test_a_feature_whose_outgoing_edges_are_pruned_is_dropped():
     assert result.edge_mask.nonzero().tolist() == [[L0, T1]]
 
 
+def test_top_features_rank_features_by_influence():
+    top = hand_graph().top_features(5)
+    assert [(node.label, round(value, 6)) for node, value in top] == [("feature0", 0.375), ("feature1", 0.15)]
+
+
 def test_cumulative_scores_are_the_sorted_running_share():
     result = hand_graph().prune_masks()
     total = 1.425

@@ -1,10 +1,11 @@
 """attribute(): exactness against the real model (TransformerLens's bridge hooks are the oracle) and
 against finite differences in the frozen replacement model; interventions; bad input.
 
-The model is a tiny random float64 decoder (2 layers, d_model 32, LayerNorm, GELU MLP) with every
-parameter perturbed so that no bias is zero; the transcoders are random, one plain (reading
-``mlp.hook_in``) and one skip transcoder reading the stream before ``ln2`` (``ln2.hook_in``), so
-both input sites and the skip path are exercised. Exactness holds for any weights.
+The model is a tiny random float64 decoder (3 layers, d_model 32, LayerNorm, GELU MLP) with every
+parameter perturbed so that no bias is zero; the transcoders are random: a plain one reading
+``mlp.hook_in``, a skip transcoder reading the stream before ``ln2`` (``ln2.hook_in``) and a plain one
+reading ``ln2.hook_normalized`` (before ln2's affine), so every input site and the skip path are
+exercised. Exactness holds for any weights.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from interp.sae import SAE, SAEConfig
 TOKENS = torch.tensor([1, 5, 7, 3, 9, 2, 11, 4])
 
 
-def tiny_model(seed: int = 0, **overrides):
+def tiny_model(seed: int = 0, double: bool = True, **overrides):
     from transformer_lens.config import TransformerBridgeConfig
 
     kw = dict(
-        n_layers=2,
+        n_layers=3,
         d_model=32,
         n_heads=4,
         d_head=8,
@@ -38,15 +39,19 @@ def tiny_model(seed: int = 0, **overrides):
     )
     kw.update(overrides)
     model = interp.load(TransformerBridgeConfig(**kw))
-    model.bridge.double()
+    if double:
+        model.bridge.double()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.bridge.original_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+            p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.3)
     return model
 
 
-def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 2):
+SITES = ("mlp.hook_in", "ln2.hook_in", "ln2.hook_normalized")
+
+
+def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 3, dtype: str = "float64"):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for layer in range(n_layers):
@@ -55,17 +60,19 @@ def tiny_transcoders(seed: int = 0, d_sae: int = 48, n_layers: int = 2):
             d_in=32,
             d_sae=d_sae,
             architecture="skip_transcoder" if skip else "transcoder",
-            hook_name=f"blocks.{layer}.ln2.hook_in" if skip else f"blocks.{layer}.mlp.hook_in",
+            hook_name=f"blocks.{layer}.{SITES[layer % 3]}",
             hook_name_out=f"blocks.{layer}.mlp.hook_out",
-            dtype="float64",
+            dtype=dtype,
             apply_b_dec_to_input=False,
         )
         tc = SAE(cfg)
         with torch.no_grad():
             for p, std in ((tc.W_enc, 0.3), (tc.W_dec, 0.3), (tc.b_enc, 0.5), (tc.b_dec, 0.1)):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
             if skip:
-                tc.W_skip.copy_(torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64) * 0.1)
+                tc.W_skip.copy_(
+                    torch.randn(tc.W_skip.shape, generator=gen, dtype=torch.float64).to(tc.dtype) * 0.1
+                )
         out.append(tc)
     return out
 
@@ -86,10 +93,9 @@ def test_the_recorded_forward_is_the_models(setup):
     """The replacement's forward (from the weights, no hooks) carries what TL's hooks carry."""
     model, tcs, _, rep = setup
     names = [
-        f"blocks.{i}.{s}"
-        for i in range(2)
-        for s in ("ln1.hook_scale", "attn.hook_pattern", "mlp.hook_in", "hook_mlp_out", "hook_resid_mid")
+        f"blocks.{i}.{s}" for i in range(3) for s in ("ln1.hook_scale", "attn.hook_pattern", "hook_mlp_out")
     ]
+    names += [tc.cfg.hook_name for tc in tcs]
     logits, cache = model.run_with_cache(TOKENS[None], names=names + ["ln_final.hook_scale"])
     torch.testing.assert_close(rep.logits, logits[0], rtol=0, atol=1e-10)
     for i, layer in enumerate(rep.layers):
@@ -100,8 +106,7 @@ def test_the_recorded_forward_is_the_models(setup):
             layer.pattern, cache[f"blocks.{i}.attn.hook_pattern"][0], atol=1e-12, rtol=0
         )
         torch.testing.assert_close(layer.mlp_out, cache[f"blocks.{i}.hook_mlp_out"][0], atol=1e-10, rtol=0)
-        site = f"blocks.{i}.hook_resid_mid" if layer.reads_pre_ln else f"blocks.{i}.mlp.hook_in"
-        torch.testing.assert_close(layer.mlp_in, cache[site][0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(layer.mlp_in, cache[tcs[i].cfg.hook_name][0], atol=1e-10, rtol=0)
     torch.testing.assert_close(
         rep.ln_final.scale[:, 0], cache["ln_final.hook_scale"][0].flatten(), atol=1e-10, rtol=0
     )
@@ -127,7 +132,7 @@ def test_nodes_are_the_active_features_of_the_real_model(setup):
     got = [(n.layer, n.pos, n.feature) for n in graph.nodes if n.kind == "feature"]
     assert got == expected and len(got) > 20
     counts = {k: int(graph.kind_mask(k).sum()) for k in ("error", "token")}
-    assert counts == {"error": 2 * len(TOKENS), "token": len(TOKENS)}
+    assert counts == {"error": 3 * len(TOKENS), "token": len(TOKENS)}
 
 
 def test_incoming_edges_plus_bias_reconstruct_every_target(setup):
@@ -198,6 +203,39 @@ def test_each_edge_is_a_finite_difference_in_the_frozen_model(setup, eps):
         assert fd == pytest.approx(float(graph.adjacency[t, s]), abs=1e-4, rel=1e-6), (
             graph.nodes[t],
             graph.nodes[s],
+        )
+
+
+def test_the_reverse_pass_is_autograds_backward(setup):
+    """attribute's hand-written transpose pass against autograd through the frozen forward."""
+    from interp.graphs.attribution import _Targets, reverse
+
+    _, tcs, graph, rep = setup
+    picks = [i for i, n in enumerate(graph.nodes) if n.kind in ("feature", "logit")][::7]
+    nodes = [graph.nodes[i] for i in picks]
+    vecs = []
+    for n in nodes:
+        if n.kind == "logit":
+            vecs.append(rep.W_U[:, n.feature] - rep.W_U.mean(1))
+        else:
+            vecs.append(tcs[n.layer].W_enc[:, n.feature].detach())
+    layers = torch.tensor([n.layer for n in nodes])
+    positions = torch.tensor([n.pos for n in nodes])
+    targets = _Targets(layers, positions, torch.stack(vecs))
+    g_embed, g_writes = reverse(rep, targets)
+    embed = torch.zeros(len(nodes), rep.n_pos, 32, dtype=torch.float64, requires_grad=True)
+    writes = [torch.zeros_like(embed, requires_grad=True) for _ in rep.layers]
+    tc_inputs, final = rep.run(embed, writes, with_bias=False)
+    total = sum(
+        (final if n.layer == rep.n_layers else tc_inputs[n.layer])[b, n.pos] @ vecs[b]
+        for b, n in enumerate(nodes)
+    )
+    grads = torch.autograd.grad(total, [embed, *writes], allow_unused=True)
+    torch.testing.assert_close(g_embed, grads[0], atol=1e-12, rtol=0)
+    for mine, ref in zip(g_writes, grads[1:], strict=True):
+        expected = torch.zeros_like(embed) if ref is None else ref
+        torch.testing.assert_close(
+            torch.zeros_like(embed) if mine is None else mine, expected, atol=1e-12, rtol=0
         )
 
 
@@ -299,10 +337,10 @@ def test_transcoders_that_do_not_fit_are_refused(setup):
         )
     )
     with pytest.raises(InputError, match="d_model is 32"):
-        graphs.attribute(model, [tcs[0], wide], TOKENS)
+        graphs.attribute(model, [tcs[0], wide, tcs[2]], TOKENS)
     sae = SAE(SAEConfig(d_in=32, d_sae=8, hook_name="blocks.1.mlp.hook_in", dtype="float64"))
     with pytest.raises(InputError, match="not a transcoder"):
-        graphs.attribute(model, [tcs[0], sae], TOKENS)
+        graphs.attribute(model, [tcs[0], sae, tcs[2]], TOKENS)
 
 
 def test_prompts_longer_than_the_context_are_refused_before_work(setup):
@@ -343,3 +381,34 @@ def test_models_without_mlp_decoders_are_refused(gpt2_model):
 def test_encoder_only_models_are_refused(minilm):
     with pytest.raises(InputError, match="encoder-only"):
         graphs.attribute(minilm, [], "the cat sat")
+
+
+def test_the_library_checks_pass_on_the_graph_and_catch_a_corrupted_one(setup):
+    model, tcs, graph, _ = setup
+    edges = graphs.edge_check(model, tcs, graph, n_pairs=30)
+    assert edges["max_abs_error"] < 1e-9 and edges["max_edge"] > 0.1
+    assert graphs.reconstruction_check(graph)["max_abs_error"] < 1e-9
+    broken = graphs.Graph(
+        adjacency=graph.adjacency * 1.01,
+        nodes=graph.nodes,
+        logit_probs=graph.logit_probs,
+        prompt_tokens=graph.prompt_tokens,
+        bias=graph.bias,
+        metadata=graph.metadata,
+    )
+    assert graphs.edge_check(model, tcs, broken, n_pairs=30)["max_abs_error"] > 1e-3
+    assert graphs.reconstruction_check(broken)["max_abs_error"] > 1e-3
+    with pytest.raises(InputError, match="before prune"):
+        graphs.reconstruction_check(graph.prune())
+
+
+def test_float32_models_give_float32_graphs_that_reconstruct_to_rounding():
+    from interp.progress import report_progress
+
+    model, tcs = tiny_model(double=False), tiny_transcoders(dtype="float32")
+    seen: list[float] = []
+    with report_progress(lambda fraction, _desc: seen.append(fraction)):
+        graph = graphs.attribute(model, tcs, TOKENS, progress=True)
+    assert graph.adjacency.dtype == torch.float32 and seen and seen[-1] == 1.0
+    check = graphs.reconstruction_check(graph)
+    assert check["max_abs_error"] < 1e-4 * max(1.0, check["max_value"])

@@ -24,19 +24,20 @@ def tiny():
 @pytest.mark.parametrize("with_transcoders", [True, False])
 def test_pair_terms_sum_to_the_models_attention_score(tiny, with_transcoders):
     model, tcs = tiny
-    _, cache = model.run_with_cache(
-        TOKENS[None], names=["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"]
-    )
-    for head, query, key in [(2, 6, 3), (0, 7, 7), (3, 4, 0)]:
+    names = [f"blocks.{i}.attn.{h}" for i in (1, 2) for h in ("hook_attn_scores", "hook_pattern")]
+    _, cache = model.run_with_cache(TOKENS[None], names=names)
+    for layer, head, query, key in [(1, 2, 6, 3), (1, 0, 7, 7), (2, 3, 4, 0), (2, 1, 7, 5)]:
         result = qk_attribution(
-            model, tcs if with_transcoders else None, TOKENS, layer=1, head=head, query=query, key=key
+            model, tcs if with_transcoders else None, TOKENS, layer=layer, head=head, query=query, key=key
         )
-        expected = cache["blocks.1.attn.hook_attn_scores"][0, head, query, key]
-        assert result.scores.sum().item() == pytest.approx(expected.item(), abs=1e-9)
-        assert result.score == pytest.approx(expected.item(), abs=1e-9)
-        assert result.pattern == pytest.approx(
-            cache["blocks.1.attn.hook_pattern"][0, head, query, key].item(), abs=1e-12
-        )
+        expected = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, head, query, key].item()
+        assert result.scores.sum().item() == pytest.approx(expected, abs=1e-9)
+        assert result.score == pytest.approx(expected, abs=1e-9)
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, head, query, key].item()
+        assert result.pattern == pytest.approx(pattern, abs=1e-12)
+        if with_transcoders and layer == 2:  # features, errors and the skip term of both layers below
+            labels = set(result.query_labels)
+            assert {"err L0", "err L1", "skip L1"} <= labels and any(lb.startswith("L1/F") for lb in labels)
 
 
 def test_removing_a_query_component_changes_the_score_by_its_row(tiny):
@@ -88,7 +89,7 @@ def test_qk_bad_input(tiny):
     with pytest.raises(InputError, match="key <= query"):
         qk_attribution(model, tcs, TOKENS, layer=1, head=0, query=2, key=5)
     with pytest.raises(InputError, match="out of range"):
-        qk_attribution(model, tcs, TOKENS, layer=2, head=0, query=2, key=1)
+        qk_attribution(model, tcs, TOKENS, layer=3, head=0, query=2, key=1)
 
 
 def test_neuronpedia_export_validates_against_the_schema(tiny, tmp_path):
@@ -125,3 +126,33 @@ def test_schema_rejects_a_broken_export(tiny):
     del data["nodes"][0]["jsNodeId"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"positional_embedding_type": "rotary"},
+        {"normalization_type": "RMS"},
+        {"n_key_value_heads": 2},
+    ],
+    ids=["rotary", "rmsnorm", "gqa"],
+)
+def test_other_native_architectures_are_exact(overrides):
+    """Rotary positions, RMSNorm and grouped-query attention: the recorded forward is the bridge's,
+    edges + bias reconstruct every target, and QK pair terms sum to the model's score.
+
+    TL's native RMSNorm computes in float32 even in a float64 model, so the real values carry
+    float32 rounding that the (float64) frozen linear map does not: there the tolerance is 1e-5."""
+    model, tcs = tiny_model(**overrides), tiny_transcoders()
+    _, cache = model.run_with_cache(TOKENS[None], names=["blocks.2.attn.hook_attn_scores"])
+    logits = model(TOKENS[None])[0]
+    graph = graphs.attribute(model, tcs, TOKENS, progress=False)
+    torch.testing.assert_close(graphs.record(model, tcs, TOKENS).logits, logits, atol=1e-10, rtol=0)
+    targets = graph.kind_mask("feature") | graph.kind_mask("logit")
+    values = torch.tensor([n.activation for n in graph.nodes], dtype=torch.float64)
+    recon = graph.adjacency.sum(1) + graph.bias
+    tol = 1e-5 if overrides.get("normalization_type") == "RMS" else 1e-9
+    torch.testing.assert_close(recon[targets], values[targets], atol=tol, rtol=0)
+    result = qk_attribution(model, tcs, TOKENS, layer=2, head=3, query=7, key=2)
+    expected = cache["blocks.2.attn.hook_attn_scores"][0, 3, 7, 2].item()
+    assert result.scores.sum().item() == pytest.approx(expected, abs=tol)

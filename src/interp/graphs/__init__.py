@@ -7,6 +7,7 @@
 >>> graph.to_neuronpedia("graph.json")                          # Neuronpedia's graph JSON
 >>> graphs.intervene(model, transcoders, prompt, [(layer, pos, feature, 0.0)])   # real model
 >>> graphs.qk_attribution(model, transcoders, prompt, layer=1, head=0, query=7, key=3)
+>>> graphs.edge_check(model, transcoders, graph), graphs.reconstruction_check(graph)  # exactness
 
 Layering: above ``interp.sae`` and ``interp.models``, below the viz/app layer (no streamlit).
 """
@@ -14,8 +15,10 @@ Layering: above ``interp.sae`` and ``interp.models``, below the viz/app layer (n
 from __future__ import annotations
 
 from interp.graphs.attribution import attribute, salient_logits
+from interp.graphs.checks import edge_check, reconstruction_check
 from interp.graphs.graph import Graph, Node, PruneResult, compute_influence, find_threshold, normalize_matrix
 from interp.graphs.intervention import InterventionResult, intervene
+from interp.graphs.qk import QKAttribution, qk_attribution
 from interp.graphs.replacement import Replacement, record
 
 __all__ = [
@@ -23,12 +26,16 @@ __all__ = [
     "InterventionResult",
     "Node",
     "PruneResult",
+    "QKAttribution",
     "Replacement",
     "attribute",
     "compute_influence",
+    "edge_check",
     "find_threshold",
     "intervene",
     "normalize_matrix",
+    "qk_attribution",
+    "reconstruction_check",
     "record",
     "salient_logits",
 ]

@@ -147,6 +147,9 @@ class _Sources:
             vecs.append(layer.acts[sel[:, 1], sel[:, 2], None] * w_dec[sel[:, 2]])
         self.feature_vecs = torch.cat(vecs) if vecs else torch.zeros(0, rep.embed.shape[1], dtype=dtype)
         self.bounds = [0, *torch.bincount(features[:, 0], minlength=rep.n_layers).cumsum(0).tolist()]
+        self.runs = [
+            _runs(features, lo, hi) for lo, hi in zip(self.bounds[:-1], self.bounds[1:], strict=True)
+        ]
         self.errors = [layer.error for layer in rep.layers]
         self.embed = rep.embed
 
@@ -154,32 +157,28 @@ class _Sources:
         return len(self.features) + (n_layers + 1) * n_pos
 
 
+def _runs(features: torch.Tensor, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(position, start, end) of each run of equal positions in ``features[lo:hi]``."""
+    positions, counts = torch.unique_consecutive(features[lo:hi, 1], return_counts=True)
+    ends = (lo + counts.cumsum(0)).tolist()
+    return [(p, e - c, e) for p, c, e in zip(positions.tolist(), counts.tolist(), ends, strict=True)]
+
+
 def _rows(rep: Replacement, sources: _Sources, targets: _Targets) -> torch.Tensor:
-    """Direct effects ``[len(targets), row_size]`` of every source on each target: one backward pass."""
-    batch, n_pos, d_model = len(targets), rep.n_pos, rep.embed.shape[1]
-    stop = int(targets.layers.max())
-    dtype = rep.dtype
-    with torch.enable_grad():
-        embed = torch.zeros(batch, n_pos, d_model, dtype=dtype, requires_grad=True)
-        writes = [torch.zeros(batch, n_pos, d_model, dtype=dtype, requires_grad=True) for _ in rep.layers]
-        tc_inputs, final = _run_until(rep, embed, writes, stop)
-        total = torch.zeros((), dtype=dtype)
-        arange = torch.arange(batch)
-        for layer in targets.layers.unique().tolist():
-            sel = arange[targets.layers == layer]
-            stream = final if layer == rep.n_layers else tc_inputs[layer]
-            total = total + (stream[sel, targets.positions[sel]] * targets.vectors[sel]).sum()
-        grads = torch.autograd.grad(total, [embed, *writes], allow_unused=True)
-    g_embed, g_writes = grads[0], grads[1:]
+    """Direct effects ``[len(targets), row_size]`` of every source on each target: one reverse pass."""
+    batch, n_pos, dtype = len(targets), rep.n_pos, rep.dtype
+    g_embed, g_writes = reverse(rep, targets)
     pieces = []
     for layer_idx, g in enumerate(g_writes):
         lo, hi = sources.bounds[layer_idx], sources.bounds[layer_idx + 1]
-        if hi > lo:
-            if g is None:
-                pieces.append(torch.zeros(batch, hi - lo, dtype=dtype))
-            else:
-                pos = sources.features[lo:hi, 1]
-                pieces.append(einsum(g[:, pos], sources.feature_vecs[lo:hi], "b n d, n d -> b n"))
+        if hi == lo:
+            continue
+        out = torch.zeros(batch, hi - lo, dtype=dtype)
+        if g is not None:
+            # features are sorted by position within a layer: one [batch, d] x [d, n_p] per position
+            for pos, start, end in sources.runs[layer_idx]:
+                out[:, start - lo : end - lo] = g[:, pos] @ sources.feature_vecs[start:end].T
+        pieces.append(out)
     for layer_idx, g in enumerate(g_writes):
         if g is None:
             pieces.append(torch.zeros(batch, n_pos, dtype=dtype))
@@ -189,20 +188,57 @@ def _rows(rep: Replacement, sources: _Sources, targets: _Targets) -> torch.Tenso
     return torch.cat(pieces, dim=1)
 
 
-def _run_until(
-    rep: Replacement, embed: torch.Tensor, writes: Sequence[torch.Tensor], stop: int
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The linear part of the frozen forward, only as far as layer ``stop`` needs."""
-    x = embed
-    tc_inputs = []
-    for index, (layer, write) in enumerate(zip(rep.layers, writes, strict=True)):
-        mid = x + layer.attention(x, with_bias=False)
-        tc_in = layer.tc_input(mid, with_bias=False)
-        tc_inputs.append(tc_in)
-        if index == stop:
-            return tc_inputs, None
-        x = mid + write + layer.skip(tc_in)
-    return tc_inputs, rep.ln_final(x, affine_bias=False)
+def _norm_t(norm: Any, g: torch.Tensor, scale: torch.Tensor, affine: bool = True) -> torch.Tensor:
+    """Transpose of a frozen norm's linear part ``C(x) / s * w`` (C: centring, symmetric)."""
+    if affine and norm.weight is not None:
+        g = g * norm.weight
+    g = g / scale
+    return g - g.mean(dim=-1, keepdim=True) if norm.center else g
+
+
+def _tc_input_t(layer: Any, g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Transpose of ``Layer.tc_input``'s linear part."""
+    if layer.reads == "pre":
+        return g
+    return _norm_t(layer.ln2, g, scale, affine=layer.reads == "post")
+
+
+def _attention_t(layer: Any, g: torch.Tensor) -> torch.Tensor:
+    """Transpose of the frozen attention's linear part: ``[b, q, d]`` -> ``[b, k, d]``."""
+    gz = einsum(g, layer.W_O, "b q d, h e d -> b h q e")
+    gv = einsum(layer.pattern, gz, "h q k, b h q e -> b h k e")
+    gh = einsum(gv, layer.W_V, "b h k e, h d e -> b k d")
+    return _norm_t(layer.ln1, gh, layer.ln1.scale)
+
+
+@torch.no_grad()
+def reverse(rep: Replacement, targets: _Targets) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Gradients of each target's readout w.r.t. the embedding ``[b, pos, d]`` and each layer's MLP
+    write (``None`` where a target cannot see it): the frozen model's linear map transposed,
+    layer by layer from the top, as autograd's backward would compute it (the tests check both)."""
+    batch, n_pos, d_model = len(targets), rep.n_pos, rep.embed.shape[1]
+    n_layers, stop = rep.n_layers, int(targets.layers.max())
+    arange = torch.arange(batch)
+    g = torch.zeros(batch, n_pos, d_model, dtype=rep.dtype)
+    final = arange[targets.layers == n_layers]
+    if len(final):
+        pos = targets.positions[final]
+        g[final, pos] = _norm_t(rep.ln_final, targets.vectors[final], rep.ln_final.scale[pos])
+    g_writes: list[torch.Tensor | None] = [None] * n_layers
+    for index in reversed(range(min(stop, n_layers - 1) + 1)):
+        layer = rep.layers[index]
+        visible = stop == n_layers or index < stop
+        g_writes[index] = g if visible else None
+        g_mid = g.clone()
+        if visible and layer.transcoder.cfg.architecture == "skip_transcoder":
+            skip = g @ layer.transcoder.W_skip.detach().to(g.dtype)
+            g_mid += _tc_input_t(layer, skip, layer.ln2.scale)
+        here = arange[targets.layers == index]
+        if len(here):
+            pos = targets.positions[here]
+            g_mid[here, pos] += _tc_input_t(layer, targets.vectors[here], layer.ln2.scale[pos])
+        g = g_mid + _attention_t(layer, g_mid)
+    return g, g_writes
 
 
 @torch.no_grad()
@@ -214,13 +250,14 @@ def _biases(
     zeros = torch.zeros(1, rep.n_pos, rep.embed.shape[1], dtype=rep.dtype)
     writes = [zeros + layer.transcoder.b_dec.detach().to(rep.dtype) for layer in rep.layers]
     tc_inputs, final = rep.run(zeros, writes, with_bias=True)
-    out = []
-    for layer, pos, feat in features.tolist():
+    out = torch.zeros(len(features), dtype=rep.dtype)
+    for layer in features[:, 0].unique().tolist():
+        sel = features[:, 0] == layer
         tc = rep.layers[layer].transcoder
-        out.append(tc.pre_acts(tc_inputs[layer][0, pos].to(tc.dtype))[feat].to(rep.dtype))
+        pre = tc.pre_acts(tc_inputs[layer][0].to(tc.dtype)).to(rep.dtype)
+        out[sel] = pre[features[sel, 1], features[sel, 2]]
     b_logit = rep.b_U[logit_ids] - rep.b_U.mean()
-    out.extend(final[0, -1] @ targets.vectors[-len(logit_ids) :].T + b_logit)
-    return torch.stack(out) if out else torch.zeros(0, dtype=rep.dtype)
+    return torch.cat([out, final[0, -1] @ targets.vectors[-len(logit_ids) :].T + b_logit])
 
 
 def _memory_plan(
@@ -230,8 +267,13 @@ def _memory_plan(
     item = torch.finfo(rep.dtype).bits // 8
     n_cols = n_total + (rep.n_layers + 1) * rep.n_pos
     n_nodes = n_kept + (rep.n_layers + 1) * rep.n_pos + n_logits
-    fixed = ((n_kept + n_logits) * n_cols + n_nodes * n_nodes) * item
-    per_target = (10 * rep.n_layers + 2) * rep.n_pos * rep.embed.shape[1] * item + n_cols * item
+    # the adjacency; when capped, also the row buffer and up to three copies of it while ranking
+    fixed = (n_nodes * n_nodes + (4 * (n_kept + n_logits) * n_cols if n_kept < n_total else 0)) * item
+    # one reverse pass keeps n_layers + 1 gradients of [pos, d] and makes transients (the head
+    # mixing, the norm transposes, the error contractions' copies); with the allocator's caching
+    # that is ~4 per layer + 12 of them in RSS (measured with benchmarks/bench_graphs.py); each row
+    # is built in pieces, concatenated, then stored
+    per_target = ((4 * rep.n_layers + 12) * rep.n_pos * rep.embed.shape[1] + 4 * n_cols) * item
     if fixed + per_target > budget:
         need = fixed + per_target
         raise InputError(
@@ -259,6 +301,50 @@ def _partial_influence(
         influence += prod_cols
         prod = torch.cat([prod_cols, torch.zeros(len(logit_probs), dtype=rows.dtype)])
     return influence
+
+
+def _capped_rows(
+    rep: Replacement,
+    sources: _Sources,
+    targets: _Targets,
+    logit_rows: torch.Tensor,
+    logit_probs: torch.Tensor,
+    adjacency: torch.Tensor,
+    n_kept: int,
+    batch: int,
+    update_interval: int,
+    bar: Any,
+) -> torch.Tensor:
+    """Rows of the ``n_kept`` most influential features (ranked as circuit-tracer: partial influence
+    through the rows so far, re-ranked every ``update_interval`` batches), written into
+    ``adjacency`` with only the kept features' columns. Returns the kept feature indices (sorted)."""
+    n_total, n_cols, n_logits = len(targets), logit_rows.shape[1], len(logit_rows)
+    rows = torch.zeros(n_kept, n_cols, dtype=rep.dtype)
+    chosen = torch.zeros(n_kept, dtype=torch.long)
+    visited = torch.zeros(n_total, dtype=torch.bool)
+    done = 0
+    while done < n_kept:
+        row_nodes = torch.cat([chosen[:done], torch.arange(n_cols, n_cols + n_logits)])
+        so_far = torch.cat([rows[:done], logit_rows])
+        influence = _partial_influence(so_far, row_nodes, logit_probs, n_cols)[:n_total]
+        del so_far
+        rank = torch.argsort(influence, descending=True)
+        pending = rank[~visited[rank]][: min(update_interval * batch, n_kept - done)]
+        for start in range(0, len(pending), batch):
+            index = pending[start : start + batch]
+            rows[done : done + len(index)] = _rows(rep, sources, targets.take(index))
+            chosen[done : done + len(index)] = index
+            visited[index] = True
+            done += len(index)
+            bar.update(len(index))
+    order = torch.argsort(chosen)
+    kept = chosen[order]
+    cols = torch.cat([kept, torch.arange(n_total, n_cols)])
+    for start in range(0, n_kept, batch):
+        end = min(start + batch, n_kept)
+        adjacency[start:end, : len(cols)] = rows[order[start:end]][:, cols]
+    adjacency[len(adjacency) - n_logits :, : len(cols)] = logit_rows[:, cols]
+    return kept
 
 
 def attribute(
@@ -326,16 +412,10 @@ def attribute(
     sources = _Sources(rep, features)
     n_cols = sources.row_size(rep.n_layers, rep.n_pos)
     demeaned = (rep.W_U[:, logit_ids] - rep.W_U.mean(dim=1, keepdim=True)).T
-    enc = (
-        torch.stack(
-            [
-                rep.layers[layer].transcoder.W_enc.detach()[:, feat].to(rep.dtype)
-                for layer, _, feat in features.tolist()
-            ]
-        )
-        if n_total
-        else torch.zeros(0, rep.embed.shape[1], dtype=rep.dtype)
-    )
+    enc = torch.zeros(n_total, rep.embed.shape[1], dtype=rep.dtype)
+    for index, layer in enumerate(rep.layers):
+        sel = features[:, 0] == index
+        enc[sel] = layer.transcoder.W_enc.detach()[:, features[sel, 2]].T.to(rep.dtype)
     feature_targets = _Targets(features[:, 0], features[:, 1], enc)
     logit_targets = _Targets(
         torch.full((len(logit_ids),), rep.n_layers), torch.full((len(logit_ids),), rep.n_pos - 1), demeaned
@@ -347,37 +427,30 @@ def attribute(
             for i in range(0, len(logit_ids), batch)
         ]
     )
-    feature_rows = torch.zeros(n_kept, n_cols, dtype=rep.dtype)
-    chosen = torch.zeros(n_kept, dtype=torch.long)
-    visited = torch.zeros(n_total, dtype=torch.bool)
-    done = 0
-    bar = tqdm(total=n_kept, desc="attribution graph: feature rows", disable=not progress)
-    while done < n_kept:
-        if n_kept == n_total:
-            pending = torch.arange(n_total)
-        else:
-            rows = torch.cat([feature_rows[:done], logit_rows])
-            row_nodes = torch.cat([chosen[:done], torch.arange(n_cols, n_cols + len(logit_ids))])
-            influence = _partial_influence(rows, row_nodes, logit_probs, n_cols)[:n_total]
-            rank = torch.argsort(influence, descending=True)
-            pending = rank[~visited[rank]][: min(update_interval * batch, n_kept - done)]
-        for start in range(0, len(pending), batch):
-            index = pending[start : start + batch]
-            feature_rows[done : done + len(index)] = _rows(rep, sources, feature_targets.take(index))
-            chosen[done : done + len(index)] = index
-            visited[index] = True
-            done += len(index)
-            bar.update(len(index))
-    bar.close()
-
-    order = torch.argsort(chosen)
-    kept = chosen[order]
-    feature_rows = feature_rows[order]
-    cols = torch.cat([kept, torch.arange(n_total, n_cols)])
     n_nodes = n_kept + (rep.n_layers + 1) * rep.n_pos + len(logit_ids)
     adjacency = torch.zeros(n_nodes, n_nodes, dtype=rep.dtype)
-    adjacency[:n_kept, : len(cols)] = feature_rows[:, cols]
-    adjacency[n_nodes - len(logit_ids) :, : len(cols)] = logit_rows[:, cols]
+    bar = tqdm(total=n_kept, desc="attribution graph: feature rows", disable=not progress)
+    if n_kept == n_total:  # the columns are the graph's: rows go straight into the adjacency
+        for start in range(0, n_total, batch):
+            index = torch.arange(start, min(start + batch, n_total))
+            adjacency[index, :n_cols] = _rows(rep, sources, feature_targets.take(index))
+            bar.update(len(index))
+        kept = torch.arange(n_total)
+        adjacency[n_nodes - len(logit_ids) :, :n_cols] = logit_rows
+    else:
+        kept = _capped_rows(
+            rep,
+            sources,
+            feature_targets,
+            logit_rows,
+            logit_probs,
+            adjacency,
+            n_kept,
+            batch,
+            update_interval,
+            bar,
+        )
+    bar.close()
     kept_features = features[kept]
     bias = torch.zeros(n_nodes, dtype=rep.dtype)
     all_targets = _Targets(

@@ -23,9 +23,11 @@ What is matched, exactly (each checked on hand-built graphs in ``tests/test_grap
 - ``replacement_score``: token influence / (token influence + error influence).
 - ``completeness_score``: ``sum_t (1 - sum_{s error} Â[t,s]) (I(t) + w(t)) / sum_t (I(t) + w(t))``.
 
-One deliberate difference: a graph whose scores are all zero (nothing reaches the logits) would
-make circuit-tracer divide by zero; here the threshold is then +inf (no node is kept by
-influence), which is said, not a NaN.
+Two deliberate differences: edges into or out of a node dropped by node pruning are never kept
+(circuit-tracer's first pass can keep such zero-score edges when an edge threshold lands on a zero
+score, e.g. at 1.0); and a graph whose scores are all zero (nothing reaches the logits) would
+make circuit-tracer divide by zero, while here the threshold is then +inf (no node is kept by
+influence) instead of a NaN.
 """
 
 from __future__ import annotations
@@ -262,6 +264,13 @@ class Graph:
         return float((non_error * out).sum() / out.sum()) if out.sum() > 0 else 0.0
 
     # --- views --------------------------------------------------------------------------------
+
+    def top_features(self, n: int = 10) -> list[tuple[Node, float]]:
+        """The ``n`` feature nodes of largest influence on the logits, with their influence."""
+        influence = self.node_influence()
+        index = self.kind_mask("feature").nonzero().flatten()
+        order = index[influence[index].argsort(descending=True)][:n]
+        return [(self.nodes[i], float(influence[i])) for i in order.tolist()]
 
     def node_table(self) -> list[dict[str, Any]]:
         """The nodes as plain dicts (kind, layer, pos, feature, activation, label)."""

@@ -41,6 +41,7 @@ from interp.graphs.replacement import (
     check_transcoders,
     freeze_norm,
     native_core,
+    transcoder_input,
     unwrap,
 )
 
@@ -131,18 +132,18 @@ def qk_attribution(
     from interp.graphs.attribution import _tokens
 
     core = native_core(model, allow_attn_only=transcoders is None)
-    if transcoders is not None:
-        check_transcoders(core, transcoders)
+    reads = None if transcoders is None else check_transcoders(core, transcoders)
     tokens = _tokens(model, prompt, int(core.cfg.n_ctx))
     n_pos = len(tokens)
     _check(core, layer, head, query, key, n_pos)
     with torch.no_grad():
-        return _attribute_qk(core, transcoders, tokens, layer, head, query, key)
+        return _attribute_qk(core, transcoders, reads, tokens, layer, head, query, key)
 
 
 def _attribute_qk(
     core: Any,
     transcoders: Sequence[Any] | None,
+    reads: Sequence[str] | None,
     tokens: torch.Tensor,
     layer: int,
     head: int,
@@ -178,16 +179,22 @@ def _attribute_qk(
         if transcoders is None:
             parts.add(f"MLP L{index}", mlp_out)
         else:
-            _add_features(parts, transcoders[index], index, mid, ln2(mid), mlp_out)
+            _add_features(
+                parts,
+                transcoders[index],
+                reads[index],
+                index,
+                transcoder_input(reads[index], ln2, mid),
+                mlp_out,
+            )
         x = mid + mlp_out
     return _split(core, parts, x, layer, head, query, key)
 
 
 def _add_features(
-    parts: _Parts, tc: Any, index: int, mid: torch.Tensor, normed: torch.Tensor, mlp_out: torch.Tensor
+    parts: _Parts, tc: Any, read: str, index: int, tc_in: torch.Tensor, mlp_out: torch.Tensor
 ) -> None:
-    reads_pre = tc.cfg.hook_name.endswith(("ln2.hook_in", "hook_resid_mid"))
-    tc_in = mid if reads_pre else normed
+    mid = tc_in
     acts = tc.activation(_encode(tc, tc_in).to(tc.dtype)).to(mid.dtype)
     w_dec = tc.W_dec.to(mid.dtype)
     recons = acts @ w_dec + tc.b_dec.to(mid.dtype)

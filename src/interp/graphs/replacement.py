@@ -19,7 +19,9 @@ precision): that is what makes its gradients the real model's local, linearized 
 
 Supported models: ``TransformerBridge.boot_native`` decoders (``interp.load`` of a zoo model or a
 ``TransformerBridgeConfig``) with LayerNorm, LayerNormPre or RMSNorm, learned or rotary positions,
-a (non-gated) MLP per layer and no logit soft-cap.
+a (non-gated) MLP per layer and no logit soft-cap. Grouped-query attention is supported. (TL's
+native RMSNorm computes in float32 even in a float64 model, so there the replay matches the real
+values to float32 rounding only.)
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from torch import nn
 
 from interp.errors import InputError
 
-IN_SITES_POST = ("mlp.hook_in", "mlp.in.hook_in", "ln2.hook_out", "ln2.hook_normalized")
-IN_SITES_PRE = ("ln2.hook_in", "hook_resid_mid")
+# Where a transcoder may read, by what it sees: the stream before ln2, ln2's output, or ln2's
+# normalized input before its weight and bias (TL's ``hook_normalized``).
+IN_SITES = {
+    "pre": ("ln2.hook_in", "hook_resid_mid"),
+    "post": ("mlp.hook_in", "mlp.in.hook_in", "ln2.hook_out"),
+    "normalized": ("ln2.hook_normalized",),
+}
 OUT_SITES = ("mlp.hook_out", "hook_mlp_out", "mlp.out.hook_out")
 
 
@@ -135,9 +142,9 @@ def _layer_of(name: str, suffixes: Sequence[str]) -> int | None:
     return int(parts[1]) if ".".join(parts[2:]) in suffixes else None
 
 
-def check_transcoders(core: nn.Module, transcoders: Sequence[Any]) -> list[bool]:
-    """Validate one transcoder per layer, in layer order; returns for each whether it reads the
-    stream before ``ln2`` (``ln2.hook_in``) rather than after it (``mlp.hook_in``)."""
+def check_transcoders(core: nn.Module, transcoders: Sequence[Any]) -> list[str]:
+    """Validate one transcoder per layer, in layer order; returns where each reads (a key of
+    ``IN_SITES``: ``"pre"`` ln2's input, ``"post"`` its output, ``"normalized"`` before its affine)."""
     from interp.sae.modules import SAE
 
     n_layers, d_model = core.cfg.n_layers, core.cfg.d_model
@@ -146,7 +153,7 @@ def check_transcoders(core: nn.Module, transcoders: Sequence[Any]) -> list[bool]
             f"attribute() needs one transcoder per layer: the model has {n_layers} layers, got "
             f"{len(transcoders)} transcoders. Pass [tc_layer0, ..., tc_layer{n_layers - 1}]."
         )
-    pre_ln: list[bool] = []
+    reads: list[str] = []
     for layer, tc in enumerate(transcoders):
         if not isinstance(tc, SAE) or not tc.cfg.is_transcoder:
             arch = getattr(getattr(tc, "cfg", None), "architecture", type(tc).__name__)
@@ -155,12 +162,12 @@ def check_transcoders(core: nn.Module, transcoders: Sequence[Any]) -> list[bool]
                 "'transcoder' or 'skip_transcoder' (reading the MLP input, writing the MLP output)."
             )
         c = tc.cfg
-        post, pre = _layer_of(c.hook_name, IN_SITES_POST), _layer_of(c.hook_name, IN_SITES_PRE)
+        read = next((k for k, names in IN_SITES.items() if _layer_of(c.hook_name, names) is not None), None)
         out = _layer_of(c.hook_name_out or "", OUT_SITES)
-        if (post if post is not None else pre) != layer or out != layer:
+        if read is None or _layer_of(c.hook_name, IN_SITES[read]) != layer or out != layer:
             raise InputError(
                 f"transcoders[{layer}] reads {c.hook_name!r} and writes {c.hook_name_out!r}; the layer-{layer} "
-                f"transcoder must read blocks.{layer}.mlp.hook_in (or blocks.{layer}.ln2.hook_in) and write "
+                f"transcoder must read blocks.{layer}.mlp.hook_in (or ln2.hook_in / ln2.hook_normalized) and write "
                 f"blocks.{layer}.mlp.hook_out. Pass the transcoders in layer order, one per layer."
             )
         if c.d_in != d_model or c.width_out != d_model:
@@ -178,8 +185,8 @@ def check_transcoders(core: nn.Module, transcoders: Sequence[Any]) -> list[bool]
             )
         if c.architecture not in ("transcoder", "skip_transcoder") or c.reshape_activations != "none":
             raise InputError(f"transcoders[{layer}] has an unsupported layout ({c.reshape_activations})")
-        pre_ln.append(pre is not None)
-    return pre_ln
+        reads.append(read)
+    return reads
 
 
 @dataclass
@@ -199,7 +206,7 @@ class Layer:
     b_K: torch.Tensor
     attn_scale: float
     transcoder: Any
-    reads_pre_ln: bool
+    reads: str  # "pre", "post" or "normalized" (see IN_SITES)
     resid_pre: torch.Tensor  # [pos, d_model] (clean)
     resid_mid: torch.Tensor
     mlp_in: torch.Tensor  # what the transcoder reads (clean)
@@ -220,7 +227,11 @@ class Layer:
 
     def tc_input(self, resid_mid: torch.Tensor, *, with_bias: bool = True) -> torch.Tensor:
         """What the transcoder reads, from the stream before ``ln2`` (frozen)."""
-        return resid_mid if self.reads_pre_ln else self.ln2(resid_mid, affine_bias=with_bias)
+        if self.reads == "pre":
+            return resid_mid
+        if self.reads == "normalized":
+            return Norm(self.ln2.center, self.ln2.scale, None, None)(resid_mid)
+        return self.ln2(resid_mid, affine_bias=with_bias)
 
     def skip(self, tc_in: torch.Tensor) -> torch.Tensor | float:
         tc = self.transcoder
@@ -327,6 +338,16 @@ def _attention(
     return _linear(attn.o)(z), pattern[0]
 
 
+def transcoder_input(read: str, ln2: nn.Module, mid: torch.Tensor) -> torch.Tensor:
+    """What a transcoder reading at ``read`` sees, from the stream ``mid`` before ln2."""
+    if read == "pre":
+        return mid
+    if read == "normalized":
+        frozen = freeze_norm(ln2, mid)
+        return Norm(frozen.center, frozen.scale, None, None)(mid)
+    return ln2(mid)
+
+
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if getattr(mlp, "ln", None) is not None or not hasattr(mlp, "fc_in"):
         raise InputError("attribute() supports two-layer MLPs (no SoLU-LN, no gated MLP)")
@@ -338,7 +359,7 @@ def record(model: Any, transcoders: Sequence[Any], tokens: torch.Tensor) -> Repl
     """Run the model's forward once on ``tokens`` ``[pos]`` from its own weights (no hook points
     run, so user hooks never see it) and freeze what the graph needs."""
     core = native_core(model)
-    reads_pre = check_transcoders(core, transcoders)
+    reads = check_transcoders(core, transcoders)
     n_pos = int(tokens.shape[0])
     positions = torch.arange(n_pos, device=tokens.device)
     x = unwrap(core.tok_embed)(tokens)
@@ -346,7 +367,7 @@ def record(model: Any, transcoders: Sequence[Any], tokens: torch.Tensor) -> Repl
         x = x + unwrap(core.pos)(positions)
     embed = x.clone()
     layers: list[Layer] = []
-    for block_wrapped, tc, pre in zip(core.layers, transcoders, reads_pre, strict=True):
+    for block_wrapped, tc, read in zip(core.layers, transcoders, reads, strict=True):
         block = unwrap(block_wrapped)
         attn, ln1_mod, ln2_mod, mlp = (
             unwrap(block.attn),
@@ -360,7 +381,7 @@ def record(model: Any, transcoders: Sequence[Any], tokens: torch.Tensor) -> Repl
         ln2 = freeze_norm(ln2_mod, mid)
         normed = ln2_mod(mid)
         mlp_out = _mlp(mlp, normed)
-        tc_in = mid if pre else normed
+        tc_in = transcoder_input(read, ln2_mod, mid)
         pre_acts = _encode(tc, tc_in)
         acts = tc.activation(pre_acts.to(tc.dtype)).to(pre_acts.dtype)
         recons = acts @ tc.W_dec.to(acts.dtype) + tc.b_dec.to(acts.dtype)
@@ -387,7 +408,7 @@ def record(model: Any, transcoders: Sequence[Any], tokens: torch.Tensor) -> Repl
                 b_K=b_K,
                 attn_scale=float(attn.scale),
                 transcoder=tc,
-                reads_pre_ln=pre,
+                reads=read,
                 resid_pre=x.clone(),
                 resid_mid=mid.clone(),
                 mlp_in=tc_in.clone(),
