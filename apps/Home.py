@@ -30,7 +30,8 @@ def home() -> None:
         "**Attention** show what the model computes on the text; **Causal** patches, ablates and "
         "attributes to find what matters; **Probing** and **Adversarial** train probes and attack "
         "inputs to see where an attack bites; **Features** shows what units respond to; "
-        "**Reproductions** puts published findings next to ours."
+        "**Reproductions** puts published findings next to ours; **Circuits** traces the attribution "
+        "graph of a prompt on the grammar model and intervenes on its features."
     )
     model = common.current_model()
     text = common.current_text()
@@ -57,6 +58,7 @@ PAGES = [
     st.Page("views/adversarial.py", title="Adversarial"),
     st.Page("views/features.py", title="Features"),
     st.Page("views/reproductions.py", title="Reproductions"),
+    st.Page("views/circuits.py", title="Circuits"),
 ]
 
 st.set_page_config(page_title="interp explorer", layout="wide")

@@ -257,6 +257,11 @@ def interact(page, title: str) -> list[str]:
             page.get_by_role("tab", name=tab).click()
             wait_idle(page)
             found.extend(f"{tab} tab: {p}" for p in problems(page))
+    elif title == "Circuits":  # intervene on the top feature: scale it instead of ablating it
+        main.locator("[data-testid='stRadio']").get_by_text("scale", exact=True).click()
+        wait_idle(page)
+        if main.locator("[data-testid='stPlotlyChart']").count() == 0:
+            found.append("no attribution graph drawn")
     wait_idle(page)
     return found
 
@@ -270,6 +275,7 @@ PAGE_TITLES = [
     "Adversarial",
     "Features",
     "Reproductions",
+    "Circuits",
 ]
 SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features"}  # the others use their own models
 
