@@ -34,16 +34,19 @@ def walk() -> None:
     top = model.tokenizer.names[graph.logit_tokens[0]]
     print(f"{prompt!r} -> {top!r} (p = {float(graph.logit_probs[0]):.2f}); {graph} -> pruned {pruned}")
     print(f"replacement score {graph.replacement_score():.3f}, completeness {graph.completeness_score():.3f}")
-    features = circuits.top_features(graph, 6)
-    for layer, pos, feature in features:
+    features = circuits.top_features(graph, circuits.TOP_K)  # the reproduction's k (60)
+    for layer, pos, feature in features[:6]:
         effects = S.logit_effects(model, transcoders[layer], feature, k=4)
         word = graph.prompt_str_tokens[pos]
         print(f"  L{layer} F{feature} at {word!r}: promotes {effects.top_tokens}")
 
-    # Steer them to their values on the twin prompt with a plural subject (0 where silent there).
+    # Steer them, and the twin graph's top features, to their values on the twin prompt with a
+    # plural subject (0 where silent there), as the reproduction does.
     twin = "the dogs that the cats chase"
-    values = circuits.feature_values(graphs.attribute(model, transcoders, twin, progress=False))
-    edit = [(*f, values.get(f, 0.0)) for f in features]
+    twin_graph = graphs.attribute(model, transcoders, twin, progress=False)
+    values = circuits.feature_values(twin_graph)
+    chosen = list(dict.fromkeys(features + circuits.top_features(twin_graph, circuits.TOP_K)))
+    edit = [(*f, values.get(f, 0.0)) for f in chosen]
     result = graphs.intervene(model, transcoders, prompt, edit)
     before, after = (model.tokenizer.names[int(x[-1].argmax())] for x in (result.clean_logits, result.logits))
     print(f"  steering those {len(edit)} features towards plural: top verb {before!r} -> {after!r}")
@@ -59,7 +62,8 @@ def walk() -> None:
     end = next(i for i, n in enumerate(pruned.nodes) if n.kind == "logit" and n.feature == io)
     path = sorted(circuits.reachable(pruned.adjacency, start, end))
     print(" ".join(episode.words[: episode.answer_at]), "->", episode.info["io"])
-    print("  path IO token -> answer:", ", ".join(pruned.nodes[i].label for i in path))
+    names = [f"{n.kind} {n.label}" if n.kind in ("token", "logit") else n.label for n in pruned.nodes]
+    print("  path IO token -> answer:", ", ".join(names[i] for i in path))
 
 
 def main(argv: list[str] | None = None) -> int:
