@@ -56,7 +56,7 @@ def test_fast_reproduction_passes(fast_report) -> None:
     assert fast_report.timings["total"] < 120
 
 
-@pytest.mark.slow  # a random model's transcoder features are dense: its graphs take minutes
+@pytest.mark.slow  # a random model's transcoder features are dense: ~17 min on the loaded 2-core box
 def test_reproduction_fails_on_a_random_model() -> None:
     report = circuits.reproduce(fast=True, models={"grammar-4l": zoo.build("grammar-4l")})
     assert not report.passed
