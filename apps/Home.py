@@ -31,7 +31,8 @@ def home() -> None:
         "attributes to find what matters; **Probing** and **Adversarial** train probes and attack "
         "inputs to see where an attack bites; **Features** shows what units respond to; "
         "**Dictionary** browses a sparse dictionary's latents and steers with them; "
-        "**Reproductions** puts published findings next to ours."
+        "**Reproductions** puts published findings next to ours; **Circuits** traces the attribution "
+        "graph of a prompt on the grammar model and intervenes on its features."
     )
     model = common.current_model()
     text = common.current_text()
@@ -59,6 +60,7 @@ PAGES = [
     st.Page("views/features.py", title="Features"),
     st.Page("views/dictionary.py", title="Dictionary"),
     st.Page("views/reproductions.py", title="Reproductions"),
+    st.Page("views/circuits.py", title="Circuits"),
 ]
 
 st.set_page_config(page_title="interp explorer", layout="wide")

@@ -87,7 +87,8 @@ def pages_note(model: interp.HookedModel | None) -> str:
     """What each page will analyse with the sidebar's current model."""
     own = (
         "**Own models** (the sidebar is not used): Probing (digits-cnn, or MiniLM on templated "
-        "sentences), Adversarial and the Features image tabs (digits CNNs), Reproductions (zoo checkpoints)."
+        "sentences), Adversarial and the Features image tabs (digits CNNs), Reproductions (zoo checkpoints), "
+        "Circuits (grammar-4l and its transcoders)."
     )
     if model is None:
         return own

@@ -270,6 +270,11 @@ def interact(page, title: str, dictionary: str | None = None) -> list[str]:
         box.press("Enter")
         wait_idle(page)
         select(page, "Sort latents by", "density")
+    elif title == "Circuits":  # intervene on the top feature: scale it instead of ablating it
+        main.locator("[data-testid='stRadio']").get_by_text("scale", exact=True).click()
+        wait_idle(page)
+        if main.locator("[data-testid='stPlotlyChart']").count() == 0:
+            found.append("no attribution graph drawn")
     wait_idle(page)
     return found
 
@@ -284,6 +289,7 @@ PAGE_TITLES = [
     "Features",
     "Dictionary",
     "Reproductions",
+    "Circuits",
 ]
 # the others use their own models
 SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features", "Dictionary"}

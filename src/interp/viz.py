@@ -241,6 +241,8 @@ def sample_text(model: Any, seed: int = 0, half: int = 12) -> str | None:
     if not is_id_vocabulary(model):
         return None
     vocab = model.tokenizer
+    if callable(getattr(vocab, "sample_text", None)):  # a word vocabulary brings its own inputs
+        return vocab.sample_text(seed)
     rng = np.random.default_rng(seed)
     ordinary = [name for name in vocab.names if name[1:].isdigit() and name.startswith("t")]
     if "=" in vocab.ids:

@@ -21,6 +21,9 @@ Each finding is one module with ``reproduce(fast: bool) -> Report``:
   (Zhong et al. 2023).
 * ``saes``: sparse autoencoders recover ground-truth features in superposition (MMCS, Hungarian MCC)
   and a toy model's feature directions (Sharkey, Braun & Millidge 2022).
+* ``circuits``: attribution graphs with transcoders on the grammar model, checked against
+  interventions in the real model: agreement features flip the verb's number, the IOI path from the
+  name to the answer restores the logit difference (Ameisen et al. 2025).
 
 The faithful variants analyse the shipped zoo checkpoints. ``fast=True`` keeps the same checks with
 smaller budgets and looser, stated bounds; each module's docstring says what it retrains.
@@ -44,6 +47,7 @@ FINDINGS: tuple[str, ...] = (
     "icl-gd",
     "clock-pizza",
     "saes",
+    "circuits",
 )
 _ALIASES = {
     "induction-heads": "induction",

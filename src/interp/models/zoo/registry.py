@@ -27,6 +27,7 @@ _MODULES: dict[str, str] = {
     "icl-gd": "interp.models.zoo.icl_gd",
     "clock-pizza-a1": "interp.models.zoo.clock_pizza",
     "clock-pizza-a0": "interp.models.zoo.clock_pizza",
+    "grammar-4l": "interp.models.zoo.grammar",
 }
 
 ZOO_NAMES: tuple[str, ...] = tuple(_MODULES)

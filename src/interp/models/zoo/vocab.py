@@ -137,6 +137,32 @@ class IdVocabulary:
         return [self.decode(row, **kwargs) for row in rows]
 
 
+class WordVocabulary(IdVocabulary):
+    """An id vocabulary whose every id is a word (``grammar-4l``): text is words separated by spaces.
+
+    ``samples`` are inputs of the kind the model was trained on; :meth:`sample_text` hands them out
+    (the explorer's "New random input").
+    """
+
+    def __init__(self, *args: Any, samples: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.samples = list(samples)
+
+    def sample_text(self, seed: int = 0) -> str | None:
+        """The ``seed``-th sample input (cycling), or None without samples."""
+        return self.samples[seed % len(self.samples)] if self.samples else None
+
+    def tokenize(self, text: str) -> list[str]:
+        pieces = text.split()
+        unknown = [p for p in pieces if p not in self.ids]
+        if unknown:
+            shown = " ".join(n for n in self.names if n != self.bos_token)
+            raise InputError(
+                f"{unknown[0]!r} is not a word of this model; write words separated by spaces, from: {shown}"
+            )
+        return pieces
+
+
 def zoo_vocabulary(name: str, config: dict[str, Any]) -> IdVocabulary | None:
     """The vocabulary of zoo model ``name`` trained with ``config``; None for models that read no ids."""
     if name.startswith("induction-"):
@@ -145,4 +171,8 @@ def zoo_vocabulary(name: str, config: dict[str, Any]) -> IdVocabulary | None:
     if name.startswith("modadd-"):
         p = int(config["p"])  # inputs are (a, b, =) with = the id p (see zoo/modadd.py)
         return IdVocabulary(p + 1, {p: "="})
+    if name.startswith("grammar-"):
+        from interp.models.zoo.grammar import BOS, SAMPLES, WORDS
+
+        return WordVocabulary(len(WORDS), dict(enumerate(WORDS)), bos_id=BOS, add_bos=True, samples=SAMPLES)
     return None
