@@ -480,7 +480,7 @@ def test_capture_tensor_and_model_inputs_train_the_same_sae(gpt2_model, corpus, 
 
 @pytest.mark.parametrize("dead_after_tokens", [10**9, 0])  # no dead latent / every latent dead (AuxK on)
 def test_sparse_topk_step_equals_the_dense_step(gpt2_model, corpus, monkeypatch, dead_after_tokens):
-    """The TopK loss that gathers the k kept latents gives the dense path's loss, metrics and gradients."""
+    """The TopK loss that decodes only the k kept latents gives the dense path's loss, metrics and gradients."""
     from interp.sae import training as T
 
     _, acts = corpus
@@ -489,7 +489,7 @@ def test_sparse_topk_step_equals_the_dense_step(gpt2_model, corpus, monkeypatch,
     results = []
     for sparse in (True, False):
         if not sparse:
-            monkeypatch.setattr(T, "_sparse_topk_ok", lambda sae: False)
+            monkeypatch.setattr(T, "SPARSE_TOPK", False)
         trainer = T._Trainer(gpt2_model, cfg, T._sae_config(gpt2_model, cfg), acts, "auto", None, False)
         trainer.since_fired += 1
         loss, metrics = trainer.loss(x, x)
