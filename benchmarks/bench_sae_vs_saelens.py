@@ -47,7 +47,7 @@ HOOK = "blocks.3.hook_resid_post"
 D_SAE, K, LR, BATCH, STEPS, SEED = 1536, 32, 3e-4, 1024, 30, 0
 AUX = 1 / 32
 TRAIN_CHUNKS, HELD_CHUNKS = 300, 60
-ROUNDS = 3
+ROUNDS = 5
 
 WORKER = textwrap.dedent(
     """
