@@ -478,6 +478,32 @@ def test_capture_tensor_and_model_inputs_train_the_same_sae(gpt2_model, corpus, 
     assert from_capture.cfg.metadata["training"]["data"].startswith("capture:")
 
 
+@pytest.mark.parametrize("dead_after_tokens", [10**9, 0])  # no dead latent / every latent dead (AuxK on)
+def test_sparse_topk_step_equals_the_dense_step(gpt2_model, corpus, monkeypatch, dead_after_tokens):
+    """The TopK loss that decodes only the k kept latents gives the dense path's loss, metrics and gradients."""
+    from interp.sae import training as T
+
+    _, acts = corpus
+    cfg = T.TrainConfig(hook=SITE, d_sae=96, k=6, dead_after_tokens=dead_after_tokens, seed=1)
+    x = acts[:128] * 3  # away from the init, so the loss and its gradients are far from zero
+    results = []
+    for sparse in (True, False):
+        if not sparse:
+            monkeypatch.setattr(T, "SPARSE_TOPK", False)
+        trainer = T._Trainer(gpt2_model, cfg, T._sae_config(gpt2_model, cfg), acts, "auto", None, False)
+        trainer.since_fired += 1
+        loss, metrics = trainer.loss(x, x)
+        loss.backward()
+        results.append((metrics, {n: p.grad for n, p in trainer.sae.named_parameters()}, trainer.since_fired))
+    (m_sparse, g_sparse, fired_sparse), (m_dense, g_dense, fired_dense) = results
+    assert (m_sparse["aux"] > 0) == (dead_after_tokens == 0)
+    assert m_sparse == pytest.approx(m_dense, rel=1e-5)
+    assert torch.equal(fired_sparse, fired_dense)
+    for name, grad in g_dense.items():
+        if grad is not None:
+            assert torch.allclose(g_sparse[name], grad, rtol=1e-4, atol=1e-6), name
+
+
 def test_nan_stops_naming_the_step_keeps_the_checkpoint_and_resume_is_exact(gpt2_model, corpus, tmp_path):
     _, acts = corpus
     bad = acts.clone()

@@ -67,6 +67,9 @@ from interp.sae.io import load as load_sae
 from interp.sae.io import save as save_sae
 from interp.sae.modules import SAE
 
+# TopK steps decode only the kept latents (``_Trainer.sparse_topk_loss``); False: the dense reference.
+SPARSE_TOPK = True
+
 TRAINABLE = ("standard", "topk", "batchtopk", "jumprelu", "transcoder", "skip_transcoder")
 
 
@@ -259,7 +262,9 @@ def _rows(
     rows; all of them for one lane) as chunks of token rows, one tensor per hook name."""
     kind = _kind(data, data_kind)
     if kind == "capture":
-        return _capture_rows(Path(data), names, lane)
+        return _capture_rows(_open_capture(Path(data), names), names, lane)
+    if kind == "opened":  # a capture opened once by ``stream``
+        return _capture_rows(data, names, lane)
     if kind == "activations":
         return _tensor_rows(data if isinstance(data, tuple) else (data,), cfg.batch_size, lane)
     if kind == "inputs":
@@ -294,9 +299,8 @@ def _tensor_rows(
         yield tuple(t[i : i + chunk] for t in flat)
 
 
-def _capture_rows(
-    path: Path, names: list[str], lane: tuple[int, int] = (0, 1)
-) -> Iterator[tuple[torch.Tensor, ...]]:
+def _open_capture(path: Path, names: list[str]) -> Any:
+    """The capture's Dataset, checked (checksums included) and its columns named in ``names``."""
     from interp.store import load_capture
 
     ds = load_capture(path)
@@ -304,6 +308,12 @@ def _capture_rows(
     if missing:
         have = [c for c in ds.column_names if c not in ("example", "input_ids", "str_tokens")]
         raise InputError(f"the capture in {path} has no column {missing[0]!r}; it holds {have}")
+    return ds
+
+
+def _capture_rows(
+    ds: Any, names: list[str], lane: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[torch.Tensor, ...]]:
     table = getattr(ds.data, "table", ds.data)  # the memory-mapped Arrow table under the Dataset
     step = 64  # examples per read: one Arrow slice, flattened to [tokens, d] without Python objects
     lo, hi = _span(len(ds), lane)
@@ -357,6 +367,8 @@ def stream(
     ``lane=(index, lanes)``: the stream of one lane of the data (see the module docstring), in
     ``batch_size / lanes`` batches with its own seed; ``(0, 1)`` is the whole data.
     """
+    if _kind(data, data_kind) == "capture":  # open and verify once, not on every pass over the data
+        data, data_kind = _open_capture(Path(data), names), "opened"
     index, lanes = lane
     size = cfg.batch_size // lanes
     gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * index)
@@ -460,6 +472,8 @@ class _Trainer:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         sae, arch = self.sae, self.sae.cfg.architecture
+        if arch == "topk" and SPARSE_TOPK:
+            return self.sparse_topk_loss(x, y)
         pre = sae.pre_acts(x)
         if arch == "jumprelu":
             acts = _JumpReLU.apply(pre, sae.threshold, self.cfg.jumprelu_bandwidth)
@@ -468,11 +482,7 @@ class _Trainer:
         recons = acts @ sae.W_dec + sae.b_dec + sae._skip(x)
         err = recons - y
         mse = err.pow(2).sum(-1).mean()
-        fired = (acts > 0).any(0)
-        if self.ctx.distributed:  # fired anywhere in the global batch
-            fired = self._sum(fired.to(torch.int32)) > 0
-        seen = self.cfg.batch_size if self.ctx.distributed else len(x)
-        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + seen)
+        self.mark_fired((acts > 0).any(0), len(x))
         metrics = {"mse": float(mse.detach()), "l0": float((acts > 0).float().sum(-1).mean())}
         loss = mse
         if arch in ("topk", "batchtopk"):
@@ -492,6 +502,58 @@ class _Trainer:
         metrics["loss"] = float(loss.detach())
         return loss, self._mean_metrics(metrics)
 
+    def sparse_topk_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The TopK loss decoding only the kept latents: the dense path's values (up to float
+        summation order) without its two ``[batch, d_sae] x [d_sae, d_in]`` decoder matmuls.
+
+        The decoder is an ``embedding_bag`` over the k kept rows per token (forward and backward
+        O(batch·k·d_in)); so is the AuxK term's. The encoder stays one dense matmul with autograd
+        (gathering encoder columns instead was measured slower on CPU).
+        """
+        sae = self.sae
+        pre = sae.pre_acts(x)
+        values, index = pre.topk(sae.cfg.k, dim=-1, sorted=False)
+        values = values.relu()
+        recons = _decode_rows(sae, index, values) + sae.b_dec + sae._skip(x)
+        mse = (recons - y).pow(2).sum(-1).mean()
+        on = values > 0
+        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
+        fired[index[on]] = True
+        self.mark_fired(fired, len(x))
+        aux = self.sparse_aux_loss(pre, y - recons.detach())
+        loss = mse + self.cfg.aux_coefficient * aux
+        metrics = {
+            "mse": float(mse.detach()),
+            "l0": float(on.sum(-1).float().mean()),
+            "aux": float(aux.detach()),
+        }
+        metrics["loss"] = float(loss.detach())
+        return loss, self._mean_metrics(metrics)
+
+    def mark_fired(self, fired: torch.Tensor, n_rows: int) -> None:
+        """Count tokens since each latent last fired; under DDP, fired anywhere in the global batch."""
+        if self.ctx.distributed:
+            fired = self._sum(fired.to(torch.int32)) > 0
+        seen = self.cfg.batch_size if self.ctx.distributed else n_rows
+        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + seen)
+
+    def aux_scale(self, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK's normaliser: the residual's mean squared norm over the (global) batch."""
+        if self.ctx.distributed:
+            return (self._sum(residual.pow(2).sum()) / self.cfg.batch_size).clamp_min(1e-12)
+        return residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+    def sparse_aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``aux_loss`` with the decoder on the ``aux_k`` kept dead latents only."""
+        dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return pre.new_zeros(())
+        k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
+        values, index = torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
+        aux_recons = _decode_rows(self.sae, index, values.relu())
+        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
+
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
         n_dead = int(dead.sum())
@@ -502,11 +564,7 @@ class _Trainer:
         values, index = masked.topk(k_aux, dim=-1)
         aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
         aux_recons = aux_acts @ self.sae.W_dec
-        if self.ctx.distributed:  # the normaliser of the global batch
-            scale = (self._sum(residual.pow(2).sum()) / self.cfg.batch_size).clamp_min(1e-12)
-        else:
-            scale = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
-        return (aux_recons - residual).pow(2).sum(-1).mean() / scale
+        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
 
     @torch.no_grad()
     def update_threshold(self, acts: torch.Tensor) -> None:
@@ -771,6 +829,11 @@ class _Objective(torch.nn.Module):
         trainer = self._trainer[0]
         loss, metrics = trainer.loss(x, y)
         return (loss if trainer.share == 1 else loss * trainer.share), metrics
+
+
+def _decode_rows(sae: SAE, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``Σ_j values[b, j] · W_dec[index[b, j]]``: the decoder on ``k`` latents per token."""
+    return torch.nn.functional.embedding_bag(index, sae.W_dec, per_sample_weights=values, mode="sum")
 
 
 class _JumpReLU(torch.autograd.Function):
