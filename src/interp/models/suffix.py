@@ -15,7 +15,11 @@ positions ``s..n-1``.
   number of rows from each tensor rather than from its input, and a tensor holding one copy
   broadcasts against one holding stacked copies, so copies can be stacked at q, k, v or the
   pattern alone (``TransformerModel.tiling_plans``), which the original cannot; sweeps therefore
-  run through it from position 0 too.
+  run through it from position 0 too. While a route is active (a sweep's forwards, no user
+  hooks), a LayerNorm whose ``hook_scale``/``hook_normalized`` are unhooked runs as one
+  ``layer_norm`` kernel, an attention whose pattern nobody hooks as ``scaled_dot_product_attention``,
+  and unhooked q/k/v/o projections without the bridge's wrapper: the same functions (to ~1e-7),
+  with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
