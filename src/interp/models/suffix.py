@@ -311,6 +311,8 @@ def _fast_norm_applies(norm: nn.Module) -> bool:
         type(norm).__name__ == "NormalizationBridge"
         and type(inner) is nn.LayerNorm
         and inner.elementwise_affine
+        and not hasattr(inner, "_hf_hook")  # accelerate offload: weights load only around its own call
+        and inner.weight.device.type != "meta"
         and not norm.uses_rms_norm
         and not norm.uses_weight_offset
         and not getattr(norm, "use_native_layernorm_autograd", False)
