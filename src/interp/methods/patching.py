@@ -951,10 +951,12 @@ def sweep(
         gathered = (
             {h: _local_stream(model, base, h, route) for h in plan_.hooks} if by_pos and not narrow else {}
         )
-        # a gathered hook's patches share one forward: after it each copy runs one position
+        # patches after the attention pattern whose copies run one position each share one forward
+        # (only the output projection runs every position per copy); q/k/v/pattern keep their ranges
+        merged = {h for h, stream in gathered.items() if stream and not h.endswith(_INSIDE_ATTENTION)}
         key = lambda i: (  # noqa: E731
             patches[i].hook,
-            0 if gathered.get(patches[i].hook) else (patches[i].pos or 0) * groups // n_pos,
+            0 if patches[i].hook in merged else (patches[i].pos or 0) * groups // n_pos,
         )
     else:
         gathered = {}
@@ -970,7 +972,7 @@ def sweep(
         model.shares_prefix(base, chunk[0].hook, route)  # checked on whole outputs
         stream = gathered.get(chunk[0].hook)
         if stream is not None:
-            output = _run_gathered(model, base, chunk, hooks, route, stream)
+            output = _run_gathered(model, base, chunk, hooks, route, stream, start)
             start = 0
         else:
             with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
@@ -1009,16 +1011,27 @@ def _scatter_rows(route: Any, rows_out: torch.Tensor, rows_pos: torch.Tensor) ->
     return full
 
 
+_INSIDE_ATTENTION = (
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_rot_q",
+    "hook_rot_k",
+    "hook_attn_scores",
+    "hook_pattern",
+)
+
+
 def _run_gathered(
-    model: HookedModel, base, chunk: list[Patch], hooks, route: Any, stream: str
+    model: HookedModel, base, chunk: list[Patch], hooks, route: Any, stream: str, start: int = 0
 ) -> torch.Tensor:
     """``run_copies`` for patches at one position each, where nothing after the patched hook mixes
-    positions (``_local_stream``): from the residual stream ``stream`` on, copy ``k`` runs only
-    its position, and every other position is the base run's."""
+    positions (``_local_stream``): positions ``start..`` run (the route's tail), from the residual
+    stream ``stream`` on copy ``k`` runs only its position, and every other position is the base run's."""
     rows_pos = _row_positions([p.pos for p in chunk], base.input_ids.shape[0])
-    with model.keeping_positions(stream, rows_pos):
+    with model.keeping_positions(stream, rows_pos - start):
         rows_out = model.run_copies(
-            base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=(route, 0), library=True
+            base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=(route, start), library=True
         )
     return _scatter_rows(route, rows_out, rows_pos)
 
