@@ -312,6 +312,10 @@ def test_runs_from_the_middle_equal_full_runs(which, toy, gpt2_model, monkeypatc
             results[name, site] = P.patch(model, clean, corrupted, site, metric).values
     assert model._suffix_checks[tuple(clean.shape)] is True
     assert any(key[-1] and ok for key, ok in model._prefix_checks.items())  # a plan verified under the route
+    if which == "native":  # last-block head outputs run one position per copy after the patch; k does not
+        local = {key[1]: ok for key, ok in model._suffix_checks.items() if key[0] == "one position per copy"}
+        last = model.n_layers - 1
+        assert local[f"blocks.{last}.attn.hook_z"] and not local[f"blocks.{last}.attn.hook_k"]
     with monkeypatch.context() as m:
         no_prefix_reuse(m)
         for (name, site), values in results.items():

@@ -7,8 +7,11 @@ a boolean mask in the hook of its layer. The copies are identical until that hoo
 runs once up to it and the copies are stacked there (``HookedModel.run_copies``; on a head sweep,
 the q/k/v projections and attention pattern of the patched layer also run once). On causal models
 a forward whose patches all lie at positions >= s runs positions s.. only, the earlier ones taken
-from the corrupted run's keys and values (``interp.models.suffix``, checked on the model first). K
-comes from the memory budget, so a sweep of any size runs in bounded memory.
+from the corrupted run's keys and values (``interp.models.suffix``, checked on the model first), and
+a forward of patches in the last block, after which nothing mixes positions (head outputs,
+queries, pattern rows), runs only each copy's patched position from the residual stream on
+(``_local_stream``, checked too). K comes from the memory budget, so a sweep of any size runs in
+bounded memory.
 
     >>> from interp.methods import patching as P
     >>> result = P.patch(model, clean, corrupted, site="head_pos", metric=P.logit_diff(7, 3))
@@ -43,7 +46,7 @@ from tqdm.auto import tqdm
 
 from interp.checks import finite_checks_on, require_finite
 from interp.errors import CaptureTooLargeError, InputError, UnknownHookError, closest
-from interp.hooks import HookPoint, concrete_numel, default_memory_budget
+from interp.hooks import HookPoint, concrete_numel, default_memory_budget, layer_of
 from interp.models.base import HookedModel
 
 Progress = Callable[[int, int], None]  # (done, total): e.g. the explorer's st.progress
@@ -864,14 +867,22 @@ def copies_per_forward(
 
 def _masks(chunk: list[Patch], plan_: Plan, n_pos: int, device) -> dict[str, torch.Tensor]:
     """Per hook, a ``[copies, pos, unit]`` boolean mask: True where copy k takes the source value."""
-    masks: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[int]] = {}
     for k, patch in enumerate(chunk):
-        if patch.hook not in masks:
-            masks[patch.hook] = torch.zeros(len(chunk), n_pos, plan_.units[patch.hook], dtype=torch.bool)
-        pos = slice(None) if patch.pos is None else patch.pos
-        unit = slice(None) if patch.unit is None else patch.unit
-        masks[patch.hook][k, pos, unit] = True
-    return {h: m.to(device) for h, m in masks.items()}
+        rows.setdefault(patch.hook, []).append(k)
+    masks: dict[str, torch.Tensor] = {}
+    for hook, ks in rows.items():
+        mask = torch.zeros(len(chunk), n_pos, plan_.units[hook], dtype=torch.bool)
+        patches = [chunk[k] for k in ks]
+        if all(p.pos is not None and p.unit is not None for p in patches):  # one indexed write
+            mask[ks, [p.pos for p in patches], [p.unit for p in patches]] = True
+        else:
+            for k, patch in zip(ks, patches, strict=True):
+                pos = slice(None) if patch.pos is None else patch.pos
+                unit = slice(None) if patch.unit is None else patch.unit
+                mask[k, pos, unit] = True
+        masks[hook] = mask.to(device)
+    return masks
 
 
 def splice(mask: torch.Tensor, source: torch.Tensor, units: int, view: str = "vector") -> Callable:
@@ -920,7 +931,8 @@ def sweep(
     n_pos = base.input_ids.shape[1]
     total = len(plan_.patches)
     out = torch.empty(total)
-    bar = tqdm(total=total, desc=desc, disable=progress is not None or total <= copies, leave=False)
+    shown = progress is None and total > copies  # a tqdm bar costs ~0.2 ms even disabled
+    bar = tqdm(total=total, desc=desc, leave=False) if shown else None
     kept = metric.positions_read()
     narrow = kept is not None and UNEMBED_INPUT in model._sites and model.can_keep_positions(UNEMBED_INPUT)
     read = metric.at_kept_positions() if narrow else metric
@@ -935,7 +947,19 @@ def sweep(
         hook_rank = {h: r for r, h in enumerate(model.hook_names)}
         order.sort(key=lambda i: (hook_rank[patches[i].hook], patches[i].pos or 0))
         groups = _prefix_groups(model)
-        key = lambda i: (patches[i].hook, (patches[i].pos or 0) * groups // n_pos)  # noqa: E731
+        by_pos = all(p.pos is not None for p in patches)
+        gathered = (
+            {h: _local_stream(model, base, h, route) for h in plan_.hooks} if by_pos and not narrow else {}
+        )
+        # patches after the attention pattern whose copies run one position each share one forward
+        # (only the output projection runs every position per copy); q/k/v/pattern keep their ranges
+        merged = {h for h, stream in gathered.items() if stream and not h.endswith(_INSIDE_ATTENTION)}
+        key = lambda i: (  # noqa: E731
+            patches[i].hook,
+            0 if patches[i].hook in merged else (patches[i].pos or 0) * groups // n_pos,
+        )
+    else:
+        gathered = {}
     done = 0
     for indices in chunks_by(order, copies, key=key):
         chunk = [patches[i] for i in indices]
@@ -946,8 +970,15 @@ def sweep(
         ]
         suffix = None if route is None else (route, start)
         model.shares_prefix(base, chunk[0].hook, route)  # checked on whole outputs
-        with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
-            output = model.run_copies(base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix)
+        stream = gathered.get(chunk[0].hook)
+        if stream is not None:
+            output = _run_gathered(model, base, chunk, hooks, route, stream, start)
+            start = 0
+        else:
+            with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
+                output = model.run_copies(
+                    base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix, library=True
+                )
         if start > 0 and not narrow:  # positions before ``start``: the plain base run's
             before = route.output[:, :start].repeat(len(chunk), *([1] * (output.ndim - 1)))
             output = torch.cat([before.to(output), output], dim=1)
@@ -957,11 +988,108 @@ def sweep(
                        "The patched model or the metric produced NaN/inf; check the metric and the inputs.")  # fmt: skip
         out[indices] = values
         done += len(chunk)
-        bar.update(len(chunk))
+        if bar is not None:
+            bar.update(len(chunk))
         if progress is not None:
             progress(done, total)
-    bar.close()
+    if bar is not None:
+        bar.close()
     return out.reshape(plan_.shape)
+
+
+def _row_positions(positions: Sequence[int], batch: int) -> torch.Tensor:
+    """Row ``k * batch + b`` of stacked copies -> ``positions[k]``."""
+    return torch.as_tensor(list(positions), dtype=torch.long).repeat_interleave(batch)
+
+
+def _scatter_rows(route: Any, rows_out: torch.Tensor, rows_pos: torch.Tensor) -> torch.Tensor:
+    """The full output of stacked copies that each differ from the base run at one position:
+    the base run's output (``route.output``) with row ``r``'s position ``rows_pos[r]`` from ``rows_out``."""
+    copies = rows_out.shape[0] // route.output.shape[0]
+    full = route.output.to(rows_out).repeat(copies, *([1] * (route.output.ndim - 1)))
+    full[torch.arange(full.shape[0], device=full.device), rows_pos.to(full.device)] = rows_out[:, 0]
+    return full
+
+
+_INSIDE_ATTENTION = (
+    "hook_q",
+    "hook_k",
+    "hook_v",
+    "hook_rot_q",
+    "hook_rot_k",
+    "hook_attn_scores",
+    "hook_pattern",
+)
+
+
+def _run_gathered(
+    model: HookedModel, base, chunk: list[Patch], hooks, route: Any, stream: str, start: int = 0
+) -> torch.Tensor:
+    """``run_copies`` for patches at one position each, where nothing after the patched hook mixes
+    positions (``_local_stream``): positions ``start..`` run (the route's tail), from the residual
+    stream ``stream`` on copy ``k`` runs only its position, and every other position is the base run's."""
+    rows_pos = _row_positions([p.pos for p in chunk], base.input_ids.shape[0])
+    with model.keeping_positions(stream, rows_pos - start):
+        rows_out = model.run_copies(
+            base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=(route, start), library=True
+        )
+    return _scatter_rows(route, rows_out, rows_pos)
+
+
+def _local_stream(model: HookedModel, base, hook: str, route: Any) -> str | None:
+    """The residual-stream hook from which a patch at ``hook`` can run one position per copy, or None.
+
+    A patch at one position of a hook in the last block (its head outputs, queries or pattern
+    rows) changes nothing but that position downstream when no attention follows. Checked on
+    ``base`` once per hook and input shape: two copies, each jittered at a different position at
+    ``hook``, give the same full output run whole and run from the last block's
+    ``hook_resid_post`` (else ``ln_final.hook_in``) one position per copy.
+    """
+    n_layers = getattr(model, "n_layers", None)
+    if route is None or n_layers is None or layer_of(hook) != n_layers - 1:
+        return None
+    order = {name: i for i, name in enumerate(model.hook_names)}
+    streams = (f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_in")
+    stream = next((name for name in streams if order.get(name, -1) > order[hook]), None)
+    if stream is None or not model.can_keep_positions(stream):
+        return None
+    key = ("one position per copy", hook, stream, tuple(base.input_ids.shape))
+    checks = model._suffix_checks
+    if key not in checks:
+        try:
+            checks[key] = _check_local(model, base, hook, route, stream)
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            checks[key] = False
+    return stream if checks[key] else None
+
+
+def _check_local(model: HookedModel, base, hook: str, route: Any, stream: str) -> bool:
+    batch, n_pos = base.input_ids.shape
+    positions = [n_pos // 2, n_pos - 1]
+    generator = torch.Generator().manual_seed(0)
+    noise: dict[str, torch.Tensor] = {}
+
+    shape = model.hook_shapes.get(hook) or ("batch", "pos")
+    axis = shape.index("pos")  # a pattern's destination position comes first
+
+    def jitter(act: torch.Tensor, _ctx: Any) -> torch.Tensor:  # copy k: noise at positions[k] only
+        if "value" not in noise:
+            scale = 0.1 * act.float().std().clamp_min(1e-3)
+            noise["value"] = (torch.randn(act.shape, generator=generator) * scale).to(act)
+        at = torch.zeros(act.shape[0], act.shape[axis], dtype=torch.bool, device=act.device)
+        at[torch.arange(act.shape[0]), _row_positions(positions, batch).to(act.device)] = True
+        at = at.reshape(act.shape[0], *([1] * (axis - 1)), act.shape[axis], *([1] * (act.ndim - axis - 1)))
+        return torch.where(at, act + noise["value"], act)
+
+    with model._internal(), torch.no_grad():
+        whole = model.run_copies(base, 2, [(hook, jitter)], suffix=(route, 0), library=True)
+        rows_pos = _row_positions(positions, batch)
+        with model.keeping_positions(stream, rows_pos):
+            rows_out = model.run_copies(base, 2, [(hook, jitter)], suffix=(route, 0), library=True)
+    gathered = _scatter_rows(route, rows_out, rows_pos)
+    scale = float(whole.abs().max().clamp_min(1.0))
+    moved = not torch.allclose(whole, route.output.repeat(2, *([1] * (whole.ndim - 1))))
+    return moved and torch.allclose(gathered, whole, rtol=1e-4, atol=1e-5 * scale)
 
 
 PREFIX_GROUPS = 4  # position ranges per hook when the prefix is reused (more: less work, more forwards)
@@ -970,7 +1098,8 @@ SMALL_D_MODEL = 256  # below it a forward costs mostly its fixed overhead: half 
 
 def _prefix_groups(model: HookedModel) -> int:
     """Position ranges per hook. Measured (CPU time, one thread): induction-2l (d_model 64) is
-    fastest with 2, GPT-2 small (768) gains down to 4-5 (10.9 s -> 7.9 s at 3, 7.5 s at 5, 3 layers)."""
+    fastest with 2, GPT-2 small (768) gains down to 4-5 (10.9 s -> 7.9 s at 3, 7.5 s at 5, 3 layers);
+    one range for induction-2l's last block costs more than two (CPU time, head_pos 38-41 ms vs 37-38)."""
     d_model = getattr(getattr(model, "cfg", None), "d_model", SMALL_D_MODEL)
     return max(1, PREFIX_GROUPS // 2) if d_model < SMALL_D_MODEL and PREFIX_GROUPS > 1 else PREFIX_GROUPS
 

@@ -242,6 +242,19 @@ class HookedModel:
         ):
             return self._forward(prepared)
 
+    def _run_library(self, prepared: Any, hooks: Hooks) -> Any:
+        """One forward of an already prepared input with the library's own hooks (a sweep's patch
+        splices), without autograd. They are attached like ``hooks``' (after the user's, with the
+        write-through of ``_write_through``) but are not user hooks: no finite check on what they
+        write (values the model itself produced; the sweep checks its metric) and no gating."""
+        with self._lock:
+            block = self._attach_user(hooks, (), library=True)
+            try:
+                with torch.no_grad():
+                    return self._forward(prepared)
+            finally:
+                block.remove()
+
     @contextmanager
     def hooks(self, hooks: Hooks = (), *, bwd_hooks: Hooks = ()):
         """Context manager that keeps hooks attached for several runs; removes them on exit.
@@ -297,20 +310,24 @@ class HookedModel:
             if clear_contexts:
                 self._hook_contexts.clear()
 
-    def _attach_user(self, hooks: Hooks, bwd_hooks: Hooks) -> _Attached:
+    def _attach_user(self, hooks: Hooks, bwd_hooks: Hooks, library: bool = False) -> _Attached:
         """Attach the caller's forward and backward hooks; every name is resolved before any is attached.
 
         Each is bound to its name and ``hook.ctx`` and skipped inside internal probes. A forward hook
         on a write-through name also lands its edit at the partner (see ``_write_through``), ahead of
         every other hook there; backward hooks come after this call's forward hooks, so they see the
-        gradient of the activation as those leave it.
+        gradient of the activation as those leave it. ``library``: the library's own forward hooks
+        (see ``_run_library``), called ``fn(act, hook)`` with no finite check and no gating.
         """
         hooks, bwd_hooks = _checked_pairs(hooks, "hooks"), _checked_pairs(bwd_hooks, "bwd_hooks")
         pairs, carries, grads, names = [], [], [], []
         for pattern, fn in hooks:
             for name in self.resolve(pattern):
                 names.append(name)
-                bound = outside_probes(_bind(fn, name, self._hook_ctx(name)))
+                if library:
+                    bound = _bind_library(fn, name, self._hook_ctx(name))
+                else:
+                    bound = outside_probes(_bind(fn, name, self._hook_ctx(name)))
                 partner = self._write_through.get(name)
                 if partner is None:
                     pairs.append((self._sites[name], bound))
@@ -381,6 +398,7 @@ class HookedModel:
         *,
         shared_until: str | None = None,
         suffix: tuple[Any, int] | None = None,
+        library: bool = False,
     ) -> Any:
         """Run ``copies`` stacked copies of ``inputs`` with ``hooks``; row ``k * batch + b`` is input ``b``.
 
@@ -397,25 +415,29 @@ class HookedModel:
         see the last ``n - s`` positions and the output covers positions ``s..``. The plan is
         verified for that route too (``_check_plan``); without one, the copies are tiled at the
         tail's input.
+
+        ``library=True``: ``hooks`` are the library's own (a sweep's splices), run as
+        ``_run_library`` runs them (no autograd, no finite check of their writes).
         """
         prepared = self.prepare(inputs)
+        run = self._run_library if library else self.run_with_hooks
         if suffix is not None:
             route, s = suffix
             plan = None if shared_until is None else self._verified_plan(prepared, shared_until, route)
             with self._lock, route.active(s) as tail:  # the route changes the shared module
                 if plan is not None:
                     with self._tiled(plan, copies):
-                        return self.run_with_hooks(tail, hooks)
-                return self.run_with_hooks(self.tile_input(tail, copies), hooks)
+                        return run(tail, hooks)
+                return run(self.tile_input(tail, copies), hooks)
         if shared_until is not None:
             plan = self._verified_plan(prepared, shared_until)
             if plan is not None:
                 try:
                     with self._tiled(plan, copies):
-                        return self.run_with_hooks(prepared, hooks)
+                        return run(prepared, hooks)
                 except (RuntimeError, ValueError, IndexError):
-                    self._prefix_checks[self._plan_key(prepared, plan)] = False
-        return self.run_with_hooks(self.tile_input(prepared, copies), hooks)
+                    self._prefix_checks[self._plan_key(prepared, plan) + (False,)] = False
+        return run(self.tile_input(prepared, copies), hooks)
 
     def tiling_plans(self, name: str) -> list[TilingPlan]:
         """Ways to run the forward once up to hook ``name`` and per copy after it, most sharing first.
@@ -699,7 +721,31 @@ def _bind(
     return bound
 
 
+def _bind_library(
+    fn: HookFn, name: str, ctx: dict[str, Any]
+) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """A library hook ``fn(act, hook)`` as a one-argument hook body (see ``_run_library``)."""
+    context = HookContext(name=name, ctx=ctx)
+    return lambda act: fn(act, context)
+
+
+_KEYWORD_BY_CODE: dict[Any, bool] = {}  # plain functions: the answer depends only on their code
+
+
 def _takes_hook_keyword(fn: Callable) -> bool:
+    """Whether ``fn`` has a ``hook`` parameter after the activation (``inspect.signature`` once per
+    function code: a sweep binds a fresh closure per forward)."""
+    code = getattr(fn, "__code__", None) if inspect.isfunction(fn) else None
+    plain = code is not None and not hasattr(fn, "__wrapped__") and not hasattr(fn, "__signature__")
+    if plain and code in _KEYWORD_BY_CODE:
+        return _KEYWORD_BY_CODE[code]
+    answer = _signature_has_hook(fn)
+    if plain:
+        _KEYWORD_BY_CODE[code] = answer
+    return answer
+
+
+def _signature_has_hook(fn: Callable) -> bool:
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):

@@ -15,7 +15,11 @@ positions ``s..n-1``.
   number of rows from each tensor rather than from its input, and a tensor holding one copy
   broadcasts against one holding stacked copies, so copies can be stacked at q, k, v or the
   pattern alone (``TransformerModel.tiling_plans``), which the original cannot; sweeps therefore
-  run through it from position 0 too.
+  run through it from position 0 too. While a route is active (a sweep's forwards, no user
+  hooks), a LayerNorm whose ``hook_scale``/``hook_normalized`` are unhooked runs as one
+  ``layer_norm`` kernel, an attention whose pattern nobody hooks as ``scaled_dot_product_attention``,
+  and unhooked q/k/v/o projections without the bridge's wrapper: the same functions (to ~1e-7),
+  with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -207,28 +211,42 @@ class NativeSuffix(SuffixRoute):
         with self._replaced(s, record=False), _with_position_ids(self.model, positions):
             yield tail
 
+    def _norms(self) -> list[nn.Module]:
+        """The bridge's LayerNorm components that ``_fast_norm`` can run (others keep their forward)."""
+        bridge = self.model.bridge
+        norms = [getattr(block, name, None) for block in bridge.blocks for name in ("ln1", "ln2")]
+        norms.append(getattr(bridge, "ln_final", None))
+        return [norm for norm in norms if norm is not None and _fast_norm_applies(norm)]
+
     @contextmanager
     def _replaced(self, s: int, record: bool):
         attentions = self._attentions()
+        norms = self._norms()
         for layer, attention in enumerate(attentions):
             attention.forward = self._forward_for(attention, layer, s, record)
+        for norm in norms:  # past GeneralizedComponent.__setattr__, which passes names to the wrapped module
+            object.__setattr__(norm, "forward", _fast_norm(norm))
         try:
             yield
         finally:
             for attention in attentions:
                 del attention.forward
+            for norm in norms:
+                norm.__dict__.pop("forward", None)
 
     def _forward_for(self, att: nn.Module, layer: int, s: int, record: bool):
         """``NativeAttention.forward`` (TransformerLens 4.3) with positions ``< s`` from the cache."""
         from transformer_lens.model_bridge.sources.native.model import apply_softcap
 
+        bridges = self.model.bridge.blocks  # the attention bridge of each layer: ``bridges[layer].attn``
+
         def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padded inputs keep the full forward")
             seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
-            q = att.q(hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
-            k = att.k(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
-            v = att.v(hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+            q = _linear(att.q, hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+            k = _linear(att.k, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+            v = _linear(att.v, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             if att.rotary is not None:
                 q, k = att.rotary.apply_rope(q, k, position_ids=position_ids)
             if record:
@@ -240,9 +258,16 @@ class NativeSuffix(SuffixRoute):
             if att.kv_repeats > 1:
                 k = k.repeat_interleave(att.kv_repeats, dim=1)
                 v = v.repeat_interleave(att.kv_repeats, dim=1)
-            scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
             if not att.causal:
                 raise NotImplementedError("bidirectional attention: every position depends on every other")
+            if _fused_attention_applies(att, bridges[layer], pattern_fn, q, k):
+                # nothing reads the pattern: one fused kernel (equal to the steps below to ~1e-7)
+                visible = ~att.causal_mask[s : s + seq, : s + seq]
+                z = nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=visible, scale=1 / att.scale
+                )
+                return _linear(att.o, z.transpose(1, 2).flatten(-2)), None
+            scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
             # no padding (checked above), so every row keeps its diagonal and softmax leaves masked
             # entries at exactly 0: the original's second masked_fill is a no-op here
             pattern = torch.softmax(
@@ -251,9 +276,99 @@ class NativeSuffix(SuffixRoute):
             if pattern_fn is not None:
                 pattern = pattern_fn(pattern)
             z = _rows_matmul(pattern, v).transpose(1, 2).flatten(-2)
-            return att.o(z), pattern
+            return _linear(att.o, z), pattern
 
         return forward
+
+
+def _fused_attention_applies(
+    att: nn.Module, block: nn.Module, pattern_fn: Any, q: torch.Tensor, k: torch.Tensor
+) -> bool:
+    """Whether the attention can run as ``scaled_dot_product_attention``: no one reads or edits its
+    pattern (the bridge's ``hook_pattern`` and ``hook_attn_scores`` are unhooked), no soft cap, and
+    the copies are stacked on both sides (q and k have the same rows)."""
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
+    bridge = block.attn
+    points = [bridge._modules.get("hook_pattern"), bridge._modules.get("hook_attn_scores")]
+    if pattern_fn is not None and pattern_fn is not points[0]:
+        return False
+    return (
+        None not in points
+        and not any(_has_hooks(point) for point in points)
+        and not softcap_enabled(att.attn_scores_soft_cap)
+        and q.shape[0] == k.shape[0]
+        and not _global_hooks()
+    )
+
+
+def _fast_norm_applies(norm: nn.Module) -> bool:
+    """A TransformerLens ``NormalizationBridge`` over ``nn.LayerNorm`` that runs its from-scratch
+    LayerNorm (not RMS, no weight offset, no folding, not HF's autograd path)."""
+    inner = norm._modules.get("_original_component")
+    config = getattr(norm, "config", None)
+    return (
+        type(norm).__name__ == "NormalizationBridge"
+        and type(inner) is nn.LayerNorm
+        and inner.elementwise_affine
+        and not hasattr(inner, "_hf_hook")  # accelerate offload: weights load only around its own call
+        and inner.weight.device.type != "meta"
+        and not norm.uses_rms_norm
+        and not norm.uses_weight_offset
+        and not getattr(norm, "use_native_layernorm_autograd", False)
+        and not getattr(config, "layer_norm_folding", False)
+    )
+
+
+def _fast_norm(norm: nn.Module):
+    """``norm.forward`` as one ``layer_norm`` kernel while its ``hook_scale`` and ``hook_normalized``
+    are unhooked (TL's from-scratch LayerNorm: the same function in 9 elementwise passes, equal to
+    ~1e-7); ``hook_in`` and ``hook_out`` fire as in the bridge. Anything hooked inside, or another
+    dtype, runs the bridge's own forward."""
+    inner = norm._modules["_original_component"]
+    inside = (norm._modules["hook_scale"], norm._modules["hook_normalized"])
+    eps = getattr(norm.config, "eps", 1e-05)
+    original = type(norm).forward
+
+    def forward(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if kwargs or hidden_states.dtype != torch.float32 or any(map(_has_hooks, inside)) or _global_hooks():
+            return original(norm, hidden_states, **kwargs)
+        x = norm.hook_in(hidden_states)
+        out = nn.functional.layer_norm(x, (x.shape[-1],), inner.weight, inner.bias, eps)
+        return norm.hook_out(out)
+
+    return forward
+
+
+def _global_hooks() -> bool:
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def _linear(bridge: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bridge(x)`` for a TransformerLens ``LinearBridge``: its wrapped ``nn.Linear`` called directly
+    while nothing hooks the bridge or its hook points (they are identities then), which skips the
+    bridge's per-call Python (~50 us, 8 calls a forward on induction-2l). The same module computes
+    the same tensor; any hook, module hook, global hook or offloading keeps the bridge's own call."""
+    inner = bridge._modules.get("_original_component")
+    points = [bridge._modules.get("hook_in"), bridge._modules.get("hook_out")]
+    if (
+        inner is None
+        or None in points
+        or any(_has_hooks(m) for m in (bridge, *points))
+        or hasattr(inner, "_hf_hook")
+        or _global_hooks()
+    ):
+        return bridge(x)
+    return inner(x)
 
 
 def _rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
