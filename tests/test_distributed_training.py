@@ -41,7 +41,7 @@ RECIPES = {
 WORKER = """
 import os, sys, torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import model, RECIPES
+from ddp_common import model, RECIPES
 from interp.distributed import process_group
 from interp.sae import train
 from interp.sae import training
@@ -65,10 +65,10 @@ with process_group(timeout=60) as ctx:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    (root / "common.py").write_text(COMMON)
+    (root / "ddp_common.py").write_text(COMMON)  # not "common": benchmarks/common.py may be imported
     (root / "worker.py").write_text(WORKER)
     sys.path.insert(0, str(root))
-    import common
+    import ddp_common as common
 
     model = common.model()
     x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
