@@ -93,6 +93,12 @@ def test_unreachable_hub_fails_at_once_and_bad_ids_never_touch_the_network(tmp_p
     assert "CACHED 1 (1, 3, 20)" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
+def test_zoo_name_without_prefix_suggests_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"Did you mean 'zoo:grammar-4l'\?"):
+        interp.load("grammar-4l")
+
+
 def test_missing_and_non_model_directories(tmp_path):
     with pytest.raises(ModelLoadError, match="no model directory at"):
         interp.load(str(tmp_path / "nope"))

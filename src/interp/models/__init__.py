@@ -415,7 +415,11 @@ def _offline_message(source: str, err: Exception) -> str:
         or "connect" in str(err).lower()
     )
     why = "the hub cannot be reached (offline)" if offline else str(err).splitlines()[0]
-    known = closest(source.lower(), [*_EMBEDDED_ALIASES])
+    from interp.models.zoo.registry import ZOO_NAMES
+
+    known = closest(source.lower(), [*_EMBEDDED_ALIASES, *(f"zoo:{name}" for name in ZOO_NAMES)])
+    if source.lower() in ZOO_NAMES:  # a zoo model named without its prefix
+        known = [f"zoo:{source.lower()}"]
     hint = f" Did you mean {known[0]!r}?" if known else ""
     return (
         f"could not load {source!r}: it is not a local directory and {why}.{hint} "
