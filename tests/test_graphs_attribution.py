@@ -351,6 +351,14 @@ def test_prompts_longer_than_the_context_are_refused_before_work(setup):
         graphs.attribute(model, tcs, "some text")
 
 
+@pytest.mark.parametrize("cap", [0, -1, True])
+def test_a_feature_cap_below_one_is_refused(setup, cap):
+    """max_feature_nodes=0 used to give a graph with no features at all, silently."""
+    model, tcs, *_ = setup
+    with pytest.raises(InputError, match="max_feature_nodes must be a positive number"):
+        graphs.attribute(model, tcs, torch.arange(6) % 20, max_feature_nodes=cap, progress=False)
+
+
 @pytest.mark.parametrize("bad", [20, -3])
 def test_token_ids_outside_the_vocabulary_are_refused(setup, bad):
     """attribute, intervene and qk_attribution all name the vocabulary (was torch's IndexError)."""

@@ -383,7 +383,10 @@ def attribute(
         model: an interp ``NativeTransformer`` (``interp.load("zoo:...")``).
         transcoders: one interp.sae transcoder per layer, in layer order, reading
             ``blocks.L.mlp.hook_in`` (or ``ln2.hook_in``) and writing ``blocks.L.mlp.hook_out``.
-        prompt: text (needs a tokenizer) or token ids; at most ``n_ctx`` tokens.
+        prompt: text (needs a tokenizer) or token ids; at most ``n_ctx`` tokens. Text is
+            tokenized as everywhere in interp, with the tokenizer's own special tokens (the zoo's
+            word vocabulary adds BOS; GPT-2's tokenizer adds none, unlike circuit-tracer, which
+            always prepends BOS): pass ids to control it.
         max_n_logits, desired_logit_prob: which next tokens become logit nodes (circuit-tracer's).
         max_feature_nodes: cap on feature nodes (the most influential, ranked as circuit-tracer).
         batch_size: targets per backward pass (lowered to fit ``memory_budget``).
@@ -403,6 +406,11 @@ def attribute(
     explicit = None if targets is None else _target_ids(model, targets, int(core.cfg.d_vocab))
     if max_n_logits < 1 or not 0 < desired_logit_prob <= 1:
         raise InputError("max_n_logits must be >= 1 and desired_logit_prob in (0, 1]")
+    if max_feature_nodes is not None and (isinstance(max_feature_nodes, bool) or int(max_feature_nodes) < 1):
+        raise InputError(
+            f"max_feature_nodes must be a positive number of features, or None for every active one; "
+            f"got {max_feature_nodes!r}"
+        )
     param = next(core.parameters())
     rep = record(model, transcoders, tokens.to(param.device))
     probs_all = torch.softmax(rep.logits[-1], dim=-1)
