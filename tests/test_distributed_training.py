@@ -99,7 +99,7 @@ def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatc
     monkeypatch.setattr(training._Trainer, "resample", counting)
     for name, recipe in common.RECIPES.items():
         one = train(common.model(), "1.hook_out", root / "capture", data_lanes=2, **recipe)
-        ranks = [torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1)]
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         assert_close(ranks[0], one.state_dict())
         assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP keeps the ranks equal
         history = json.loads((tmp_path / name / "history.json").read_text())  # rank 0 wrote the run

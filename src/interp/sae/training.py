@@ -537,6 +537,15 @@ class _Trainer:
         seen = self.cfg.batch_size if self.ctx.distributed else n_rows
         self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + seen)
 
+    def dead_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """AuxK's selection: the ``aux_k`` largest pre-activations among dead latents, or None if none is dead."""
+        dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return None
+        k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
+        return torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
+
     def aux_scale(self, residual: torch.Tensor) -> torch.Tensor:
         """AuxK's normaliser: the residual's mean squared norm over the (global) batch."""
         if self.ctx.distributed:
@@ -545,23 +554,18 @@ class _Trainer:
 
     def sparse_aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``aux_loss`` with the decoder on the ``aux_k`` kept dead latents only."""
-        dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        kept = self.dead_topk(pre)
+        if kept is None:
             return pre.new_zeros(())
-        k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
-        values, index = torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
+        values, index = kept
         aux_recons = _decode_rows(self.sae, index, values.relu())
         return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+        kept = self.dead_topk(pre)
+        if kept is None:
             return pre.new_zeros(())
-        k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
-        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        values, index = masked.topk(k_aux, dim=-1)
+        values, index = kept
         aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
         aux_recons = aux_acts @ self.sae.W_dec
         return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
