@@ -295,6 +295,16 @@ PAGE_TITLES = [
 SIDEBAR_PAGES = {"Home", "Activations", "Attention", "Causal", "Features", "Dictionary"}
 
 
+def open_home(browser, server: str):
+    """A tall page on the explorer's Home, idle (Streamlit scrolls inside its own container)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    page.set_default_timeout(IDLE_MS)
+    page.goto(server)
+    page.wait_for_selector("h1:has-text('interp explorer')")
+    wait_idle(page)
+    return page
+
+
 def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sae_dir):
     """Served once: each page visited with MiniLM, then the sidebar pages with zoo:induction-2l;
     the main interaction run on each; no exception text, no leftover progress bar, no iframe more
@@ -307,11 +317,7 @@ def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sa
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1900})
-            page.set_default_timeout(IDLE_MS)
-            page.goto(server)
-            page.wait_for_selector("h1:has-text('interp explorer')")
-            wait_idle(page)
+            page = open_home(browser, server)
             for spec in ("minilm", "zoo:induction-2l"):
                 if spec != "minilm":
                     set_model(page, spec)
@@ -351,11 +357,7 @@ def test_adversarial_page_with_the_ensemble_and_a_minimal_attack(chromium, serve
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1900})
-            page.set_default_timeout(IDLE_MS)
-            page.goto(server)
-            page.wait_for_selector("h1:has-text('interp explorer')")
-            wait_idle(page)
+            page = open_home(browser, server)
             goto(page, "Adversarial")
             main = page.locator("[data-testid='stMain']")
             select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + Square")

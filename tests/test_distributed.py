@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_store import assert_same_capture
 
 import interp
 from interp.errors import InputError
@@ -42,18 +43,6 @@ def torchrun(nproc: int, *args: str, timeout: float = 120) -> subprocess.Complet
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]  # fmt: skip
     return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout)
-
-
-def assert_same_capture(a, b) -> None:
-    assert a.column_names == b.column_names
-    assert len(a) == len(b)
-    for i in range(len(a)):
-        ra, rb = a[i], b[i]
-        for col in a.column_names:
-            if isinstance(ra[col], torch.Tensor):
-                assert torch.equal(ra[col], rb[col]), (i, col)
-            else:
-                assert ra[col] == rb[col], (i, col)
 
 
 @pytest.fixture(scope="module")
