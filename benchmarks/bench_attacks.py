@@ -82,9 +82,12 @@ WORKER = textwrap.dedent(
             "apgd-dlr": lambda: ta.APGD(model, eps=eps, loss="dlr", **kw),
             "apgd-t": lambda: ta.APGDT(model, eps=eps, n_classes=10, **kw),
             "square": lambda: ta.Square(model, eps=eps, **kw),
+            "fab": lambda: ta.FAB(model, eps=eps, n_classes=10, **kw),
+            "fab-t": lambda: ta.FAB(model, eps=eps, multi_targeted=True, n_classes=10, **kw),
             "autoattack": lambda: ta.MultiAttack([
                 ta.APGD(model, eps=eps, loss="ce", seed=0, steps=kw.get("steps", 10)),
                 ta.APGDT(model, eps=eps, n_classes=10, seed=0, steps=kw.get("steps", 10)),
+                ta.FAB(model, eps=eps, multi_targeted=True, n_classes=10, seed=0, steps=kw.get("steps", 10)),
                 ta.Square(model, eps=eps, seed=0, n_queries=kw.get("n_queries", 5000))]),
         }
         atk = make[a]()
@@ -232,6 +235,8 @@ SPECS = [
     {"key": "apgd-dlr", "attack": "apgd-dlr", "eps": EPS, "args": {"steps": 10}},
     {"key": "apgd-t", "attack": "apgd-t", "eps": EPS, "args": {"steps": 10}},
     {"key": "square", "attack": "square", "eps": EPS, "args": {"n_queries": 200}},
+    {"key": "fab", "attack": "fab", "eps": EPS, "args": {"steps": 10}},
+    {"key": "fab-t", "attack": "fab-t", "eps": EPS, "args": {"steps": 10}},
     {"key": "autoattack", "attack": "autoattack", "eps": EPS, "args": {"steps": 10, "n_queries": 200}},
 ]
 # identical bit for bit (B) or within this max |difference| (float rounding of batched vs per-image work)

@@ -38,7 +38,7 @@ def softmax(digits):
 
 
 def test_public_names_stay_importable_from_adversarial():
-    for name in ("cw", "deepfool", "apgd", "apgd_t", "square", "autoattack"):
+    for name in ("cw", "deepfool", "apgd", "apgd_t", "square", "autoattack", "fab", "fab_t"):
         assert getattr(A, name) is getattr(attacks, name)
 
 
@@ -123,6 +123,7 @@ def test_the_ensemble_is_at_least_as_strong_as_its_first_member(cnn, batch):
     first = attacks.apgd(cnn, x, y, 0.1, steps=5, loss="ce")
     ens = attacks.autoattack(cnn, x, y, 0.1, steps=5, n_queries=50)
     assert ens.accuracy_adv <= first.accuracy_adv
+    assert ens.config["members"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     after = ens.config["robust_after"]
     assert after == sorted(after, reverse=True)
     assert after[-1] == round(ens.accuracy_adv * len(y))
@@ -215,7 +216,7 @@ def test_saved_sets_round_trip_with_config_and_seed(cnn, batch, tmp_path):
 @pytest.mark.parametrize("name", A.ATTACK_NAMES)
 def test_robustness_curve_for_every_attack(cnn, batch, name):
     x, y = batch[0][:24], batch[1][:24]
-    kw = {"steps": 3} if name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t") else {}
+    kw = {"steps": 3} if name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t") else {}
     kw |= {"n_queries": 30} if name == "square" else {}
     kw |= {"steps": 2, "n_queries": 20} if name == "autoattack" else {}
     kw |= {"c": 10.0, "steps": 30, "lr": 0.05} if name == "cw" else {}
@@ -268,7 +269,7 @@ def test_bad_inputs_name_the_fix(cnn, batch):
     with pytest.raises(InputError, match="normalize std must be > 0"):
         attacks.square(cnn, x, y, 0.1, normalize=([0.5], [0.0]))
     with pytest.raises(InputError, match="attack must be one of"):
-        A.robustness_curve(cnn, x, y, [0.1], "fab")
+        A.robustness_curve(cnn, x, y, [0.1], "jsma")
     with pytest.raises(InputError, match="APGD-T's targeted DLR loss needs at least 4 classes"):
         attacks.apgd_t(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), x, y % 3, 0.1)
 
@@ -286,7 +287,7 @@ def test_fgsm_checks_labels_without_an_extra_forward(cnn, batch):
     assert all(p.requires_grad for p in cnn.module.parameters())  # the attack's freeze is undone
 
 
-@pytest.mark.parametrize("name", ["apgd-ce", "deepfool"])
+@pytest.mark.parametrize("name", ["apgd-ce", "deepfool", "fab"])
 def test_attack_probes_take_any_attack(cnn, digits, name):
     """The probe reads an Attack from any attack and equals the probe of its tensors."""
     x_tr, y_tr, x, y = digits

@@ -60,6 +60,13 @@ SPECS = [s for s in B.SPECS if s["key"] != "autoattack"] + [
     {"key": "apgd-l2", "attack": "apgd-ce", "eps": 1.0, "args": {"steps": 5, "norm": "L2"}},
     {"key": "apgd-dlr-l2", "attack": "apgd-dlr", "eps": 1.0, "args": {"steps": 5, "norm": "L2"}},
     {"key": "apgd-normalized", "attack": "apgd-ce", "eps": 0.1, "args": {"steps": 5}, "normalize": [MEAN, STD]},
+    # FAB's restarts start at random points drawn from the seeded CPU generator; at one step per run
+    # they break images the first run missed (test_adversarial_fab checks that), so the draws matter
+    {"key": "fab-l2", "attack": "fab", "eps": 1.0, "args": {"steps": 5, "norm": "L2"}},
+    {"key": "fab-restarts", "attack": "fab", "eps": 0.3, "args": {"steps": 1, "n_restarts": 3}},
+    {"key": "fab-l2-restarts", "attack": "fab", "eps": 1.0, "args": {"steps": 1, "norm": "L2", "n_restarts": 3}},
+    {"key": "fab-t-restarts", "attack": "fab-t", "eps": 0.2, "args": {"steps": 1, "n_restarts": 2}},
+    {"key": "fab-normalized", "attack": "fab", "eps": 0.1, "args": {"steps": 5}, "normalize": [MEAN, STD]},
 ]  # fmt: skip
 
 
@@ -88,6 +95,7 @@ def slow():
 def _ours(spec, model, x, y) -> torch.Tensor:
     """Our attack for a spec, as the benchmark's worker runs it (the same translation)."""
     kw = {k: v.lower() if k == "norm" else v for k, v in spec.get("args", {}).items()}  # "L2" -> "l2"
+    kw = {"restarts" if k == "n_restarts" else k: v for k, v in kw.items()}  # torchattacks' name -> ours
     if spec.get("shift"):
         model = torch.nn.Sequential(model, _Shift(spec["shift"]))
     extra = {}
@@ -113,14 +121,14 @@ class _Shift(torch.nn.Module):
 
 @pytest.mark.parametrize("spec", FAST_SPECS, ids=[s["key"] for s in FAST_SPECS])
 def test_attack_equals_torchattacks(fast, spec):
-    """FGSM, PGD (targeted by label and least-likely, normalised inputs) and the APGDs."""
+    """FGSM, PGD (targeted by label and least-likely, normalised inputs), the APGDs, FAB and FAB-T."""
     _check(spec, *fast)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", SLOW_SPECS, ids=[s["key"] for s in SLOW_SPECS])
 def test_slow_attack_equals_torchattacks(slow, spec):
-    """CW (untargeted and by label), DeepFool, Square and the APGD-CE + APGD-T + Square ensemble."""
+    """CW (untargeted and by label), DeepFool, Square and the APGD-CE + APGD-T + FAB-T + Square ensemble."""
     _check(spec, *slow)
 
 

@@ -17,8 +17,8 @@ bit-identical and PGD without random start matches to float rounding; the benchm
 ``adversarial_train`` is Madry et al.'s PGD training.
 
 The other attacks live in ``interp.methods.attacks`` and are importable from here too: ``cw``
-(L2), ``deepfool``, ``apgd`` (CE or DLR loss), ``apgd_t``, ``square`` (L∞) and ``autoattack``
-(APGD-CE + APGD-T + Square). ``run_attack(name, ...)`` runs any of :data:`ATTACK_NAMES`, and
+(L2), ``deepfool``, ``apgd`` (CE or DLR loss), ``apgd_t``, ``square`` (L∞), ``fab`` and ``fab_t``
+(L∞ or L2, minimal-norm within eps) and ``autoattack`` (APGD-CE + APGD-T + FAB-T + Square). ``run_attack(name, ...)`` runs any of :data:`ATTACK_NAMES`, and
 ``robustness_curve`` takes every one. Every attack takes ``normalize=(mean, std)`` for a model that
 expects normalised inputs (the attack stays in pixel space); the targeted ones take ``target=`` as
 a class, ``"random"``, ``"least-likely"`` or a function (``resolve_target``). ``Attack.save`` and
@@ -611,7 +611,7 @@ class RobustnessCurve:
         return fig
 
 
-EPS_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack")
+EPS_ATTACKS = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square", "autoattack", "fab", "fab-t")
 MIN_NORM_ATTACKS = ("cw", "deepfool")  # one run gives the whole curve (accuracy at each budget)
 ATTACK_NAMES = EPS_ATTACKS + MIN_NORM_ATTACKS
 
@@ -624,7 +624,8 @@ def run_attack(name: str, model: HookedModel | nn.Module, x: Any, y: Any, eps: f
 
     table = {"fgsm": fgsm, "pgd": pgd, "apgd-ce": lambda *a, **k: attacks.apgd(*a, loss="ce", **k),
              "apgd-dlr": lambda *a, **k: attacks.apgd(*a, loss="dlr", **k), "apgd-t": attacks.apgd_t,
-             "square": attacks.square, "autoattack": attacks.autoattack}  # fmt: skip
+             "square": attacks.square, "autoattack": attacks.autoattack, "fab": attacks.fab,
+             "fab-t": attacks.fab_t}  # fmt: skip
     if name in MIN_NORM_ATTACKS:
         return (attacks.cw if name == "cw" else attacks.deepfool)(model, x, y, **kwargs)
     if name not in table:
@@ -1166,7 +1167,7 @@ def attack_figure(attack: Attack, index: int = 0):
 
 
 _FROM_ATTACKS = ("apgd", "apgd_t", "autoattack", "cw", "deepfool", "dlr_loss", "dlr_loss_targeted",
-                 "min_norm_accuracy", "square")  # fmt: skip
+                 "min_norm_accuracy", "square", "fab", "fab_t")  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
