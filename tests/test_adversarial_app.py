@@ -19,7 +19,8 @@ APP = Path(__file__).resolve().parents[1] / "apps" / "Home.py"
 TIMEOUT = 300
 LABELS = [
     "FGSM", "PGD (L∞)", "PGD (L2)", "APGD-CE (L∞)", "APGD-DLR (L∞)", "APGD-T (L∞)", "Square (L∞, no gradients)",
-    "AutoAttack-style: APGD-CE + APGD-T + Square", "CW (L2, minimal)", "DeepFool (L2, minimal)",
+    "FAB (L∞, smallest within eps)", "FAB (L2, smallest within eps)", "FAB-T (L∞)",
+    "AutoAttack-style: APGD-CE + APGD-T + FAB-T + Square", "CW (L2, minimal)", "DeepFool (L2, minimal)",
 ]  # fmt: skip
 
 

@@ -360,7 +360,7 @@ def test_adversarial_page_with_the_ensemble_and_a_minimal_attack(chromium, serve
             page = open_home(browser, server)
             goto(page, "Adversarial")
             main = page.locator("[data-testid='stMain']")
-            select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + Square")
+            select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + FAB-T + Square")
             wait_idle(page)
             main.get_by_text("Robustness curve (first").first.click()
             wait_idle(page)

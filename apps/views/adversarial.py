@@ -25,11 +25,14 @@ ATTACKS = {
     "APGD-DLR (L∞)": ("apgd-dlr", "linf"),
     "APGD-T (L∞)": ("apgd-t", "linf"),
     "Square (L∞, no gradients)": ("square", "linf"),
-    "AutoAttack-style: APGD-CE + APGD-T + Square": ("autoattack", "linf"),
+    "FAB (L∞, smallest within eps)": ("fab", "linf"),
+    "FAB (L2, smallest within eps)": ("fab", "l2"),
+    "FAB-T (L∞)": ("fab-t", "linf"),
+    "AutoAttack-style: APGD-CE + APGD-T + FAB-T + Square": ("autoattack", "linf"),
     "CW (L2, minimal)": ("cw", "l2"),
     "DeepFool (L2, minimal)": ("deepfool", "l2"),
 }
-TARGETED = {"fgsm", "pgd", "square", "cw"}  # the attacks that take a target
+TARGETED = {"fgsm", "pgd", "square", "cw", "fab"}  # the attacks that take a target
 MINIMAL = {"cw", "deepfool"}  # no budget: they look for the smallest perturbation
 N_LAYER_IMAGES = 100  # test images attacked for the per-layer analysis and the robustness curve
 
@@ -67,11 +70,11 @@ def attack(model: interp.HookedModel, x, y, kind: str, eps: float, steps: int, t
     """``kind`` (a label of ATTACKS) on the batch; ``steps`` is iterations, or queries for Square."""
     name, norm = ATTACKS[kind]
     kw: dict = {}
-    if name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "cw", "deepfool"):
+    if name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "cw", "deepfool", "fab", "fab-t"):
         kw["steps"] = steps
     if name == "pgd":
         kw |= {"alpha": eps / 4, "norm": norm, "seed": 0}
-    if name == "apgd-ce" or name == "apgd-dlr":
+    if name in ("apgd-ce", "apgd-dlr", "fab"):
         kw["norm"] = norm
     if name == "cw":  # torchattacks' c=1, lr=0.01 barely move 8x8 digits in 50 steps
         kw |= {"c": 10.0, "lr": 0.05}
@@ -81,7 +84,7 @@ def attack(model: interp.HookedModel, x, y, kind: str, eps: float, steps: int, t
         kw |= {"steps": min(steps, 100), "n_queries": 10 * steps}
     if name in TARGETED and target is not None:
         kw["target"] = target
-    if name in ("square", "autoattack", "cw", "deepfool") and progress is not None:
+    if name in ("square", "autoattack", "cw", "deepfool", "fab", "fab-t") and progress is not None:
         kw["progress"] = progress
     return A.run_attack(name, model, x, y, None if name in MINIMAL else eps, **kw)
 
@@ -156,11 +159,11 @@ kind = left.selectbox("Attack", list(ATTACKS), key="adv_attack")
 name, norm = ATTACKS[kind]
 minimal = name in MINIMAL
 eps = left.slider(
-    "eps (L∞ budget; L2 radius for PGD L2)", 0.0, 1.0, 0.1, 0.01, key="adv_eps", disabled=minimal,
+    "eps (L∞ budget; L2 radius for PGD L2 and FAB L2)", 0.0, 1.0, 0.1, 0.01, key="adv_eps", disabled=minimal,
     help="CW and DeepFool take no budget: they search for the smallest L2 perturbation that flips the class.",
 )  # fmt: skip
 STEPS_LABELS = {"fgsm": "Steps (FGSM takes one)", "square": "Queries (Square)",
-                "autoattack": "APGD steps (Square gets 10x as many queries)"}  # fmt: skip
+                "autoattack": "APGD and FAB-T steps (Square gets 10x as many queries)"}  # fmt: skip
 DEFAULT_STEPS = {"square": 100, "deepfool": 50, "cw": 50}
 steps = left.number_input(STEPS_LABELS.get(name, "Steps"), 1, 2000, DEFAULT_STEPS.get(name, 20),
                           key=f"adv_steps::{name}", disabled=name == "fgsm")  # fmt: skip
@@ -199,13 +202,13 @@ else:
             image = read_upload(upload.getvalue(), invert)[None]
 TARGETS = ["none", "random", "least-likely", *range(10)]
 target = right.selectbox("Target (targeted attack)", TARGETS, key="adv_target", disabled=name not in TARGETED,
-                         help="FGSM, PGD, Square and CW take a target: a class, a random other class, or the "
+                         help="FGSM, PGD, Square, CW and FAB take a target: a class, a random other class, or the "
                          "least likely one. The other attacks are untargeted.")  # fmt: skip
 goal = None if target == "none" or name not in TARGETED else target
 
 if image is not None:
     with common.guard():
-        if name in ("square", "autoattack", "cw", "deepfool"):
+        if name in ("square", "autoattack", "cw", "deepfool", "fab", "fab-t"):
             with common.progress(f"Running {kind}") as update:
                 result = attack(model, image, [label], kind, eps, int(steps), goal, update)
         else:

@@ -202,6 +202,8 @@ class _Fab:
         self.targeted, self.total = targeted, len(goals) * self.restarts * self.steps
         robust = _logits(self.module, u).argmax(1) == y  # only correct images are attacked (AutoAttack)
         adv = u.clone()
+        if self.eps == 0:  # a correct image is no adversarial of itself: nothing to find
+            goals = []
         for goal in goals:
             for restart in range(self.restarts):
                 idx = robust.nonzero().flatten()
