@@ -182,6 +182,7 @@ def test_fab_bad_inputs_name_the_fix(cnn, batch):
         (lambda: attacks.fab(cnn, x, y, 0.1, norm="l1"), r"norm must be one of \('linf', 'l2'\) for FAB"),
         (lambda: attacks.fab(cnn, x, y, 0.1, restarts=0), "restarts must be a whole number >= 1"),
         (lambda: attacks.fab(cnn, x, y, 0.1, steps=0), "steps must be a whole number >= 1"),
+        (lambda: attacks.fab(cnn, x, y, 0.1, seed=None), "seed must be a whole number >= 0"),
         (lambda: attacks.fab(cnn, x, y, 0.1, alpha_max=2.0), r"alpha_max must be in \[0, 1\]"),
         (lambda: attacks.fab(cnn, x, y, 0.1, eta=0.5), "eta must be a number >= 1"),
         (lambda: attacks.fab(cnn, x, y, 0.1, beta=0.0), "beta must be a number > 0"),

@@ -85,7 +85,7 @@ def fab(
         seed: seeds the random restarts and ``target="random"``.
         progress: optional ``progress(done, total)`` called after each step.
     """
-    module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, norm,
+    module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, seed, norm,
                                              bounds, normalize)  # fmt: skip
     goal = _target(target, False, yt, module, xt, seed)
     run = _Fab(module, xt, yt, float(eps), int(steps), norm, float(alpha_max), float(eta), float(beta),
@@ -124,7 +124,7 @@ def fab_t(
     attack is untargeted in meaning (``target`` is None): success is misclassification within
     ``eps``. Identical to torchattacks' ``FAB(multi_targeted=True)``.
     """
-    module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, norm,
+    module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, seed, norm,
                                              bounds, normalize)  # fmt: skip
     with _eval(module), torch.no_grad():
         clean = _logits(module, xt)
@@ -145,11 +145,12 @@ def fab_t(
     return Attack(xt, adv, yt, None, config, module)
 
 
-def _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, norm, bounds, normalize):
+def _checked(model, x, y, eps, steps, restarts, alpha_max, eta, beta, seed, norm, bounds, normalize):
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS} for FAB, got {norm!r}")
     check_number("steps", steps, minimum=1, integer=True, why="FAB iterations per restart")
     check_number("restarts", restarts, minimum=1, integer=True, why="the first run plus random restarts")
+    check_number("seed", seed, minimum=0, integer=True, why="seeds the random restarts")
     check_number(
         "alpha_max", alpha_max, minimum=0.0, why="the cap on the pull toward the clean image, in [0, 1]"
     )
