@@ -273,12 +273,11 @@ class _Fab:
             x1 = ((x1 + self.eta * d1) * (1 - alpha) + (x0 + d2 * self.eta) * alpha).clamp(0.0, 1.0)
             pred = self.module(x1).argmax(1)
             adversarial = pred == goal if self.targeted else pred != y
-            if bool(adversarial.any()):
-                dist = _norm(x1 - x0, self.norm)
-                smaller = adversarial & (dist < best_norm)
-                best = torch.where(smaller.reshape(shape), x1, best)
-                best_norm = torch.where(smaller, dist, best_norm)
-                x1 = torch.where(adversarial.reshape(shape), x0 + (x1 - x0) * self.beta, x1)
+            dist = _norm(x1 - x0, self.norm)  # masks throughout: no host sync per step
+            smaller = adversarial & (dist < best_norm)
+            best = torch.where(smaller.reshape(shape), x1, best)
+            best_norm = torch.where(smaller, dist, best_norm)
+            x1 = torch.where(adversarial.reshape(shape), x0 + (x1 - x0) * self.beta, x1)
             self._tick(1)
         return best
 
@@ -359,29 +358,24 @@ def _project_linf(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Te
     smallest = change[:, -1] - weight[:, -1] * room.gather(1, order[:, 0:1]).squeeze(1)
     unclipped = need - smallest > 0  # λ below every coordinate's room: nothing reaches a corner
     search = (need - at_corners > 0) & ~unclipped
-    lb = torch.zeros(int(search.sum()), device=t.device)
+    # the search runs on every row (the same arithmetic per row); torch.where keeps it where it applies
+    lb = torch.zeros(len(t), device=t.device)
     ub = torch.full_like(lb, w.shape[1] - 1)
-    order_, change_, weight_, room_, need_ = (
-        order[search],
-        change[search],
-        weight[search],
-        room[search],
-        need[search],
-    )
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lb + ub) / 2)
         k = mid.long().unsqueeze(1)
-        coord = order_.gather(1, order_.size(1) - 1 - k)
-        reached = (change_.gather(1, k) - weight_.gather(1, k) * room_.gather(1, coord)).squeeze(1)
-        below = need_ - reached > 0
+        coord = order.gather(1, order.size(1) - 1 - k)
+        reached = (change.gather(1, k) - weight.gather(1, k) * room.gather(1, coord)).squeeze(1)
+        below = need - reached > 0
         lb = torch.where(below, mid, lb)
         ub = torch.where(below, ub, mid)
-    lb = lb.long()
-    if unclipped.any():
-        lam = torch.clamp_min((need[unclipped] - change[unclipped, -1]) / (-weight[unclipped, -1]), min=0)
-        d[unclipped] = (2 * corner[unclipped] - 1) * lam.unsqueeze(-1)
-    lam = torch.clamp_min((need[search] - change[search, lb]) / (-weight[search, lb]), min=0).unsqueeze(-1)
-    d[search] = torch.min(lam, d[search]) * corner[search] + torch.max(-lam, d[search]) * (1 - corner[search])
+    k = lb.long().unsqueeze(1)
+    lam = torch.clamp_min((need - change.gather(1, k).squeeze(1)) / (-weight.gather(1, k).squeeze(1)), min=0)
+    lam = lam.unsqueeze(-1)
+    clipped = torch.min(lam, d) * corner + torch.max(-lam, d) * (1 - corner)
+    lam_free = torch.clamp_min((need - change[:, -1]) / (-weight[:, -1]), min=0).unsqueeze(-1)
+    d = torch.where(search[:, None], clipped, d)
+    d = torch.where(unclipped[:, None], (2 * corner - 1) * lam_free, d)
     return d * live
 
 
@@ -412,21 +406,20 @@ def _project_l2(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tens
     unclipped = reached[:, 0] + gap < 0  # the plain projection stays inside the box
     beyond = (d * w).sum(dim=1) + gap > 0  # even the box's corners fall short
     search = ~(unclipped | beyond)
-    lb = torch.zeros(int(search.sum()), device=t.device)
+    lb = torch.zeros(len(t), device=t.device)  # searched on every row, kept where it applies
     ub = torch.full_like(lb, w.shape[1] - 1)
-    reached_, gap_ = reached[search], gap[search]
     for _ in range(math.ceil(math.log2(w.shape[1]))):
         mid = torch.floor((lb + ub) / 2)
-        short = reached_.gather(1, mid.long().unsqueeze(1)).squeeze(1) + gap_ > 0
+        short = reached.gather(1, mid.long().unsqueeze(1)).squeeze(1) + gap > 0
         lb = torch.where(short, mid, lb)
         ub = torch.where(short, ub, mid)
-    lb = lb.long()
-    if unclipped.any():
-        lam = gap[unclipped] / w2_total[unclipped].squeeze(-1)
-        d[unclipped] = -lam.unsqueeze(-1) * w[unclipped]
-    if search.any():
-        lam = (reached[search, lb] + gap[search]) / w2_free[search, lb] + hits_sorted[search, lb]
-        lam[w2_free[search, lb] == 0] = 0
-        clipped = (lam.unsqueeze(-1) > hits[search]).float()
-        d[search] = d[search] * clipped - lam.unsqueeze(-1) * w[search] * (1 - clipped)
+    k = lb.long().unsqueeze(1)
+    free = w2_free.gather(1, k).squeeze(1)
+    lam = (reached.gather(1, k).squeeze(1) + gap) / free + hits_sorted.gather(1, k).squeeze(1)
+    lam = torch.where(free == 0, 0.0, lam)
+    clipped = (lam.unsqueeze(-1) > hits).float()
+    d_search = d * clipped - lam.unsqueeze(-1) * w * (1 - clipped)
+    d_free = -(gap / w2_total.squeeze(-1)).unsqueeze(-1) * w
+    d = torch.where(search[:, None], d_search, d)
+    d = torch.where(unclipped[:, None], d_free, d)
     return d * live.float()
