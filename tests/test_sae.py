@@ -547,6 +547,31 @@ def test_selected_pre_activations_have_the_dense_gradients():
     assert torch.allclose(w_only.grad, grads[1][1], rtol=1e-12, atol=1e-12)
 
 
+def test_decoded_rows_have_the_dense_gradients():
+    """``_DecodedRows`` (the decoder on the selected rows, sparse backward) gives autograd's values and
+    gradients through the dense ``scatter(values) @ W_dec``, repeated indices included."""
+    from interp.sae.training import _DecodedRows
+
+    gen = torch.Generator().manual_seed(1)
+    w, values, probe = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((30, 7), (20, 5), (20, 7))
+    )
+    index = torch.randint(0, 30, (20, 5), generator=gen)
+    outs, grads = [], []
+    for sparse in (True, False):
+        ws, vs = w.clone().requires_grad_(), values.clone().requires_grad_()
+        if sparse:
+            out = _DecodedRows.apply(index, vs, ws)
+        else:
+            out = torch.zeros(20, 30, dtype=torch.float64).scatter_add(-1, index, vs) @ ws
+        (out * probe).sum().backward()
+        outs.append(out.detach())
+        grads.append((ws.grad, vs.grad))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for got, want in zip(*grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_nan_stops_naming_the_step_keeps_the_checkpoint_and_resume_is_exact(gpt2_model, corpus, tmp_path):
     _, acts = corpus
     bad = acts.clone()

@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -847,7 +848,50 @@ class _Objective(torch.nn.Module):
 
 def _decode_rows(sae: SAE, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``Σ_j values[b, j] · W_dec[index[b, j]]``: the decoder on ``k`` latents per token."""
-    return torch.nn.functional.embedding_bag(index, sae.W_dec, per_sample_weights=values, mode="sum")
+    return _DecodedRows.apply(index, values, sae.W_dec)
+
+
+def _by_latent(index: torch.Tensor, weights: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The sparse ``[d_sae, batch]`` matrix with ``weights[b, j]`` at ``(index[b, j], b)``."""
+    tokens = torch.arange(len(index), device=index.device).repeat_interleave(index.shape[-1])
+    return torch.sparse_coo_tensor(
+        torch.stack([index.flatten(), tokens]), weights.flatten(), (d_sae, len(index)), check_invariants=False
+    )
+
+
+class _DecodedRows(torch.autograd.Function):
+    """``embedding_bag`` of the selected decoder rows, with a sparse backward: ``W_dec``'s gradient
+    is one sparse product and ``values``' the dense product ``grad @ W_decᵀ`` sampled at the
+    selected entries only (both O(batch·k·d); torch's own embedding_bag backward was measured
+    about 4x slower on CPU). Same values and gradients, to float summation order."""
+
+    @staticmethod
+    def forward(ctx: Any, index: torch.Tensor, values: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index, values, w_dec)
+        return torch.nn.functional.embedding_bag(index, w_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        index, values, w_dec = ctx.saved_tensors
+        grad = grad.contiguous()
+        _, need_values, need_w = ctx.needs_input_grad
+        grad_values = grad_w = None
+        if need_w:  # Σ_b values[b, j] · grad[b] over the tokens b that selected latent j
+            grad_w = torch.sparse.mm(_by_latent(index, values, len(w_dec)), grad)
+        if need_values:  # grad[b] · W_dec[index[b, j]]
+            batch, k = index.shape
+            rows = torch.arange(0, batch * k + 1, k, device=index.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(
+                    rows,
+                    index.flatten(),
+                    grad.new_zeros(batch * k),
+                    (batch, len(w_dec)),
+                    check_invariants=False,
+                )
+            grad_values = torch.sparse.sampled_addmm(pattern, grad, w_dec.T, beta=0.0).values().view(batch, k)
+        return None, grad_values, grad_w
 
 
 class _Selected(torch.autograd.Function):
@@ -876,11 +920,7 @@ class _Selected(torch.autograd.Function):
         g = grad.flatten()
         grad_x = grad_w = grad_b = None
         if need_w:  # Σ_b x_in[b] ⊗ grad[b, j] over the tokens b that selected latent j
-            tokens = torch.arange(len(index), device=index.device).repeat_interleave(index.shape[-1])
-            by_latent = torch.sparse_coo_tensor(
-                torch.stack([latents, tokens]), g, (w_enc.shape[1], len(index)), check_invariants=False
-            )
-            grad_w = torch.sparse.mm(by_latent, x_in).T
+            grad_w = torch.sparse.mm(_by_latent(index, grad, w_enc.shape[1]), x_in).T
         if need_b:
             grad_b = torch.zeros_like(w_enc[0]).index_add_(0, latents, g)
         if need_x:  # Σ_j grad[b, j] · W_enc[:, j] over the selected j
