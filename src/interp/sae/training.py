@@ -68,7 +68,8 @@ from interp.sae.io import load as load_sae
 from interp.sae.io import save as save_sae
 from interp.sae.modules import SAE
 
-# TopK steps decode only the kept latents (``_Trainer.sparse_topk_loss``); False: the dense reference.
+# TopK steps back-propagate and decode through the kept latents only (``_Trainer.sparse_topk_loss``);
+# False: the dense reference.
 SPARSE_TOPK = True
 
 TRAINABLE = ("standard", "topk", "batchtopk", "jumprelu", "transcoder", "skip_transcoder")
@@ -511,8 +512,8 @@ class _Trainer:
         The pre-activations are one dense matmul (TopK must see all of them) without autograd;
         the gradient reaches them only at the k kept (and the AuxK) entries per token, so
         ``_Selected`` takes it from there to ``W_enc``, ``b_enc`` and the input in
-        O(batch·k·d_in). The decoder is an ``embedding_bag`` over the k kept rows per token
-        (forward and backward O(batch·k·d_in)); so is the AuxK term's.
+        O(batch·k·d_in). The decoder is ``_DecodedRows``, an ``embedding_bag`` over the k kept
+        rows per token with a sparse backward (both O(batch·k·d_in)); so is the AuxK term's.
         """
         sae = self.sae
         x_in = sae._encoder_input(x)
