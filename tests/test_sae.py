@@ -504,6 +504,74 @@ def test_sparse_topk_step_equals_the_dense_step(gpt2_model, corpus, monkeypatch,
             assert torch.allclose(g_sparse[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+def test_sparse_topk_training_equals_dense_training(gpt2_model, corpus, monkeypatch):
+    """Whole runs (Adam, unit-norm decoder, dead-latent counts, AuxK live from step 2): the sparse
+    encoder/decoder step trains the dense reference's weights, to float32 summation order."""
+    from interp.sae import training as T
+
+    _, acts = corpus
+    kw = {"seed": 2, "tokens": 64 * 12, "dead_after_tokens": 128}
+    sparse = _fit(gpt2_model, acts * 3, **kw)
+    monkeypatch.setattr(T, "SPARSE_TOPK", False)
+    dense = _fit(gpt2_model, acts * 3, **kw)
+    assert max(h["aux"] for h in sparse.history) > 0  # the AuxK path ran
+    for (name, p), q in zip(sparse.named_parameters(), dense.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=2e-6), (name, (p - q).abs().max())
+
+
+def test_selected_pre_activations_have_the_dense_gradients():
+    """``_Selected`` (gather from a product computed without autograd, sparse backward) gives
+    autograd's gradients through the dense ``x @ W_enc + b_enc``, repeated indices included."""
+    from interp.sae.training import _Selected
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((20, 7), (7, 30), (30,)))
+    index = torch.randint(0, 30, (20, 5), generator=gen)  # rows repeat some latents
+    weights = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    grads = []
+    for sparse in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        xs, ws, bs = leaves
+        if sparse:
+            with torch.no_grad():
+                pre = xs @ ws + bs
+            picked = _Selected.apply(pre, index, xs, ws, bs)
+        else:
+            picked = (xs @ ws + bs).gather(-1, index)
+        (picked * weights).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    w_only = w.clone().requires_grad_()  # the input needs no gradient: W_enc's is still autograd's
+    (_Selected.apply(x @ w + b, index, x, w_only, b) * weights).sum().backward()
+    assert torch.allclose(w_only.grad, grads[1][1], rtol=1e-12, atol=1e-12)
+
+
+def test_decoded_rows_have_the_dense_gradients():
+    """``_DecodedRows`` (the decoder on the selected rows, sparse backward) gives autograd's values and
+    gradients through the dense ``scatter(values) @ W_dec``, repeated indices included."""
+    from interp.sae.training import _DecodedRows
+
+    gen = torch.Generator().manual_seed(1)
+    w, values, probe = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((30, 7), (20, 5), (20, 7))
+    )
+    index = torch.randint(0, 30, (20, 5), generator=gen)
+    outs, grads = [], []
+    for sparse in (True, False):
+        ws, vs = w.clone().requires_grad_(), values.clone().requires_grad_()
+        if sparse:
+            out = _DecodedRows.apply(index, vs, ws)
+        else:
+            out = torch.zeros(20, 30, dtype=torch.float64).scatter_add(-1, index, vs) @ ws
+        (out * probe).sum().backward()
+        outs.append(out.detach())
+        grads.append((ws.grad, vs.grad))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for got, want in zip(*grads, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_nan_stops_naming_the_step_keeps_the_checkpoint_and_resume_is_exact(gpt2_model, corpus, tmp_path):
     _, acts = corpus
     bad = acts.clone()

@@ -144,14 +144,16 @@ class SAE(nn.Module):
         z = self.cfg.reshape_activations == "hook_z" and x.ndim >= 2 and x.shape[-1] != self.cfg.d_in
         return x.flatten(-2) if z and x.shape[-1] * x.shape[-2] == self.cfg.d_in else x
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x' ) @ W_enc + b_enc`` before the activation function (no hooks run)."""
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x'``: ``x`` flattened, checked, normalized and (``apply_b_dec_to_input``) minus ``b_dec``."""
         x = self.flat(x)
         self._check_width(x)
         x, _ = self._normalize_in(x.to(self.dtype))
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        pre = x @ self.W_enc + self.b_enc
+        return x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x' ) @ W_enc + b_enc`` before the activation function (no hooks run)."""
+        pre = self._encoder_input(x) @ self.W_enc + self.b_enc
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
         return pre
