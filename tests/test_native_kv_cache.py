@@ -166,3 +166,11 @@ def test_generate_on_a_bidirectional_native_model_is_a_clear_error():
     encoder = interp.load({**ROTARY, "attention_dir": "bidirectional"})
     with pytest.raises(InputError, match="needs a causal language model"):
         encoder.generate(torch.tensor([[1, 2, 3]]), 2)
+
+
+def test_loading_a_zoo_bridge_prints_nothing(capsys):
+    """TransformerLens's ``bridge.to`` prints "Moving model to device"; a zoo load moved the bridge
+    twice, so it printed twice."""
+    interp.load("zoo:induction-1l")
+    interp.load(dict(ROTARY))
+    assert "Moving model to device" not in capsys.readouterr().out
