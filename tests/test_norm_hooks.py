@@ -1,7 +1,7 @@
 """``hook_scale`` and ``hook_normalized`` of each LayerNorm on HF backends, against TransformerLens 4.3.
 
 TL is the oracle: ``TransformerBridge.boot_transformers`` of the same directory (a local
-GPT-2-architecture one, and MiniLM) gives the names, shapes and values, and runs the same edits
+GPT-2-architecture one, MiniLM, and a Llama-architecture one for RMSNorm) gives the names, shapes and values, and runs the same edits
 (freezing the scale at another prompt's value; detaching it, as attribution methods do) for the
 logits and gradients to compare with.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import interp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +34,32 @@ def minilm_pair(minilm):
     return minilm, _bridge(minilm.source)
 
 
-@pytest.fixture(scope="module", params=["gpt2", "minilm"])
+@pytest.fixture(scope="module")
+def llama_pair(gpt2_dir, tmp_path_factory):
+    """A tiny Llama-architecture directory (RMSNorm, no centering, no bias) and its bridge."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{gpt2_dir}/{file}", out / file)
+    return interp.load(str(out)), _bridge(str(out))
+
+
+def _is_rms(model) -> bool:
+    return (
+        "RMSNorm" in type(next(c.module for c in model._components if c.tl_name == "blocks.0.ln1")).__name__
+    )
+
+
+@pytest.fixture(scope="module", params=["gpt2", "minilm", "llama"])
 def pair(request):
     return request.getfixturevalue(f"{request.param}_pair")
 
@@ -81,7 +108,7 @@ def test_values_equal_the_bridge_and_capture_leaves_the_output_bit_identical(pai
         _close(cache[name], theirs[name])
     ln = model.cfg.eps if hasattr(model.cfg, "eps") else 1e-5
     x = model.run_with_cache(tokens, names="blocks.0.ln2.hook_in")[1]["blocks.0.ln2.hook_in"]
-    centered = x - x.mean(-1, keepdim=True)  # by hand, TL's definition
+    centered = x if _is_rms(model) else x - x.mean(-1, keepdim=True)  # by hand, TL's definition
     torch.testing.assert_close(
         cache["blocks.0.ln2.hook_scale"], (centered.pow(2).mean(-1, keepdim=True) + ln).sqrt()
     )
@@ -106,9 +133,13 @@ def test_freezing_the_scale_at_another_prompts_value_equals_the_bridge(pair):
     _, cache = model.run_with_cache(corrupt, names=names, hooks=hooks)
     x, out = (cache[n] for n in names)
     ln = model.module.get_submodule(_module_path(model, "blocks.0.ln1"))
-    torch.testing.assert_close(
-        out, (x - x.mean(-1, keepdim=True)) / clean_cache["blocks.0.ln1.hook_scale"] * ln.weight + ln.bias
-    )
+    if _is_rms(model):
+        by_hand = x / clean_cache["blocks.0.ln1.hook_scale"] * ln.weight
+    else:
+        by_hand = (x - x.mean(-1, keepdim=True)) / clean_cache[
+            "blocks.0.ln1.hook_scale"
+        ] * ln.weight + ln.bias
+    torch.testing.assert_close(out, by_hand)
 
 
 def _module_path(model, tl_name: str) -> str:
