@@ -10,6 +10,12 @@ Side by side in one run, interleaved rounds, one thread:
 
 Before timing it checks that interp's and HF's outputs are the same tokens.
 
+Second table, native (``boot_native``) zoo bridges (zoo:induction-2l, zoo:grammar-4l): interp's KV
+cache (``interp.models.kvcache``) vs the same ``generate`` recomputing the sequence each step
+(``use_past_kv_cache=False``), and TransformerLens's bridge ``generate`` (which keeps no cache on
+native models), greedy, 16-token prompts, as many new tokens as the context allows (up to --new),
+batch 1 and batch 8 left-padded. No goal; it checks that all three give the same tokens.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_generate.py [--rounds 9] [--new 64] [--clock cpu]
 
 ``--clock cpu`` times this process's CPU time (one thread), which a busy machine disturbs less than
@@ -131,6 +137,46 @@ def workload(source: str, batch: int, new: int, rounds: int) -> bool:
     return met and same
 
 
+def native_workload(name: str, batch: int, new: int, rounds: int) -> bool:
+    """Cached vs recomputing generation on a zoo bridge; True when all three agree on the tokens."""
+    model = interp.load(name)
+    new = min(new, model.n_ctx - 16)
+    ids, mask = prompts(batch)
+    ids = ids % model.d_vocab
+
+    def cached() -> torch.Tensor:
+        return model.generate(ids, new, do_sample=False, stop_at_eos=False, attention_mask=mask)
+
+    def recompute() -> torch.Tensor:
+        return model.generate(
+            ids, new, do_sample=False, stop_at_eos=False, attention_mask=mask, use_past_kv_cache=False
+        )
+
+    def tl_bridge() -> torch.Tensor:
+        return model.bridge.generate(
+            ids, new, do_sample=False, stop_at_eos=False, verbose=False, attention_mask=mask
+        )
+
+    same = torch.equal(cached(), recompute()) and torch.equal(cached(), tl_bridge())
+    times = timed_rounds({"kv_cache": cached, "recompute": recompute, "tl_bridge": tl_bridge}, rounds)
+    tokens = batch * new
+    print(
+        f"\n## {name}, batch {batch}, {new} new tokens (greedy); same tokens (cache, recompute, TL): {same}"
+    )
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        spread = (max(ts) - min(ts)) / med
+        print(
+            f"  {label:<12} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tokens/s  (spread {spread:.0%} of the median)"
+        )
+    ratio = statistics.median(times["recompute"]) / statistics.median(times["kv_cache"])
+    per_round = sorted(r / c for r, c in zip(times["recompute"], times["kv_cache"], strict=True))
+    print(
+        f"  cache tokens/s / recompute tokens/s: {ratio:.2f}x (per round {per_round[0]:.2f}..{per_round[-1]:.2f})"
+    )
+    return same
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -143,7 +189,13 @@ def main() -> int:
     print(f"# bench_generate ({machine()}; clock: {args.clock})")
     source = toy_gpt2_dir()
     ok = all([workload(source, batch, args.new, args.rounds) for batch in (1, 8)])
-    return 0 if ok else 1
+    print("\n# native zoo bridges: interp's KV cache vs recomputing")
+    native = [
+        native_workload(n, b, args.new, args.rounds)
+        for n in ("zoo:induction-2l", "zoo:grammar-4l")
+        for b in (1, 8)
+    ]
+    return 0 if ok and all(native) else 1
 
 
 if __name__ == "__main__":

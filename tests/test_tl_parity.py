@@ -314,11 +314,11 @@ def test_minilm_shared_names_match_tl(minilm, minilm_bridge, one_thread):
     # (attention block output + MLP output), embed_ln's output, and the MLP input
     for name in ("blocks.0.hook_attn_out", "blocks.0.hook_resid_mid", "hook_embed", "blocks.0.hook_mlp_in"):
         assert name in minilm.hook_names and name in fired
-    # TL names interp does not offer on MiniLM: gated (never fire), or TL's own LayerNorm internals,
-    # or the MLM head TL bolts onto the checkpoint (interp loads the BertModel it was saved as)
+    # TL names interp does not offer on MiniLM: gated (never fire), or the MLM head TL bolts onto
+    # the checkpoint (interp loads the BertModel it was saved as); LayerNorm internals are offered
     missing = {n for n in minilm_bridge.hook_dict if n not in minilm.hook_names}
     assert all(
-        any(part in n for part in ("_input", "attn_in", "hidden_states", "hook_scale", "hook_normalized"))
+        any(part in n for part in ("_input", "attn_in", "hidden_states"))
         or n.startswith(("ln_final", "mlm_head", "unembed", "hook_unembed"))
         or n.endswith(("mlp.hook_in", "mlp.hook_out"))
         for n in missing

@@ -10,10 +10,10 @@ weights. They need the model the cache came from (``cache.model``, set by ``run_
 Where interp differs from TL, it is because a hook TL reads is missing on a backend:
 
 * **LayerNorm scales.** TL divides by the cached ``hook_scale`` of the norm (``ln_final``,
-  ``blocks.L.ln1``/``ln2``) and raises when it is missing. Plain HF models have no ``hook_scale``
-  in interp, so there the scale is recomputed from the cached input of that norm
-  (``blocks.L.ln1.hook_in``, ``ln2.hook_in``, ``ln_final.hook_in``) with the norm's own ``eps``:
-  the same number TL's hook holds, to float rounding. Native bridges cache ``hook_scale`` and it is used.
+  ``blocks.L.ln1``/``ln2``) and raises when it is missing. interp uses the cached ``hook_scale``
+  (every backend has it); when only the norm's input was captured (``blocks.L.ln1.hook_in``,
+  ``ln2.hook_in``, ``ln_final.hook_in``), the scale is recomputed from it with the norm's own
+  ``eps``: the same number TL's hook holds, to float rounding.
 * **Per-head results.** ``blocks.L.attn.hook_result`` is used when cached; otherwise each head's
   output is computed as ``z @ W_O`` from the cached ``hook_z`` (as TL's ``compute_head_results``),
   with ``z`` either ``[batch, pos, head, d_head]`` or flattened ``[batch, pos, head * d_head]``.

@@ -71,7 +71,7 @@ def load(
     if _is_bridge(spec):
         from interp.models.transformer import NativeTransformer
 
-        return NativeTransformer(spec.to(device), kwargs.pop("name", "native"))
+        return NativeTransformer(_bridge_to(spec, device), kwargs.pop("name", "native"))
     if isinstance(spec, dict) or type(spec).__name__ == "TransformerBridgeConfig":
         return _load_native(spec, device)
     if not isinstance(spec, str | os.PathLike):
@@ -163,6 +163,12 @@ def _is_bridge(obj: Any) -> bool:
     return type(obj).__name__ == "TransformerBridge"
 
 
+def _bridge_to(bridge: Any, device: str) -> Any:
+    """``bridge.to(device)`` without TransformerLens's "Moving model to device" print (a zoo load
+    moved the bridge twice, so it printed twice)."""
+    return bridge.to(device, print_details=False)
+
+
 def _load_native(config: Any, device: str) -> HookedModel:
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
@@ -174,7 +180,7 @@ def _load_native(config: Any, device: str) -> HookedModel:
             config = TransformerBridgeConfig(**config)
         except TypeError as err:
             raise InputError(f"not a valid TransformerBridgeConfig: {err}") from err
-    bridge = TransformerBridge.boot_native(config).to(device)
+    bridge = _bridge_to(TransformerBridge.boot_native(config), device)
     return NativeTransformer(bridge, f"native-{config.n_layers}L")
 
 
@@ -186,7 +192,7 @@ def _load_zoo(name: str, device: str, verify: bool = True) -> HookedModel:
     module, meta = zoo.load_zoo(name, verify=verify)
     recipe = get_recipe(name)
     if _is_bridge(module):
-        model = load(module.to(device), name=f"zoo:{name}")
+        model = load(module, device=device, name=f"zoo:{name}")
         model.tokenizer = zoo_vocabulary(name, meta.get("config") or recipe.resolved_config())
         return model
     return load(

@@ -17,9 +17,10 @@ it. Inputs given as text to ``run_with_cache`` / ``run_with_hooks`` / ``model(te
 with the tokenizer's own special tokens instead (no BOS is added on a GPT-2 tokenizer); pass
 ``model.to_tokens(text)`` (or ``prepend_bos=`` to ``model(...)``) for TransformerLens's convention.
 
-Generation on HF models runs the model with Hugging Face's KV cache: each step after the prompt
-feeds one new position, so a hook sees ``pos == 1`` there (as in TransformerLens). Native
-(``boot_native``) bridges have no KV cache; they recompute the whole sequence each step.
+Generation runs with a KV cache: Hugging Face's on HF models, interp's own on native
+(``boot_native``) bridges (``interp.models.kvcache``; TransformerLens's bridge keeps none there and
+recomputes the sequence each step). Each step after the prompt feeds one new position, so a hook
+sees ``pos == 1`` there (as in TransformerLens). ``use_past_kv_cache=False`` recomputes instead.
 """
 
 from __future__ import annotations
@@ -337,7 +338,8 @@ class LanguageModelMixin:
                 padded with EOS from then on. A vocabulary without an EOS never stops early.
             do_sample, temperature, top_k, top_p: greedy (``do_sample=False`` or temperature 0),
                 else a temperature-scaled draw from the top-k or top-p tokens.
-            use_past_kv_cache: reuse keys and values of earlier positions (HF models).
+            use_past_kv_cache: reuse keys and values of earlier positions (HF models and native
+                bridges; a bridge over another attention recomputes the sequence).
             prepend_bos, padding_side: how text is tokenized (see ``to_tokens``).
             return_type: ``"str"``, ``"tokens"`` (ids ``[batch, pos + new]``, prompt included), or
                 ``"input"``: strings for text input, ids for ids.
@@ -345,9 +347,11 @@ class LanguageModelMixin:
             seed: seeds the sampling (a private generator; the global RNG is left alone).
             hooks: ``(name, fn)`` hooks active at every step, as in ``run_with_hooks``. Hooks from an
                 enclosing ``with model.hooks(...)`` stay active too. With the KV cache a step after the
-                first runs only the new position, so hooks see ``pos == 1`` there (keys and values at
-                ``hook_k``/``hook_v`` still span every position), as in TransformerLens; use
-                ``use_past_kv_cache=False`` for a hook that indexes positions.
+                first runs only the new position, so hooks see ``pos == 1`` there, as in TransformerLens
+                (keys and values at ``hook_k``/``hook_v`` span every position on HF models, where HF
+                concatenates its cache before the attention hooks; on native bridges they hold the new
+                position, as in TransformerLens); use ``use_past_kv_cache=False`` for a hook that
+                indexes positions.
         """
         self._require_causal_lm("generate")
         _check_sampling(max_new_tokens, temperature, top_k, top_p, return_type)
@@ -431,7 +435,8 @@ class LanguageModelMixin:
 
     def _cached_stepper(self) -> Callable | None:
         """``step(ids, mask, state) -> (last logits, state)`` running the HF model with its KV cache,
-        feeding only the positions the cache has not seen; None where there is no cache (native)."""
+        feeding only the positions the cache has not seen; None where there is no cache.
+        ``NativeTransformer`` has its own (``interp.models.kvcache``)."""
         if not hasattr(self, "adapter"):
             return None
         from interp.models.transformer import Tokens

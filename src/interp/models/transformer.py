@@ -351,6 +351,123 @@ class _HeadResults:
         return self.proj.register_forward_hook(result, with_kwargs=True, prepend=True)
 
 
+class _NormInternals:
+    """``X.hook_scale`` ``[batch, pos, 1]`` and ``X.hook_normalized`` ``[batch, pos, d_model]`` of a
+    LayerNorm or RMSNorm ``X`` on an HF model, as TransformerLens's ``NormalizationBridge`` defines
+    them: ``scale = sqrt(mean(centered ** 2) + eps)`` (``centered = x - mean(x)``, or ``x`` for RMS)
+    and ``normalized = centered / scale``, the output being ``normalized * weight + bias``.
+
+    Computed from the module's input only while either point is hooked (both points share one
+    forward hook). Read without autograd, the module's own output stands (bit-identical); when a
+    hook replaces the scale (e.g. frozen at a clean run's value, as attribution methods do) the
+    normalized tensor is recomputed from it, and when anything was replaced, or autograd is on, the
+    output is rebuilt from the hooked tensors so edits propagate and gradients reach them (equal to
+    the module's output to float rounding).
+    """
+
+    def __init__(self, module: nn.Module, rms: bool, offset: bool, eps: float) -> None:
+        self.module, self.rms, self.offset, self.eps = module, rms, offset, eps
+        self.scale_point, self.normalized_point = _ViewPoint(), _ViewPoint()
+        self.scale_point.view = self.normalized_point.view = self
+        self._handle: Any = None
+        self._users = 0
+
+    @classmethod
+    def of(cls, module: nn.Module, offset: bool, default_eps: float) -> _NormInternals | None:
+        """The internals of ``module`` if it is a LayerNorm or an RMSNorm over the last axis, else None."""
+        if isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                return None
+            return cls(module, rms=False, offset=False, eps=module.eps)
+        if "RMSNorm" not in type(module).__name__ or not isinstance(
+            getattr(module, "weight", None), torch.Tensor
+        ):
+            return None
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None) or default_eps
+        return cls(module, rms=True, offset=offset, eps=float(eps))
+
+    def internals(self, x: torch.Tensor, edit: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(scale, normalized, replaced)`` of input ``x`` (float32 at least), through the hook points
+        when ``edit``."""
+        x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+        centered = x if self.rms else x - x.mean(-1, keepdim=True)
+        scale = (centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        hooked_scale = self.scale_point(scale) if edit else scale
+        normalized = centered / hooked_scale
+        hooked = self.normalized_point(normalized) if edit else normalized
+        return hooked_scale, hooked, hooked_scale is not scale or hooked is not normalized
+
+    def output(self, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``normalized * weight + bias`` (``1 + weight`` for offset RMSNorms), cast to ``dtype``."""
+        weight = getattr(self.module, "weight", None)
+        if weight is not None and weight.device.type == "meta":  # offloaded: load it for the call
+            from accelerate.utils import align_module_device
+
+            with align_module_device(self.module):
+                return self._affine(
+                    normalized, self.module.weight.detach().clone(), _clone(self.module.bias), dtype
+                )
+        return self._affine(normalized, weight, getattr(self.module, "bias", None), dtype)
+
+    def _affine(self, normalized: torch.Tensor, weight: Any, bias: Any, dtype: torch.dtype) -> torch.Tensor:
+        out = normalized
+        if weight is not None:
+            out = out * ((1.0 + weight) if self.offset else weight)
+        if bias is not None and not self.rms:
+            out = out + bias
+        return out.to(dtype)
+
+    def reproduces(self) -> bool:
+        """Whether ``output(normalized)`` is the module's own output (on a random input)."""
+        weight = getattr(self.module, "weight", None)
+        if weight is not None and weight.device.type == "meta":
+            return True  # offloaded: TL's formula is what its bridge computes; nothing to compare here
+        d = self.module.normalized_shape[0] if isinstance(self.module, nn.LayerNorm) else weight.shape[-1]
+        device = weight.device if weight is not None else None
+        x = torch.randn(2, 3, d, generator=torch.Generator().manual_seed(0)).to(device) * 3 + 1
+        dtype = weight.dtype if weight is not None else torch.float32
+        with torch.no_grad():
+            theirs = self.module(x.to(dtype)).float()
+            _, normalized, _ = self.internals(x.to(dtype), edit=False)
+            ours = self.output(normalized, dtype).float()
+        return theirs.shape == ours.shape and torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3)
+
+    def attach(self) -> _NormHandle:
+        self._users += 1
+        if self._handle is None:
+
+            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+                out = _first_tensor(output)
+                _, normalized, replaced = self.internals(x, edit=True)
+                if not replaced and not torch.is_grad_enabled():
+                    return None  # only read: the module's output stands
+                return _replace_first(output, self.output(normalized, out.dtype))
+
+            self._handle = self.module.register_forward_hook(hook, with_kwargs=True, prepend=True)
+        return _NormHandle(self)
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+@dataclass(frozen=True)
+class _NormHandle:
+    """One ``_ViewPoint``'s use of a ``_NormInternals`` hook (the hook goes with the last one)."""
+
+    internals: _NormInternals
+
+    def remove(self) -> None:
+        self.internals.release()
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().clone()
+
+
 @dataclass(frozen=True)
 class _NativeScores:
     """``blocks.L.attn.hook_attn_scores`` on a native bridge: the pre-softmax scores, masked with
@@ -399,8 +516,12 @@ def _native_attention(
     """transformer_lens 4.3's ``NativeAttention.forward``, with ``scores_fn`` applied to the masked scores.
 
     Kept step for step equal (tests/test_tl_parity.py checks the output bit for bit, with rotary
-    embeddings, grouped-query attention, a soft cap and padding)."""
+    embeddings, grouped-query attention, a soft cap and padding). While a generation KV cache is
+    attached (``interp.models.kvcache``), the cached keys and values come first and the causal mask
+    is offset by their length; ``attention_mask`` then spans the cached and the new positions."""
     from transformer_lens.utilities.activation_functions import apply_softcap
+
+    from interp.models.kvcache import cache_of
 
     batch, seq, _ = hidden_states.shape
     q = self.q(hidden_states).view(batch, seq, self.n_heads, self.d_head).transpose(1, 2)
@@ -408,15 +529,21 @@ def _native_attention(
     v = self.v(hidden_states).view(batch, seq, self.n_kv_heads, self.d_head).transpose(1, 2)
     if self.rotary is not None:
         q, k = self.rotary.apply_rope(q, k, position_ids=position_ids)
+    cached = cache_of(self)
+    past = 0
+    if cached is not None:
+        cache, layer = cached
+        past = cache.length(layer)
+        k, v = cache.extend(layer, k, v)
     if self.kv_repeats > 1:
         k = k.repeat_interleave(self.kv_repeats, dim=1)
         v = v.repeat_interleave(self.kv_repeats, dim=1)
     scores = torch.matmul(q, k.transpose(-2, -1)) / self.scale
     scores = apply_softcap(scores, self.attn_scores_soft_cap)
     if self.causal:
-        block_mask = self.causal_mask[:seq, :seq]
+        block_mask = self.causal_mask[past : past + seq, : past + seq]
     else:
-        block_mask = torch.zeros(seq, seq, dtype=torch.bool, device=scores.device)
+        block_mask = torch.zeros(seq, past + seq, dtype=torch.bool, device=scores.device)
     if attention_mask is not None:
         block_mask = self._combine_attention_mask(block_mask, attention_mask, batch=batch)
     scores = scores.masked_fill(block_mask, float("-inf"))
@@ -619,6 +746,7 @@ class _Component:
 
     tl_name: str
     module: nn.Module
+    template: Any = None  # the adapter's bridge component (e.g. a NormalizationBridge)
 
 
 class HFTransformer(TransformerModel):
@@ -638,6 +766,7 @@ class HFTransformer(TransformerModel):
         self._components = self._map_components()
         self._attention_points = self._install_attention_points()
         self._views: list[_View | _HeadResults] = []  # filled when the sites are built
+        self._norm_views: list[_NormInternals] = []  # each LayerNorm's hook_scale / hook_normalized
         self._batch = 1
 
     # --- name map -------------------------------------------------------------------------------
@@ -668,7 +797,7 @@ class HFTransformer(TransformerModel):
         """``path`` is the component's HF module path, or None for a grouping with no module of its
         own (BERT's MLP), whose submodules are then named relative to the enclosing module."""
         module = self._module_at(path)
-        out = [_Component(tl_name, module)] if module is not None else []
+        out = [_Component(tl_name, module, comp)] if module is not None else []
         for sub_key, sub in (getattr(comp, "submodules", None) or {}).items():
             if sub.name is None:
                 sub_path, sub_comp = None, sub
@@ -756,18 +885,44 @@ class HFTransformer(TransformerModel):
             wanted.update({f"{b}.{x}.hook_out": split for x in ("q", "k", "v")} | {f"{b}.o.hook_in": split})
         out: dict[str, HookSite] = {}
         self._views: list[_View | _HeadResults] = []
+        norms = self._norm_internals()
+        self._norm_views = list(norms.values())
         for name, site in sites.items():
             if name in wanted:
                 view = _point_for(_View(_ViewPoint(), site, *wanted[name]))
                 self._views.append(view)
                 site = HookSite(name, view.point, "output")
             out[name] = site
+            norm = norms.get(name.removesuffix(".hook_in")) if name.endswith(".hook_in") else None
+            if norm is not None:
+                stem = name.removesuffix(".hook_in")
+                out[f"{stem}.hook_scale"] = HookSite(f"{stem}.hook_scale", norm.scale_point, "output")
+                out[f"{stem}.hook_normalized"] = HookSite(
+                    f"{stem}.hook_normalized", norm.normalized_point, "output"
+                )
             if name.endswith(".attn.o.hook_out") and type(site.module).__name__ in ("Linear", "Conv1D"):
                 result = _point_for(_HeadResults(_ViewPoint(), site.module, self.cfg.n_heads))
                 self._views.append(result)
                 result_name = name.replace(".o.hook_out", ".hook_result")
                 out[result_name] = HookSite(result_name, result.point, "output")
         return out
+
+    def _norm_internals(self) -> dict[str, _NormInternals]:
+        """``hook_scale`` / ``hook_normalized`` for each normalization TransformerLens's bridge gives
+        them (its ``NormalizationBridge`` components), keyed by component name; only where the
+        module's output is ``normalized * weight + bias`` exactly as TL computes it (checked on a
+        random input, see ``_NormInternals.reproduces``), so an edited scale means what it says."""
+        from transformer_lens.model_bridge.generalized_components import NormalizationBridge
+
+        offset = bool(getattr(self.cfg, "rmsnorm_uses_offset", False))
+        found: dict[str, _NormInternals] = {}
+        for comp in self._components:
+            if not isinstance(comp.template, NormalizationBridge):
+                continue
+            internals = _NormInternals.of(comp.module, offset, getattr(self.cfg, "eps", 1e-5))
+            if internals is not None and internals.reproduces():
+                found[comp.tl_name] = internals
+        return found
 
     def _batched(self, t: torch.Tensor) -> torch.Tensor:
         """A ``[1, pos, d]`` tensor computed once for the batch, shown per row (as TL's bridge does)."""
@@ -929,3 +1084,29 @@ class NativeTransformer(TransformerModel):
 
     def _forward(self, prepared: Tokens) -> torch.Tensor:
         return self.bridge(prepared.input_ids, attention_mask=prepared.attention_mask)
+
+    def _cached_stepper(self) -> Callable | None:
+        """``step(ids, mask, cache) -> (last logits, cache)`` with interp's KV cache
+        (``interp.models.kvcache``): the prompt runs whole, each later step only its new token, at its
+        position past any left padding. None when a block's attention is not TransformerLens's
+        ``NativeAttention`` (then generation recomputes the sequence)."""
+        from interp.models.kvcache import NativeKVCache, attached, native_attentions
+        from interp.models.lm import _positions
+
+        attentions = native_attentions(self.bridge)
+        if attentions is None:
+            return None
+
+        def step(ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+            padded = not bool(mask.all())
+            kwargs: dict[str, Any] = {"attention_mask": mask if padded else None}
+            if cache is None:
+                cache, new = NativeKVCache(), ids
+            else:
+                new = ids[:, -1:]
+                kwargs["position_ids"] = _positions(mask)[:, -1:]
+            with attached(attentions, cache):
+                logits = self.bridge(new, **kwargs)
+            return logits[:, -1], cache
+
+        return step
