@@ -134,9 +134,15 @@ def _capture(spec: str, text: str, names: tuple[str, ...]) -> tuple[dict[str, np
 # taller for a moment (circuitsvis lays out before its canvases are sized), the iframe stays that
 # tall (2,152 px for 1,073 px of attention view). This script reports the height of what the body
 # actually draws, with the same message Streamlit's own script sends, so the iframe shrinks to it.
+# It answers the same events as Streamlit's script (load, DOM changes, resize, a sub-resource
+# loading) and a ResizeObserver, and sends a task later, so its height comes after Streamlit's and
+# wins. (Fixed fallback timers at 0.3 and 1.5 s resized the iframe late and set every re-render
+# of a page with a view to ~1.5 s.)
 FIT_SCRIPT = """<script>
 (function () {
+  var pending = false;
   function send() {
+    pending = false;
     if (!document.body) return;
     var bottom = document.body.getBoundingClientRect().bottom;
     for (var e of document.body.children) bottom = Math.max(bottom, e.getBoundingClientRect().bottom);
@@ -146,11 +152,17 @@ FIT_SCRIPT = """<script>
     var w = Math.ceil(document.documentElement.scrollWidth);
     window.parent.postMessage({type: "streamlit:iframe:setSize", width: w, height: h}, "*");
   }
-  window.addEventListener("load", send);
-  window.addEventListener("resize", send);  // Streamlit's own script may resize it to a stale height
-  if (typeof ResizeObserver !== "undefined") new ResizeObserver(send).observe(document.body);
-  setTimeout(send, 300);
-  setTimeout(send, 1500);
+  function later() {
+    if (!pending) { pending = true; setTimeout(send, 0); }
+  }
+  window.addEventListener("load", later);
+  window.addEventListener("resize", later);
+  document.addEventListener("load", later, true);
+  if (document.readyState === "complete") later();
+  if (typeof ResizeObserver !== "undefined") new ResizeObserver(later).observe(document.body);
+  if (typeof MutationObserver !== "undefined") {
+    new MutationObserver(later).observe(document.body, {childList: true, subtree: true, attributes: true, characterData: true});
+  }
 })();
 </script>"""
 

@@ -7,17 +7,22 @@
    page, with the page's heavy results already cached (what a user feels when exploring). goal <= 1 s
 
 Each interaction alternates between two values, `--rounds` times; the table shows the median and
-the spread (min-max). The machine is shared: the numbers are provisional; rerun on a quiet one:
+the spread (min-max). Every page is in the table, Dictionary (MiniLM's zoo SAE: open another
+latent) and Circuits (grammar-4l: another prompt) included. The machine is shared: the numbers are
+provisional; rerun on a quiet one:
 
     OMP_NUM_THREADS=1 python benchmarks/bench_app.py [--rounds 5] [--starts 3]
+    OMP_NUM_THREADS=1 python benchmarks/bench_app.py --starts 0 --pages attention circuits   # a few pages
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -50,15 +55,34 @@ def free_port() -> int:
 def start_explorer(port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", "from interp.cli import main; main()", "explore", "--port", str(port)]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
-    process.terminate()
+    """End the launcher and the streamlit server it started (its own process group), so no server
+    of an earlier start keeps running beside the next measurement."""
     try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        process.poll()  # reaps the launcher once it exits
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def wait_served(url: str, timeout: float = 120) -> None:
@@ -115,6 +139,19 @@ def number(page, label: str, value: int) -> None:
     box.locator("input").press("Enter")
 
 
+def select_nth(page, label: str, n: int) -> None:
+    """Pick the ``n``-th option of a main-area selectbox (for options whose text is computed)."""
+    box = page.locator("[data-testid='stMain'] [data-testid='stSelectbox']").filter(has_text=label).first
+    box.get_by_role("combobox").click()
+    page.get_by_role("option").nth(n).click()
+
+
+def main_text(page, label: str, text: str) -> None:
+    box = page.locator("[data-testid='stMain'] [data-testid='stTextInput']").filter(has_text=label).first
+    box.locator("input").fill(text)
+    box.locator("input").press("Enter")
+
+
 def new_text(page, text: str) -> None:
     area = page.locator("[data-testid='stSidebar'] textarea").first
     area.fill(text)
@@ -126,6 +163,9 @@ def contexts_unit(page, unit: int) -> None:
     number(page, "Neuron", unit)
 
 
+# zoo:grammar-4l's own sentences (interp.models.zoo.grammar.SAMPLES), written here so the browser
+# process does not import the library
+PROMPTS = ("when Mary and John went to the store , John gave a drink to", "the dog that the cats chase")
 TEXTS = ("When Mary and John went to the store, John gave a drink to Mary.", "The cat sat on the mat.")
 # page path, what is timed, two actions it alternates between (each a function of the page).
 INTERACTIONS = [
@@ -164,15 +204,27 @@ INTERACTIONS = [
         "Reproductions: (shipped) finding",
         [lambda p: select(p, "Finding", "induction"), lambda p: select(p, "Finding", "superposition")],
     ),
+    (
+        "dictionary",
+        "Dictionary: latent (zoo SAE)",
+        [lambda p: select_nth(p, "Open latent", 1), lambda p: select_nth(p, "Open latent", 0)],
+    ),
+    (
+        "circuits",
+        "Circuits: prompt",
+        [lambda p: main_text(p, "Prompt", PROMPTS[1]), lambda p: main_text(p, "Prompt", PROMPTS[0])],
+    ),
 ]
 
 
-def rerenders(browser, url: str, rounds: int) -> dict[str, list[float]]:
+def rerenders(browser, url: str, rounds: int, only: list[str]) -> dict[str, list[float]]:
     page = browser.new_page(viewport={"width": 1400, "height": 1200})
     page.goto(url)
     page.wait_for_selector("[data-testid='stCode']", timeout=300_000)
     results: dict[str, list[float]] = {}
     for path, what, actions in INTERACTIONS:
+        if only and (path or "home") not in only:
+            continue
         page.goto(f"{url}/{path}")  # a fresh session: the model and heavy results stay cached
         page.wait_for_selector("h1", timeout=300_000)
         page.evaluate(OBSERVE_JS)
@@ -194,7 +246,8 @@ def rerenders(browser, url: str, rounds: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--starts", type=int, default=3, help="cold starts (0: skip)")
+    parser.add_argument("--pages", nargs="*", default=[], help="only these page paths (home, attention, ...)")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -205,19 +258,20 @@ def main() -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=ARGS)
         try:
-            starts = cold_start(browser, args.starts)
+            starts = cold_start(browser, args.starts) if args.starts else []
             port = free_port()
             process = start_explorer(port)
             try:
                 wait_served(f"http://127.0.0.1:{port}")
-                timed = rerenders(browser, f"http://127.0.0.1:{port}", args.rounds)
+                timed = rerenders(browser, f"http://127.0.0.1:{port}", args.rounds, args.pages)
             finally:
                 stop(process)
         finally:
             browser.close()
     print(f"\n{'what':<38} {'median s':>9} {'min-max s':>14} {'goal':>7}")
-    print(f"{'cold start: explore -> Home drawn':<38} {statistics.median(starts):>9.2f} "
-          f"{min(starts):>6.2f}-{max(starts):<7.2f} {'<= 10':>7}")  # fmt: skip
+    if starts:
+        print(f"{'cold start: explore -> Home drawn':<38} {statistics.median(starts):>9.2f} "
+              f"{min(starts):>6.2f}-{max(starts):<7.2f} {'<= 10':>7}")  # fmt: skip
     for what, times in timed.items():
         print(
             f"{what:<38} {statistics.median(times):>9.2f} {min(times):>6.2f}-{max(times):<7.2f} {'<= 1':>7}"

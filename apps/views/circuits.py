@@ -17,6 +17,7 @@ from interp.reproductions import circuits
 PROMPT_KEY = "circuits_prompt"
 PICK_KEY = "circuits_feature"
 MAX_EDGES = 300  # the strongest kept edges drawn; more only hide the structure
+EDGE_BINS = 12  # edges are drawn as one line trace per sign and strength bin (300 traces took ~1 s)
 
 st.title("Circuits")
 st.markdown(
@@ -43,11 +44,28 @@ def graph_of(prompt: str, node_threshold: float, edge_threshold: float):
     return full, full.prune(node_threshold, edge_threshold)
 
 
-def node_text(node, contexts, model, transcoders, influence: float) -> str:
+@st.cache_resource(show_spinner=False, max_entries=16)
+def graph_figure(prompt: str, node_threshold: float, edge_threshold: float) -> go.Figure:
+    """The drawn graph with its hover cards, once per (prompt, thresholds): the same key as
+    ``graph_of``, whose graph it draws."""
+    model, transcoders, contexts = parts()
+    full, pruned = graph_of(prompt, node_threshold, edge_threshold)
+    tokens = pruned.prompt_str_tokens
+    probs = dict(zip(pruned.logit_tokens, pruned.logit_probs.tolist(), strict=True))
+    influence = full.node_influence()
+    keep = pruned.prune_result.node_mask.nonzero().flatten().tolist()
+    hover = [
+        node_text(n, contexts, model, transcoders, float(influence[keep[i]]), tokens, probs)
+        for i, n in enumerate(pruned.nodes)
+    ]
+    return figure(pruned, layout(pruned), hover, tokens)
+
+
+def node_text(node, contexts, model, transcoders, influence: float, tokens: list[str], probs: dict) -> str:
     """The hover card: what the node is; for a feature, its logit effects and top contexts."""
     from interp import sae as S
 
-    where = f"'{graph_tokens[node.pos]}' (pos {node.pos})"
+    where = f"'{tokens[node.pos]}' (pos {node.pos})"
     if node.kind == "token":
         return f"<b>token</b> {where}"
     if node.kind == "logit":
@@ -83,26 +101,34 @@ def layout(pruned) -> dict[int, tuple[float, float]]:
     return xy
 
 
-def figure(pruned, xy, hover: list[str]) -> go.Figure:
+def figure(pruned, xy, hover: list[str], tokens: list[str]) -> go.Figure:
     a = pruned.adjacency
     targets, sources = (a != 0).nonzero(as_tuple=True)
     weights = a[targets, sources]
     order = weights.abs().argsort(descending=True)[:MAX_EDGES]
     top = float(weights.abs().max()) if len(weights) else 1.0
     fig = go.Figure()
-    for sign, color in ((1, "rgba(31,119,180,{a})"), (-1, "rgba(214,39,40,{a})")):
-        for i in order.tolist():
-            w = float(weights[i])
-            if (w > 0) != (sign > 0):
-                continue
-            (x0, y0), (x1, y1) = xy[int(sources[i])], xy[int(targets[i])]
-            strength = abs(w) / top
-            fig.add_trace(
-                go.Scatter(
-                    x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                    line={"width": 0.5 + 4 * strength, "color": color.format(a=0.15 + 0.6 * strength)},
-                )
-            )  # fmt: skip
+    # one trace per (sign, strength bin): segments joined by None gaps, width and opacity of the
+    # bin's middle strength (drawing each edge as its own trace made the page slow to build and draw)
+    bins: dict[tuple[bool, int], tuple[list, list]] = {}
+    for i in order.tolist():
+        w = float(weights[i])
+        strength = abs(w) / top
+        xs, ys = bins.setdefault((w > 0, min(int(strength * EDGE_BINS), EDGE_BINS - 1)), ([], []))
+        (x0, y0), (x1, y1) = xy[int(sources[i])], xy[int(targets[i])]
+        xs += [x0, x1, None]
+        ys += [y0, y1, None]
+    for (positive, b), (xs, ys) in sorted(bins.items()):
+        strength = (b + 0.5) / EDGE_BINS
+        color = ("rgba(31,119,180,{a})" if positive else "rgba(214,39,40,{a})").format(
+            a=0.15 + 0.6 * strength
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                line={"width": 0.5 + 4 * strength, "color": color},
+            )
+        )  # fmt: skip
     style = {"feature": ("circle", "#2ca02c"), "error": ("square", "#999999"),
              "token": ("diamond", "#1f77b4"), "logit": ("star", "#ff7f0e")}  # fmt: skip
     for kind, (symbol, color) in style.items():
@@ -121,7 +147,7 @@ def figure(pruned, xy, hover: list[str]) -> go.Figure:
     fig.update_layout(
         height=560,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
-        xaxis={"tickvals": list(range(len(graph_tokens))), "ticktext": graph_tokens, "title": "position"},
+        xaxis={"tickvals": list(range(len(tokens))), "ticktext": tokens, "title": "position"},
         yaxis={"tickvals": [-1, *range(n_layers), n_layers], "ticktext": ["tokens", *[f"L{i}" for i in range(n_layers)], "logits"]},
         legend={"orientation": "h", "y": 1.06},
         clickmode="event+select",
@@ -189,14 +215,14 @@ with common.guard():
     try:
         model, transcoders, contexts = parts()
         bar.progress(0.3, text="Computing the attribution graph (frozen attention and norms)")
-        full, pruned = graph_of(" ".join(prompt.split()), node_threshold, edge_threshold)
+        key = (" ".join(prompt.split()), node_threshold, edge_threshold)
+        full, pruned = graph_of(*key)
         bar.progress(1.0, text="Done")
     finally:
         bar.empty()
 
 if pruned is not None:
     graph_tokens = pruned.prompt_str_tokens
-    probs = dict(zip(pruned.logit_tokens, pruned.logit_probs.tolist(), strict=True))
     counts = {k: sum(n.kind == k for n in pruned.nodes) for k in ("feature", "error", "token", "logit")}
     st.markdown(
         f"**{len(full.nodes)}** nodes before pruning, **{len(pruned.nodes)}** kept "
@@ -206,13 +232,8 @@ if pruned is not None:
     )
     influence = full.node_influence()
     keep = pruned.prune_result.node_mask.nonzero().flatten().tolist()
-    hover = [
-        node_text(n, contexts, model, transcoders, float(influence[keep[i]]))
-        for i, n in enumerate(pruned.nodes)
-    ]
-    xy = layout(pruned)
     event = st.plotly_chart(
-        figure(pruned, xy, hover), on_select="rerun", selection_mode="points", key="circuits_chart"
+        graph_figure(*key), on_select="rerun", selection_mode="points", key="circuits_chart"
     )
     feature_index = [i for i, n in enumerate(pruned.nodes) if n.kind == "feature"]
     if not feature_index:

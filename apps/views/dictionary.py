@@ -259,7 +259,19 @@ def show_dashboard(dash: S.LatentDashboard, stats: S.LatentStats) -> None:
         common.embed(viz.token_rows_html(rows), alt=f"top examples of latent {dash.latent}")
 
 
-def show_intervention(model: interp.HookedModel, sae: S.SAE, text: str, dash: S.LatentDashboard) -> None:
+@st.cache_resource(show_spinner=False, max_entries=64)
+def intervention(
+    key: tuple, text: str, latent: int | None, alpha: float, _model: interp.HookedModel, _sae: S.SAE
+) -> S.Intervention:
+    """``S.intervene`` once per (model, dictionary, text, latent, α), which ``key`` and the other
+    arguments name (the model and dictionary objects are what ``key`` names, so not hashed): two
+    forward passes that any other widget's re-run would repeat."""
+    return S.intervene(_model, _sae, text, latent=latent, alpha=alpha)
+
+
+def show_intervention(
+    key: tuple, model: interp.HookedModel, sae: S.SAE, text: str, dash: S.LatentDashboard
+) -> None:
     st.subheader("Splice or steer")
     action = st.radio("Intervention", list(ACTIONS), format_func=ACTIONS.get, key="dict_action")
     latent, alpha = (dash.latent if action == "steer" else None), 0.0
@@ -267,7 +279,7 @@ def show_intervention(model: interp.HookedModel, sae: S.SAE, text: str, dash: S.
         default = float(np.round(2 * dash.max_activation, 2)) or 1.0
         alpha = st.number_input("α", value=default, step=0.5, key=f"dict_alpha::{dash.latent}")
     with common.guard():
-        change = S.intervene(model, sae, text, latent=latent, alpha=float(alpha))
+        change = intervention(key, text, latent, float(alpha), model, sae)
         what = (
             f"latent {dash.latent} steered by α = {alpha:g}"
             if change.mode == "steer"
@@ -333,4 +345,4 @@ dash = dashboard_for(key, latent, model, sae, inputs)
 if dash is None:
     st.stop()
 show_dashboard(dash, stats)
-show_intervention(model, sae, text, dash)
+show_intervention(key, model, sae, text, dash)

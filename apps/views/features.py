@@ -77,6 +77,34 @@ def shared_results() -> dict:
     return {}
 
 
+@st.cache_resource(show_spinner=False, max_entries=32)
+def image_attribution(
+    name: str, index: int, target: int | None, method: str, noise: str | None, layer: str | None
+) -> at.AttributionResult:
+    """A digit's attribution map, once per every choice it depends on (shared by all sessions)."""
+    x, _ = test_set()
+    kwargs: dict = {}
+    if noise is not None:
+        kwargs.update(noise_tunnel=noise, nt_samples=8, stdevs=0.1)
+    if method in ("deeplift_shap", "gradient_shap") and layer is None:
+        kwargs["baselines"] = x[-16:]  # a reference distribution: the last 16 test images
+    if layer is not None:
+        kwargs["layer"] = layer
+    return at.attribute(digits_model(name), x[index : index + 1], target=target, method=method, **kwargs)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def token_attribution(
+    spec: str, text: str, method: str, target: int | None, layers: tuple[str, ...]
+) -> at.AttributionResult:
+    """The text's token attributions, once per (model, text, method, target, embedding layers)."""
+    kwargs: dict = {"n_steps": 32}
+    if layers:
+        kwargs["layer"] = list(layers)
+    return at.attribute(common.load_model(spec), text, target=target, method=method, **kwargs)
+
+
+@st.fragment  # a widget of this tab re-runs only this tab
 def gallery(model: interp.HookedModel, name: str) -> None:
     x, _ = test_set()
     layers = [
@@ -108,6 +136,7 @@ def gallery(model: interp.HookedModel, name: str) -> None:
     if key not in store:
         return
     vis, top = store[key]
+    figures = store.setdefault((*key, "figures"), {})  # plotly figures take ~0.5 s each to build
     box = {"clip": "pixels clipped to [0, 1]", "sigmoid": "sigmoid onto [0, 1]"}.get(
         vis.config["box_map"], ""
     )
@@ -116,36 +145,42 @@ def gallery(model: interp.HookedModel, name: str) -> None:
         f"lr {vis.config['lr']:g}, {param}, {box}, seed {vis.config['seed']}, transforms: {tf_label}). "
         "Titles: the channel's mean activation."
     )
-    st.plotly_chart(
-        vis.figure([f"ch {u}: {s:.2g}" for u, s in zip(top.units, vis.scores.tolist(), strict=True)])
-    )
+    if "all" not in figures:
+        figures["all"] = vis.figure(
+            [f"ch {u}: {s:.2g}" for u, s in zip(top.units, vis.scores.tolist(), strict=True)]
+        )
+    st.plotly_chart(figures["all"], key="features_all")
     unit = st.number_input(
         f"Channel (0-{len(top.units) - 1})", 0, len(top.units) - 1, 0, key=f"features_unit::{name}"
     )
+    unit = int(unit)
+    if unit not in figures:
+        figures[unit] = (
+            fv.image_grid_figure([vis.images[unit, 0]], [f"channel {unit}"]),
+            top.figure(unit),
+        )
+    optimized, examples = figures[unit]
     left, right = st.columns([1, 5])
     with left:
         st.markdown("**Optimized**")
-        st.plotly_chart(fv.image_grid_figure([vis.images[unit, 0]], [f"channel {unit}"]), key="features_opt")
+        st.plotly_chart(optimized, key="features_opt")
     with right:
         st.markdown("**Top test images and their activation maps**")
-        st.plotly_chart(top.figure(int(unit)), key="features_top")
+        st.plotly_chart(examples, key="features_top")
 
 
+@st.fragment
 def attribution_map(model: interp.HookedModel, name: str) -> None:
     x, y = test_set()
     columns = st.columns(4)
     index = columns[0].number_input(f"Test image (0-{len(x) - 1})", 0, len(x) - 1, 0, key="features_image")
     level = columns[1].radio("Attribute to", ["pixels", "a layer"], key="features_level", horizontal=True)
     target = columns[3].number_input("Target class (-1: predicted)", -1, 9, -1, key="features_target")
-    kwargs: dict = {}
+    noise, layer = None, None
     if level == "pixels":
         method_label = columns[2].selectbox("Method", list(METHODS), key="features_method")
         method = METHODS[method_label]
-        noise = st.selectbox("Noise tunnel", list(NOISE), key="features_noise")
-        if NOISE[noise] is not None:
-            kwargs.update(noise_tunnel=NOISE[noise], nt_samples=8, stdevs=0.1)
-        if method in ("deeplift_shap", "gradient_shap"):
-            kwargs["baselines"] = x[-16:]  # a reference distribution: the last 16 test images
+        noise = NOISE[st.selectbox("Noise tunnel", list(NOISE), key="features_noise")]
     else:
         layers = [
             n
@@ -158,21 +193,17 @@ def attribution_map(model: interp.HookedModel, name: str) -> None:
         convs = [i for i, n in enumerate(layers) if n.startswith("conv")]
         method_label = columns[2].selectbox("Method", list(LAYER_METHODS), key="features_layer_method")
         method = LAYER_METHODS[method_label]
-        kwargs["layer"] = st.selectbox(
+        layer = st.selectbox(
             "Layer", layers, index=convs[-1] if convs else len(layers) - 1, key=f"features_attr_layer::{name}"
         )
     with common.guard():
         with st.spinner(f"{method_label}..."):
-            result = at.attribute(
-                model,
-                x[index : index + 1],
-                target=None if target < 0 else int(target),
-                method=method,
-                **kwargs,
+            result = image_attribution(
+                name, int(index), None if target < 0 else int(target), method, noise, layer
             )
         delta = "" if result.delta is None else f"; IG completeness error δ = {float(result.delta[0]):.2e}"
-        where = f" at `{kwargs['layer']}` (summed over its channels)" if "layer" in kwargs else ""
-        smooth = f", {kwargs['noise_tunnel']} over 8 noisy copies (σ 0.1)" if "noise_tunnel" in kwargs else ""
+        where = f" at `{layer}` (summed over its channels)" if layer is not None else ""
+        smooth = f", {noise} over 8 noisy copies (σ 0.1)" if noise is not None else ""
         st.caption(
             f"label {int(y[index])}, attributed class {int(result.target[0])}{where}{smooth}; "
             f"computed by {result.config.get('library', 'captum')}{delta}"
@@ -180,6 +211,7 @@ def attribution_map(model: interp.HookedModel, name: str) -> None:
         st.plotly_chart(result.figure(0), key="features_attr")
 
 
+@st.fragment
 def token_attributions() -> None:
     model = common.current_model()
     text = common.current_text()
@@ -197,16 +229,16 @@ def token_attributions() -> None:
     at_layers = columns[2].checkbox(
         "Split by embedding layer (layer IG)", key="features_token_layers", disabled=len(embeddings) < 2
     )
-    kwargs: dict = {"n_steps": 32}
+    layers: tuple[str, ...] = ()
     if at_layers:
-        kwargs["layer"] = [n for n in embeddings if n != "pos_embed.hook_out"]  # captum cannot hook it
+        layers = tuple(n for n in embeddings if n != "pos_embed.hook_out")  # captum cannot hook it
         method = "ig"
     else:
         method = TOKEN_METHODS[method_label]
     with common.guard():
         with st.spinner("Attributing..."):
-            result = at.attribute(
-                model, text, target=None if target < 0 else int(target), method=method, **kwargs
+            result = token_attribution(
+                common.current_spec(), text, method, None if target < 0 else int(target), layers
             )
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
         how = " (layer IG, split by embedding table)" if result.by_layer else ""
@@ -236,6 +268,7 @@ def unit_contexts(model: interp.HookedModel, layer: str, reduce_by: str) -> ex.T
     return store.get(key)
 
 
+@st.fragment
 def token_contexts() -> None:
     """One MLP neuron or attention head of the sidebar transformer: its top-k contexts in the
     built-in sample set, each as a row of circuitsvis colored tokens."""

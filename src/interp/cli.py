@@ -24,7 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `interp explore` only starts streamlit: importing the sae commands (torch) first would add
+    # seconds to the explorer's cold start
+    parser = _parser(with_sae=argv[:1] != ["explore"])
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -73,7 +76,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp", description="A mechanistic-interpretability workbench.")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -148,9 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", default=None, help="report directory (default: reports/FINDING)")
     reproduce.set_defaults(run=_reproduce)
 
-    from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
+    if with_sae:
+        from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
 
-    add_sae_commands(sub)
+        add_sae_commands(sub)
     return parser
 
 
@@ -209,12 +213,13 @@ def _capture(args: argparse.Namespace) -> int:
 
 def _explore(args: argparse.Namespace) -> int:
     home = REPO_ROOT / "apps" / "Home.py"
-    if not home.exists():
+    serve = REPO_ROOT / "apps" / "serve.py"  # streamlit run Home.py, loading the default model meanwhile
+    if not home.exists() or not serve.exists():
         raise InterpError(
             f"the explorer's pages are not at {home}; run `interp explore` from a source checkout"
         )
     command = [
-        sys.executable, "-m", "streamlit", "run", str(home),
+        sys.executable, str(serve),
         "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
     ]  # fmt: skip
     print(f"interp explorer: http://localhost:{args.port}")
