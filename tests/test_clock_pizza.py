@@ -329,6 +329,15 @@ def test_record_from_results_round_trip_and_bad_input(tmp_path):
         repro.record_from_results(tmp_path / "short" / "results.json", tmp_path / "x.json")
 
 
+def test_shipped_phase_record_is_a_passing_faithful_run():
+    """The recorded diagram the page shows covers the faithful grid, and that run passed its checks."""
+    record = repro.load_phase_record()
+    assert record is not None, "run interp reproduce clock-pizza, then record_from_results"
+    cells = sorted((r["alpha"], r["d_model"], r["seed"]) for r in record["runs"])
+    assert cells == sorted(repro.phase_grid(False))
+    assert all(c.passed for c in repro.phase_checks(record["runs"], fast=False))
+
+
 def test_walk_through_runs(capsys):
     """analyses/clock_pizza.py's demo part (the reproduction itself is tested above)."""
     import runpy
