@@ -7,7 +7,7 @@ reproduction's tools), measure the paper's gradient symmetricity and distance ir
 Clock model's attention to constant with a hook, and finish with the full paper-vs-ours table.
 Exits 1 if any check misses.
 
-    python analyses/clock_pizza.py            # faithful: shipped models + α ∈ {0, .5, 1} × 2 seeds retrained
+    python analyses/clock_pizza.py            # faithful: shipped models + α ∈ {0, .5, 1} × d_model {32, 64, 96}
     python analyses/clock_pizza.py --fast     # α ∈ {0, 1} × 1 seed, fast recipe, looser stated bounds
     python analyses/clock_pizza.py --out DIR  # where results.json and report.html go
 """

@@ -78,7 +78,7 @@ def test_fast_rerun_writes_its_report_outside_the_checkout(monkeypatch):
 
 @pytest.mark.parametrize(
     ("finding", "retrained_prefix", "n_figures"),
-    [("icl-gd", "icl-gd-seed", 4), ("clock-pizza", "clock-pizza-alpha", 3)],
+    [("icl-gd", "icl-gd-seed", 4), ("clock-pizza", "clock-pizza-alpha", 4)],  # + recorded phase diagram
 )
 def test_page_shows_a_findings_checkpoint_table_and_figures(finding, retrained_prefix, n_figures):
     """The page shows the finding's checkpoint table (= from_checkpoints, nothing retrained) and its figures."""

@@ -3,8 +3,9 @@
 The forward pass is checked against a numpy loop, the metrics against per-example loops and
 synthetic models whose answers are known (a logit that depends only on a - b has distance
 irrelevance 0; one that ignores a - b has 1); the reproduction passes on the shipped models and fails
-on untrained ones. Retraining (the fast α ∈ {0, 1} grid, ~1 min of CPU, and the faithful
-α ∈ {0, 0.5, 1} × 2 seeds grid) is ``slow``.
+on untrained ones; the metrics' triple sampling equals the authors' notebook's. Retraining (the fast
+α ∈ {0, 1} × d_model 64 grid, 1-3 min of CPU, and the faithful α ∈ {0, 0.5, 1} × d_model {32, 64, 96}
+grid) is ``slow``; the recorded faithful run the page shows is checked to cover that grid and pass.
 """
 
 from __future__ import annotations
@@ -106,10 +107,11 @@ def test_split_is_seeded_and_disjoint():
 def test_gradient_symmetricity_matches_a_per_triple_loop():
     model = _small(1.0)
     p = model.p
-    triples = random.Random(5).sample(range(p**3), 20)
+    xs = [(a, b, c) for a in range(p) for b in range(p) for c in range(p)]  # eval-main.ipynb's sampling
+    random.Random(5).shuffle(xs)
+    assert repro.triples(p, 20, seed=5).tolist() == [list(t) for t in xs[:20]]
     cosines = []
-    for t in triples:  # the authors' way: one backward per triple
-        a, b, c = t // (p * p), (t // p) % p, t % p
+    for a, b, c in xs[:20]:  # the authors' way: one backward per triple
         emb = model.W_E[torch.tensor([[a, b]])].detach().requires_grad_(True)
         model.from_embeddings(emb)[0, c].backward()
         g = emb.grad[0]
@@ -169,7 +171,8 @@ def test_shipped_models_are_clock_and_pizza(tmp_path):
     assert by_name["shipped α = 1 (Clock): gradient symmetricity"] < 0.5
     report.write(tmp_path)
     assert "Plotly" in (tmp_path / "report.html").read_text()
-    assert len(report.figures) == 3
+    # three figures of the shipped models, plus the phase diagram from the recorded faithful run
+    assert len(report.figures) == 3 + (repro.load_phase_record() is not None)
     print(f"clock-pizza shipped analysis: {time.perf_counter() - start:.1f} s")
 
 
@@ -238,12 +241,102 @@ def test_fast_reproduction_with_retrain_passes(tmp_path):
 
 @pytest.mark.slow
 def test_faithful_reproduction_passes(tmp_path):
-    """Shipped models plus the α ∈ {0, 0.5, 1} × seeds {1, 2} grid with the full recipe."""
+    """Shipped models plus the α ∈ {0, 0.5, 1} × d_model ∈ {32, 64, 96} grid (seed 1), full recipe."""
     start = time.perf_counter()
     report = reproductions.run("clock-pizza", fast=False, out_dir=tmp_path, quiet=True)
     assert report.passed, report.table()
-    assert sum(name.startswith("clock-pizza-alpha") for name in report.models) == 6
+    assert sum(name.startswith("clock-pizza-alpha") for name in report.models) == len(repro.phase_grid(False))
     print(f"faithful clock-pizza reproduction: {time.perf_counter() - start:.1f} s")
+
+
+def _fake_runs(grid: list[tuple[float, int, int]]) -> list[dict]:
+    """Phase-diagram runs with made-up metrics: Pizza-like at α = 0, Clock-like at α = 1."""
+    return [
+        {
+            "alpha": a,
+            "d_model": w,
+            "seed": s,
+            "train_s": 1.0,
+            "gradient_symmetricity": 0.99 - 0.6 * a + 0.001 * w / 32,
+            "distance_irrelevance": 0.3 + 0.5 * a,
+            "circularity": 0.99,
+            "accuracy_all_pairs": 1.0,
+            "distance_r2": 0.9 - 0.7 * a,
+        }
+        for a, w, s in grid
+    ]
+
+
+def test_phase_grid_is_the_stated_one():
+    assert repro.phase_grid(True) == [(0.0, 64, 1), (1.0, 64, 1)]  # the fast grid: unchanged cost
+    faithful = repro.phase_grid(False)
+    assert sorted({w for _, w, _ in faithful}) == [32, 64, 96] and sorted({a for a, _, _ in faithful}) == [
+        0,
+        0.5,
+        1,
+    ]
+    assert len(faithful) == 9 and all(cell in repro.AUTHORS_RUNS for cell in {(a, w) for a, w, _ in faithful})
+
+
+def test_phase_checks_read_every_width():
+    runs = _fake_runs(repro.phase_grid(False))
+    checks = repro.phase_checks(runs, fast=False)
+    assert all(c.passed for c in checks)
+    assert len(checks) == 6 + 1  # GS at α = 0 and α = 1 per width, plus the mean-DI gap
+    assert checks[-1].value == pytest.approx(0.5)
+    runs[0]["gradient_symmetricity"] = 0.5  # α = 0, d 32 turned Clock-like: its row fails, and only it
+    failed = [c.quantity for c in repro.phase_checks(runs, fast=False) if not c.passed]
+    assert failed == ["phase diagram α = 0, d_model 32, seed 1: gradient symmetricity"]
+
+
+def test_phase_figure_shows_cell_means_and_the_authors_medians():
+    grid = repro.phase_grid(False) + [(1.0, 64, 2)]  # a second seed in one cell is averaged
+    runs = _fake_runs(grid)
+    runs[-1]["distance_irrelevance"] = 0.0
+    fig = repro.phase_figure(runs, "test")
+    gs_ours, gs_theirs, di_ours, di_theirs = (np.array(t.z, dtype=float) for t in fig.data)
+    assert list(fig.data[0].y) == ["d 32", "d 64", "d 96"] and list(fig.data[0].x) == [
+        "α = 0",
+        "α = 0.5",
+        "α = 1",
+    ]
+    assert di_ours[1, 2] == pytest.approx((0.8 + 0.0) / 2)
+    assert gs_ours[2, 0] == pytest.approx(0.99 + 0.003)
+    assert gs_theirs[2, 2] == repro.AUTHORS_RUNS[(1.0, 96)]["gs"][1]
+    assert di_theirs[0, 1] == repro.AUTHORS_RUNS[(0.5, 32)]["di"][1]
+
+
+def test_record_from_results_round_trip_and_bad_input(tmp_path):
+    from interp.reproductions.report import Report
+
+    report = Report("clock-pizza", fast=False)
+    runs = _fake_runs(repro.phase_grid(False))
+    for i, run in enumerate(runs):
+        report.models[f"run{i}"] = {"source": "retrained here", "phase": run}
+    report.timings["total"] = 123.0
+    report.write(tmp_path / "faithful")
+    record = repro.record_from_results(tmp_path / "faithful" / "results.json", tmp_path / "record.json")
+    assert record["runs"] == runs and record["wall_s"] == 123.0
+    assert repro.load_phase_record(tmp_path / "record.json") == record
+    assert repro.load_phase_record(tmp_path / "absent.json") is None
+    report.fast = True
+    report.write(tmp_path / "fast")
+    with pytest.raises(InputError, match="fast run"):
+        repro.record_from_results(tmp_path / "fast" / "results.json", tmp_path / "x.json")
+    report.fast = False
+    report.models.pop("run0")
+    report.write(tmp_path / "short")
+    with pytest.raises(InputError, match="8 phase-diagram runs"):
+        repro.record_from_results(tmp_path / "short" / "results.json", tmp_path / "x.json")
+
+
+def test_shipped_phase_record_is_a_passing_faithful_run():
+    """The recorded diagram the page shows covers the faithful grid, and that run passed its checks."""
+    record = repro.load_phase_record()
+    assert record is not None, "run interp reproduce clock-pizza, then record_from_results"
+    cells = sorted((r["alpha"], r["d_model"], r["seed"]) for r in record["runs"])
+    assert cells == sorted(repro.phase_grid(False))
+    assert all(c.passed for c in repro.phase_checks(record["runs"], fast=False))
 
 
 def test_walk_through_runs(capsys):

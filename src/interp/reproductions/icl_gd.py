@@ -26,7 +26,8 @@ Checks:
   weights, and the whole path between them, has GD-1's loss.
 
 Paper figures. The stored copy of the paper reachable from here holds only its first page (the
-abstract), so no number from its body (sections, figures, tables) could be read, and none is quoted.
+abstract), so no number from its body (sections, figures, tables) could be read, and none is quoted
+(what was searched, and that the authors' notebooks hold no saved outputs: docs/reproductions-papers.md).
 The setup above comes from the authors' code (google-research/self-organising-systems,
 ``transformers_learn_icl_by_gd``: ``src/config.py``, ``src/data.py`` ``create_reg_data`` /
 ``create_weights``, ``src/train.py`` ``analyse`` / ``scan_lrs`` / ``loss_fn``, and the 1-layer settings
