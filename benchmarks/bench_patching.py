@@ -18,7 +18,8 @@ Workloads:
 Before timing, each pair of results is checked: max |interp - TL| must be <= 1e-5. interp runs the
 model once up to each patched hook (``HookedModel.run_copies``) and, on causal models, only the
 positions from the first patched one on (``interp.models.suffix``, whose forwards also run unhooked
-LayerNorms and attention as single kernels), and patches in the last block only each copy's
+LayerNorms and attention as single kernels, and the bridge's forward as plain torch ops around the
+hooked components), and patches in the last block only each copy's
 position after the patch; the same sweeps with the copies tiled at the input, and with whole
 sequences (neither reuse), are timed beside them to show what each buys. On a shared machine use
 ``--clock cpu`` and 5+ rounds: wall-clock ratios move by 30% there.

@@ -97,6 +97,28 @@ def test_plain_forward_fires_hooks_as_the_bridge(toy, prompts, start):
     assert (bare - full[:, start:]).abs().max() <= TOLERANCE
 
 
+def test_module_hooks_on_a_block_or_the_model_keep_their_own_calls(toy, prompts):
+    """A torch module hook on a block or on the underlying NativeModel (not a hook point) still fires,
+    once per forward, inside a route: the plain forward calls those modules themselves."""
+    _, corrupted = prompts
+    prepared = toy.prepare(corrupted)
+    route = P._prefix_route(toy, prepared)
+    assert route is not None
+    with torch.no_grad():
+        full = toy._forward(prepared)
+    native = toy.bridge._driver.underlying_model
+    for module in (toy.bridge.blocks[1], native):
+        calls = []
+        handle = module.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(1))
+        try:
+            with toy._lock, route.active(0) as tail:
+                out = toy._run_library(tail, [])
+        finally:
+            handle.remove()
+        assert calls == [1], type(module).__name__
+        assert (out - full).abs().max() <= TOLERANCE
+
+
 def _naive(model, clean, corrupted, hook, pos, head, metric):
     """One forward per patch: the clean value of ``head`` at ``pos`` written into the corrupted run."""
     _, cache = model.run_with_cache(clean, names=[hook])

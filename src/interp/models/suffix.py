@@ -20,6 +20,9 @@ positions ``s..n-1``.
   ``layer_norm`` kernel, an attention whose pattern nobody hooks as ``scaled_dot_product_attention``,
   and unhooked q/k/v/o projections without the bridge's wrapper: the same functions (to ~1e-7),
   with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
+  The bridge's own forward (``TransformerBridge.forward``, its driver, ``BlockBridge``) is
+  replaced too: each component without a hook in it runs as plain torch ops, each one with a
+  hook is called through the bridge (``_plain_bridge_forward``).
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -347,6 +350,8 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
 
     def block_forward(block: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         inner = block.original_component
+        if _has_hooks(block) or _has_hooks(inner):  # module hooks on the block itself: its own call
+            return block(x, attention_mask=None, position_ids=position_ids)[0]
         x = _point(block.hook_in, x)
         attention = inner.attn
         h = norm(inner.ln1, x)
@@ -368,6 +373,7 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
             and not input.is_floating_point()
             and (attention_mask is None or bool(attention_mask.all()))
             and not _global_hooks()
+            and not _has_hooks(native)
         )
         if not plain:
             return original(bridge, input, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
