@@ -1,7 +1,7 @@
 """The sweep's plain forward on native bridges (``interp.models.suffix._plain_bridge_forward``) and the
-splice's indexed write, against independent references: the bridge's own forward with the same hooks,
-and one forward per patch with a hand-written hook (positions 0 and last, several prompts, a user's
-hook present)."""
+sweeps that run through it, against independent references: the bridge's own forward with the same
+hooks, and one forward per patch with a hand-written hook (positions 0 and last, several prompts, a
+user's hook present, a broadcast ablation source)."""
 
 from __future__ import annotations
 

@@ -888,22 +888,13 @@ def _masks(chunk: list[Patch], plan_: Plan, n_pos: int, device) -> dict[str, tor
 def splice(mask: torch.Tensor, source: torch.Tensor, units: int, view: str = "vector") -> Callable:
     """A hook that writes ``source[batch, pos, unit, rest]`` where ``mask[copies, pos, unit]`` is set
     (``source`` and the activation seen through ``site_view(..., view)``)."""
-    copies, n_pos, n_units = mask.shape
-    ks, ps, us = mask.nonzero().unbind(-1)  # the cells written: one indexed copy, not a masked pass
-    if source.shape[1] not in (1, n_pos) or source.shape[2] not in (1, n_units):
-        raise ValueError(f"splice source {tuple(source.shape)} does not match the mask {tuple(mask.shape)}")
-    src_ps = ps if source.shape[1] == n_pos else torch.zeros_like(ps)  # a [b, 1, ...] source broadcasts
-    src_us = us if source.shape[2] == n_units else torch.zeros_like(us)
+    copies = mask.shape[0]
+    keep = mask[:, None, :, :, None]
 
     def hook(act: torch.Tensor, ctx: Any) -> torch.Tensor:
         viewed = rearrange(site_view(act, units, view), "(k b) p u r -> k b p u r", k=copies)
-        start = (
-            n_pos - viewed.shape[2]
-        )  # a run from the middle (sweep's prefix reuse) holds positions start..
-        at = ps >= start
-        new = viewed.clone()
-        values = source[:, src_ps[at], src_us[at]].to(act.dtype)  # [batch, cells, rest]
-        new[ks[at], :, ps[at] - start, us[at]] = values.transpose(0, 1)
+        n = viewed.shape[2]  # a run from the middle (sweep's prefix reuse) holds the last n positions
+        new = torch.where(keep[:, :, -n:], source.to(act.dtype)[None, :, -n:], viewed)
         return from_site_view(rearrange(new, "k b p u r -> (k b) p u r"), view, act.shape)
 
     return hook
