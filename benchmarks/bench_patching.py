@@ -335,9 +335,10 @@ GPT2_LAYERS = (0, 6, 11)
 
 def gpt2_small_workload(rounds: int, layers: tuple[int, ...] | None = GPT2_LAYERS) -> bool:
     """The issue's motivating case: a per-head-by-position sweep on an IOI-length prompt in GPT-2 small
-    (12 layers x 12 heads x 15 positions = 2,160 TL forwards, ~6 min of TL per round at one thread).
+    (12 layers x 12 heads x 15 positions = 2,160 TL forwards of ~0.15 s CPU each: ~6 min of TL per round).
     By default the head sweeps cover ``GPT2_LAYERS`` only (TL through ``index_df``, the same cells;
-    540 forwards), which keeps a round to ~2 min; ``--gpt2-layers all`` sweeps every layer. No hub
+    540 forwards): ~2 min of CPU per round and as much for the agreement checks (26 min of wall time on a
+    busy 2-core box); ``--gpt2-layers all`` sweeps every layer. No hub
     weights here, so the model is a random-init GPT-2 small written with save_pretrained to a
     temporary directory: the timing and the agreement check do not depend on the weights."""
     import tempfile
@@ -408,7 +409,7 @@ def main() -> int:
     parser.add_argument("--skip-toy", action="store_true", help="skip the induction-2l workload")
     parser.add_argument(
         "--gpt2-small", type=int, default=0, metavar="ROUNDS",
-        help="also time the IOI-sized sweep on a random-init GPT-2 small (about 2 min per round)",
+        help="also time the IOI-sized sweep on a random-init GPT-2 small (~2 min CPU a round, as much for checks)",
     )  # fmt: skip
     parser.add_argument(
         "--gpt2-layers", default=",".join(map(str, GPT2_LAYERS)), metavar="L,L,...|all",
