@@ -20,6 +20,9 @@ positions ``s..n-1``.
   ``layer_norm`` kernel, an attention whose pattern nobody hooks as ``scaled_dot_product_attention``,
   and unhooked q/k/v/o projections without the bridge's wrapper: the same functions (to ~1e-7),
   with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
+  The bridge's own forward (``TransformerBridge.forward``, its driver, ``BlockBridge``) is
+  replaced too: each component without a hook in it runs as plain torch ops, each one with a
+  hook is called through the bridge (``_plain_bridge_forward``).
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -183,6 +186,8 @@ class HFSuffix(SuffixRoute):
 
 
 class NativeSuffix(SuffixRoute):
+    _structure: tuple[list[nn.Module], Any] | None = None  # (fast norms, plain forward), built once
+
     def _attentions(self) -> list[nn.Module]:
         return [block.attn.original_component for block in self.model.bridge.blocks]
 
@@ -221,11 +226,17 @@ class NativeSuffix(SuffixRoute):
     @contextmanager
     def _replaced(self, s: int, record: bool):
         attentions = self._attentions()
-        norms = self._norms()
+        if self._structure is None:  # one sweep's forwards share the modules
+            norms = self._norms()
+            self._structure = norms, _plain_bridge_forward(self.model.bridge, norms)
+        norms, plain = self._structure
         for layer, attention in enumerate(attentions):
             attention.forward = self._forward_for(attention, layer, s, record)
         for norm in norms:  # past GeneralizedComponent.__setattr__, which passes names to the wrapped module
             object.__setattr__(norm, "forward", _fast_norm(norm))
+        bridge = self.model.bridge
+        if plain is not None:
+            object.__setattr__(bridge, "forward", plain)
         try:
             yield
         finally:
@@ -233,6 +244,7 @@ class NativeSuffix(SuffixRoute):
                 del attention.forward
             for norm in norms:
                 norm.__dict__.pop("forward", None)
+            bridge.__dict__.pop("forward", None)
 
     def _forward_for(self, att: nn.Module, layer: int, s: int, record: bool):
         """``NativeAttention.forward`` (TransformerLens 4.3) with positions ``< s`` from the cache."""
@@ -279,6 +291,114 @@ class NativeSuffix(SuffixRoute):
             return _linear(att.o, z), pattern
 
         return forward
+
+
+def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
+    """The bridge's forward as plain torch ops around its hooked parts, or None where it does not apply.
+
+    TransformerLens's bridge spends ~1-2 ms of Python per forward (``TransformerBridge.forward``,
+    its driver, ``BlockBridge``'s kwarg filtering, every component's wrapper) on top of ~0.2-0.4 ms
+    of arithmetic for a small model, and a sweep pays it once per forward. This forward runs
+    ``NativeModel.forward``'s steps itself: each component (embedding, positional embedding, a
+    block's norms, attention and MLP, final norm, unembedding) whose subtree carries no hook runs
+    as the torch ops it computes, and each one that carries any (a splice, a tiling hook, a
+    capture, a view's) is called through the bridge as before, so every hook fires where and how
+    it does there; a block's ``hook_in``/``hook_out`` fire when hooked. Any other call (kwargs,
+    embeddings as input, padding, a global hook) takes the bridge's own forward. Used only inside
+    a route (``SuffixRoute.exact`` compares the route's full run with the model's forward)."""
+    from transformer_lens.model_bridge.sources.native.model import NativeBlock, apply_softcap
+
+    driver = getattr(bridge, "_driver", None)
+    native = getattr(driver, "underlying_model", None)
+    if type(native).__name__ != "NativeModel" or not hasattr(bridge, "blocks"):
+        return None
+    blocks = list(bridge.blocks)
+    if (
+        native.tok_embed is not bridge.embed
+        or getattr(bridge.embed, "_output_contribution_scale", 1.0) != 1.0
+        or type(bridge.embed._modules.get("_original_component")) is not nn.Embedding
+        or (native.pos is not None and native.pos is not bridge.pos_embed)
+        or native.ln_out is not bridge.ln_final
+        or native.head is not bridge.unembed
+        or len(blocks) != len(native.layers)
+        or any(type(block._modules.get("_original_component")) is not NativeBlock for block in blocks)
+    ):
+        return None
+    fast = set(map(id, norms))
+    subtree = {
+        id(m): list(m.modules()) for m in (bridge.embed, bridge.pos_embed, bridge.ln_final, bridge.unembed)
+    }
+    for block in blocks:
+        inner = block.original_component
+        for part in (inner.ln1, inner.attn, getattr(inner, "ln2", None), getattr(inner, "mlp", None)):
+            if part is not None:
+                subtree[id(part)] = list(part.modules())
+    original = type(bridge).forward
+    embed = bridge.embed.original_component
+    pos = None if native.pos is None else native.pos.original_component
+    unembed = bridge.unembed.original_component
+    cap = native.output_logits_soft_cap
+
+    def hooked(component: nn.Module) -> bool:
+        return any(map(_has_hooks, subtree[id(component)]))
+
+    def norm(component: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if id(component) in fast and x.dtype == torch.float32 and not hooked(component):
+            inner = component._modules["_original_component"]
+            return nn.functional.layer_norm(x, (x.shape[-1],), inner.weight, inner.bias, component.config.eps)
+        return component(x)
+
+    def block_forward(block: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        inner = block.original_component
+        if _has_hooks(block) or _has_hooks(inner):  # module hooks on the block itself: its own call
+            return block(x, attention_mask=None, position_ids=position_ids)[0]
+        x = _point(block.hook_in, x)
+        attention = inner.attn
+        h = norm(inner.ln1, x)
+        if hooked(attention):
+            out, _ = attention(h, attention_mask=None, position_ids=position_ids)
+        else:  # the route's NativeAttention.forward, as AttentionBridge would call it, minus its hooks
+            out, _ = attention.original_component(h, attention_mask=None, position_ids=position_ids)
+        x = x + out
+        if not inner.cfg.attn_only:
+            mlp = inner.mlp
+            x = x + (mlp(norm(inner.ln2, x)) if hooked(mlp) else mlp.original_component(norm(inner.ln2, x)))
+        return _point(block.hook_out, x)
+
+    def forward(input=None, attention_mask=None, position_ids=None, **kwargs):
+        plain = (
+            not kwargs
+            and isinstance(input, torch.Tensor)
+            and input.ndim == 2
+            and not input.is_floating_point()
+            and (attention_mask is None or bool(attention_mask.all()))
+            and not _global_hooks()
+            and not _has_hooks(native)
+        )
+        if not plain:
+            return original(bridge, input, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        batch, seq = input.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input.device).unsqueeze(0).expand(batch, -1)
+        x = bridge.embed(input) if hooked(bridge.embed) else embed(input)
+        if pos is not None:
+            if hooked(bridge.pos_embed):
+                bridge.pos_embed._current_batch_size = batch
+                x = x + bridge.pos_embed(position_ids)
+            else:
+                x = x + pos(position_ids)
+        for block in blocks:
+            x = block_forward(block, x, position_ids)
+        x = norm(bridge.ln_final, x)
+        logits = bridge.unembed(x) if hooked(bridge.unembed) else unembed(x)
+        return apply_softcap(logits, cap)
+
+    return forward
+
+
+def _point(point: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A hook point's output: ``x`` itself while nothing hooks it (what its call returns then)."""
+    return point(x) if _has_hooks(point) else x
 
 
 def _fused_attention_applies(
