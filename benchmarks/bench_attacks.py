@@ -19,10 +19,13 @@ thread CPU time; the CPU-time ratio is the one less disturbed by a busy machine.
 
 Both workers run with the same fixed glibc malloc thresholds (MALLOC_TUNABLES). With glibc's
 default, adaptive ones, whether a freed activation buffer goes back to the kernel (to be faulted
-in again, page by page, on the next forward) depends on the process's allocation history: fresh
-processes running the same attack code take 2k to 300k minor page faults per call (Square, 360
-images) and 1.3 to 2.3 s, so which side "won" a run was a draw of that lottery (FGSM/PGD at 1.14x
-quiet, 0.81x loaded). Pinned, both take ~0 faults and the ratio measures the attacks' own work.
+in again, page by page, on the next forward) depends on each process's allocation history: fresh
+processes running the same Square call take 2k to 300k minor page faults per call, 1.3 to 2.3 s.
+In a full run of this script our worker happened to take more (Square 92k vs 0 per call, APGD-CE
+22k vs 1k, FGSM 2k vs 0.4k) and the CPU ratios read 1.1-1.4x; pinned, both sides take ~0 faults
+and read 0.84-0.99x. torch.profiler shows the same kernels on both sides (ours adds the input
+checks), so the pinned ratio is the one that compares the attacks' work; the default one shows
+the allocator's interaction with each process's history (provisional, busy 2-core box).
 ``BENCH_MALLOC=default python benchmarks/bench_attacks.py`` runs with glibc's defaults; the
 ``faults`` column shows the page faults per call either way.
 """
