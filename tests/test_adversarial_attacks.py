@@ -4,6 +4,8 @@ input normalisation, saved adversarial sets, robustness curves for every attack,
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_adversarial import _quick_fit, trained_cnn
@@ -300,3 +302,39 @@ def test_attack_probes_take_any_attack(cnn, digits, name):
     assert probe.divergence[-1] > 0
     with pytest.raises(InputError, match="either an Attack or"):
         A.attack_probe(cnn, run, run.x_adv)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t"])
+def test_apgd_checks_labels_on_its_class_count_forward(cnn, batch, name):
+    """APGD's label check shares the forward that counts the classes: a bad label is still an
+    InputError, raised before the attack, and a call runs one probe forward, not two."""
+    x, y = batch
+    with pytest.raises(InputError, match=r"labels must be classes in \[0, 10\)"):
+        A.run_attack(name, cnn, x, y + 10, 0.1)
+    sizes = []
+    handle = cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
+    try:
+        A.run_attack(name, cnn.module, x, y, 0.1, steps=1)
+    finally:
+        handle.remove()
+    assert sizes.count(1) == 1  # the one-image probe (the rest are batch forwards)
+
+
+def test_attacks_restore_each_submodules_mode(cnn, batch):
+    """An attack runs the model in eval mode and hands it back as it found it, submodule by
+    submodule: a training model with a frozen (eval) dropout inside keeps that dropout in eval."""
+    x, y = batch
+    inner = copy.deepcopy(cnn.module)
+    module = torch.nn.Sequential(inner, torch.nn.Dropout(0.5))
+    module.train()
+    module[1].eval()
+    seen = []
+    handle = inner.fc.register_forward_hook(lambda m, *_: seen.append(m.training))
+    try:
+        adv = A.pgd(module, x, y, 0.1, steps=2).x_adv
+    finally:
+        handle.remove()
+    assert seen and not any(seen)  # eval throughout
+    assert [m.training for m in module.modules()] == [True, *[True] * len(list(inner.modules())), False]
+    assert all(p.requires_grad for p in module.parameters())
+    torch.testing.assert_close(adv, A.pgd(inner.eval(), x, y, 0.1, steps=2).x_adv, rtol=0, atol=0)

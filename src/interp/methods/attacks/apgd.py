@@ -26,6 +26,7 @@ from interp.methods.adversarial import (
     _eval,
     _logits,
     _stats,
+    check_class_range,
     check_inputs,
     check_number,
 )
@@ -78,7 +79,7 @@ def apgd(
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {LOSSES}, got {loss!r}")
     module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, rho, norm, bounds, normalize)
-    n_classes = _n_classes(module, xt)
+    n_classes = _n_classes(module, xt, yt)
     if loss == "dlr" and n_classes < 3:
         raise InputError(f"the DLR loss needs at least 3 classes, the model has {n_classes}; use loss='ce'")
     criterion = (lambda z, t: F.cross_entropy(z, t, reduction="none")) if loss == "ce" else dlr_loss
@@ -118,7 +119,7 @@ def apgd_t(
     image's step size (``step_size[0]``), where this steps each by its own, as APGD does.
     """
     module, xt, yt, bounds_, norm = _checked(model, x, y, eps, steps, restarts, rho, norm, bounds, normalize)
-    n_classes = _n_classes(module, xt)
+    n_classes = _n_classes(module, xt, yt)
     if n_classes < 4:
         raise InputError(f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
     n_targets = n_classes - 1 if n_targets is None else n_targets
@@ -151,13 +152,19 @@ def _checked(model, x, y, eps, steps, restarts, rho, norm, bounds, normalize):
     check_number("steps", steps, minimum=1, integer=True, why="APGD iterations")
     check_number("restarts", restarts, minimum=1, integer=True)
     check_number("rho", rho, minimum=0.0, why="the share of loss increases a checkpoint expects")
-    module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds, norm=norm, normalize=normalize)
+    # the labels are checked against the classes by _n_classes' forward (one forward, not two)
+    module, xt, yt, bounds_ = check_inputs(
+        model, x, y, eps, bounds, norm=norm, normalize=normalize, classes=False
+    )
     return module, xt, yt, bounds_, norm
 
 
-def _n_classes(module: nn.Module, x: torch.Tensor) -> int:
+def _n_classes(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """The model's number of classes (one forward of one image); InputError for a label outside."""
     with _eval(module), torch.no_grad():
-        return int(module(x[:1]).shape[-1])
+        n_classes = int(module(x[:1]).shape[-1])
+    check_class_range(n_classes, y, "labels")
+    return n_classes
 
 
 def _restart(module, x, y, acc, adv, criterion, eps, steps, norm, bounds, rho, gen) -> None:
