@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -553,7 +553,7 @@ class _Trainer:
     def dead_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """AuxK's selection: the ``aux_k`` largest pre-activations among dead latents, or None if none is dead."""
         if self._fired is not None:
-            if not bool((self.since_fired + self.cfg.batch_size >= self.cfg.dead_after_tokens).any()):
+            if not self._may_die():
                 return None  # none can be dead after this step, whatever fired: no need to wait
             self.settle_fired()
         dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
@@ -563,29 +563,42 @@ class _Trainer:
         k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
         return torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
 
-    def aux_scale(self, residual: torch.Tensor) -> torch.Tensor:
-        """AuxK's normaliser: the residual's mean squared norm over the (global) batch."""
-        if self.ctx.distributed:
-            return (self._sum(residual.pow(2).sum()) / self.cfg.batch_size).clamp_min(1e-12)
-        return residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+    def _may_die(self) -> bool:
+        """Whether a latent can be dead after this step, whatever fired in it (DDP, before settling)."""
+        return bool((self.since_fired + self.cfg.batch_size >= self.cfg.dead_after_tokens).any())
+
+    def aux_scale(self, residual: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """AuxK's normaliser, the residual's mean squared norm over the (global) batch, to call
+        once a latent is known dead. Under DDP, when one may be, its sum over the ranks starts
+        here, before ``dead_topk`` waits for the fired latents' (the ranks wait once for both;
+        a sum nobody reads, when no latent turns out dead, is left to finish on its own)."""
+        if not self.ctx.distributed:
+            return lambda: residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+        if self._may_die():
+            total = self._start_sum(residual.pow(2).sum()).result
+        else:  # not called this step (no latent is dead): the plain sum, if it ever were
+            total = lambda: self._sum(residual.pow(2).sum())  # noqa: E731
+        return lambda: (total() / self.cfg.batch_size).clamp_min(1e-12)
 
     def sparse_aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``aux_loss`` with the decoder on the ``aux_k`` kept dead latents only."""
+        scale = self.aux_scale(residual)
         kept = self.dead_topk(pre)
         if kept is None:
             return pre.new_zeros(())
         values, index = kept
         aux_recons = _decode_rows(self.sae, index, values.relu())
-        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
+        return (aux_recons - residual).pow(2).sum(-1).mean() / scale()
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        scale = self.aux_scale(residual)
         kept = self.dead_topk(pre)
         if kept is None:
             return pre.new_zeros(())
         values, index = kept
         aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
         aux_recons = aux_acts @ self.sae.W_dec
-        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
+        return (aux_recons - residual).pow(2).sum(-1).mean() / scale()
 
     @torch.no_grad()
     def update_threshold(self, acts: torch.Tensor) -> None:
