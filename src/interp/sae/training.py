@@ -40,7 +40,9 @@ giving ``batch_size / data_lanes`` tokens per step; a step's global batch is eve
 and rank ``r`` reads only lanes ``p % world_size == r`` (its share of a capture's rows, hence of
 its shards). The model is wrapped in ``DistributedDataParallel``; each rank's loss is weighted by
 its share of the global batch, and everything that looks at the whole batch (dead-latent counts,
-the AuxK normaliser, ``b_dec``'s initial mean, resampling, the metrics) is reduced across ranks.
+the AuxK normaliser, ``b_dec``'s initial mean, resampling, the metrics) is reduced across ranks;
+those reductions run asynchronously and are read after the backward pass, so the ranks meet once
+per step, at the gradient all-reduce (twice while AuxK has dead latents to select mid-step).
 So the same seed, ``batch_size`` and ``data_lanes`` give the same weights on any number of
 processes up to ``data_lanes`` (a one-process run with ``data_lanes=N`` equals an N-process run,
 to float rounding). Rank 0 writes the checkpoints; a run resumes on any such number of processes.
