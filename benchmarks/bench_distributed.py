@@ -75,7 +75,8 @@ def worker(args: argparse.Namespace) -> None:
             began = time.perf_counter()
             batch = 2048
             train(model, HOOK, args.data, arch="topk", d_sae=2048, k=32, tokens=batch * args.steps, batch_size=batch,
-                  data_lanes=2, lr=1e-3, progress=False, checkpoint_every=0)  # fmt: skip
+                  data_lanes=2, lr=1e-3, progress=False, checkpoint_every=0,
+                  dead_after_tokens=args.dead_after_tokens)  # fmt: skip
             barrier()
             seconds = time.perf_counter() - began
             work = {"tokens": batch * args.steps, "steps": args.steps}
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", type=int, default=192)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dead-after-tokens", type=int, default=100_000)  # train's default
     parser.add_argument("--worker", choices=["capture", "train"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--data", default=None)
@@ -183,12 +185,24 @@ def main() -> None:
             training,
             1.6,
         )
+        # The same with AuxK live: latents silent for 2 steps count as dead, so every step selects
+        # dead latents over the global batch and the ranks also meet once mid-step (not a goal row).
+        live = ["--data", str(data), "--steps", str(args.steps), "--dead-after-tokens", "4096"]
+        summary(
+            "DDP training, AuxK live (dead_after_tokens 4096): the same, dead latents from step 2",
+            rounds("train", args.rounds, live),
+            1.6,
+        )
         extrapolate(capture[1][0], one)
         print(
             "\nWhat limits the ratios: the two ranks share 2 cores with everything else on the box (a busy box gives"
-            "\nthem less than 2 cores); capture's serial parts (rank 0's merge: hard links + one manifest; every rank's"
-            "\nfinal load_capture) and the uneven split on batch boundaries; training's gradient all-reduce over gloo"
-            "\n(W_enc + W_dec = 2 x 384 x 2048 floats = 6.3 MB per step) and its small per-step reductions."
+            "\nthem less than 2 cores, and a rank descheduled at a synchronisation stalls the other); capture's serial"
+            "\nparts (rank 0's merge: hard links + one manifest; every rank's final load_capture) and the uneven split"
+            "\non batch boundaries. Training meets the other rank once per step, at DDP's gradient all-reduce over gloo"
+            "\n(W_dec + W_enc = 2 x 384 x 2048 floats = 6.3 MB): W_dec's bucket overlaps the encoder's backward, W_enc's"
+            "\n(3.1 MB, ready last) does not; the small reductions (non-finite flag, fired latents, metrics) travel"
+            "\nasynchronously and land by then. With AuxK live, the fired latents and AuxK's normaliser are needed"
+            "\nmid-step: one more meeting. Adam and the decoder renorm (~2% of a step) are not split by the ranks."
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -40,7 +40,9 @@ giving ``batch_size / data_lanes`` tokens per step; a step's global batch is eve
 and rank ``r`` reads only lanes ``p % world_size == r`` (its share of a capture's rows, hence of
 its shards). The model is wrapped in ``DistributedDataParallel``; each rank's loss is weighted by
 its share of the global batch, and everything that looks at the whole batch (dead-latent counts,
-the AuxK normaliser, ``b_dec``'s initial mean, resampling, the metrics) is reduced across ranks.
+the AuxK normaliser, ``b_dec``'s initial mean, resampling, the metrics) is reduced across ranks;
+those reductions run asynchronously and are read after the backward pass, so the ranks meet once
+per step, at the gradient all-reduce (twice while AuxK has dead latents to select mid-step).
 So the same seed, ``batch_size`` and ``data_lanes`` give the same weights on any number of
 processes up to ``data_lanes`` (a one-process run with ``data_lanes=N`` equals an N-process run,
 to float rounding). Rank 0 writes the checkpoints; a run resumes on any such number of processes.
@@ -53,7 +55,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -443,9 +445,11 @@ class _Trainer:
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.objective = DistributedDataParallel(self.objective)
+            # the gradients live in DDP's buckets (no copy into and out of them each step)
+            self.objective = DistributedDataParallel(self.objective, gradient_as_bucket_view=True)
         self.step = 0
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
+        self._fired: _Sum | None = None  # under DDP: this step's fired latents, being summed
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.history: list[dict[str, float]] = []
         if self.sae.cfg.architecture == "batchtopk":
@@ -542,14 +546,29 @@ class _Trainer:
         return loss, self._mean_metrics(metrics)
 
     def mark_fired(self, fired: torch.Tensor, n_rows: int) -> None:
-        """Count tokens since each latent last fired; under DDP, fired anywhere in the global batch."""
+        """Count tokens since each latent last fired; under DDP, fired anywhere in the global batch.
+
+        Under DDP the count over the ranks is started here and settled where it is first needed
+        (``dead_topk``, when a latent may be dead after this step; else after the backward pass),
+        so the ranks do not wait for each other in the middle of the step."""
         if self.ctx.distributed:
-            fired = self._sum(fired.to(torch.int32)) > 0
-        seen = self.cfg.batch_size if self.ctx.distributed else n_rows
-        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + seen)
+            self._fired = self._start_sum(fired.to(torch.int32))
+            return
+        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + n_rows)
+
+    def settle_fired(self) -> None:
+        """Apply the global batch's fired latents to ``since_fired`` (waits for the reduction)."""
+        if self._fired is not None:
+            fired = self._fired.result() > 0
+            self._fired = None
+            self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + self.cfg.batch_size)
 
     def dead_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """AuxK's selection: the ``aux_k`` largest pre-activations among dead latents, or None if none is dead."""
+        if self._fired is not None:
+            if not self._may_die():
+                return None  # none can be dead after this step, whatever fired: no need to wait
+            self.settle_fired()
         dead = (self.since_fired >= self.cfg.dead_after_tokens).to(pre.device)
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -557,30 +576,43 @@ class _Trainer:
         k_aux = min(n_dead, self.cfg.aux_k or self.sae.cfg.d_in // 2)
         return torch.where(dead, pre, torch.full_like(pre, -torch.inf)).topk(k_aux, dim=-1)
 
-    def aux_scale(self, residual: torch.Tensor) -> torch.Tensor:
-        """AuxK's normaliser: the residual's mean squared norm over the (global) batch."""
-        if self.ctx.distributed:
-            return (self._sum(residual.pow(2).sum()) / self.cfg.batch_size).clamp_min(1e-12)
-        return residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+    def _may_die(self) -> bool:
+        """Whether a latent can be dead after this step, whatever fired in it (DDP, before settling)."""
+        return bool((self.since_fired + self.cfg.batch_size >= self.cfg.dead_after_tokens).any())
+
+    def aux_scale(self, residual: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """AuxK's normaliser, the residual's mean squared norm over the (global) batch, to call
+        once a latent is known dead. Under DDP, when one may be, its sum over the ranks starts
+        here, before ``dead_topk`` waits for the fired latents' (the ranks wait once for both;
+        a sum nobody reads, when no latent turns out dead, is left to finish on its own)."""
+        if not self.ctx.distributed:
+            return lambda: residual.pow(2).sum(-1).mean().clamp_min(1e-12)
+        if self._may_die():
+            total = self._start_sum(residual.pow(2).sum()).result
+        else:  # not called this step (no latent is dead): the plain sum, if it ever were
+            total = lambda: self._sum(residual.pow(2).sum())  # noqa: E731
+        return lambda: (total() / self.cfg.batch_size).clamp_min(1e-12)
 
     def sparse_aux_loss(self, pre: torch.Tensor, residual: torch.Tensor, select: Any) -> torch.Tensor:
         """``aux_loss`` on the ``aux_k`` kept dead latents only: ``pre`` has no autograd, and
         ``select(index)`` gives its entries at ``index`` with their gradient (``_Selected``)."""
+        scale = self.aux_scale(residual)
         kept = self.dead_topk(pre)
         if kept is None:
             return pre.new_zeros(())
         index = kept[1]
         aux_recons = _decode_rows(self.sae, index, select(index).relu())
-        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
+        return (aux_recons - residual).pow(2).sum(-1).mean() / scale()
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        scale = self.aux_scale(residual)
         kept = self.dead_topk(pre)
         if kept is None:
             return pre.new_zeros(())
         values, index = kept
         aux_acts = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
         aux_recons = aux_acts @ self.sae.W_dec
-        return (aux_recons - residual).pow(2).sum(-1).mean() / self.aux_scale(residual)
+        return (aux_recons - residual).pow(2).sum(-1).mean() / scale()
 
     @torch.no_grad()
     def update_threshold(self, acts: torch.Tensor) -> None:
@@ -641,18 +673,19 @@ class _Trainer:
 
     def _sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over the ranks (no gradient)."""
-        import torch.distributed as dist
+        return self._start_sum(value).result()
 
-        total = value.detach().to(self.comm_device).clone()
-        dist.all_reduce(total)
-        return total.to(value.device)
+    def _start_sum(self, value: torch.Tensor) -> _Sum:
+        """``value`` summed over the ranks, started now and read with ``result()``."""
+        return _Sum(value, self.comm_device if self.ctx.distributed else None)
 
-    def _mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Per-rank means weighted by each rank's tokens: the global batch's means."""
+    def _mean_metrics(self, metrics: dict[str, float]) -> dict[str, float] | _Metrics:
+        """Per-rank means weighted by each rank's tokens: the global batch's means (under DDP,
+        ``_Metrics``: the reduction is started here and read after the backward pass)."""
         if not self.ctx.distributed:
             return metrics
         local = torch.tensor(list(metrics.values()), dtype=torch.float64) * self.n_local
-        return dict(zip(metrics, (self._sum(local) / self.cfg.batch_size).tolist(), strict=True))
+        return _Metrics(list(metrics), self._start_sum(local), self.cfg.batch_size)
 
     def _global_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole step's batch, lanes in order, on every rank (for resampling)."""
@@ -773,7 +806,7 @@ class _Trainer:
                 batch = next(batches)
                 x = batch[0].to(self.sae.device, self.sae.dtype)
                 y = batch[-1].to(self.sae.device, self.sae.dtype)
-                self._check_finite(x, y, "activations")
+                bad = self._check_finite(x, y)
                 if self.step == 0 and c.b_dec_init == "mean":
                     with torch.no_grad():
                         mean = self._sum(y.sum(0)) / c.batch_size if self.ctx.distributed else y.mean(0)
@@ -781,10 +814,9 @@ class _Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step)
                 loss, metrics = self.objective(x, y)
-                if not math.isfinite(metrics["loss"]):
-                    self._stop(f"the loss became {metrics['loss']}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                metrics = self._settle(bad, metrics)
                 self.opt.step()
                 self.after_step(x, y)
                 self.history.append({"step": self.step, **metrics, "lr": self.lr_at(self.step)})
@@ -808,12 +840,24 @@ class _Trainer:
             dist.barrier()
         return self.sae
 
-    def _check_finite(self, x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-        bad = torch.tensor(int(not (torch.isfinite(x).all() and torch.isfinite(y).all())))
-        if self.ctx.distributed:  # every rank stops together
-            bad = self._sum(bad)
-        if int(bad):
-            self._stop(f"NaN or inf in the batch of {what}")
+    def _check_finite(self, x: torch.Tensor, y: torch.Tensor) -> _Sum:
+        """How many ranks' batches hold NaN or inf (being summed; ``_settle`` reads it)."""
+        return self._start_sum(torch.tensor(int(not (torch.isfinite(x).all() and torch.isfinite(y).all()))))
+
+    def _settle(self, bad: _Sum, metrics: dict[str, float] | _Metrics) -> dict[str, float]:
+        """The step's checks and global metrics, before the optimizer step changes anything.
+
+        Under DDP they wait for the reductions started during the step, which have landed by
+        then (the gradient all-reduce has already brought the ranks together), and every rank
+        stops together on NaN or inf in any rank's batch or loss."""
+        if int(bad.result()):
+            self._stop("NaN or inf in the batch of activations")
+        if isinstance(metrics, _Metrics):
+            metrics = metrics.result()
+        if not math.isfinite(metrics["loss"]):
+            self._stop(f"the loss became {metrics['loss']}")
+        self.settle_fired()
+        return metrics
 
     def _stop(self, why: str) -> None:
         where = (
@@ -829,6 +873,38 @@ class _Trainer:
 
     def _saved_step(self) -> int:
         return json.loads((self._checkpoint_dir() / "trainer.json").read_text())["step"]
+
+
+class _Sum:
+    """A tensor summed over the ranks: the all-reduce starts here and ``result()`` waits for it,
+    so its latency overlaps the work in between; waited for after the backward pass, it costs no
+    extra synchronisation (DDP's gradient all-reduce has already brought the ranks together).
+    ``comm_device`` None (one process): the value itself."""
+
+    def __init__(self, value: torch.Tensor, comm_device: torch.device | None) -> None:
+        import torch.distributed as dist
+
+        self.device = value.device
+        self.total = value.detach() if comm_device is None else value.detach().to(comm_device).clone()
+        self.work: Any = None if comm_device is None else dist.all_reduce(self.total, async_op=True)
+
+    def result(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.total.to(self.device)
+
+
+@dataclass
+class _Metrics:
+    """A step's metrics under DDP: token-weighted sums over the ranks, in flight."""
+
+    names: list[str]
+    sums: _Sum
+    tokens: int
+
+    def result(self) -> dict[str, float]:
+        return dict(zip(self.names, (self.sums.result() / self.tokens).tolist(), strict=True))
 
 
 class _Objective(torch.nn.Module):
