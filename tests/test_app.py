@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import circuitsvis
 import numpy as np
 import pytest
 
@@ -88,6 +89,17 @@ def test_activations_page_slices_a_four_dimensional_hook(minilm):
     np.testing.assert_allclose(z, cache["pattern", 1][0, 3].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def circuitsvis_views(at: AppTest) -> list[tuple[str, dict]]:
+    """The (circuitsvis component name, props) of each view the page drew with the
+    ``circuitsvis_view`` component (apps/components/circuitsvis/: served from the checkout, no url)."""
+    views = []
+    for element in at.get("component_instance"):
+        assert element.proto.component_name.endswith("circuitsvis_view") and not element.proto.url
+        args = json.loads(element.proto.json_args)
+        views.append((args["name"], json.loads(args["props"])))
+    return views
+
+
 def test_attention_page_embeds_circuitsvis_offline(minilm):
     at = open_page("views/attention.py")
     assert_clean(at)
@@ -97,13 +109,19 @@ def test_attention_page_embeds_circuitsvis_offline(minilm):
 
     layer.set_value(2).run()
     assert_clean(at)
-    (iframe,) = at.get("iframe")
-    html = iframe.proto.srcdoc
-    assert not [tag for tag in re.findall(r"<script\b[^>]*>", html) if "src=" in tag]
-    assert "CircuitsVis.render" in html
-    assert '"L2H0"' in html and f'"L2H{minilm.cfg.n_heads - 1}"' in html
-    tokens = minilm.prepare(default_text(at)).str_tokens[0]
-    assert json.dumps(tokens) in html
+    assert not at.get("iframe")
+    ((name, props),) = circuitsvis_views(at)
+    assert name == "AttentionHeads"
+    assert props["attentionHeadNames"] == [f"L2H{h}" for h in range(minilm.cfg.n_heads)]
+    text = default_text(at)
+    assert props["tokens"] == minilm.prepare(text).str_tokens[0]
+    _, cache = minilm.run_with_cache(text, names="blocks.2.attn.hook_pattern")
+    np.testing.assert_allclose(np.array(props["attention"]), cache["pattern", 2][0].numpy(), atol=5.1e-5)
+    # the component's page loads circuitsvis from its own folder (a copy of the installed bundle)
+    page = (APP.parent / "components" / "circuitsvis" / "index.html").read_text()
+    assert re.findall(r"<script\b[^>]*\bsrc=[^>]*>", page) == ['<script src="circuitsvis.js">']
+    bundle = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    assert (APP.parent / "components" / "circuitsvis" / "circuitsvis.js").read_bytes() == bundle.read_bytes()
 
 
 def test_a_local_model_directory_loads(gpt2_dir, gpt2_model):
@@ -131,7 +149,7 @@ def test_empty_text_shows_an_error(page):
     at.text_area(key="text").input("   ").run()
     assert not at.exception
     assert any("empty" in e.value for e in at.error)
-    assert not at.get("plotly_chart") and not at.get("iframe")
+    assert not at.get("plotly_chart") and not at.get("iframe") and not at.get("component_instance")
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -152,7 +170,7 @@ def test_attention_at_full_context_draws_one_head_not_every_head(minilm):
     text = " ".join(["the cat sat on the mat"] * 80)  # ~480 words, within MiniLM's 512 tokens
     at.text_area(key="text").input(text).run()
     assert_clean(at)
-    assert not at.get("iframe")
+    assert not at.get("iframe") and not at.get("component_instance")
     assert any(f"more than the {viz.MAX_ATTENTION_VIEW_TOKENS}" in i.value for i in at.info)
     at.selectbox(key="attention_head::minilm").set_value(5).run()
     _, cache = minilm.run_with_cache(text, names="blocks.0.attn.hook_pattern")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("streamlit")
+import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from interp import reproductions  # noqa: E402
@@ -40,6 +41,9 @@ def test_superposition_table_from_checkpoints_matches_the_library():
 
 def test_missing_checkpoint_is_a_message_not_a_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("INTERP_ZOO_DIR", str(tmp_path))  # an empty checkpoint folder
+    # the page's cached reports outlive an AppTest: one from the real checkpoints (an earlier test
+    # that opened Reproductions, e.g. test_app_zoo_matrix) would hide the missing checkpoint
+    st.cache_resource.clear()
     at = _page()
     at.session_state["reproduction_finding"] = "induction"
     at.run()

@@ -47,7 +47,9 @@ def unexpected(at: AppTest) -> list[str]:
 
 
 def drawn(at: AppTest) -> int:
-    return len(at.get("plotly_chart")) + len(at.get("iframe")) + len(at.code)
+    return (
+        len(at.get("plotly_chart")) + len(at.get("iframe")) + len(at.get("component_instance")) + len(at.code)
+    )
 
 
 @pytest.mark.parametrize("spec", ZOO)

@@ -7,7 +7,6 @@ installed, except on CI (CI=true), where a missing browser is a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -112,7 +111,13 @@ def server(chromium, tmp_path_factory):
             process.wait(timeout=15)
 
 
+VIEW = "iframe[data-testid='stCustomComponentV1']"  # the circuitsvis_view component (apps/components/)
+
+
 def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
+    """The all-heads view is drawn by the circuitsvis_view component: offline (every request goes
+    to the explorer), painted, sized to its content, and another layer is drawn in the same
+    iframe, without loading the page and circuitsvis's bundle again."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -120,37 +125,48 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
         try:
             # Tall viewport: Streamlit scrolls inside its own container, so full_page alone would crop.
             page = browser.new_page(viewport={"width": 1400, "height": 1900})
+            elsewhere: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith(server) else elsewhere.append(r.url))
             page.goto(f"{server}/attention")
             page.wait_for_selector("h1:has-text('Attention')", timeout=PAGE_LOAD_MS)
-            view = page.frame_locator("iframe[title*='attention']").first
+            view = page.frame_locator(VIEW).first
             view.get_by_text("Head Selector").wait_for(timeout=PAGE_LOAD_MS)
             page.wait_for_timeout(500)  # let the iframe settle at its measured height
 
             text = page.locator("[data-testid='stSidebar'] textarea").input_value()
             tokens = minilm.prepare(text).str_tokens[0]
-            iframe = page.locator("iframe[title*='attention']").first
+            iframe = page.locator(VIEW).first
             frame = iframe.element_handle().content_frame()
             body = frame.inner_text("body")
             assert "L0H0" in body and f"L0H{minilm.cfg.n_heads - 1}" in body
             # The view was handed this text's tokens, and drew the patterns: the zoomed head and one
             # thumbnail per head are canvases with coloured (non-white) pixels.
-            srcdoc = iframe.get_attribute("srcdoc") or ""
-            assert json.dumps(tokens) in srcdoc
-            # circuitsvis's 1.3 MB bundle is served once from apps/static/, not inlined per render.
-            assert '<script src="app/static/circuitsvis-' in srcdoc and len(srcdoc) < 200_000, len(srcdoc)
+            drawn = frame.evaluate("window.circuitsvisView")
+            assert drawn["name"] == "AttentionHeads" and drawn["props"]["tokens"] == tokens
             painted = frame.evaluate(PAINTED_CANVASES_JS)
             assert painted >= minilm.cfg.n_heads + 1, painted
             assert page.locator("[data-testid='stException']").count() == 0
             assert page.locator("[data-testid='stAlertContentError']").count() == 0
 
             # Sized to its content: the iframe is as tall as the document inside it, so the
-            # zoomed head (below the head selector) is not cropped.
+            # zoomed head (below the head selector) is not cropped, and no taller.
             box = iframe.bounding_box()
-            content_height = frame.evaluate("document.documentElement.scrollHeight")
-            assert box is not None and box["height"] >= content_height - 2, (box, content_height)
+            content_height = frame.evaluate(CONTENT_HEIGHT_JS)
+            assert box is not None and content_height - 2 <= box["height"] <= content_height + SLACK_PX
             assert content_height > 600  # the selector grid plus the zoomed pattern
-
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # Another layer: drawn in the same document (the mark survives: nothing reloaded).
+            frame.evaluate("window.__sameDocument = true")
+            select(page, "Layer", "1")
+            wait_idle(page)
+            view.get_by_text("L1H0").first.wait_for(timeout=PAGE_LOAD_MS)
+            frame = page.locator(VIEW).first.element_handle().content_frame()
+            assert frame.evaluate("window.__sameDocument === true")
+            drawn = frame.evaluate("window.circuitsvisView")
+            assert drawn["draws"] == 2 and drawn["props"]["attentionHeadNames"][0] == "L1H0"
+            assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
+            assert not elsewhere, elsewhere  # no CDN, nothing from outside the explorer
         finally:
             browser.close()
 

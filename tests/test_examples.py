@@ -156,10 +156,12 @@ def test_a_model_trained_on_ids_gets_repeated_tokens_and_id_names(cnn):
 
 
 def contexts_view(page) -> str:
-    """The srcdoc of the page's circuitsvis top-contexts view (the one iframe that renders TopkSamples)."""
-    (html,) = [f.proto.srcdoc for f in page.get("iframe") if "CircuitsVis.TopkSamples" in f.proto.srcdoc]
-    assert not re.findall(r"<script\b[^>]*\bsrc=", html)  # script inlined: renders offline
-    return html
+    """The props (JSON, as circuitsvis wrote them) of the page's top-contexts view: the one
+    ``circuitsvis_view`` component that draws TopkSamples (its page loads the bundle from its own
+    folder, no CDN: tests/test_app.py checks that)."""
+    views = [json.loads(c.proto.json_args) for c in page.get("component_instance")]
+    (props,) = [v["props"] for v in views if v["name"] == "TopkSamples"]
+    return props
 
 
 def test_features_page_shows_top_contexts_of_a_neuron_and_a_head(minilm):

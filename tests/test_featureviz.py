@@ -444,7 +444,8 @@ def test_features_page_draws_gallery_attribution_and_tokens(cnn):
         else np.asarray(z)
     )
     np.testing.assert_allclose(z[::-1], expected, rtol=1e-4, atol=1e-6)
-    assert page.get("iframe") or page.get("html")  # the circuitsvis token view (sidebar model: MiniLM)
+    # the circuitsvis token view (sidebar model: MiniLM), drawn by the circuitsvis_view component
+    assert "ColoredTokens" in [json.loads(c.proto.json_args)["name"] for c in page.get("component_instance")]
 
     assert set(page.selectbox(key="features_method").options) >= {"DeepLift", "LIME", "Kernel SHAP"}
     page.number_input(key="features_token_target").set_value(10**6).run()

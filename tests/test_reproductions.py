@@ -104,6 +104,31 @@ def test_superposition_fast(tmp_path):
     assert all(report.models[n]["seed"] is not None for n in TMS)
 
 
+def test_dimensionality_figure_puts_each_live_feature_at_its_instances_1_over_p():
+    """The faint dots (one trace for all instances): every feature with D_i > 1e-3 of instance k,
+    at x = 1/p_k; a dead feature (zero column) is left out; the line is m / ||W||_F^2."""
+    import torch
+
+    from interp.reproductions.superposition import dimensionality_figure, dims_per_feature
+
+    torch.manual_seed(0)
+    W = torch.randn(3, 2, 4)
+    W[1, :, 2] = 0.0  # instance 1's feature 2 is dead
+    probabilities = [0.5, 0.1, 0.01]
+    dots, line = dimensionality_figure(W, probabilities).data[:2]
+    assert len(dots.x) == len(dots.y) == 11
+    assert sorted(set(dots.x)) == sorted(1 / p for p in probabilities)
+    assert [list(dots.x).count(1 / p) for p in probabilities] == [4, 3, 4]
+    for k, p in enumerate(probabilities):  # D_i = ||W_i||^4 / sum_j (W_i . W_j)^2, by hand
+        cols = W[k].T
+        hand = [
+            float(cols[i].norm() ** 4 / ((cols @ cols[i]) ** 2).sum()) for i in range(4) if cols[i].norm() > 0
+        ]
+        got = [y for x, y in zip(dots.x, dots.y, strict=True) if x == 1 / p]
+        assert got == pytest.approx(hand, rel=1e-5)
+    assert list(line.y) == pytest.approx(dims_per_feature(W).tolist())
+
+
 def test_superposition_fails_on_random_models():
     from interp.models import zoo
     from interp.reproductions import superposition

@@ -35,7 +35,7 @@ with common.guard():
             "click it to pin it; hover a token in the pinned view to see where it attends."
         )
         html = viz.attention_heads_html(pattern, tokens, layer=layer)
-        common.embed(html, alt=f"attention patterns of layer {layer}")
+        common.embed(html, alt=f"attention patterns of layer {layer}", key="attention_view")
     else:  # every head at every position would freeze the browser: one head, as a heatmap
         st.info(
             f"{len(tokens)} tokens is more than the {viz.MAX_ATTENTION_VIEW_TOKENS} the interactive "

@@ -243,7 +243,7 @@ def token_attributions() -> None:
         delta = "" if result.delta is None else f"; δ = {float(result.delta[0]):.2e}"
         how = " (layer IG, split by embedding table)" if result.by_layer else ""
         st.caption(f"`{model.name}`: output index {int(result.target[0])} at the last token{how}{delta}")
-        common.embed(result.html(0), alt="token attributions")
+        common.embed(result.html(0), alt="token attributions", key="features_token_view")
         st.plotly_chart(result.figure(0), key="features_token_attr")
         if result.by_layer:
             totals = {n: float(v[0].sum()) for n, v in result.by_layer.items()}
@@ -343,7 +343,11 @@ def show_contexts(top: ex.TopExamples, unit: int, k: int, noun: str) -> None:
         + (" The view pages 5 contexts at a time ('Samples per page' shows more)." if k > 5 else "")
     )
     with common.guard():
-        common.embed(top.samples_html(unit, k=k, unit_name=noun), alt=f"top contexts of {noun} {unit}")
+        common.embed(
+            top.samples_html(unit, k=k, unit_name=noun),
+            alt=f"top contexts of {noun} {unit}",
+            key="features_contexts_view",
+        )
 
 
 st.title("Features")

@@ -46,9 +46,11 @@ def show(report: reproductions.Report) -> None:
     st.table(pd.DataFrame(rows).set_index("quantity"))  # a table wraps long cells; none is cut
     for title, figure in report.figures:
         st.plotly_chart(figure, key=f"{report.finding}-{report.fast}-{title}")
-    for title, html in report.views:
+    for i, (title, html) in enumerate(report.views):
         st.caption(title)
-        common.embed(html, alt=title)
+        common.embed(html, alt=title, key=f"reproduction_view::{report.fast}::{i}")
+    if not report.views:  # keeps the first view's iframe (and circuitsvis) for the next finding
+        common.view_slot(f"reproduction_view::{report.fast}::0")
     with st.expander("Models, seeds and notes"):
         st.json(report.models, expanded=False)
         for note in report.notes:
