@@ -121,20 +121,30 @@ def workload(source: str, batch: int, new: int, rounds: int) -> bool:
     print(
         f"\n## batch {batch}, {ids.shape[1]}-token prompts, {new} new tokens (greedy); same tokens as HF: {same}"
     )
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        spread = (max(ts) - min(ts)) / med
-        print(
-            f"  {name:<12} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tokens/s  (spread {spread:.0%} of the median)"
-        )
-    ratio = statistics.median(times["hf"]) / statistics.median(times["interp"])
-    per_round = sorted(h / o for h, o in zip(times["hf"], times["interp"], strict=True))
+    print_times(times, tokens)
+    ratio, per_round = speedup(times, slow="hf", fast="interp")
     met = ratio >= 0.9
     print(
         f"  interp tokens/s / HF tokens/s: {ratio:.3f}x (per round {per_round[0]:.2f}..{per_round[-1]:.2f}; "
         f"goal >= 0.9x: {'met' if met else 'MISSED'})"
     )
     return met and same
+
+
+def print_times(times: dict[str, list[float]], tokens: int) -> None:
+    """One line per contender: median time, tokens/s and the spread over rounds."""
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        spread = (max(ts) - min(ts)) / med
+        print(
+            f"  {name:<12} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tokens/s  (spread {spread:.0%} of the median)"
+        )
+
+
+def speedup(times: dict[str, list[float]], slow: str, fast: str) -> tuple[float, list[float]]:
+    """Tokens/s of ``fast`` over ``slow``: the ratio of medians and the sorted per-round ratios."""
+    ratio = statistics.median(times[slow]) / statistics.median(times[fast])
+    return ratio, sorted(s / f for s, f in zip(times[slow], times[fast], strict=True))
 
 
 def native_workload(name: str, batch: int, new: int, rounds: int) -> bool:
@@ -163,14 +173,8 @@ def native_workload(name: str, batch: int, new: int, rounds: int) -> bool:
     print(
         f"\n## {name}, batch {batch}, {new} new tokens (greedy); same tokens (cache, recompute, TL): {same}"
     )
-    for label, ts in times.items():
-        med = statistics.median(ts)
-        spread = (max(ts) - min(ts)) / med
-        print(
-            f"  {label:<12} {med * 1e3:8.1f} ms  {tokens / med:8.0f} tokens/s  (spread {spread:.0%} of the median)"
-        )
-    ratio = statistics.median(times["recompute"]) / statistics.median(times["kv_cache"])
-    per_round = sorted(r / c for r, c in zip(times["recompute"], times["kv_cache"], strict=True))
+    print_times(times, tokens)
+    ratio, per_round = speedup(times, slow="recompute", fast="kv_cache")
     print(
         f"  cache tokens/s / recompute tokens/s: {ratio:.2f}x (per round {per_round[0]:.2f}..{per_round[-1]:.2f})"
     )
