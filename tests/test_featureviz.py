@@ -256,6 +256,42 @@ def test_transforms_equal_hand_computed_ones_on_a_known_image():
     assert torch.equal(fitted, image)
 
 
+def test_lucent_constant_padding_is_mid_grey_of_the_input_range():
+    """lucent's ``pad(w, mode="constant")`` fills with 0.5, mid-grey of its [0, 1] images; on a box
+    [-1, 3] that is (-1 + 3) / 2 = 1.0 (the low end, -1, would be black), and ``fit`` pads back to
+    the input size with the same grey. ``mode`` defaults to reflect, as lucent's."""
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    alone = fv.pad(1, mode="constant")(image, torch.Generator())
+    assert alone[0, 0, 0].eq(0.5).all() and torch.equal(alone[0, 0, 1:5, 1:5], image[0, 0])
+    assert fv.pad(1).mode == "reflect"
+
+    seen: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor, gen: torch.Generator, fill: float) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return x[..., 2:-2, 2:-2]  # 12x12 -> 8x8 -> fit pads 0 and returns it unchanged
+
+    def shrink(x: torch.Tensor, gen: torch.Generator, fill: float) -> torch.Tensor:
+        return x[..., 1:-1, 1:-1]  # 8x8 -> 6x6: fit pads one pixel per side back to 8x8
+
+    model = linear_units(2, seed=0, low=-1.0, high=3.0)
+    outputs: list[torch.Tensor] = []
+    with model.hooks([("0.hook_out", lambda act, hook: outputs.append(act.detach().clone()))]):
+        vis = fv.render(
+            model, fv.neuron("1.hook_out", [0, 1]), transforms=[fv.pad(2, "constant"), record], steps=1
+        )
+        fv.render(model, fv.neuron("1.hook_out", [0, 1]), transforms=[shrink], steps=1)
+    padded = seen[0]  # the first step: [2, 1, 12, 12], the image inside a 2-pixel border
+    border = torch.ones(12, 12, dtype=torch.bool)
+    border[2:-2, 2:-2] = False
+    assert padded.shape == (2, 1, 12, 12) and padded[:, :, border].eq(1.0).all()
+    assert vis.config["transforms"][0] == {"name": "Pad", "width": 2, "mode": "constant", "value": 1.0}
+    refit = outputs[-2].view(2, 8, 8)  # the shrunk run's first forward (the last is the final score)
+    edge = torch.ones(8, 8, dtype=torch.bool)
+    edge[1:-1, 1:-1] = False
+    assert refit[:, edge].eq(1.0).all()
+
+
 def test_a_transform_list_is_seeded_and_batched_units_equal_their_own_runs(cnn):
     """One draw per call for the whole batch (lucent's): an image transformed inside a batch equals
     it transformed alone from the same seed, so batching units does not change their draws."""
@@ -270,7 +306,7 @@ def test_a_transform_list_is_seeded_and_batched_units_equal_their_own_runs(cnn):
     again = fv.render(cnn, "conv2.hook_out:3,5", transforms=tfs, steps=24)
     first = fv.render(cnn, "conv2.hook_out:3,5", transforms=tfs, steps=24)
     assert torch.equal(again.images, first.images) and again.images.shape == (2, 1, 8, 8)
-    assert first.config["transforms"][0] == {"name": "Pad", "width": 1, "mode": "constant", "value": None}
+    assert first.config["transforms"][0] == {"name": "Pad", "width": 1, "mode": "constant", "value": 0.5}
     with pytest.raises(InputError, match=r"transforms must be 'standard', None, a Transforms or a list"):
         fv.render(cnn, "conv2.hook_out:5", transforms="lucent", steps=1)
 

@@ -593,14 +593,15 @@ def _choice(options: Sequence[float], gen: torch.Generator) -> float:
 @dataclass
 class Pad:
     """``pad(width, mode, value)``: ``F.pad`` by ``width`` pixels on every side. ``mode``
-    ``"reflect"`` (lucent's default) or ``"constant"`` with ``value`` (default: the run's fill, the
-    low end of the input range; lucent: 0.5)."""
+    ``"reflect"`` (lucent's default) or ``"constant"`` with ``value`` (default: the run's fill,
+    mid-grey of the input range, as lucent's ``constant_value=0.5`` on its [0, 1] images; called
+    on its own, 0.5)."""
 
     width: int
     mode: str = "reflect"
     value: float | None = None
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.5) -> torch.Tensor:
         if self.mode != "constant":
             return F.pad(x, [self.width] * 4, mode=self.mode)
         return F.pad(x, [self.width] * 4, value=fill if self.value is None else self.value)
@@ -723,7 +724,7 @@ def compose(transforms: Sequence[Callable]) -> Callable:
     """The transforms applied in order, as lucent's ``transform.compose``."""
     steps = list(transforms)
 
-    def run(x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+    def run(x: torch.Tensor, gen: torch.Generator, fill: float = 0.5) -> torch.Tensor:
         for t in steps:
             x = t(x, gen, fill)
         return x
@@ -813,7 +814,8 @@ def render(
         decorrelate: optimize RGB images in lucent's decorrelated colour space (3 channels).
         transforms: ``"standard"`` (``Transforms()``), a ``Transforms``, a list of transforms
             applied in order (``[pad(1), jitter(2), random_scale(...), random_rotate(...)]``,
-            lucent's; the result is centre-cropped or padded back to the input size), or None.
+            lucent's; constant padding is mid-grey of the input range, lucent's 0.5 on [0, 1]; the
+            result is centre-cropped, or padded with the same grey, back to the input size), or None.
         steps, lr: Adam steps and learning rate (lucent: 512 and 0.05). ``lr=None``: 0.05, and
             0.005 for ``param="cppn"`` (lucent's CPPN notebook; at 0.05 its sigmoid saturates).
         seed: seeds the initialization and every transform draw (``torch.Generator``).
@@ -832,6 +834,7 @@ def render(
     n = objective.batch or batch or 1
     tf = _render_transforms(transforms, tuple(model.input_shape))
     bounds = tuple(model.input_range) if getattr(model, "input_range", None) else (0.0, 1.0)
+    fill = _fill(transforms, bounds)
     gen = torch.Generator().manual_seed(seed)
     shape = (n, *model.input_shape)
     image = Param(shape, param, constraint, bounds, radius, gen, decorrelate=decorrelate).to(model.device)
@@ -841,7 +844,7 @@ def render(
 
         def loss() -> torch.Tensor:
             x = image()
-            seen = tf(x, gen, bounds[0]) if tf is not None else x
+            seen = tf(x, gen, fill) if tf is not None else x
             return -objective(_run(model, objective, seen, x, store)).sum()
 
         bar = tqdm(range(steps), desc="feature vis", disable=not progress)
@@ -858,7 +861,7 @@ def render(
         "box_map": "clip" if image.clipped else "sigmoid" if constraint in ("box", "sigmoid") else None,
         "decorrelate": decorrelate,
         "radius": radius,
-        "transforms": _describe_transforms(transforms, bounds[0]),
+        "transforms": _describe_transforms(transforms, fill),
         "batch": n,
         "optimizer": "Adam",
     }
@@ -887,15 +890,32 @@ def _render_transforms(transforms: Any, input_shape: tuple[int, ...]) -> Callabl
     )
 
 
+def _fill(transforms: Any, bounds: tuple[float, float]) -> float:
+    """The value a run's transforms pad with: for a list of lucent's transforms, mid-grey of the
+    input range (lucent pads its [0, 1] images with 0.5); for ``Transforms``, the low end."""
+    low, high = bounds
+    return (low + high) / 2 if isinstance(transforms, list | tuple) else low
+
+
 def _describe_transforms(transforms: Any, fill: float) -> Any:
-    """The transforms for ``config``: their settings, so a run can be repeated."""
+    """The transforms for ``config``: their settings, with the fill each used, so a run can be repeated."""
     if transforms is None:
         return None
     if transforms == "standard":
         transforms = STANDARD
     if isinstance(transforms, Transforms):
         return vars(transforms) | {"fill": fill if transforms.fill is None else transforms.fill}
-    return [{"name": type(t).__name__, **vars(t)} if hasattr(t, "__dict__") else repr(t) for t in transforms]
+    return [_describe_step(t, fill) for t in transforms]
+
+
+def _describe_step(step: Callable, fill: float) -> Any:
+    """One transform of a list for ``config``; a constant ``Pad`` records the value it padded with."""
+    if not hasattr(step, "__dict__"):
+        return repr(step)
+    settings = {"name": type(step).__name__, **vars(step)}
+    if isinstance(step, Pad) and step.mode == "constant" and step.value is None:
+        settings["value"] = fill
+    return settings
 
 
 def visualize(
