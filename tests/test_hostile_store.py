@@ -20,6 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import xxhash  # noqa: E402
+from test_store import count_forwards  # noqa: E402
 from torch import nn  # noqa: E402
 
 import interp  # noqa: E402
@@ -106,18 +107,6 @@ def flip_bytes(path: Path, n: int = 64) -> None:
 def assert_identical(ds, ref) -> None:
     assert ds["example"][:].tolist() == list(range(N))
     assert ds.with_format("arrow")[:].equals(ref.with_format("arrow")[:])
-
-
-def count_forwards(model, monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = type(model).run_with_cache
-
-    def counting(self, inputs, *args, **kwargs):
-        calls.append(len(inputs))
-        return real(self, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "run_with_cache", counting)
-    return calls
 
 
 # ------------------------------------------------------------------------------------------------
