@@ -171,6 +171,60 @@ def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
             browser.close()
 
 
+RE_RENDERS = 4
+LIVE_NODES_JS = "() => document.querySelectorAll('*').length"
+REACT_TREE_JS = "(e) => [e.isConnected, e.childElementCount]"
+
+
+def test_replaced_attention_views_are_unmounted(chromium, server, minilm):
+    """Each new view in the circuitsvis_view component unmounts the React root of the one it
+    replaces: after RE_RENDERS layer changes in the same iframe the first view's detached container
+    is empty (its React tree, charts and listeners released), and the renderer's live DOM nodes
+    after a forced GC stay flat (they grew by ~140 per re-render when old roots were left mounted).
+    Screenshot of the last view: /tmp/interp-explorer-attention-rerendered.png."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1900})
+            page.set_default_timeout(PAGE_LOAD_MS)
+            page.goto(f"{server}/attention")
+            page.frame_locator(VIEW).first.get_by_text("Head Selector").wait_for()
+            wait_idle(page)
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Performance.enable")
+            cdp.send("HeapProfiler.enable")
+
+            def live_nodes() -> int:  # DOM nodes alive in the renderer, detached ones included
+                cdp.send("HeapProfiler.collectGarbage")
+                metrics = cdp.send("Performance.getMetrics")["metrics"]
+                return int(next(m["value"] for m in metrics if m["name"] == "Nodes"))
+
+            frame = page.locator(VIEW).first.element_handle().content_frame()
+            first = frame.evaluate_handle("document.querySelector('#view > div')")
+            assert first.evaluate(REACT_TREE_JS) == [True, 1]  # the drawn view's container
+            counts, caught = [], []
+            for i in range(RE_RENDERS):
+                layer = (i + 1) % 2
+                select(page, "Layer", str(layer))
+                wait_idle(page)
+                page.frame_locator(VIEW).first.get_by_text(f"L{layer}H0").first.wait_for()
+                frame = page.locator(VIEW).first.element_handle().content_frame()
+                drawn = frame.evaluate("window.circuitsvisView")
+                assert drawn["draws"] == i + 2, drawn
+                caught.append(drawn.get("unmountable"))
+                counts.append(live_nodes())
+            assert first.evaluate(REACT_TREE_JS) == [False, 0]  # detached and emptied by React
+            assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
+            # flat: the later re-renders hold no more nodes than the first ones (leaking: +~140 each)
+            assert max(counts[2:]) <= max(counts[:2]) + 40, counts
+            assert all(caught), caught  # every view's React root was caught, to be unmounted
+            page.screenshot(path="/tmp/interp-explorer-attention-rerendered.png", full_page=True)
+        finally:
+            browser.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # Every page, with the default model and with a zoo transformer
 # ------------------------------------------------------------------------------------------------
