@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from interp.models.zoo.bridge import native_bridge_config
 from interp.models.zoo.recipe import Config, FitResult, Recipe
 
 NAME = "grammar-4l"
@@ -283,21 +284,16 @@ def prompt_tokens(episodes: list[Episode]) -> torch.Tensor:
 
 
 def bridge_config(cfg: Config) -> Any:
-    from transformer_lens.config import TransformerBridgeConfig
-
-    return TransformerBridgeConfig(
-        n_layers=cfg["n_layers"],
-        d_model=cfg["d_model"],
-        n_heads=cfg["n_heads"],
-        d_head=cfg["d_head"],
-        d_mlp=cfg["d_mlp"],
-        n_ctx=cfg["n_ctx"],
-        d_vocab=cfg["d_vocab"],
+    """The TransformerBridgeConfig for ``cfg``: MLPs on, every other field read from ``cfg``."""
+    return native_bridge_config(
+        cfg,
+        "d_mlp",
+        "n_ctx",
+        "d_vocab",
+        "act_fn",
+        "normalization_type",
+        "positional_embedding_type",
         attn_only=False,
-        act_fn=cfg["act_fn"],
-        normalization_type=cfg["normalization_type"],
-        positional_embedding_type=cfg["positional_embedding_type"],
-        seed=cfg["seed"],
     )
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from interp.models.zoo.bridge import native_bridge_config
 from interp.models.zoo.recipe import Config, FitResult, Recipe
 
 BASE_CONFIG: Config = {
@@ -58,20 +59,15 @@ FAST_OVERRIDES: Config = {"steps": 1_500, "log_every": 100}
 
 
 def bridge_config(cfg: Config) -> Any:
-    from transformer_lens.config import TransformerBridgeConfig
-
-    return TransformerBridgeConfig(
-        n_layers=cfg["n_layers"],
-        d_model=cfg["d_model"],
-        n_heads=cfg["n_heads"],
-        d_head=cfg["d_head"],
-        n_ctx=cfg["n_ctx"],
+    """The TransformerBridgeConfig for ``cfg``: attention only, the vocabulary plus BOS."""
+    return native_bridge_config(
+        cfg,
+        "n_ctx",
+        "normalization_type",
+        "positional_embedding_type",
         d_vocab=cfg["vocab"] + 1,
         attn_only=True,
         act_fn=None,
-        normalization_type=cfg["normalization_type"],
-        positional_embedding_type=cfg["positional_embedding_type"],
-        seed=cfg["seed"],
     )
 
 

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from interp.models.zoo.bridge import native_bridge_config
 from interp.models.zoo.recipe import Config, FitResult, Recipe, ResumeState
 
 NAME = "modadd-113"
@@ -88,22 +89,16 @@ FAST_OVERRIDES: Config = {
 
 def bridge_config(cfg: Config) -> Any:
     """The TransformerBridgeConfig for ``cfg`` (the TL grokking-demo fields)."""
-    from transformer_lens.config import TransformerBridgeConfig
-
     p = int(cfg["p"])
-    return TransformerBridgeConfig(
-        n_layers=cfg["n_layers"],
-        d_model=cfg["d_model"],
-        n_heads=cfg["n_heads"],
-        d_head=cfg["d_head"],
-        d_mlp=cfg["d_mlp"],
-        act_fn=cfg["act_fn"],
+    return native_bridge_config(
+        cfg,
+        "d_mlp",
+        "act_fn",
         normalization_type=None,
         d_vocab=p + 1,
         d_vocab_out=p,
         n_ctx=3,
         positional_embedding_type="standard",
-        seed=cfg["seed"],
     )
 
 
