@@ -6,6 +6,7 @@ import re
 
 import torch
 import transformers
+from test_graphs_attribution import TINY_BRIDGE
 
 import interp
 from interp.hooks import match_names
@@ -117,21 +118,7 @@ def test_names_and_values_agree_with_transformer_lens_bridge(gpt2_dir, gpt2_mode
 
 
 def test_native_bridge_names_and_values(gpt2_model):
-    model = interp.load(
-        dict(
-            n_layers=2,
-            d_model=32,
-            n_heads=4,
-            d_head=8,
-            n_ctx=16,
-            d_vocab=20,
-            attn_only=True,
-            act_fn=None,
-            normalization_type="LN",
-            positional_embedding_type="standard",
-            seed=0,
-        )
-    )
+    model = interp.load(dict(TINY_BRIDGE, n_layers=2, attn_only=True, act_fn=None, seed=0))
     tokens = torch.randint(0, 20, (3, 10), generator=torch.Generator().manual_seed(0))
     _, theirs = model.bridge.run_with_cache(tokens)
     # every name the bridge fires, plus each head's result, which TL computes only for some

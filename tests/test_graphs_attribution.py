@@ -20,23 +20,23 @@ from interp.sae import SAE, SAEConfig
 
 TOKENS = torch.tensor([1, 5, 7, 3, 9, 2, 11, 4])
 
+# The width, context and vocabulary of the tiny native bridges (here and in test_capture); each test
+# adds its depth, MLP (or none) and seed.
+TINY_BRIDGE = dict(
+    d_model=32,
+    n_heads=4,
+    d_head=8,
+    n_ctx=16,
+    d_vocab=20,
+    normalization_type="LN",
+    positional_embedding_type="standard",
+)
+
 
 def tiny_model(seed: int = 0, double: bool = True, **overrides):
     from transformer_lens.config import TransformerBridgeConfig
 
-    kw = dict(
-        n_layers=3,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        n_ctx=16,
-        d_vocab=20,
-        d_mlp=64,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        seed=seed,
-    )
+    kw = dict(TINY_BRIDGE, n_layers=3, d_mlp=64, act_fn="gelu", seed=seed)
     kw.update(overrides)
     model = interp.load(TransformerBridgeConfig(**kw))
     if double:

@@ -8,15 +8,11 @@ import copy
 
 import pytest
 import torch
+from test_patching import TOY  # the patching suite's toy: the same 2-layer attention-only bridge
 
 import interp
 from interp.errors import InputError
 from interp.methods import lens
-
-TOY = dict(
-    n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=24, d_vocab=40, attn_only=True, act_fn=None,
-    normalization_type="LN", positional_embedding_type="standard", seed=0,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,8 +15,6 @@ import torch
 import interp
 from interp.errors import InputError, ModelLoadError, UnknownHookError
 
-TESTS = Path(__file__).parent
-
 
 def test_embedded_default_minilm(minilm):
     assert minilm.kind == "transformer" and minilm.n_layers == 6 and minilm.cfg.n_heads == 12
@@ -23,20 +22,25 @@ def test_embedded_default_minilm(minilm):
     assert interp.load("all-MiniLM-L6-v2").n_layers == 6
 
 
-def test_hub_name_uses_the_same_path_via_local_cache(tmp_path):
+@pytest.fixture
+def hub_cache(tmp_path, gpt2_dir) -> Path:
+    """An HF hub cache (``HF_HUB_CACHE`` layout) holding the tiny GPT-2 as ``someorg/tiny-gpt2``: one
+    snapshot directory and a ``refs/main`` naming it, as a download leaves them."""
+    repo = tmp_path / "models--someorg--tiny-gpt2"
+    commit = "0" * 40
+    shutil.copytree(gpt2_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return tmp_path
+
+
+def test_hub_name_uses_the_same_path_via_local_cache(hub_cache):
     """A hub id resolves through HF's cache exactly as it would online (here: a hub-layout cache)."""
     script = textwrap.dedent(
         f"""
-        import os, sys
-        os.environ["HF_HUB_CACHE"] = {str(tmp_path)!r}
+        import os
+        os.environ["HF_HUB_CACHE"] = {str(hub_cache)!r}
         os.environ["HF_HUB_OFFLINE"] = "1"
-        sys.path.insert(0, {str(TESTS)!r})
-        from conftest import save_tiny_gpt2
-        repo = os.path.join({str(tmp_path)!r}, "models--someorg--tiny-gpt2")
-        snap = os.path.join(repo, "snapshots", "0" * 40)
-        os.makedirs(snap); os.makedirs(os.path.join(repo, "refs"))
-        open(os.path.join(repo, "refs", "main"), "w").write("0" * 40)
-        save_tiny_gpt2(snap)
         import interp
         model = interp.load("someorg/tiny-gpt2")
         print("OK", model.name, tuple(model("the cat sat").shape))
@@ -54,25 +58,24 @@ def test_hub_name_offline_without_copy_says_what_to_do(monkeypatch):
     assert "offline" in message and "save_pretrained" in message and "interp.load('DIR')" in message
 
 
-def test_unreachable_hub_fails_at_once_and_bad_ids_never_touch_the_network(tmp_path):
+def test_unreachable_hub_fails_at_once_and_bad_ids_never_touch_the_network(hub_cache):
     """With HF_HUB_OFFLINE unset and no network, a hub id costs one connect attempt (our probe), not
     huggingface_hub's five retries with back-off; a cached id still loads; an invalid id makes no call."""
     script = textwrap.dedent(
         f"""
-        import os, socket, sys
-        os.environ["HF_HUB_CACHE"] = {str(tmp_path)!r}
+        import os, socket
+        os.environ["HF_HUB_CACHE"] = {str(hub_cache)!r}
         calls = []
         def unreachable(*args, **kwargs):
             calls.append(args[0])
             raise socket.gaierror(-2, "Name or service not known")
         socket.getaddrinfo = unreachable
-        sys.path.insert(0, {str(TESTS)!r})
-        from conftest import save_tiny_gpt2
-        repo = os.path.join({str(tmp_path)!r}, "models--someorg--tiny-gpt2")
-        snap = os.path.join(repo, "snapshots", "0" * 40)
-        os.makedirs(snap); os.makedirs(os.path.join(repo, "refs"))
-        open(os.path.join(repo, "refs", "main"), "w").write("0" * 40)
-        save_tiny_gpt2(snap)
+        # huggingface_hub.constants reads HF_HUB_OFFLINE once, at import; it is imported here while
+        # conftest's HF_HUB_OFFLINE=1 still holds, as it was when this script built the cache itself
+        # (with transformers). Imported after the pop, it makes one more attempt per process of its
+        # own (its agent-registry fetch, huggingface_hub 2.4 utils/_detect_agent.py), which this
+        # test does not count.
+        import huggingface_hub.constants
         os.environ.pop("HF_HUB_OFFLINE", None)  # conftest sets it
         import interp
         from interp.errors import ModelLoadError
