@@ -292,6 +292,58 @@ def test_lucent_constant_padding_is_mid_grey_of_the_input_range():
     assert refit[:, edge].eq(1.0).all()
 
 
+def test_lucent_vacated_pixels_are_the_low_end_of_the_input_range():
+    """lucent's translate, resize-and-pad and kornia warp leave 0 where they vacate pixels of its
+    [0, 1] images: black, the low end. On a box [-1, 3] a vacated pixel is -1 (a literal 0 would
+    be a grey between -1 and 3), by hand: a seeded jitter, a half-size scale, and a 45-degree
+    rotation whose corner pixel is wholly outside and whose next pixel mixes -1 with the image."""
+    box = (-1.0, 3.0)
+    image = torch.arange(16.0).view(1, 1, 4, 4)
+    dx, dy = torch.randint(3, (2,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert dx > 0 and dy > 0  # both shifts vacate something
+    moved = fv.jitter(3)(image, torch.Generator().manual_seed(1), box)[0, 0]
+    expected = torch.full((4, 4), -1.0)
+    expected[dy:, dx:] = image[0, 0, : 4 - dy, : 4 - dx]
+    assert torch.equal(moved, expected)
+
+    shrunk = fv.random_scale([0.5])(image, torch.Generator(), box)[0, 0]  # 2x2 corners, 1 px border
+    ring = torch.ones(4, 4, dtype=torch.bool)
+    ring[1:3, 1:3] = False
+    assert shrunk[ring].eq(-1).all()
+    assert torch.allclose(shrunk[1:3, 1:3], torch.tensor([[0.0, 3.0], [12.0, 15.0]]))
+
+    # 45 degrees on 8x8 (centre 3.5): output (y, x) samples the input at
+    # x' = 3.5 + c(x - 3.5) - s(y - 3.5), y' = 3.5 + s(x - 3.5) + c(y - 3.5), c = s = 1/sqrt(2)
+    big = torch.arange(64.0).view(1, 1, 8, 8)
+    turned = fv.random_rotate([45.0])(big, torch.Generator(), box)[0, 0]
+    r = 2**-0.5
+    assert 3.5 - 7 * r < -1 and turned[0, 0] == -1  # y' = 3.5 - 3.5 * 2r: wholly outside
+    xs, ys = 3.5 + r * (1 - 3.5 + 3.5), 3.5 + r * (1 - 3.5 - 3.5)  # pixel (0, 1): x' 4.21, y' -0.74
+    fx, fy = xs - 4, ys + 1  # between columns 4 and 5, rows -1 (outside: -1) and 0
+    by_hand = (1 - fy) * -1.0 + fy * ((1 - fx) * big[0, 0, 0, 4] + fx * big[0, 0, 0, 5])
+    torch.testing.assert_close(turned[0, 1], by_hand, atol=1e-4, rtol=0)
+    unit = fv.random_rotate([45.0])(big, torch.Generator())[0, 0]  # lucent's [0, 1]: 0 outside
+    assert unit[0, 0] == 0
+    torch.testing.assert_close(unit[0, 1], by_hand + (1 - fy), atol=1e-4, rtol=0)
+
+    # render passes the model's range: what the model sees after a half-size scale has a -1 border
+    seen: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor, gen: torch.Generator, box: tuple[float, float]) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return x
+
+    model = linear_units(2, seed=0, low=-1.0, high=3.0)
+    vis = fv.render(
+        model, fv.neuron("1.hook_out", [0, 1]), transforms=[fv.random_scale([0.5]), record], steps=1
+    )
+    border = torch.ones(8, 8, dtype=torch.bool)
+    border[2:-2, 2:-2] = False
+    assert seen[0].shape == (2, 1, 8, 8) and seen[0][:, :, border].eq(-1).all()
+    assert seen[0][:, :, ~border].gt(-1).any()  # the shrunk image itself is inside
+    assert vis.config["transforms"][0] == {"name": "RandomScale", "scales": (0.5,), "fill": -1.0}
+
+
 def test_a_transform_list_is_seeded_and_batched_units_equal_their_own_runs(cnn):
     """One draw per call for the whole batch (lucent's): an image transformed inside a batch equals
     it transformed alone from the same seed, so batching units does not change their draws."""
@@ -301,7 +353,7 @@ def test_a_transform_list_is_seeded_and_batched_units_equal_their_own_runs(cnn):
     run = fv.compose(tfs)
     batch_gen, alone_gen = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     for _ in range(5):
-        together, alone = run(images, batch_gen, 0.0), run(images[1:2], alone_gen, 0.0)
+        together, alone = run(images, batch_gen), run(images[1:2], alone_gen)
         torch.testing.assert_close(together[1:2], alone, atol=1e-6, rtol=0)
     again = fv.render(cnn, "conv2.hook_out:3,5", transforms=tfs, steps=24)
     first = fv.render(cnn, "conv2.hook_out:3,5", transforms=tfs, steps=24)

@@ -23,8 +23,10 @@ ball of ``radius``) or ``"none"``. Objectives may also be ``"layer:unit"`` strin
 Transformation robustness: ``Transforms`` (the default ``"standard"``: pad, jitter, scale and
 rotate per image in one affine warp, sized for 8x8 inputs: lucent's defaults of pad 12 / jitter 8
 assume 224 px), or a list of lucent's transforms in order (``pad``, ``jitter``, ``random_scale``,
-``random_rotate``; ``lucent_transforms()`` is its standard list scaled to 8 px). Every draw comes
-from a seeded ``torch.Generator`` so a run is reproducible from its recorded config.
+``random_rotate``; ``lucent_transforms()`` is its standard list scaled to 8 px; called with the
+model's input range, they fill as lucent does on [0, 1]: constant padding mid-grey, pixels that
+jitter, scale or rotate vacate the low end). Every draw comes from a seeded ``torch.Generator`` so a
+run is reproducible from its recorded config.
 ``transformed_scores`` measures that robustness afterwards (the objective under seeded random
 jitters), and ``tv`` the high-frequency content of an image.
 """
@@ -581,9 +583,24 @@ class Transforms:
 
 
 # lucent's composable transforms (optvis/transform.py), same order and meaning. Each is called as
-# ``t(x, gen, fill)`` and draws ONE value per call for the whole batch from ``gen`` (as lucent draws
-# one per step), so unit b's image in a batched run equals a run of unit b alone with the same seed.
-# A list of them is applied in order; ``render`` then fits the result to the model's input size.
+# ``t(x, gen, box)`` with ``box`` the model's input range ``(low, high)`` (a user's own transform in
+# the list gets the same) and draws ONE value per call for the whole batch from ``gen`` (as lucent
+# draws one per step), so unit b's image in a batched run equals a run of unit b alone with the same
+# seed. lucent works on [0, 1] images: its constant pad is 0.5, mid-grey, and the pixels its
+# translate, resize and kornia warp vacate are 0, black, the low end. Ours fill the same places with
+# the same points of ``box`` (``mid_grey(box)``, ``box[0]``), so a [-1, 1] model gets black, not the
+# grey a literal 0 would be. A list is applied in order; ``render`` then fits the result to the
+# model's input size.
+
+Box = tuple[float, float]
+UNIT_BOX: Box = (0.0, 1.0)
+"""lucent's image range: a transform called without a box behaves exactly as lucent's."""
+
+
+def mid_grey(box: Box) -> float:
+    """The middle of ``box`` (lucent's 0.5 on [0, 1]): what constant padding fills with."""
+    low, high = box
+    return (low + high) / 2
 
 
 def _choice(options: Sequence[float], gen: torch.Generator) -> float:
@@ -593,52 +610,54 @@ def _choice(options: Sequence[float], gen: torch.Generator) -> float:
 @dataclass
 class Pad:
     """``pad(width, mode, value)``: ``F.pad`` by ``width`` pixels on every side. ``mode``
-    ``"reflect"`` (lucent's default) or ``"constant"`` with ``value`` (default: the run's fill,
-    mid-grey of the input range, as lucent's ``constant_value=0.5`` on its [0, 1] images; called
-    on its own, 0.5)."""
+    ``"reflect"`` (lucent's default) or ``"constant"`` with ``value`` (default: ``mid_grey(box)``,
+    mid-grey of the input range, as lucent's ``constant_value=0.5`` on its [0, 1] images)."""
 
     width: int
     mode: str = "reflect"
     value: float | None = None
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.5) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, box: Box = UNIT_BOX) -> torch.Tensor:
         if self.mode != "constant":
             return F.pad(x, [self.width] * 4, mode=self.mode)
-        return F.pad(x, [self.width] * 4, value=fill if self.value is None else self.value)
+        return F.pad(x, [self.width] * 4, value=mid_grey(box) if self.value is None else self.value)
 
 
 @dataclass
 class Jitter:
     """``jitter(d)``: translate by whole pixels ``(dx, dy)``, each drawn from ``0..d-1`` (right and
-    down), vacated pixels 0, as lucent's ``translate`` with integer shifts."""
+    down), vacated pixels the low end of ``box``, as lucent's ``translate`` (0 on [0, 1]) with
+    integer shifts."""
 
     d: int
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, box: Box = UNIT_BOX) -> torch.Tensor:
         dx, dy = (int(v) for v in torch.randint(self.d, (2,), generator=gen))
-        return shift(x, dx, dy)
+        return shift(x, dx, dy, fill=box[0])
 
 
 @dataclass
 class RandomScale:
     """``random_scale(scales)``: bilinear resize (align_corners=True) to ``ceil(scale * size)``,
-    then zero padding of ``ceil((size - new) / 2)`` per side when it shrank (lucent's)."""
+    then padding of ``ceil((size - new) / 2)`` per side when it shrank, with the low end of ``box``
+    (lucent's 0 on [0, 1])."""
 
     scales: tuple[float, ...]
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
-        return scale_image(x, _choice(self.scales, gen))
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, box: Box = UNIT_BOX) -> torch.Tensor:
+        return scale_image(x, _choice(self.scales, gen), fill=box[0])
 
 
 @dataclass
 class RandomRotate:
     """``random_rotate(angles)``: rotate by one of ``angles`` degrees (counter-clockwise as seen)
-    about the centre ``((W-1)/2, (H-1)/2)``, bilinear, zeros outside (lucent's kornia warp)."""
+    about the centre ``((W-1)/2, (H-1)/2)``, bilinear, the low end of ``box`` outside (lucent's
+    kornia warp, 0 on [0, 1])."""
 
     angles: tuple[float, ...]
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator, fill: float = 0.0) -> torch.Tensor:
-        return rotate_image(x, _choice(self.angles, gen))
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, box: Box = UNIT_BOX) -> torch.Tensor:
+        return rotate_image(x, _choice(self.angles, gen), fill=box[0])
 
 
 def pad(width: int, mode: str = "reflect", value: float | None = None) -> Pad:
@@ -673,27 +692,29 @@ def random_rotate(angles: Sequence[float]) -> RandomRotate:
     return RandomRotate(angles)
 
 
-def shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """``x`` moved ``dx`` pixels right and ``dy`` down (negative: left/up), zeros where vacated."""
+def shift(x: torch.Tensor, dx: int, dy: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` moved ``dx`` pixels right and ``dy`` down (negative: left/up), ``fill`` where vacated."""
     h, w = x.shape[-2:]
-    out = torch.zeros_like(x)
+    out = torch.full_like(x, fill)
     src_y, dst_y = slice(max(0, -dy), h - max(0, dy)), slice(max(0, dy), h - max(0, -dy))
     src_x, dst_x = slice(max(0, -dx), w - max(0, dx)), slice(max(0, dx), w - max(0, -dx))
     out[..., dst_y, dst_x] = x[..., src_y, src_x]
     return out
 
 
-def scale_image(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """lucent's ``random_scale`` at one factor (see ``RandomScale``)."""
+def scale_image(x: torch.Tensor, factor: float, fill: float = 0.0) -> torch.Tensor:
+    """lucent's ``random_scale`` at one factor, padding a shrunk image with ``fill`` (see ``RandomScale``)."""
     h, w = x.shape[-2:]
     new_h, new_w = math.ceil(factor * h), math.ceil(factor * w)
     out = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=True)
     pad_x, pad_y = max(0, math.ceil((w - new_w) / 2)), max(0, math.ceil((h - new_h) / 2))
-    return F.pad(out, [pad_x, pad_x, pad_y, pad_y])
+    return F.pad(out, [pad_x, pad_x, pad_y, pad_y], value=fill)
 
 
-def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
-    """``x`` rotated ``degrees`` counter-clockwise (as displayed, y down) about its centre."""
+def rotate_image(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.Tensor:
+    """``x`` rotated ``degrees`` counter-clockwise (as displayed, y down) about its centre; ``fill``
+    outside. Sampling is linear with zeros outside, so warping ``x - fill`` and adding ``fill`` back
+    is sampling ``x`` with ``fill`` outside (bilinear weights sum to 1)."""
     h, w = x.shape[-2:]
     rad = math.radians(degrees)
     c, s = math.cos(rad), math.sin(rad)
@@ -702,7 +723,8 @@ def rotate_image(x: torch.Tensor, degrees: float) -> torch.Tensor:
     sx, sy = max(w - 1, 1) / 2, max(h - 1, 1) / 2
     theta = torch.tensor([[c, -s * sy / sx, 0.0], [s * sx / sy, c, 0.0]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=True)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    warped = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return warped + fill
 
 
 def fit(x: torch.Tensor, size: Sequence[int], fill: float) -> torch.Tensor:
@@ -724,9 +746,9 @@ def compose(transforms: Sequence[Callable]) -> Callable:
     """The transforms applied in order, as lucent's ``transform.compose``."""
     steps = list(transforms)
 
-    def run(x: torch.Tensor, gen: torch.Generator, fill: float = 0.5) -> torch.Tensor:
+    def run(x: torch.Tensor, gen: torch.Generator, box: Box = UNIT_BOX) -> torch.Tensor:
         for t in steps:
-            x = t(x, gen, fill)
+            x = t(x, gen, box)
         return x
 
     return run
@@ -814,8 +836,10 @@ def render(
         decorrelate: optimize RGB images in lucent's decorrelated colour space (3 channels).
         transforms: ``"standard"`` (``Transforms()``), a ``Transforms``, a list of transforms
             applied in order (``[pad(1), jitter(2), random_scale(...), random_rotate(...)]``,
-            lucent's; constant padding is mid-grey of the input range, lucent's 0.5 on [0, 1]; the
-            result is centre-cropped, or padded with the same grey, back to the input size), or None.
+            lucent's, each called as ``t(x, gen, box)`` with the input range ``box``: constant
+            padding is mid-grey of the box, lucent's 0.5 on [0, 1], and pixels vacated by jitter,
+            scale or rotation its low end, lucent's 0; the result is centre-cropped, or padded with
+            the grey, back to the input size), or None.
         steps, lr: Adam steps and learning rate (lucent: 512 and 0.05). ``lr=None``: 0.05, and
             0.005 for ``param="cppn"`` (lucent's CPPN notebook; at 0.05 its sigmoid saturates).
         seed: seeds the initialization and every transform draw (``torch.Generator``).
@@ -832,9 +856,8 @@ def render(
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     n = objective.batch or batch or 1
-    tf = _render_transforms(transforms, tuple(model.input_shape))
-    bounds = tuple(model.input_range) if getattr(model, "input_range", None) else (0.0, 1.0)
-    fill = _fill(transforms, bounds)
+    bounds = tuple(model.input_range) if getattr(model, "input_range", None) else UNIT_BOX
+    tf = _render_transforms(transforms, tuple(model.input_shape), bounds)
     gen = torch.Generator().manual_seed(seed)
     shape = (n, *model.input_shape)
     image = Param(shape, param, constraint, bounds, radius, gen, decorrelate=decorrelate).to(model.device)
@@ -844,7 +867,7 @@ def render(
 
         def loss() -> torch.Tensor:
             x = image()
-            seen = tf(x, gen, fill) if tf is not None else x
+            seen = tf(x, gen) if tf is not None else x
             return -objective(_run(model, objective, seen, x, store)).sum()
 
         bar = tqdm(range(steps), desc="feature vis", disable=not progress)
@@ -861,21 +884,22 @@ def render(
         "box_map": "clip" if image.clipped else "sigmoid" if constraint in ("box", "sigmoid") else None,
         "decorrelate": decorrelate,
         "radius": radius,
-        "transforms": _describe_transforms(transforms, fill),
+        "transforms": _describe_transforms(transforms, bounds),
         "batch": n,
         "optimizer": "Adam",
     }
     return FeatureVisualization(final.detach(), scores.detach(), objective.description, history, config)
 
 
-def _render_transforms(transforms: Any, input_shape: tuple[int, ...]) -> Callable | None:
-    """``render``'s transforms as one callable ``(x, gen, fill) -> x`` at the input size, or None."""
+def _render_transforms(transforms: Any, input_shape: tuple[int, ...], box: Box) -> Callable | None:
+    """``render``'s transforms as one callable ``(x, gen) -> x`` at the input size, filling from the
+    input range ``box`` (a ``Transforms`` pads with its low end), or None."""
     if transforms is None:
         return None
     if transforms == "standard":
-        return STANDARD
+        transforms = STANDARD
     if isinstance(transforms, Transforms):
-        return transforms
+        return lambda x, gen: transforms(x, gen, box[0])
     if isinstance(transforms, list | tuple) and all(callable(t) for t in transforms):
         if len(input_shape) != 3:
             raise InputError(
@@ -883,38 +907,34 @@ def _render_transforms(transforms: Any, input_shape: tuple[int, ...]) -> Callabl
             )
         steps = compose(transforms)
         size = input_shape[-2:]
-        return lambda x, gen, fill: fit(steps(x, gen, fill), size, fill)
+        return lambda x, gen: fit(steps(x, gen, box), size, mid_grey(box))
     raise InputError(
         f"transforms must be 'standard', None, a Transforms or a list of transforms "
         f"(fv.pad, fv.jitter, fv.random_scale, fv.random_rotate), got {transforms!r}"
     )
 
 
-def _fill(transforms: Any, bounds: tuple[float, float]) -> float:
-    """The value a run's transforms pad with: for a list of lucent's transforms, mid-grey of the
-    input range (lucent pads its [0, 1] images with 0.5); for ``Transforms``, the low end."""
-    low, high = bounds
-    return (low + high) / 2 if isinstance(transforms, list | tuple) else low
-
-
-def _describe_transforms(transforms: Any, fill: float) -> Any:
+def _describe_transforms(transforms: Any, box: Box) -> Any:
     """The transforms for ``config``: their settings, with the fill each used, so a run can be repeated."""
     if transforms is None:
         return None
     if transforms == "standard":
         transforms = STANDARD
     if isinstance(transforms, Transforms):
-        return vars(transforms) | {"fill": fill if transforms.fill is None else transforms.fill}
-    return [_describe_step(t, fill) for t in transforms]
+        return vars(transforms) | {"fill": box[0] if transforms.fill is None else transforms.fill}
+    return [_describe_step(t, box) for t in transforms]
 
 
-def _describe_step(step: Callable, fill: float) -> Any:
-    """One transform of a list for ``config``; a constant ``Pad`` records the value it padded with."""
+def _describe_step(step: Callable, box: Box) -> Any:
+    """One transform of a list for ``config``: a constant ``Pad`` records the value it padded with,
+    a jitter, scale or rotation the value its vacated pixels got."""
     if not hasattr(step, "__dict__"):
         return repr(step)
     settings = {"name": type(step).__name__, **vars(step)}
     if isinstance(step, Pad) and step.mode == "constant" and step.value is None:
-        settings["value"] = fill
+        settings["value"] = mid_grey(box)
+    if isinstance(step, Jitter | RandomScale | RandomRotate):
+        settings["fill"] = box[0]
     return settings
 
 
