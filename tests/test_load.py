@@ -70,12 +70,8 @@ def test_unreachable_hub_fails_at_once_and_bad_ids_never_touch_the_network(hub_c
             calls.append(args[0])
             raise socket.gaierror(-2, "Name or service not known")
         socket.getaddrinfo = unreachable
-        # huggingface_hub.constants reads HF_HUB_OFFLINE once, at import; it is imported here while
-        # conftest's HF_HUB_OFFLINE=1 still holds, as it was when this script built the cache itself
-        # (with transformers). Imported after the pop, it makes one more attempt per process of its
-        # own (its agent-registry fetch, huggingface_hub 2.4 utils/_detect_agent.py), which this
-        # test does not count.
-        import huggingface_hub.constants
+        # huggingface_hub is first imported after the pop, so it starts online; its own once-per-process
+        # fetch (the agent registry, huggingface_hub 2.x) must not add a second attempt
         os.environ.pop("HF_HUB_OFFLINE", None)  # conftest sets it
         import interp
         from interp.errors import ModelLoadError

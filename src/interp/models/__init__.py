@@ -13,6 +13,7 @@ Specs:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -219,14 +220,15 @@ def _load_hf(
         _check_hub_id(source)
     files_only = looks_local or not _hub_reachable()
     try:
-        hf_model, tokenizer, adapter = _hf_parts(
-            str(path) if looks_local else source,
-            device,
-            trust_remote_code,
-            looks_local,
-            files_only,
-            placement,
-        )
+        with _hub_offline() if files_only else nullcontext():
+            hf_model, tokenizer, adapter = _hf_parts(
+                str(path) if looks_local else source,
+                device,
+                trust_remote_code,
+                looks_local,
+                files_only,
+                placement,
+            )
     except ModelLoadError:
         raise
     except OSError as err:
@@ -254,6 +256,25 @@ def _check_hub_id(source: str) -> None:
             f"could not load {source!r}: it is neither a local directory nor a hub model id ({_first_line(err).rstrip('.')}). "
             "Pass a directory saved with save_pretrained, a zoo name (`interp zoo list`) or an id like 'org/name'."
         ) from None
+
+
+@contextmanager
+def _hub_offline():
+    """huggingface_hub offline for the duration of a load that reads local files only.
+
+    ``local_files_only`` covers the model's files, but huggingface_hub 2.x also fetches, once per
+    process, a registry for its user-agent (``utils/_detect_agent.py``, a 3 s timeout) unless its
+    ``constants.HF_HUB_OFFLINE`` (read from the environment at import) is set: on an unreachable
+    hub that is a second connect attempt after our probe. Offline, it records an empty registry.
+    """
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _hub_reachable(timeout_s: float = 2.0) -> bool:
