@@ -5,9 +5,9 @@ environment: this script makes its own venv (``$TA_VENV``, default ``/tmp/ta-ven
 ``python -m venv``, then ``pip install torch==<our version> safetensors numpy scipy`` and
 ``pip install --no-deps torchattacks`` — and runs torchattacks there as a worker subprocess.
 Model weights and the batch go to the worker as safetensors files; its adversarial examples come
-back the same way. Our side runs in a worker of the same shape (main environment), so both are
-fresh single-thread processes; timing is interleaved round by round, each worker timing its own
-call.
+back the same way. Our side runs in a worker of the same shape (main environment). Each attack
+gets its own pair of fresh single-thread workers, which compute its result once (the agreement
+check) and then time it, interleaved round by round, each worker timing its own call.
 
     python benchmarks/bench_attacks.py            # every attack, digits-cnn, 360 test images
     python benchmarks/bench_attacks.py fgsm pgd   # only these (keys of SPECS)
@@ -18,14 +18,24 @@ changes float rounding); time ratio ours/theirs <= 1.0 per attack. Each worker r
 thread CPU time; the CPU-time ratio is the one less disturbed by a busy machine.
 
 Both workers run with the same fixed glibc malloc thresholds (MALLOC_TUNABLES). With glibc's
-default, adaptive ones, whether a freed activation buffer goes back to the kernel (to be faulted
-in again, page by page, on the next forward) depends on each process's allocation history: fresh
-processes running the same Square call take 2k to 300k minor page faults per call, 1.3 to 2.3 s.
-In a full run of this script our worker happened to take more (Square 92k vs 0 per call, APGD-CE
-22k vs 1k, FGSM 2k vs 0.4k) and the CPU ratios read 1.1-1.4x; pinned, both sides take ~0 faults
-and read 0.84-0.99x. torch.profiler shows the same kernels on both sides (ours adds the input
-checks), so the pinned ratio is the one that compares the attacks' work; the default one shows
-the allocator's interaction with each process's history (provisional, busy 2-core box).
+defaults the thresholds adapt: the mmap threshold rises to the largest mmap-ed block freed so far
+in the process, and the trim threshold to twice that. A step that frees more than the trim
+threshold at the heap's top hands the pages back, and the next step faults them in again, page by
+page. So a call's page faults depend on the process's history. Measured here for FGSM/PGD
+(digits-cnn, 360 images: the largest activation is 2.9 MB, a PGD step's peak ~10 MB):
+
+- One pair of workers that first ran every attack: ours had its mmap threshold at ~2.9 MB, and
+  torchattacks' (raised by a larger block in one of its other attacks) at 4-8 MB. Ours then took
+  25k faults per PGD call to torchattacks' 3.9k, and read 1.33x (FGSM 2.5k vs 0.7k faults, 1.26x).
+- In identical fresh processes (same imports, model and batch), one PGD call takes 7k to 22k
+  faults, varying call to call and process to process, for our loop and torchattacks' alike.
+
+That is why each attack has its own workers: an attack is not charged for the allocations of the
+attacks run before it. Pinned, both sides take ~0 faults. torch.profiler shows the same kernels on
+both sides (for FGSM/PGD ~95% of the time is the model's forward and backward, a third of it
+the NCHW max-pool), and on a 2-image batch, where the per-call overhead shows, ours takes no longer
+than torchattacks. So the pinned ratio is the one that compares the attacks' work; the default one
+adds the allocator's interaction with each process (provisional, busy 2-core box).
 ``BENCH_MALLOC=default python benchmarks/bench_attacks.py`` runs with glibc's defaults; the
 ``faults`` column shows the page faults per call either way.
 """
@@ -263,10 +273,34 @@ SPECS = [
 TOLERANCE = {"fgsm": 0.0, "pgd": 1e-6, "cw": 1e-6, "deepfool": 1e-5}
 
 
+def time_attack(spec: dict, model: torch.nn.Module, x, y, python: Path, rounds: int) -> dict:
+    """One attack in its own fresh pair of workers (see the module docstring): its max |ours -
+    theirs| and, per side, the thread CPU seconds, wall seconds and minor page faults of each
+    timed call (round 0 is the warm-up; the order of the two sides alternates)."""
+    from safetensors.torch import load_file
+
+    work = prepare(model, x, y, [spec])
+    sides = {"ours": sys.executable, "torchattacks": python}
+    workers = {side: _start(exe, side, work) for side, exe in sides.items()}
+    k = spec["key"]
+    ours, theirs = (load_file(work / f"{side}.safetensors")[k] for side in sides)
+    out = {"diff": (ours - theirs).abs().max().item()}
+    out |= {f"{what} {side}": [] for what in ("s", "cpu", "faults") for side in sides}
+    for r in range(rounds + 1):
+        for side in ("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours"):
+            workers[side].stdin.write(k + "\n")
+            workers[side].stdin.flush()
+            answer = json.loads(workers[side].stdout.readline())
+            for what in ("s", "cpu", "faults"):
+                out[f"{what} {side}"] += [answer[what]] if r else []
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    return out
+
+
 def main() -> int:
     import statistics
-
-    from safetensors.torch import load_file
 
     torch.set_num_threads(1)
     python = ensure_venv()
@@ -274,57 +308,33 @@ def main() -> int:
     _, _, x, y = zoo.digits_data(0)
     names = sys.argv[1:] or [s["key"] for s in SPECS]
     specs = [s for s in SPECS if s["key"] in names]
-    work = prepare(model, x, y, specs)
-    workers = {
-        side: _start(exe, side, work) for side, exe in (("ours", sys.executable), ("torchattacks", python))
-    }
-    ours = load_file(work / "ours.safetensors")
-    theirs = load_file(work / "torchattacks.safetensors")
-    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each in its own worker process; "
-          f"{machine()}")  # fmt: skip
-    agree = {}
+    rounds = max(1, int(os.environ.get("ROUNDS", ROUNDS)))
+    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each attack in its own pair "
+          f"of fresh worker processes; {machine()}")  # fmt: skip
+    runs, agree = {}, {}
     for spec in specs:
         k = spec["key"]
-        diff = (ours[k] - theirs[k]).abs().max().item()
-        agree[k] = diff <= TOLERANCE.get(k, 0.0)
+        runs[k] = time_attack(spec, model, x, y, python, rounds)
+        agree[k] = runs[k]["diff"] <= TOLERANCE.get(k, 0.0)
         print(f"{k:10s} {json.dumps({kk: v for kk, v in spec.items() if kk != 'key'})}: max |ours - theirs| = "
-              f"{diff:.2e} ({'agree' if agree[k] else 'DIFFER'})")  # fmt: skip
-
-    times: dict[str, list[float]] = {f"{side} {s['key']}": [] for s in specs for side in workers}
-    cpu: dict[str, list[float]] = {k: [] for k in times}
-    faults: dict[str, list[int]] = {k: [] for k in times}
-    rounds = max(1, int(os.environ.get("ROUNDS", ROUNDS)))
-    for r in range(rounds + 1):  # round 0 is the warm-up
-        for spec in specs:
-            for side in ("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours"):
-                worker = workers[side]
-                worker.stdin.write(spec["key"] + "\n")
-                worker.stdin.flush()
-                answer = json.loads(worker.stdout.readline())
-                if r:
-                    times[f"{side} {spec['key']}"].append(answer["s"])
-                    cpu[f"{side} {spec['key']}"].append(answer["cpu"])
-                    faults[f"{side} {spec['key']}"].append(answer["faults"])
-    for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
+              f"{runs[k]['diff']:.2e} ({'agree' if agree[k] else 'DIFFER'})", flush=True)  # fmt: skip
     goals = [(f"{s['key']} ours/torchattacks", f"ours {s['key']}", f"torchattacks {s['key']}", 1.0, "max")
              for s in specs]  # fmt: skip
     malloc = "glibc defaults" if os.environ.get("BENCH_MALLOC") == "default" else "pinned malloc thresholds"
-    medians = {k: statistics.median(v) for k, v in cpu.items()}
+    medians = {f"{side} {k}": statistics.median(run[f"cpu {side}"]) for k, run in runs.items()
+               for side in ("ours", "torchattacks")}  # fmt: skip
     ok = report(f"thread CPU time per attack (median of interleaved rounds; {malloc})", medians, goals)
     print("  per attack: CPU ratio per round [min - max]; wall: ratio of medians [per round min - max]; "
           "minor page faults per call, median ours | torchattacks")  # fmt: skip
-    for s in specs:
-        k = s["key"]
+    for k, run in runs.items():
         per_round = {
-            what: [a / b for a, b in zip(d[f"ours {k}"], d[f"torchattacks {k}"], strict=True)]
-            for what, d in (("cpu", cpu), ("wall", times))
+            what: [a / b for a, b in zip(run[f"{what} ours"], run[f"{what} torchattacks"], strict=True)]
+            for what in ("cpu", "s")
         }
-        wall = statistics.median(times[f"ours {k}"]) / statistics.median(times[f"torchattacks {k}"])
+        wall = statistics.median(run["s ours"]) / statistics.median(run["s torchattacks"])
         print(f"    {k:10s} cpu [{min(per_round['cpu']):.3f} - {max(per_round['cpu']):.3f}]x; wall {wall:.3f}x "
-              f"[{min(per_round['wall']):.3f} - {max(per_round['wall']):.3f}]; faults "
-              f"{statistics.median(faults[f'ours {k}']):.0f} | {statistics.median(faults[f'torchattacks {k}']):.0f}")  # fmt: skip
+              f"[{min(per_round['s']):.3f} - {max(per_round['s']):.3f}]; faults "
+              f"{statistics.median(run['faults ours']):.0f} | {statistics.median(run['faults torchattacks']):.0f}")  # fmt: skip
     ok = ok and all(agree.values())
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

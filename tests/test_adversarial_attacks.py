@@ -8,35 +8,11 @@ import copy
 
 import pytest
 import torch
-from test_adversarial import _quick_fit, trained_cnn
+from adversarial_fixtures import *  # noqa: F403 (the shared fixtures: digits, cnn, batch, softmax)
 
 from interp.errors import InputError
 from interp.methods import adversarial as A
 from interp.methods import attacks
-from interp.models import zoo
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return zoo.digits_data(0)
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    return trained_cnn()
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    _, _, x, y = digits
-    return x[:48], y[:48]
-
-
-@pytest.fixture(scope="module")
-def softmax(digits):
-    torch.manual_seed(0)
-    x, y, _, _ = digits
-    return _quick_fit(zoo.build("digits-softmax"), x, y, epochs=10, lr=1e-2)
 
 
 def test_public_names_stay_importable_from_adversarial():
@@ -287,6 +263,23 @@ def test_fgsm_checks_labels_without_an_extra_forward(cnn, batch):
         handle.remove()
     assert len(calls) == 1
     assert all(p.requires_grad for p in cnn.module.parameters())  # the attack's freeze is undone
+
+
+def test_pgd_checks_labels_on_its_first_step(cnn, batch):
+    """Untargeted PGD's class check rides on its first step's forward: ``steps`` batch forwards per
+    call and no one-image probe; a bad label is still an InputError, with or without steps or a target."""
+    x, y = batch
+    sizes = []
+    handle = cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
+    try:
+        A.pgd(cnn.module, x, y, 0.1, steps=3)
+    finally:
+        handle.remove()
+    assert sizes == [len(x)] * 3
+    for kwargs in ({"steps": 3}, {"steps": 0}, {"steps": 3, "target": 3}, {"restarts": 2, "steps": 1}):
+        with pytest.raises(InputError, match=r"labels must be classes in \[0, 10\)"):
+            A.pgd(cnn, x, y + 10, 0.1, **kwargs)
+    assert all(p.requires_grad for p in cnn.module.parameters())  # undone after the error too
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "deepfool", "fab"])

@@ -7,35 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adversarial import _quick_fit, trained_cnn
+from adversarial_fixtures import *  # noqa: F403 (the shared fixtures: digits, cnn, batch, softmax)
 
 from interp.errors import InputError
 from interp.methods import adversarial as A
 from interp.methods import attacks
 from interp.models import zoo
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return zoo.digits_data(0)
-
-
-@pytest.fixture(scope="module")
-def cnn():
-    return trained_cnn()
-
-
-@pytest.fixture(scope="module")
-def batch(digits):
-    _, _, x, y = digits
-    return x[:48], y[:48]
-
-
-@pytest.fixture(scope="module")
-def softmax(digits):
-    torch.manual_seed(0)
-    x, y, _, _ = digits
-    return _quick_fit(zoo.build("digits-softmax"), x, y, epochs=10, lr=1e-2)
 
 
 def _changed(run: A.Attack) -> torch.Tensor:

@@ -424,7 +424,12 @@ def pgd(
     check_number("restarts", restarts, minimum=1, integer=True)
     if alpha is not None:
         check_number("alpha", alpha, minimum=0.0, why="the step size; a negative one reverses the attack")
-    module, xt, yt, bounds_ = check_inputs(model, x, y, eps, bounds, norm=norm, normalize=normalize)
+    # untargeted, the first step's forward checks the labels against the model's classes (as in
+    # fgsm: no extra forward); a target's modes need valid labels before they run, so check first
+    fold = target is None and int(steps) > 0
+    module, xt, yt, bounds_ = check_inputs(
+        model, x, y, eps, bounds, norm=norm, normalize=normalize, classes=not fold
+    )
     alpha = eps / 4 if alpha is None else float(alpha)
     goal = _target(target, targeted, yt, module, xt, seed)
     labels = yt if goal is None else goal
@@ -433,8 +438,9 @@ def pgd(
     with _eval(module), torch.enable_grad():
         for _ in range(int(restarts)):
             start = _random_start(xt, eps, norm, bounds_, gen) if random_start else xt.clone().detach()
+            check = "labels" if fold and best is None else None  # on the first step only
             adv = _pgd_loop(
-                module, xt, start, labels, eps, alpha, int(steps), norm, bounds_, goal is not None
+                module, xt, start, labels, eps, alpha, int(steps), norm, bounds_, goal is not None, check
             )
             if restarts == 1:
                 best = adv
@@ -466,10 +472,13 @@ def _pgd_loop(
     norm: str,
     bounds: tuple[float, float],
     targeted: bool,
+    check: str | None,
 ) -> torch.Tensor:
+    """``steps`` PGD iterations from ``adv``; ``check`` names the labels to check against the
+    model's classes on the first step's forward (see :func:`_input_grad`)."""
     low, high = bounds
-    for _ in range(steps):
-        grad = _input_grad(module, adv, labels, targeted)
+    for step in range(steps):
+        grad = _input_grad(module, adv, labels, targeted, check=check if step == 0 else None)
         # torchattacks' arithmetic, operation for operation (so bit-identical), in place: the graph
         # of this step is freed, and reusing its buffers saves five allocations per step
         if norm == "linf":
