@@ -14,7 +14,9 @@ overhead (process spawn and imports).
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_clock_pizza_grid.py [--alpha 1] [--jobs 2]
         [--epochs 2000]
 
-One round each, on a shared machine: provisional. ``--epochs 500`` costs a quarter (the per-epoch
+One round each, on a shared machine: provisional. A busy box (or ``nice``) gives the processes only a
+share of a core, so the script also prints the idle-box estimate: the same makespan from the models'
+CPU seconds in the sequential run. ``--epochs 500`` costs a quarter (the per-epoch
 cost is constant, so the training part scales linearly; the overhead does not).
 """
 
@@ -77,6 +79,12 @@ def main() -> None:
     print(f"  sequential             {3 * walls['sequential'] * scale:7.0f} s")
     parallel = makespan(grid, jobs) * scale + overhead
     print(f"  parallel, {jobs} workers     {parallel:7.0f} s (overhead {overhead:.0f} s)")
+    cpu = {r["d_model"]: r["train_cpu_s"] for r in seq}
+    idle = sorted((cpu[w] for _, w, _ in cpr.phase_grid(False)), reverse=True)
+    print(
+        f"  on an idle box (wall ≈ CPU seconds, from the sequential run's): sequential {sum(idle) * scale:.0f} s,"
+        f" {jobs} workers {makespan(idle, jobs) * scale:.0f} s plus start-up"
+    )
     print("  plus ~10-30 s for the shipped models' analysis and the figures")
 
 

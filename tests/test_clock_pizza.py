@@ -6,6 +6,7 @@ irrelevance 0; one that ignores a - b has 1); the reproduction passes on the shi
 on untrained ones; the metrics' triple sampling equals the authors' notebook's. Retraining (the fast
 α ∈ {0, 1} × d_model 64 grid, 1-3 min of CPU, and the faithful α ∈ {0, 0.5, 1} × d_model {32, 64, 96}
 grid) is ``slow``; the recorded faithful run the page shows is checked to cover that grid and pass.
+The grid's worker processes are checked to give bit for bit what in-process training gives, on tiny runs.
 """
 
 from __future__ import annotations

@@ -59,9 +59,19 @@ authors' runs the width effect is mostly beyond d_model 256 (α ≈ 1 runs there
 figure puts our cells next to the authors' medians. The Reproductions page (no retraining) shows the
 faithful grid's recorded run, :data:`PHASE_RECORD` (written by :func:`record_from_results`).
 
-Measured, faithful run (18/18 checks; 2,123 s of wall time, over the 30-minute budget, on the shared
-2-core box at a load average of 7-13, where a d_model 64 model took 220-262 s against ~105 s in an
-earlier, quieter run: provisional, rerun on a quiet machine), GS / DI per cell:
+Time. The grid's models are independent, so they train in worker processes, one per core (spawned,
+one thread each, widest first; ``jobs`` / ``interp reproduce clock-pizza --jobs N`` overrides), and every
+model's numbers are bit-identical to training it in-process (tested). Each model costs about 29 s (d_model
+32), 58 s (64) and 95 s (96) of CPU, 540 s for the grid, so on an idle 2-core box the grid takes about
+290 s in two workers (the makespan of those costs) against 540 s one after another, plus ~10-20 s of
+worker start-up. On the shared box at a load average of 7-9 and ``nice 10``, one α row
+(``benchmarks/bench_clock_pizza_grid.py``) took 658 s sequentially and 580 s in two workers (1.13x: a
+saturated machine has no idle core to give), which extrapolates to ~1,970 and ~1,670 s for the grid.
+The report's notes give the grid's wall and CPU time, ``results.json``'s ``timings_s.total`` the run's.
+
+Measured, faithful run (18/18 checks; 2,123 s of wall time, before the grid ran in parallel, on the
+shared 2-core box at a load average of 7-13, where a d_model 64 model took 220-262 s of wall time for
+~60 s of CPU: provisional, rerun on a quiet machine), GS / DI per cell:
 
 =======  ==============  ==============  ==============
 d_model  α = 0           α = 0.5         α = 1
@@ -426,22 +436,23 @@ def phase_diagram(
         else:
             order = sorted(range(len(cells)), key=lambda i: -cells[i][1])  # widest (slowest) first
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init) as pool:
+            pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init)
+            try:
                 futures = {pool.submit(_phase_cell, *cells[i], fast, epochs): i for i in order}
-                try:
-                    for future in as_completed(futures):
-                        runs[futures[future]] = run = future.result()
-                        bar.set_postfix_str(run["config"]["name"], refresh=False)
-                        bar.update()
-                except BrokenProcessPool as err:
-                    raise RuntimeError(
-                        "a phase-diagram worker process died (see its traceback above). Called from a "
-                        "script: put the call under `if __name__ == '__main__':` (workers are spawned and "
-                        "import the script), or pass jobs=1 to train in this process."
-                    ) from err
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+                for future in as_completed(futures):
+                    runs[futures[future]] = run = future.result()
+                    bar.set_postfix_str(run["config"]["name"], refresh=False)
+                    bar.update()
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    "a phase-diagram worker process died (see its traceback above). Called from a "
+                    "script: put the call under `if __name__ == '__main__':` (workers are spawned and "
+                    "import the script), or pass jobs=1 to train in this process."
+                ) from err
+            finally:
+                # every result is in (or the run failed): the workers' interpreter teardown (seconds
+                # with torch loaded) need not hold up the report; the pool reaps them in the background
+                pool.shutdown(wait=False, cancel_futures=True)
     return [run for run in runs if run is not None]
 
 
