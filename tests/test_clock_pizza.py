@@ -11,6 +11,8 @@ The grid's worker processes are checked to give bit for bit what in-process trai
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import random
 import shutil
@@ -286,6 +288,11 @@ def test_parallel_grid_equals_the_sequential_one():
     assert repro.gradient_symmetricity(model) == seq[1]["gradient_symmetricity"]
 
 
+def _takes_jobs(finding: str) -> bool:
+    module = importlib.import_module(reproductions._module_name(finding))
+    return "jobs" in inspect.signature(module.reproduce).parameters
+
+
 def test_jobs_are_checked_before_anything_trains():
     assert 1 <= repro.default_jobs(9) <= 9 and repro.default_jobs(1) == 1
     for bad in (0, -2, 1.5, "2", True):
@@ -293,6 +300,9 @@ def test_jobs_are_checked_before_anything_trains():
             repro.reproduce(fast=True, jobs=bad)
     with pytest.raises(InputError, match="--jobs applies to clock-pizza only"):
         reproductions.run("icl-gd", fast=True, jobs=2)
+    # the findings the error names are those whose reproduce() takes jobs
+    takes_jobs = {f for f in reproductions.FINDINGS if _takes_jobs(f)}
+    assert takes_jobs == set(reproductions.PARALLEL_FINDINGS)
 
 
 def test_cli_jobs_flag(capsys):
