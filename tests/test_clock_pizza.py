@@ -6,10 +6,13 @@ irrelevance 0; one that ignores a - b has 1); the reproduction passes on the shi
 on untrained ones; the metrics' triple sampling equals the authors' notebook's. Retraining (the fast
 α ∈ {0, 1} × d_model 64 grid, 1-3 min of CPU, and the faithful α ∈ {0, 0.5, 1} × d_model {32, 64, 96}
 grid) is ``slow``; the recorded faithful run the page shows is checked to cover that grid and pass.
+The grid's worker processes are checked to give bit for bit what in-process training gives, on tiny runs.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import random
 import shutil
@@ -265,6 +268,50 @@ def _fake_runs(grid: list[tuple[float, int, int]]) -> list[dict]:
         }
         for a, w, s in grid
     ]
+
+
+def test_parallel_grid_equals_the_sequential_one():
+    """Workers (spawned, one thread each) give every model bit for bit what training in-process gives
+    (~20 s, most of it the two workers importing torch)."""
+    cells = [(1.0, 8, 2), (0.0, 16, 1)]  # submitted widest first: the results still come in this order
+    seq = repro.phase_diagram(False, jobs=1, cells=cells, epochs=25, progress=False)
+    par = repro.phase_diagram(False, jobs=2, cells=cells, epochs=25, progress=False)
+    # the cells' order, not the order they finished in
+    assert [(r["alpha"], r["d_model"], r["seed"]) for r in par] == cells
+    timing = ("train_s", "train_cpu_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in par] == [
+        {k: v for k, v in r.items() if k not in timing} for r in seq
+    ]
+    assert seq[0]["config"]["epochs"] == 25
+    assert seq[0]["gradient_symmetricity"] != seq[1]["gradient_symmetricity"]
+    model, _ = repro.train_one(0.0, 1, False, 16, epochs=25)  # and both are what train_one gives
+    assert repro.gradient_symmetricity(model) == seq[1]["gradient_symmetricity"]
+
+
+def _takes_jobs(finding: str) -> bool:
+    module = importlib.import_module(reproductions._module_name(finding))
+    return "jobs" in inspect.signature(module.reproduce).parameters
+
+
+def test_jobs_are_checked_before_anything_trains():
+    assert 1 <= repro.default_jobs(9) <= 9 and repro.default_jobs(1) == 1
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(InputError, match="jobs must be a whole number >= 1"):
+            repro.reproduce(fast=True, jobs=bad)
+    with pytest.raises(InputError, match="--jobs applies to clock-pizza only"):
+        reproductions.run("icl-gd", fast=True, jobs=2)
+    # the findings the error names are those whose reproduce() takes jobs
+    takes_jobs = {f for f in reproductions.FINDINGS if _takes_jobs(f)}
+    assert takes_jobs == set(reproductions.PARALLEL_FINDINGS)
+
+
+def test_cli_jobs_flag(capsys):
+    from interp.cli import main
+
+    assert main(["reproduce", "clock-pizza", "--fast", "--jobs", "0"]) == 2
+    assert "jobs must be a whole number >= 1" in capsys.readouterr().err
+    assert main(["reproduce", "grokking", "--jobs", "2"]) == 2
+    assert "--jobs applies to clock-pizza only" in capsys.readouterr().err
 
 
 def test_phase_grid_is_the_stated_one():

@@ -142,6 +142,21 @@ def test_construction_is_stationary_and_gd_is_not_beaten():
     assert norms[80_000] < 0.5 * norms[5_000]  # shrinks like 1/sqrt(n) (4x here): sampling noise only
 
 
+def test_paper_scale_gd_loss():
+    """GD-1's loss scales as x_range² (η as 1/x_range²): sampled directly at the authors' U(-0.5, 0.5)
+    with its own line search, it is ours × 1/4, and near the paper's 0.2; the unscaled loss is not."""
+    losses = {}
+    for x_range in (1.0, 0.5):
+        gen = torch.Generator().manual_seed(11)
+        tokens, target, _ = lsa.sample_tasks(20_000, 10, 10, x_range, 1.0, gen)
+        eta = lsa.optimal_gd_lr(tokens, target)
+        losses[x_range] = float(lsa.loss(lsa.gd_one_step(tokens, eta), target))
+    assert losses[0.5] == pytest.approx(losses[1.0] / 4, rel=1e-9)  # same draws, rescaled: exact
+    (check,) = repro.paper_scale_checks(losses[1.0], x_range=1.0)
+    assert check.passed and check.value == pytest.approx(losses[0.5])
+    assert not repro.paper_scale_checks(losses[1.0], x_range=0.5)[0].passed  # scale forgotten: 0.83
+
+
 def test_fast_reproduction_passes(tmp_path):
     start = time.perf_counter()
     report = reproductions.run("icl-gd", fast=True, out_dir=tmp_path, quiet=True)

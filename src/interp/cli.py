@@ -149,6 +149,12 @@ def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
     reproduce.add_argument("finding", help="induction, grokking, superposition, ...")
     reproduce.add_argument("--fast", action="store_true", help="small budgets, same checks, looser bounds")
     reproduce.add_argument("--out", default=None, help="report directory (default: reports/FINDING)")
+    reproduce.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes for a finding that retrains independent models (clock-pizza); default: one per core",
+    )
     reproduce.set_defaults(run=_reproduce)
 
     if with_sae:
@@ -274,7 +280,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         writable_dir(args.out, "--out directory")
-    report = reproductions.run(args.finding, fast=args.fast, out_dir=args.out)
+    report = reproductions.run(args.finding, fast=args.fast, out_dir=args.out, jobs=args.jobs)
     return 0 if report.passed else 1
 
 

@@ -59,7 +59,10 @@ _ALIASES = {
     "sharkey": "saes",
 }
 
-__all__ = ["FINDINGS", "Check", "Report", "from_checkpoints", "run"]
+# findings whose reproduce() trains independent models in worker processes (``run(..., jobs=N)``)
+PARALLEL_FINDINGS: tuple[str, ...] = ("clock-pizza",)
+
+__all__ = ["FINDINGS", "PARALLEL_FINDINGS", "Check", "Report", "from_checkpoints", "run"]
 
 
 def resolve(finding: str) -> str:
@@ -83,6 +86,7 @@ def run(
     out_dir: str | Path | None = None,
     *,
     quiet: bool = False,
+    jobs: int | None = None,
 ) -> Report:
     """Reproduce ``finding``, print its table, write ``results.json`` and ``report.html``.
 
@@ -91,19 +95,31 @@ def run(
         fast: reduced budgets, same checks, looser bounds (see each module).
         out_dir: where to write the report (default ``reports/FINDING``, or ``reports/FINDING-fast``).
         quiet: do not print the table.
+        jobs: worker processes for findings that retrain independent models in parallel
+            (:data:`PARALLEL_FINDINGS`; default one per core); an InputError for the others.
 
     Returns:
-        The :class:`Report`; ``report.passed`` is False if any check missed.
+        The :class:`Report`; ``report.passed`` is False if any check missed. Its
+        ``timings["total"]`` (results.json's ``timings_s.total``) is the run's wall time.
     """
     name = resolve(finding)
     module = importlib.import_module(_module_name(name))
+    kwargs = {}
+    if jobs is not None:
+        if "jobs" not in inspect.signature(module.reproduce).parameters:
+            raise InputError(
+                f"{name} trains its models one after another; --jobs applies to "
+                f"{', '.join(PARALLEL_FINDINGS)} only (drop --jobs)."
+            )
+        kwargs["jobs"] = jobs
     start = time.perf_counter()
-    report: Report = module.reproduce(fast=fast)
+    report: Report = module.reproduce(fast=fast, **kwargs)
     report.timings["total"] = time.perf_counter() - start
     out = Path(out_dir) if out_dir is not None else Path("reports") / (f"{name}-fast" if fast else name)
     report.write(out)
     if not quiet:
         print(report.table())
+        print(f"wall time: {report.timings['total']:.0f} s")
         print(f"report: {out / 'report.html'}  results: {out / 'results.json'}")
     return report
 

@@ -59,9 +59,19 @@ authors' runs the width effect is mostly beyond d_model 256 (α ≈ 1 runs there
 figure puts our cells next to the authors' medians. The Reproductions page (no retraining) shows the
 faithful grid's recorded run, :data:`PHASE_RECORD` (written by :func:`record_from_results`).
 
-Measured, faithful run (18/18 checks; 2,123 s of wall time, over the 30-minute budget, on the shared
-2-core box at a load average of 7-13, where a d_model 64 model took 220-262 s against ~105 s in an
-earlier, quieter run: provisional, rerun on a quiet machine), GS / DI per cell:
+Time. The grid's models are independent, so they train in worker processes, one per core (spawned,
+one thread each, widest first; ``jobs`` / ``interp reproduce clock-pizza --jobs N`` overrides), and every
+model's numbers are bit-identical to training it in-process (tested). Each model costs about 29 s (d_model
+32), 58 s (64) and 95 s (96) of CPU, 540 s for the grid, so on an idle 2-core box the grid takes about
+290 s in two workers (the makespan of those costs) against 540 s one after another, plus ~10-20 s of
+worker start-up. On the shared box at a load average of 7-9 and ``nice 10``, one α row
+(``benchmarks/bench_clock_pizza_grid.py``) took 658 s sequentially and 580 s in two workers (1.13x: a
+saturated machine has no idle core to give), which extrapolates to ~1,970 and ~1,670 s for the grid.
+The report's notes give the grid's wall and CPU time, ``results.json``'s ``timings_s.total`` the run's.
+
+Measured, faithful run (18/18 checks; 2,123 s of wall time, before the grid ran in parallel, on the
+shared 2-core box at a load average of 7-13, where a d_model 64 model took 220-262 s of wall time for
+~60 s of CPU: provisional, rerun on a quiet machine), GS / DI per cell:
 
 =======  ==============  ==============  ==============
 d_model  α = 0           α = 0.5         α = 1
@@ -79,16 +89,23 @@ accuracy, circularity 0.79, DI 0.53. The smallest margin is the α = 1, d_model 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import multiprocessing
+import os
 import random
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import einops
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from interp.errors import InputError
 from interp.models.zoo import clock_pizza as cp
@@ -306,10 +323,11 @@ def _authors(alpha: float, width: int, key: str) -> str:
 
 
 def train_one(
-    alpha: float, seed: int, fast: bool, d_model: int | None = None
+    alpha: float, seed: int, fast: bool, d_model: int | None = None, epochs: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh model at attention rate ``alpha`` and width ``d_model`` (default: the recipe's 64; 4 heads,
-    MLP 4·d_model as the authors scale it); ``seed`` sets the weights and the train/test split."""
+    MLP 4·d_model as the authors scale it); ``seed`` sets the weights and the train/test split.
+    ``epochs`` (default: the recipe's) exists so tests can check the parallel grid on tiny runs."""
     from interp.models.zoo.registry import get_recipe
 
     cfg = get_recipe(PIZZA).resolved_config(fast)
@@ -321,6 +339,8 @@ def train_one(
         d_model=width,
         name=f"clock-pizza-alpha{alpha:g}-d{width}-seed{seed}",
     )
+    if epochs is not None:
+        cfg["epochs"] = int(epochs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cp.build(cfg)
@@ -337,24 +357,103 @@ def phase_grid(fast: bool) -> list[tuple[float, int, int]]:
     return [(a, w, s) for w in widths for a in alphas for s in seeds]
 
 
-def phase_diagram(fast: bool) -> list[dict[str, Any]]:
-    """Retrain every cell of :func:`phase_grid` and measure it (its time to train included)."""
-    runs = []
-    for alpha, width, seed in phase_grid(fast):
-        t0 = time.perf_counter()
-        model, cfg = train_one(alpha, seed, fast, width)
-        seconds = time.perf_counter() - t0
-        runs.append(
-            {
-                "alpha": alpha,
-                "d_model": width,
-                "seed": seed,
-                "config": cfg,
-                "train_s": seconds,
-                **metrics(model),
-            }
-        )
-    return runs
+def default_jobs(n_cells: int) -> int:
+    """One worker per core this process may run on (``sched_getaffinity``, else ``os.cpu_count``), and
+    no more workers than cells."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_cells))
+
+
+def check_jobs(jobs: Any) -> int:
+    """``jobs`` as a worker count, or an InputError naming the valid values (before anything trains)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"jobs must be a whole number >= 1 (worker processes), got {jobs!r}")
+    return jobs
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Every grid model trains on one thread, in-process or in a worker, so its numbers do not depend
+    on ``jobs`` (tiny matrices: a second thread barely helps, and one worker per core is faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _phase_cell(alpha: float, width: int, seed: int, fast: bool, epochs: int | None) -> dict[str, Any]:
+    """Train and measure one grid cell (module level, so spawned workers can import it)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, cfg = train_one(alpha, seed, fast, width, epochs)
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "alpha": alpha,
+        "d_model": width,
+        "seed": seed,
+        "config": cfg,
+        "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        **metrics(model),
+    }
+
+
+def phase_diagram(
+    fast: bool,
+    *,
+    jobs: int | None = None,
+    cells: list[tuple[float, int, int]] | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Retrain every ``(α, d_model, seed)`` cell (default :func:`phase_grid`) and measure it, in the
+    cells' order, each with its time to train (wall and CPU seconds).
+
+    The cells are independent, so with ``jobs`` > 1 they train in that many worker processes (spawned,
+    one thread each; default :func:`default_jobs`, one per core), widest first so the slow ones do not
+    come last. Every model trains on one thread either way, so its result is the same for every ``jobs``.
+    ``progress`` shows a bar over finished models.
+    """
+    cells = phase_grid(fast) if cells is None else list(cells)
+    jobs = default_jobs(len(cells)) if jobs is None else min(check_jobs(jobs), max(len(cells), 1))
+    runs: list[dict[str, Any] | None] = [None] * len(cells)
+    bar = tqdm(total=len(cells), desc="clock-pizza phase diagram", unit="model", disable=not progress)
+    with bar:
+        if jobs == 1:
+            with _one_thread():
+                for i, cell in enumerate(cells):
+                    runs[i] = _phase_cell(*cell, fast, epochs)
+                    bar.set_postfix_str(runs[i]["config"]["name"], refresh=False)
+                    bar.update()
+        else:
+            order = sorted(range(len(cells)), key=lambda i: -cells[i][1])  # widest (slowest) first
+            context = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init)
+            try:
+                futures = {pool.submit(_phase_cell, *cells[i], fast, epochs): i for i in order}
+                for future in as_completed(futures):
+                    runs[futures[future]] = run = future.result()
+                    bar.set_postfix_str(run["config"]["name"], refresh=False)
+                    bar.update()
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    "a phase-diagram worker process died (see its traceback above). Called from a "
+                    "script: put the call under `if __name__ == '__main__':` (workers are spawned and "
+                    "import the script), or pass jobs=1 to train in this process."
+                ) from err
+            finally:
+                # every result is in (or the run failed): the workers' interpreter teardown (seconds
+                # with torch loaded) need not hold up the report; the pool reaps them in the background
+                pool.shutdown(wait=False, cancel_futures=True)
+    return [run for run in runs if run is not None]
 
 
 def phase_checks(runs: list[dict[str, Any]], fast: bool) -> list[Check]:
@@ -397,6 +496,7 @@ def phase_record(runs: list[dict[str, Any]], wall_s: float | None = None) -> dic
         "d_model",
         "seed",
         "train_s",
+        "train_cpu_s",
         "gradient_symmetricity",
         "distance_irrelevance",
         "circularity",
@@ -577,7 +677,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def reproduce(
-    fast: bool = False, *, models: dict[str, nn.Module] | None = None, retrain: bool = True
+    fast: bool = False,
+    *,
+    models: dict[str, nn.Module] | None = None,
+    retrain: bool = True,
+    jobs: int | None = None,
 ) -> Report:
     """Every Clock/Pizza check on the shipped models and, with ``retrain``, on the α × width grid.
 
@@ -585,8 +689,10 @@ def reproduce(
     (:data:`PHASE_RECORD`), labelled as such and not judged.
 
     ``models`` replaces ``clock-pizza-a1`` / ``clock-pizza-a0`` (tests pass untrained ones to see the
-    checks fail).
+    checks fail). ``jobs``: worker processes for the grid (default one per core; see :func:`phase_diagram`).
     """
+    if jobs is not None:
+        check_jobs(jobs)
     report = Report("clock-pizza", fast=fast)
     start = time.perf_counter()
     clock, _ = zoo_model(CLOCK, report, fast=fast, given=models)
@@ -601,8 +707,9 @@ def reproduce(
     report.figures.append(("Embeddings on circles", embedding_figure(clock, pizza)))
     if retrain:
         t0 = time.perf_counter()
-        runs = phase_diagram(fast)
-        report.timings["phase_diagram"] = time.perf_counter() - t0
+        n_jobs = default_jobs(len(phase_grid(fast))) if jobs is None else jobs
+        runs = phase_diagram(fast, jobs=n_jobs)
+        report.timings["phase_diagram"] = wall = time.perf_counter() - t0
         report.add(*phase_checks(runs, fast))
         grid = "fast grid" if fast else "faithful grid"
         report.figures.append(
@@ -616,6 +723,11 @@ def reproduce(
                 "phase": {k: v for k, v in run.items() if k != "config"},
             }
         report.notes.append(f"Phase diagram ({grid}): {_phase_text(runs)}.")
+        report.notes.append(
+            f"Phase diagram wall time: {wall:.0f} s for {len(runs)} models in {min(n_jobs, len(runs))} "
+            f"worker process(es), one thread each ({sum(r['train_cpu_s'] for r in runs):.0f} s of CPU "
+            "training them); the whole run's wall time is results.json's timings_s.total."
+        )
     elif (record := load_phase_record()) is not None:
         when = (
             f"recorded {record['recorded']}, {record['wall_s']:.0f} s wall"

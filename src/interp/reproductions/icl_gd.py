@@ -25,26 +25,33 @@ Checks:
 * interpolation (the authors' ``interpolate_weights``): the average of the normalised trained and constructed
   weights, and the whole path between them, has GD-1's loss.
 
-Paper figures. The stored copy of the paper reachable from here holds only its first page (the
-abstract), so no number from its body (sections, figures, tables) could be read, and none is quoted
-(what was searched, and that the authors' notebooks hold no saved outputs: docs/reproductions-papers.md).
-The setup above comes from the authors' code (google-research/self-organising-systems,
-``transformers_learn_icl_by_gd``: ``src/config.py``, ``src/data.py`` ``create_reg_data`` /
+Paper figures. The paper's text (arXiv 2212.07677v2, read from a full-text capture of its PDF; where,
+and every quote: docs/reproductions-papers.md) states the single-layer results in words and plots:
+the trained layer's loss is "identical" to GD's, "almost perfect alignment" of the two models by cosine
+and L2 (Fig. 2, no number in the text), "a simple scaling correction on the trained weights is enough
+to recover the weight construction", and an "identical loss" of GD, the trained layer and the
+interpolated weights (§3, App. A.3). Its one number for this setup is GD's loss, "the desired GD loss of
+0.2" (App. A.11; the level of Fig. 2's curves), checked here at the authors' input scale (their code
+draws x ~ U(-0.5, 0.5) though the text says U(-1, 1); the loss scales as x², so ours × 1/4). The setup
+matches the text's (N = n_I = 10, W ~ N(0, I), η by line search on 10^4 tasks, 10^4 validation tasks,
+Adam at lr 0.001, batch 2048, fan-in truncated-normal init at scale 0.002/K with K = 1 layer) except
+the gradient clipping (the text: global norm 10; the notebook and we: 1e-3). The rest of the setup
+comes from the authors' code (google-research/self-organising-systems, ``transformers_learn_icl_by_gd``: ``src/config.py``, ``src/data.py`` ``create_reg_data`` /
 ``create_weights``, ``src/train.py`` ``analyse`` / ``scan_lrs`` / ``loss_fn``, and the 1-layer settings
-of ``constructed_token_setup.ipynb``). The claims tested are the abstract's ("the models learned by GD
-and Transformers show great similarity or, remarkably, the weights found by optimization match the
-construction") and the quantities the authors' notebook plots (trained loss against GD's, cosine and
-L2 of the sensitivities, L2 of the predictions, the interpolated model's loss). Tolerances are ours,
+of ``constructed_token_setup.ipynb``). Tolerances are ours,
 set from the sampling noise of 10k test tasks and stated per row: loss gap ≤ 1%, cosine ≥ 0.99,
 relative L2 ≤ 0.1, normalised weights within 0.05 of the construction (faithful); the fast retrain
 (1,500 steps at batch 1,024 instead of 5,000 at 2,048) gets loss gap ≤ 3%, cosine ≥ 0.98, relative
-L2 ≤ 0.15. Measured on the shipped layer: loss gap 0.16%, cosine 0.9990, relative L2 0.049
-(sensitivities) and 0.050 (predictions), effective-tensor cosine 0.9987.
+L2 ≤ 0.15; GD's loss at the paper's scale 0.2 ± 0.05 (the paper gives one digit). Measured on the
+shipped layer: loss gap 0.16%, cosine 0.9990, relative L2 0.049 (sensitivities) and 0.050
+(predictions), effective-tensor cosine 0.9987; GD-1 loss 0.835 at U(-1, 1), i.e. 0.209 at the
+authors' scale.
 
 Variants: both analyse the **shipped checkpoint** (seconds; most of it the 200k-task stationarity
 check). On top, ``retrain=True`` retrains from other seeds: fast, seed 1 with the fast recipe (~10 s of
 CPU); faithful, seeds 1 and 2 with the full recipe (~45 s of CPU each; the faithful run took 273 s of
-wall time on the shared 2-core box).
+wall time on the shared 2-core box, and 562 s (25/25 checks) at ``nice 10`` and a load average of ~8 for
+about 2 minutes of CPU: well inside the 30-minute budget).
 """
 
 from __future__ import annotations
@@ -166,7 +173,7 @@ def loss_checks(
     return [
         Check.at_most(
             f"{label}: |L_TF / L_GD - 1| (test loss, 10k tasks)",
-            "L_TF ≈ L_GD (abstract; notebook)",
+            "'identical' to GD's (§3, Fig. 2)",
             abs(l_tf / l_gd - 1),
             gap,
         ),
@@ -180,6 +187,29 @@ def loss_checks(
     ]
 
 
+AUTHORS_X_HALF_RANGE = 0.5  # the authors' code draws x ~ U(-input_range/2, input_range/2), input_range 1
+PAPER_GD_LOSS = 0.2  # App. A.11: "the desired GD loss of 0.2" (the level of Fig. 2's and Fig. 15's curves)
+
+
+def paper_scale_checks(gd_loss: float, x_range: float) -> list[Check]:
+    """GD-1's test loss at the authors' input scale against the paper's 0.2.
+
+    With x -> s·x (so y -> s·y) the optimal η scales by 1/s² and the GD-1 prediction by s, so the loss
+    scales by s² exactly: our U(-x_range, x_range) loss times (0.5 / x_range)² is the loss the authors'
+    code (U(-0.5, 0.5), loss 0.5·mean squared error) plots. The paper gives one digit, so ± 0.05.
+    """
+    scale = (AUTHORS_X_HALF_RANGE / x_range) ** 2
+    return [
+        Check.within(
+            f"GD-1 test loss at the authors' x ~ U(-0.5, 0.5) (ours × {scale:g})",
+            f"{PAPER_GD_LOSS} (App. A.11; Fig. 2)",
+            gd_loss * scale,
+            PAPER_GD_LOSS,
+            0.05,
+        )
+    ]
+
+
 def alignment_checks(
     model: nn.Module, tokens: torch.Tensor, eta: float, label: str, cos_min: float, rel_max: float
 ) -> tuple[dict[str, float], list[Check]]:
@@ -187,20 +217,20 @@ def alignment_checks(
     return align, [
         Check.at_least(
             f"{label}: mean cosine of ∂ŷ/∂x_q, layer vs GD-1",
-            "≈ 1 (authors' analyse)",
+            "'almost perfect alignment' (Fig. 2; no number in the text)",
             align["cos"],
             cos_min,
             digits=4,
         ),
         Check.at_most(
             f"{label}: mean ‖∂ŷ_TF/∂x_q - ∂ŷ_GD/∂x_q‖ / mean ‖∂ŷ_GD/∂x_q‖",
-            "≈ 0 (authors' analyse)",
+            "≈ 0 (Fig. 2, 'Model diff'; no number)",
             align["sens_l2_rel"],
             rel_max,
         ),
         Check.at_most(
             f"{label}: mean |ŷ_TF - ŷ_GD| / mean |ŷ_GD|",
-            "≈ 0 (authors' analyse)",
+            "≈ 0 (Fig. 2, 'Preds diff'; no number)",
             align["pred_l2_rel"],
             rel_max,
         ),
@@ -239,7 +269,7 @@ def weight_checks(model: nn.Module, constructed: nn.Module, eta: float, n_contex
         ),
         Check.at_least(
             "cosine of the effective tensor u_a M_bc, trained vs constructed",
-            "weights match the construction (abstract)",
+            "scaling recovers the construction (§3)",
             _cos(effective_tensor(model), effective_tensor(constructed)),
             0.99,
             digits=4,
@@ -265,7 +295,7 @@ def interpolation_checks(
     return path, [
         Check.at_most(
             "interpolated model (α = 0.5): |L / L_GD - 1|",
-            "L ≈ L_GD (authors' interpolate_weights)",
+            "'identical loss' (§3, App. A.3)",
             abs(mid / gd_loss - 1),
             gap,
         ),
@@ -412,6 +442,7 @@ def reproduce(
     report.add(*checks)
     constructed = lsa.constructed_model(int(cfg["d"]), int(cfg["n_context"]), eta, torch.float64)
     gd_loss = float(lsa.loss(lsa.gd_one_step(tokens, eta), target))
+    report.add(*paper_scale_checks(gd_loss, float(cfg["x_range"])))
     report.add(*loss_checks(model, tokens, target, eta, "shipped", gap=0.01))
     _, checks = alignment_checks(model, tokens, eta, "shipped", cos_min=0.99, rel_max=0.1)
     report.add(*checks)
@@ -431,8 +462,9 @@ def reproduce(
         f"{cfg['lr_seed']}); test loss {gd_loss:.4f} on 10,000 tasks (seed {cfg['eval_seed']})."
     )
     report.notes.append(
-        "The paper's body was not readable in the stored copy here (first page only), so tolerances are "
-        "ours, set from 10k-task sampling noise; see the module docstring."
+        "Paper column: the paper's text (arXiv 2212.07677v2; where read: docs/reproductions-papers.md). Its "
+        "only number for this setup is GD's loss, 0.2; the alignment and loss agreement are stated in words "
+        "and plotted (Fig. 2), so the other tolerances are ours, set from 10k-task sampling noise."
     )
     return report
 
