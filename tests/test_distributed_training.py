@@ -201,11 +201,11 @@ SYNC = """
 import sys, torch
 from interp.distributed import GradientSync, process_group
 
-out = sys.argv[1]
+out, exchange = sys.argv[1], sys.argv[2] == "exchange"
 with process_group(timeout=60) as ctx:
     x = torch.arange(1.0, 5.0) * (ctx.rank + 1)
     a, b, unused = (torch.nn.Parameter(torch.ones(4)) for _ in range(3))
-    sync = GradientSync([b, unused, a])  # not the order autograd finishes them: launches wait for it
+    sync = GradientSync([b, unused, a], exchange=exchange)  # not the order autograd finishes them: launches wait for it
     grads = []
     for step in range(2):  # the hooks re-arm every step
         a.grad = b.grad = unused.grad = None
@@ -223,11 +223,13 @@ with process_group(timeout=60) as ctx:
 """
 
 
-def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path):
+@pytest.mark.parametrize("mode", ["exchange", "all_reduce"])
+def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
     """Each gradient is summed over the 2 ranks (a parameter the step missed as zeros), in the
-    given launch order whatever order the backward finishes them, on every step; ``close`` stops it."""
+    given launch order whatever order the backward finishes them, on every step; ``close`` stops it.
+    Both ways: the point-to-point exchange (gloo's default for 2 ranks) and the all-reduce."""
     (tmp_path / "sync.py").write_text(SYNC)
-    result = torchrun(2, str(tmp_path / "sync.py"), str(tmp_path))
+    result = torchrun(2, str(tmp_path / "sync.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stderr[-3000:]
     xs = [torch.arange(1.0, 5.0) * (r + 1) for r in (0, 1)]
     for rank in (0, 1):

@@ -329,11 +329,25 @@ class GradientSync:
     all-reduces in exactly that order (a parameter ready early waits for those before it), so
     the ranks' collectives always match. After ``loss.backward()`` call ``finish_backward``: a
     parameter the step did not reach gets a zero gradient and is reduced too. The hooks act only
-    between ``start`` and ``finish_backward``; ``close`` removes them."""
+    between ``start`` and ``finish_backward``; ``close`` removes them.
 
-    def __init__(self, params: list[Any]) -> None:
+    ``exchange`` (default: on gloo with 2 ranks): each rank sends its gradient to the other and
+    adds the one it receives (point-to-point), instead of gloo's ring all-reduce: the same bytes
+    in one round trip instead of two dependent phases, measured about 2x faster for 3 MB on
+    localhost. ``a + b == b + a`` in floating point, so both ranks still hold the same sums."""
+
+    def __init__(self, params: list[Any], exchange: bool | None = None) -> None:
+        import torch.distributed as dist
+
         self.params = [p for p in params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        world = dist.get_world_size()
+        if exchange is None:
+            exchange = world == 2 and dist.get_backend() == "gloo"
+        if exchange and world != 2:
+            raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
+        self._peer = 1 - dist.get_rank() if exchange else None
+        self._received: dict[int, Any] = {}  # the peer's gradient, per parameter (exchange)
         self._work: list[Any] = []
         self._ready: list[bool] = []
         self._active = False
@@ -357,7 +371,13 @@ class GradientSync:
             param = self.params[len(self._work)]
             if not param.grad.is_contiguous():
                 param.grad = param.grad.contiguous()
-            self._work.append(dist.all_reduce(param.grad, async_op=True))
+            if self._peer is None:
+                self._work.append(dist.all_reduce(param.grad, async_op=True))
+                continue
+            into = self._received.get(id(param))
+            if into is None or into.shape != param.grad.shape:
+                into = self._received[id(param)] = param.grad.new_empty(param.grad.shape)
+            self._work.append((dist.isend(param.grad, self._peer), dist.irecv(into, self._peer)))
 
     def finish_backward(self) -> None:
         """Start the reductions not started yet (zero gradients for parameters the step missed)."""
@@ -374,10 +394,17 @@ class GradientSync:
     def wait(self, params: list[Any]) -> None:
         """Block until the gradients of ``params`` hold their sums over the ranks."""
         for param in params:
-            work = self._work[self._index[id(param)]]
-            if work is not None:
+            i = self._index[id(param)]
+            work = self._work[i]
+            if work is None:
+                continue
+            if self._peer is None:
                 work.wait()
-                self._work[self._index[id(param)]] = None
+            else:
+                for part in work:
+                    part.wait()
+                param.grad.add_(self._received[id(param)])
+            self._work[i] = None
 
     def close(self) -> None:
         """Remove the hooks (the parameters outlive the training run)."""

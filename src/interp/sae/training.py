@@ -890,10 +890,10 @@ class _Trainer:
         if self.sync is None:
             self.opt.step()
             return None if last else self._fetch(batches)
+        batch = None if last else self._fetch(batches)
         early, late = self.sync.params[:-1], self.sync.params[-1:]
         self.sync.wait(early)
         self._step_only(early)
-        batch = None if last else self._fetch(batches)
         self.sync.wait(late)
         self._step_only(late)
         return batch
