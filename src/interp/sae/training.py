@@ -853,7 +853,7 @@ class _Trainer:
         """The next step's ``x``, ``y`` (on the SAE's device) and its NaN/inf check (being summed)."""
         batch = next(batches)
         x = batch[0].to(self.sae.device, self.sae.dtype)
-        y = batch[-1].to(self.sae.device, self.sae.dtype)
+        y = x if len(batch) == 1 else batch[-1].to(self.sae.device, self.sae.dtype)
         return x, y, self._check_finite(x, y)
 
     def _ready_order(self) -> list[torch.nn.Parameter]:
@@ -913,7 +913,8 @@ class _Trainer:
 
     def _check_finite(self, x: torch.Tensor, y: torch.Tensor) -> _Sum:
         """How many ranks' batches hold NaN or inf (being summed; ``_settle`` reads it)."""
-        return self._start_sum(torch.tensor(int(not (torch.isfinite(x).all() and torch.isfinite(y).all()))))
+        finite = bool(torch.isfinite(x).all()) and (y is x or bool(torch.isfinite(y).all()))  # an SAE: y is x
+        return self._start_sum(torch.tensor(int(not finite)))
 
     def _settle(self, bad: _Sum, metrics: dict[str, float] | _Metrics) -> dict[str, float]:
         """The step's checks and global metrics, before the optimizer step changes anything.
