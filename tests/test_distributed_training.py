@@ -1,4 +1,4 @@
-"""Data-parallel dictionary training (DistributedDataParallel, gloo, 2 processes on localhost):
+"""Data-parallel dictionary training (gradients summed by GradientSync, gloo, 2 processes on localhost):
 the same seed, global batch and data lanes give the one-process weights; rank 0's checkpoint
 resumes on another world size; bad parallel settings are refused before any work."""
 
@@ -101,7 +101,7 @@ def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatc
         one = train(common.model(), "1.hook_out", root / "capture", data_lanes=2, **recipe)
         ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         assert_close(ranks[0], one.state_dict())
-        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP keeps the ranks equal
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the ranks stay equal
         history = json.loads((tmp_path / name / "history.json").read_text())  # rank 0 wrote the run
         assert [h["step"] for h in history] == list(range(len(one.history)))
         for ours, ref in zip(history, one.history, strict=True):
