@@ -1,4 +1,4 @@
-"""Data-parallel dictionary training (DistributedDataParallel, gloo, 2 processes on localhost):
+"""Data-parallel dictionary training (gradients summed by GradientSync, gloo, 2 processes on localhost):
 the same seed, global batch and data lanes give the one-process weights; rank 0's checkpoint
 resumes on another world size; bad parallel settings are refused before any work."""
 
@@ -101,7 +101,7 @@ def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatc
         one = train(common.model(), "1.hook_out", root / "capture", data_lanes=2, **recipe)
         ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         assert_close(ranks[0], one.state_dict())
-        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # DDP keeps the ranks equal
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the ranks stay equal
         history = json.loads((tmp_path / name / "history.json").read_text())  # rank 0 wrote the run
         assert [h["step"] for h in history] == list(range(len(one.history)))
         for ours, ref in zip(history, one.history, strict=True):
@@ -194,3 +194,47 @@ def test_checkpoint_from_before_data_lanes_still_resumes(setup, tmp_path, monkey
     reference = train(common.model(), "1.hook_out", root / "capture", checkpoint_every=6, **recipe)
     assert resumed.cfg.metadata["training"]["data_lanes"] == 1
     assert_close(resumed.state_dict(), reference.state_dict(), atol=0)
+
+
+# GradientSync on its own: rank r's gradients come from x = r + 1; one parameter gets no gradient.
+SYNC = """
+import sys, torch
+from interp.distributed import GradientSync, process_group
+
+out, exchange = sys.argv[1], sys.argv[2] == "exchange"
+with process_group(timeout=60) as ctx:
+    x = torch.arange(1.0, 5.0) * (ctx.rank + 1)
+    a, b, unused = (torch.nn.Parameter(torch.ones(4)) for _ in range(3))
+    sync = GradientSync([b, unused, a], exchange=exchange)  # not the order autograd finishes them: launches wait for it
+    grads = []
+    for step in range(2):  # the hooks re-arm every step
+        a.grad = b.grad = unused.grad = None
+        sync.start()
+        ((a * x).sum() + (b * x**2).sum() * (step + 1)).backward()
+        sync.finish_backward()
+        sync.wait([a])
+        sync.wait([b, unused])
+        grads.append(torch.stack([a.grad, b.grad, unused.grad]))
+    sync.close()
+    a.grad = None
+    (a * x).sum().backward()  # after close: a plain local backward, no reduction
+    grads.append(a.grad.clone())
+    torch.save(grads, f"{out}/rank{ctx.rank}.pt")
+"""
+
+
+@pytest.mark.parametrize("mode", ["exchange", "all_reduce"])
+def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
+    """Each gradient is summed over the 2 ranks (a parameter the step missed as zeros), in the
+    given launch order whatever order the backward finishes them, on every step; ``close`` stops it.
+    Both ways: the point-to-point exchange (gloo's default for 2 ranks) and the all-reduce."""
+    (tmp_path / "sync.py").write_text(SYNC)
+    result = torchrun(2, str(tmp_path / "sync.py"), str(tmp_path), mode)
+    assert result.returncode == 0, result.stderr[-3000:]
+    xs = [torch.arange(1.0, 5.0) * (r + 1) for r in (0, 1)]
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for step in (0, 1):
+            expected = torch.stack([sum(xs), sum(x**2 for x in xs) * (step + 1), torch.zeros(4)])
+            assert torch.equal(grads[step], expected), (rank, step, grads[step])
+        assert torch.equal(grads[2], xs[rank])

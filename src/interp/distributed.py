@@ -307,3 +307,108 @@ def coordinator(ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> Co
     """A ``Coordinator`` for a job of several ranks, a ``LocalCoordinator`` for one process."""
     check_timeout(timeout)
     return Coordinator(ctx, name, timeout) if ctx.distributed else LocalCoordinator()
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients summed over the ranks, overlapped with the rest of the step
+# ------------------------------------------------------------------------------------------------
+
+
+class GradientSync:
+    """Sums the gradients of ``params`` over the ranks, each with its own asynchronous all-reduce
+    started by the backward pass as soon as that parameter's gradient is accumulated, so the
+    reductions overlap the rest of the backward and whatever the caller does before ``wait``.
+
+    What ``DistributedDataParallel`` does, except when the caller waits: DDP's backward returns
+    only once every bucket has landed, and the last parameter's gradient (a dictionary's encoder,
+    computed last) is then reduced with nothing to overlap it. Here the caller waits parameter by
+    parameter (``wait``), so it can update the others, or read its next batch, while the last
+    one is in flight.
+
+    ``params`` are given in the order their gradients become ready; every rank starts the
+    all-reduces in exactly that order (a parameter ready early waits for those before it), so
+    the ranks' collectives always match. After ``loss.backward()`` call ``finish_backward``: a
+    parameter the step did not reach gets a zero gradient and is reduced too. The hooks act only
+    between ``start`` and ``finish_backward``; ``close`` removes them.
+
+    ``exchange`` (default: on gloo with 2 ranks): each rank sends its gradient to the other and
+    adds the one it receives (point-to-point), instead of gloo's ring all-reduce: the same bytes
+    in one round trip instead of two dependent phases, measured about 2x faster for 3 MB on
+    localhost. ``a + b == b + a`` in floating point, so both ranks still hold the same sums."""
+
+    def __init__(self, params: list[Any], exchange: bool | None = None) -> None:
+        import torch.distributed as dist
+
+        self.params = [p for p in params if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        world = dist.get_world_size()
+        if exchange is None:
+            exchange = world == 2 and dist.get_backend() == "gloo"
+        if exchange and world != 2:
+            raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
+        self._peer = 1 - dist.get_rank() if exchange else None
+        self._received: dict[int, Any] = {}  # the peer's gradient, per parameter (exchange)
+        self._work: list[Any] = []
+        self._ready: list[bool] = []
+        self._active = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def start(self) -> None:
+        """Arm the hooks for one backward pass."""
+        self._ready = [False] * len(self.params)
+        self._work = []
+        self._active = True
+
+    def _on_grad(self, param: Any) -> None:
+        if self._active:
+            self._ready[self._index[id(param)]] = True
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        import torch.distributed as dist
+
+        while len(self._work) < len(self.params) and self._ready[len(self._work)]:
+            param = self.params[len(self._work)]
+            if not param.grad.is_contiguous():
+                param.grad = param.grad.contiguous()
+            if self._peer is None:
+                self._work.append(dist.all_reduce(param.grad, async_op=True))
+                continue
+            into = self._received.get(id(param))
+            if into is None or into.shape != param.grad.shape:
+                into = self._received[id(param)] = param.grad.new_empty(param.grad.shape)
+            self._work.append((dist.isend(param.grad, self._peer), dist.irecv(into, self._peer)))
+
+    def finish_backward(self) -> None:
+        """Start the reductions not started yet (zero gradients for parameters the step missed)."""
+        import torch
+
+        for i, param in enumerate(self.params):
+            if not self._ready[i]:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                self._ready[i] = True
+        self._launch_ready()
+        self._active = False
+
+    def wait(self, params: list[Any]) -> None:
+        """Block until the gradients of ``params`` hold their sums over the ranks."""
+        for param in params:
+            i = self._index[id(param)]
+            work = self._work[i]
+            if work is None:
+                continue
+            if self._peer is None:
+                work.wait()
+            else:
+                for part in work:
+                    part.wait()
+                param.grad.add_(self._received[id(param)])
+            self._work[i] = None
+
+    def close(self) -> None:
+        """Remove the hooks (the parameters outlive the training run)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._active = False
