@@ -3,6 +3,8 @@
 
 * a patch in the last block after which nothing mixes positions (head outputs, queries, pattern
   rows), at a position the metric does not read, takes the unpatched run's value without a forward;
+* on a native bridge, earlier patches run the last block's queries (and its MLP and the unembedding)
+  only at the positions the metric reads;
 * on a Hugging Face model, a logit difference computes only its two logit columns;
 * GPT-2's ``gelu_new`` runs as one fused kernel inside the sweep's forwards.
 """
@@ -62,6 +64,8 @@ def test_unread_positions_of_the_last_block_equal_transformer_lens(site, monkeyp
     n_pos, heads = clean.shape[1], model.cfg.n_heads
     last_layer_run = n_pos * heads if site == "head_k_pos" else len(metric.positions) * heads
     assert sum(copies) == n_pos * heads + last_layer_run
+    # layer-0 patches ran the last block's queries at the read positions only (checked, then used)
+    assert any(ok for key, ok in model._suffix_checks.items() if key[0] == "query rows")
 
 
 @pytest.mark.parametrize("site", ["head_pos", "head_q_pos"])

@@ -992,6 +992,7 @@ def sweep(
         )
     else:
         gathered = {}
+    used = None if narrow or route is None else _queried_positions(model, base, route, metric, n_pos)
     done = 0
     for indices in chunks_by(order, copies, key=key):
         chunk = [patches[i] for i in indices]
@@ -1007,13 +1008,19 @@ def sweep(
             output = _run_gathered(model, base, chunk, hooks, route, stream, start)
             start = 0
         else:
+            rows = None if used is None else [p - start for p in used if p >= start]
             with (
                 model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext(),
                 _keeping_columns(model, columns),
+                route.querying(torch.tensor(rows)) if rows else nullcontext(),
             ):
                 output = model.run_copies(
                     base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix, library=True
                 )
+            if rows and output.shape[1] == len(rows) < n_pos - start:  # the read positions only
+                full = route.output.to(output).repeat(len(chunk), *([1] * (output.ndim - 1)))
+                full[:, [start + r for r in rows]] = output
+                output, start = full, 0
         if start > 0 and not narrow:  # positions before ``start``: the plain base run's
             before = route.output[:, :start].repeat(len(chunk), *([1] * (output.ndim - 1)))
             output = torch.cat([before.to(output), output], dim=1)
@@ -1080,6 +1087,39 @@ def _keeping_columns(model: HookedModel, ids: list[int] | None):
         yield
     finally:
         del head.forward
+
+
+def _queried_positions(model: HookedModel, base, route: Any, metric: Metric, n_pos: int) -> list[int] | None:
+    """The positions a metric reads (``Metric.positions_used``) where the route can run the last
+    block's queries there alone (``NativeSuffix.querying``), or None. Checked once per input shape:
+    a tail run of ``base`` from the middle, queried there, equals the full run at those positions."""
+    used = metric.positions_used()
+    if used is None or not hasattr(route, "querying"):
+        return None
+    used = sorted({p % n_pos for p in used})
+    if len(used) == n_pos:
+        return None
+    key = ("query rows", tuple(base.input_ids.shape), tuple(used))
+    checks = model._suffix_checks
+    if key not in checks:
+        s = n_pos // 2
+        rows = [p - s for p in used if p >= s] or [n_pos - 1 - s]
+        try:
+            with (
+                model._internal(),
+                torch.no_grad(),
+                route.active(s) as tail,
+                route.querying(torch.tensor(rows)),
+            ):
+                queried = model._forward(tail)
+            reference = route.output[:, [s + r for r in rows]]
+            scale = float(reference.abs().max().clamp_min(1.0))
+            checks[key] = queried.shape == reference.shape and bool(
+                torch.allclose(queried, reference, rtol=1e-4, atol=1e-5 * scale)
+            )
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            checks[key] = False
+    return used if checks[key] else None
 
 
 def _unread_to_base(

@@ -217,6 +217,22 @@ def _fused_gelu(module: nn.Module):
 class NativeSuffix(SuffixRoute):
     _structure: tuple[list[nn.Module], Any] | None = None  # (fast norms, plain forward), built once
 
+    def __init__(self, model: Any, prepared: Any) -> None:
+        super().__init__(model, prepared)
+        self._queries: dict[str, torch.Tensor | None] = {"rows": None}  # read by the plain forward
+
+    @contextmanager
+    def querying(self, rows: torch.Tensor):
+        """Inside ``active``: the last block computes queries, its MLP, the final norm and the
+        unembedding only at the tail's rows ``rows`` (their keys and values at every position),
+        where nothing is hooked from the last block on; the output then holds those positions.
+        Exact for a metric that reads only them (``Metric.positions_used``)."""
+        self._queries["rows"] = rows
+        try:
+            yield
+        finally:
+            self._queries["rows"] = None
+
     def _attentions(self) -> list[nn.Module]:
         return [block.attn.original_component for block in self.model.bridge.blocks]
 
@@ -257,7 +273,7 @@ class NativeSuffix(SuffixRoute):
         attentions = self._attentions()
         if self._structure is None:  # one sweep's forwards share the modules
             norms = self._norms()
-            self._structure = norms, _plain_bridge_forward(self.model.bridge, norms)
+            self._structure = norms, _plain_bridge_forward(self.model.bridge, norms, self._queries)
         norms, plain = self._structure
         for layer, attention in enumerate(attentions):
             attention.forward = self._forward_for(attention, layer, s, record)
@@ -281,10 +297,14 @@ class NativeSuffix(SuffixRoute):
 
         bridges = self.model.bridge.blocks  # the attention bridge of each layer: ``bridges[layer].attn``
 
-        def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
+        def forward(
+            hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, query_rows=None, **kwargs
+        ):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padded inputs keep the full forward")
             seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
+            if query_rows is not None:  # the plain forward's last block: queries at these rows only
+                return _attention_at(att, hidden_states, self.keys[layer], self.values[layer], s, query_rows)
             q = _linear(att.q, hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
             k = _linear(att.k, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             v = _linear(att.v, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
@@ -322,7 +342,25 @@ class NativeSuffix(SuffixRoute):
         return forward
 
 
-def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
+def _attention_at(
+    att: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s: int, rows: torch.Tensor
+) -> torch.Tensor:
+    """An unhooked ``NativeAttention`` (no rotary, no soft cap, checked by the caller) on the tail
+    ``x`` (positions ``s..``), with queries at the tail's ``rows`` only: ``[batch, len(rows), d]``."""
+    q = _linear(att.q, x[:, rows]).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+    k = _linear(att.k, x).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+    v = _linear(att.v, x).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
+    if s > 0:
+        k, v = _prepend(keys[:, :, :s], k), _prepend(values[:, :, :s], v)
+    if att.kv_repeats > 1:
+        k = k.repeat_interleave(att.kv_repeats, dim=1)
+        v = v.repeat_interleave(att.kv_repeats, dim=1)
+    visible = ~att.causal_mask[s + rows.to(att.causal_mask.device), : s + x.shape[1]]
+    z = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1 / att.scale)
+    return _linear(att.o, z.transpose(1, 2).flatten(-2))
+
+
+def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module], queries: dict | None = None):
     """The bridge's forward as plain torch ops around its hooked parts, or None where it does not apply.
 
     TransformerLens's bridge spends ~1-2 ms of Python per forward (``TransformerBridge.forward``,
@@ -394,6 +432,33 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
             x = x + (mlp(norm(inner.ln2, x)) if hooked(mlp) else mlp.original_component(norm(inner.ln2, x)))
         return _point(block.hook_out, x)
 
+    def narrowable(block: nn.Module) -> bool:
+        """The last block after its first norm (which runs every position, as ever), the final norm
+        and the unembedding unhooked; attention without rotary embeddings or a soft cap."""
+        from transformer_lens.utilities.activation_functions import softcap_enabled
+
+        inner = block.original_component
+        att = inner.attn.original_component
+        parts = (inner.attn, getattr(inner, "ln2", None), getattr(inner, "mlp", None))
+        return (
+            not any(hooked(part) for part in parts if part is not None)
+            and not any(map(_has_hooks, (block, inner, block.hook_in, block.hook_out)))
+            and not hooked(bridge.ln_final)
+            and not hooked(bridge.unembed)
+            and getattr(att, "rotary", None) is None
+            and att.causal
+            and not softcap_enabled(att.attn_scores_soft_cap)
+            and all(hasattr(getattr(att, n, None), "original_component") for n in ("q", "k", "v", "o"))
+        )
+
+    def last_block_at(block: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        inner = block.original_component
+        out = inner.attn.original_component(norm(inner.ln1, x), query_rows=rows)
+        x = x[:, rows] + out
+        if not inner.cfg.attn_only:
+            x = x + inner.mlp.original_component(norm(inner.ln2, x))
+        return x
+
     def forward(input=None, attention_mask=None, position_ids=None, **kwargs):
         plain = (
             not kwargs
@@ -416,8 +481,13 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
                 x = x + bridge.pos_embed(position_ids)
             else:
                 x = x + pos(position_ids)
-        for block in blocks:
+        rows = None if queries is None else queries["rows"]
+        for block in blocks[:-1]:
             x = block_forward(block, x, position_ids)
+        if rows is not None and narrowable(blocks[-1]):
+            x = last_block_at(blocks[-1], x, rows.to(x.device))
+        else:
+            x = block_forward(blocks[-1], x, position_ids)
         x = norm(bridge.ln_final, x)
         logits = bridge.unembed(x) if hooked(bridge.unembed) else unembed(x)
         return apply_softcap(logits, cap)
