@@ -949,14 +949,18 @@ def sweep(
     activation for patching; zeros, a mean or a resample for ablation). Each forward holds patches
     of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). When the
     metric reads one position per prompt (``Metric.positions_read``), the unembedding is computed
-    there alone.
+    there alone (and, on an ``nn.Linear`` head, only for the logit columns it reads:
+    ``Metric.vocab_read``).
 
     ``route``: a captured ``SuffixRoute`` of ``base`` (or None for none); by default one is found.
     On a causal model (checked, ``interp.models.suffix``) with ``reuse_prefix``, a forward whose
     patches all lie at positions ``>= s`` runs positions ``s..`` only: the earlier ones are those of
     the plain ``base`` run, whose keys and values are cached once. Patches are then grouped by
     position (``_prefix_groups`` ranges per hook) so that each forward skips its group's prefix.
-    Returns the metric per patch, shaped like ``plan_.shape``.
+    With a metric that reads known positions (``Metric.positions_used``), a last-block patch that
+    changes only its own position (``_local_stream``) elsewhere takes the base run's value without
+    a forward, and on native bridges other forwards run the last block's queries only there
+    (``NativeSuffix.querying``). Returns the metric per patch, shaped like ``plan_.shape``.
     """
     n_pos = base.input_ids.shape[1]
     total = len(plan_.patches)

@@ -22,7 +22,9 @@ positions ``s..n-1``.
   with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
   The bridge's own forward (``TransformerBridge.forward``, its driver, ``BlockBridge``) is
   replaced too: each component without a hook in it runs as plain torch ops, each one with a
-  hook is called through the bridge (``_plain_bridge_forward``).
+  hook is called through the bridge (``_plain_bridge_forward``). Inside ``NativeSuffix.querying``
+  its last block computes queries, MLP, final norm and unembedding only at the rows a metric reads.
+* On HF models the route's forwards run GPT-2's ``gelu_new`` as one fused kernel (``_fused_gelu``).
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
