@@ -221,14 +221,16 @@ class NativeSuffix(SuffixRoute):
 
     def __init__(self, model: Any, prepared: Any) -> None:
         super().__init__(model, prepared)
-        self._queries: dict[str, torch.Tensor | None] = {"rows": None}  # read by the plain forward
+        # "rows": set by ``querying``; "now": set by the plain forward around the last attention
+        self._queries: dict[str, torch.Tensor | None] = {"rows": None, "now": None}
 
     @contextmanager
     def querying(self, rows: torch.Tensor):
         """Inside ``active``: the last block computes queries, its MLP, the final norm and the
-        unembedding only at the tail's rows ``rows`` (their keys and values at every position),
-        where nothing is hooked from the last block on; the output then holds those positions.
-        Exact for a metric that reads only them (``Metric.positions_used``)."""
+        unembedding only at the tail's rows ``rows`` (keys and values at every position, where
+        hooks on them see every position), where nothing else is hooked from the last block's
+        attention on; the output then holds those positions. Exact for a metric that reads only
+        them (``Metric.positions_used``)."""
         self._queries["rows"] = rows
         try:
             yield
@@ -299,15 +301,16 @@ class NativeSuffix(SuffixRoute):
 
         bridges = self.model.bridge.blocks  # the attention bridge of each layer: ``bridges[layer].attn``
 
-        def forward(
-            hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, query_rows=None, **kwargs
-        ):
+        last = layer == len(bridges) - 1
+
+        def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padded inputs keep the full forward")
             seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
-            if query_rows is not None:  # the plain forward's last block: queries at these rows only
-                return _attention_at(att, hidden_states, self.keys[layer], self.values[layer], s, query_rows)
-            q = _linear(att.q, hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+            # the plain forward's last block under ``querying``: queries at these tail rows only
+            rows = self._queries["now"] if last else None
+            queried = hidden_states if rows is None else hidden_states[:, rows]
+            q = _linear(att.q, queried).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
             k = _linear(att.k, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             v = _linear(att.v, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             if att.rotary is not None:
@@ -323,9 +326,14 @@ class NativeSuffix(SuffixRoute):
                 v = v.repeat_interleave(att.kv_repeats, dim=1)
             if not att.causal:
                 raise NotImplementedError("bidirectional attention: every position depends on every other")
+            masked = (
+                att.causal_mask[s : s + seq, : s + seq]
+                if rows is None
+                else att.causal_mask[s + rows, : s + seq]
+            )
             if _fused_attention_applies(att, bridges[layer], pattern_fn, q, k):
                 # nothing reads the pattern: one fused kernel (equal to the steps below to ~1e-7)
-                visible = ~att.causal_mask[s : s + seq, : s + seq]
+                visible = ~masked
                 z = nn.functional.scaled_dot_product_attention(
                     q, k, v, attn_mask=visible, scale=1 / att.scale
                 )
@@ -333,33 +341,13 @@ class NativeSuffix(SuffixRoute):
             scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
             # no padding (checked above), so every row keeps its diagonal and softmax leaves masked
             # entries at exactly 0: the original's second masked_fill is a no-op here
-            pattern = torch.softmax(
-                scores.masked_fill_(att.causal_mask[s : s + seq, : s + seq], float("-inf")), -1
-            )
+            pattern = torch.softmax(scores.masked_fill_(masked, float("-inf")), -1)
             if pattern_fn is not None:
                 pattern = pattern_fn(pattern)
             z = _rows_matmul(pattern, v).transpose(1, 2).flatten(-2)
             return _linear(att.o, z), pattern
 
         return forward
-
-
-def _attention_at(
-    att: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s: int, rows: torch.Tensor
-) -> torch.Tensor:
-    """An unhooked ``NativeAttention`` (no rotary, no soft cap, checked by the caller) on the tail
-    ``x`` (positions ``s..``), with queries at the tail's ``rows`` only: ``[batch, len(rows), d]``."""
-    q = _linear(att.q, x[:, rows]).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
-    k = _linear(att.k, x).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
-    v = _linear(att.v, x).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
-    if s > 0:
-        k, v = _prepend(keys[:, :, :s], k), _prepend(values[:, :, :s], v)
-    if att.kv_repeats > 1:
-        k = k.repeat_interleave(att.kv_repeats, dim=1)
-        v = v.repeat_interleave(att.kv_repeats, dim=1)
-    visible = ~att.causal_mask[s + rows.to(att.causal_mask.device), : s + x.shape[1]]
-    z = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=1 / att.scale)
-    return _linear(att.o, z.transpose(1, 2).flatten(-2))
 
 
 def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module], queries: dict | None = None):
@@ -435,27 +423,41 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module], queries: di
         return _point(block.hook_out, x)
 
     def narrowable(block: nn.Module) -> bool:
-        """The last block after its first norm (which runs every position, as ever), the final norm
-        and the unembedding unhooked; attention without rotary embeddings or a soft cap."""
+        """Nothing that sees the last block's query side hooked (its attention's queries, scores,
+        pattern, z, output; MLP; block output; final norm; unembedding): hooks on its input, first
+        norm, keys and values see every position as ever. No rotary embeddings or soft cap."""
         from transformer_lens.utilities.activation_functions import softcap_enabled
 
         inner = block.original_component
-        att = inner.attn.original_component
-        parts = (inner.attn, getattr(inner, "ln2", None), getattr(inner, "mlp", None))
+        bridge_attn = inner.attn
+        att = bridge_attn.original_component
+        if not all(hasattr(getattr(att, n, None), "original_component") for n in ("q", "k", "v", "o")):
+            return False
+        full_rows = {id(m) for part in (att.k, att.v) for m in part.modules()} | {id(bridge_attn.hook_in)}
+        attention_query_side = [m for m in bridge_attn.modules() if id(m) not in full_rows]
+        later = (getattr(inner, "ln2", None), getattr(inner, "mlp", None), bridge.ln_final, bridge.unembed)
         return (
-            not any(hooked(part) for part in parts if part is not None)
-            and not any(map(_has_hooks, (block, inner, block.hook_in, block.hook_out)))
-            and not hooked(bridge.ln_final)
-            and not hooked(bridge.unembed)
+            not any(map(_has_hooks, attention_query_side))
+            and not any(hooked(part) for part in later if part is not None)
+            and not any(map(_has_hooks, (block, inner, block.hook_out)))
             and getattr(att, "rotary", None) is None
             and att.causal
             and not softcap_enabled(att.attn_scores_soft_cap)
-            and all(hasattr(getattr(att, n, None), "original_component") for n in ("q", "k", "v", "o"))
         )
 
-    def last_block_at(block: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def last_block_at(block: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor):
         inner = block.original_component
-        out = inner.attn.original_component(norm(inner.ln1, x), query_rows=rows)
+        x = _point(block.hook_in, x)
+        h = norm(inner.ln1, x)
+        attention = inner.attn
+        queries["now"] = rows
+        try:
+            if hooked(attention):  # its input or keys/values: through the bridge, which fires them
+                out, _ = attention(h, attention_mask=None, position_ids=position_ids)
+            else:
+                out, _ = attention.original_component(h, attention_mask=None, position_ids=position_ids)
+        finally:
+            queries["now"] = None
         x = x[:, rows] + out
         if not inner.cfg.attn_only:
             x = x + inner.mlp.original_component(norm(inner.ln2, x))
@@ -487,7 +489,7 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module], queries: di
         for block in blocks[:-1]:
             x = block_forward(block, x, position_ids)
         if rows is not None and narrowable(blocks[-1]):
-            x = last_block_at(blocks[-1], x, rows.to(x.device))
+            x = last_block_at(blocks[-1], x, position_ids, rows.to(x.device))
         else:
             x = block_forward(blocks[-1], x, position_ids)
         x = norm(bridge.ln_final, x)
