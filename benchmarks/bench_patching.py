@@ -20,7 +20,9 @@ model once up to each patched hook (``HookedModel.run_copies``) and, on causal m
 positions from the first patched one on (``interp.models.suffix``, whose forwards also run unhooked
 LayerNorms and attention as single kernels, and the bridge's forward as plain torch ops around the
 hooked components), and patches in the last block only each copy's
-position after the patch; the same sweeps with the copies tiled at the input, and with whole
+position after the patch (none at all where the metric does not read that position; earlier
+patches run the last block's queries at the read positions only, and a logit difference on an HF
+model computes two logit columns); the same sweeps with the copies tiled at the input, and with whole
 sequences (neither reuse), are timed beside them to show what each buys. On a shared machine use
 ``--clock cpu`` and 5+ rounds: wall-clock ratios move by 30% there.
 Ratios are the median of per-round ratios, with their spread (min-max) over rounds.

@@ -56,6 +56,9 @@ class NextTokenLogProb(Metric):
         picked = logp.gather(-1, wanted[None, :, :, None].expand(logp.shape[0], -1, -1, 1))
         return picked.mean((1, 2, 3))
 
+    def positions_used(self) -> list[int]:
+        return list(self.positions)
+
 
 def second_half_logprob(clean: torch.Tensor) -> Metric:
     """Mean log-prob of the second copy's tokens (each predicted from the previous position)."""

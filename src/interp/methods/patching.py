@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import product
 from typing import Any
 
 import torch
 from einops import rearrange
+from torch import nn
 from tqdm.auto import tqdm
 
 from interp.checks import finite_checks_on, require_finite
@@ -87,6 +88,22 @@ class Metric:
     def at_kept_positions(self) -> Metric:
         """The same metric on outputs that keep only ``positions_read()`` (one position per prompt)."""
         raise NotImplementedError
+
+    def vocab_read(self) -> list[int] | None:
+        """The logit columns (vocabulary ids) the metric reads at ``positions_read()``, if only a few:
+        sweeps then compute the unembedding for those columns alone (``at_vocab``). None: any."""
+        return None
+
+    def at_vocab(self, ids: list[int]) -> Metric:
+        """The same metric on logits that hold only the columns ``ids``, in that order."""
+        raise NotImplementedError
+
+    def positions_used(self) -> list[int] | None:
+        """The output positions (the same for every prompt) the metric may read, or None for any.
+        A sweep takes the unpatched run's value for a patch that changes no other position (checked:
+        ``_local_stream``) at a position outside them, without running it."""
+        kept = self.positions_read()
+        return None if kept is None else sorted(set(kept.tolist()))
 
 
 def _last_index(
@@ -164,6 +181,19 @@ class LogitDiff(_AtPosition):
         _check_vocab(good, logits.shape[-1], "correct")
         _check_vocab(bad, logits.shape[-1], "incorrect")
         return (logits[:, rows, good] - logits[:, rows, bad]).mean(-1)
+
+    def vocab_read(self) -> list[int] | None:
+        if self._index is None:
+            return None
+        batch = len(self._index)
+        ids = torch.cat([_token_ids(self.correct, batch), _token_ids(self.incorrect, batch)])
+        return sorted(set(ids.tolist()))
+
+    def at_vocab(self, ids: list[int]) -> Metric:
+        column = {token: i for i, token in enumerate(ids)}
+        batch = len(self._index)
+        good, bad = _token_ids(self.correct, batch), _token_ids(self.incorrect, batch)
+        return replace(self, correct=[column[int(t)] for t in good], incorrect=[column[int(t)] for t in bad])
 
 
 @dataclass
@@ -919,14 +949,18 @@ def sweep(
     activation for patching; zeros, a mean or a resample for ablation). Each forward holds patches
     of one hook, and the model runs once up to that hook (``HookedModel.run_copies``). When the
     metric reads one position per prompt (``Metric.positions_read``), the unembedding is computed
-    there alone.
+    there alone (and, on an ``nn.Linear`` head, only for the logit columns it reads:
+    ``Metric.vocab_read``).
 
     ``route``: a captured ``SuffixRoute`` of ``base`` (or None for none); by default one is found.
     On a causal model (checked, ``interp.models.suffix``) with ``reuse_prefix``, a forward whose
     patches all lie at positions ``>= s`` runs positions ``s..`` only: the earlier ones are those of
     the plain ``base`` run, whose keys and values are cached once. Patches are then grouped by
     position (``_prefix_groups`` ranges per hook) so that each forward skips its group's prefix.
-    Returns the metric per patch, shaped like ``plan_.shape``.
+    With a metric that reads known positions (``Metric.positions_used``), a last-block patch that
+    changes only its own position (``_local_stream``) elsewhere takes the base run's value without
+    a forward, and on native bridges other forwards run the last block's queries only there
+    (``NativeSuffix.querying``). Returns the metric per patch, shaped like ``plan_.shape``.
     """
     n_pos = base.input_ids.shape[1]
     total = len(plan_.patches)
@@ -937,6 +971,8 @@ def sweep(
     narrow = kept is not None and UNEMBED_INPUT in model._sites and model.can_keep_positions(UNEMBED_INPUT)
     read = metric.at_kept_positions() if narrow else metric
     kept = None if kept is None else kept % n_pos  # -1: the last position
+    columns = _unembed_columns(model, base, metric, kept) if narrow else None
+    read = read if columns is None else read.at_vocab(columns)
     patches = plan_.patches
     reuse = reuse_prefix and PREFIX_GROUPS > 1 and any(p.pos for p in patches)
     if route == "find":  # else the caller's route of ``base`` (captured), or None
@@ -948,18 +984,19 @@ def sweep(
         order.sort(key=lambda i: (hook_rank[patches[i].hook], patches[i].pos or 0))
         groups = _prefix_groups(model)
         by_pos = all(p.pos is not None for p in patches)
-        gathered = (
-            {h: _local_stream(model, base, h, route) for h in plan_.hooks} if by_pos and not narrow else {}
-        )
-        # patches after the attention pattern whose copies run one position each share one forward
-        # (only the output projection runs every position per copy); q/k/v/pattern keep their ranges
-        merged = {h for h, stream in gathered.items() if stream and not h.endswith(_INSIDE_ATTENTION)}
+        local = {h: _local_stream(model, base, h, route) for h in plan_.hooks} if by_pos else {}
+        order = _unread_to_base(order, patches, local, metric, route, n_pos, out)
+        gathered = {} if narrow else local
+        # patches in the last block whose copies run one position each from the stream on share one
+        # forward (the attention of queries / pattern rows runs from the first patched position)
+        merged = {h for h, stream in gathered.items() if stream}
         key = lambda i: (  # noqa: E731
             patches[i].hook,
             0 if patches[i].hook in merged else (patches[i].pos or 0) * groups // n_pos,
         )
     else:
         gathered = {}
+    used = None if narrow or route is None else _queried_positions(model, base, route, metric, n_pos)
     done = 0
     for indices in chunks_by(order, copies, key=key):
         chunk = [patches[i] for i in indices]
@@ -975,10 +1012,19 @@ def sweep(
             output = _run_gathered(model, base, chunk, hooks, route, stream, start)
             start = 0
         else:
-            with model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext():
+            rows = None if used is None else [p - start for p in used if p >= start]
+            with (
+                model.keeping_positions(UNEMBED_INPUT, kept - start) if narrow else nullcontext(),
+                _keeping_columns(model, columns),
+                route.querying(torch.tensor(rows)) if rows else nullcontext(),
+            ):
                 output = model.run_copies(
                     base, len(chunk), hooks, shared_until=chunk[0].hook, suffix=suffix, library=True
                 )
+            if rows and output.shape[1] == len(rows) < n_pos - start:  # the read positions only
+                full = route.output.to(output).repeat(len(chunk), *([1] * (output.ndim - 1)))
+                full[:, [start + r for r in rows]] = output
+                output, start = full, 0
         if start > 0 and not narrow:  # positions before ``start``: the plain base run's
             before = route.output[:, :start].repeat(len(chunk), *([1] * (output.ndim - 1)))
             output = torch.cat([before.to(output), output], dim=1)
@@ -997,6 +1043,117 @@ def sweep(
     return out.reshape(plan_.shape)
 
 
+def _unembed_columns(model: HookedModel, base, metric: Metric, kept: torch.Tensor) -> list[int] | None:
+    """The logit columns the (narrowed) metric reads, where the unembedding can compute only those.
+
+    Only for an unembedding that is a plain ``nn.Linear`` (Hugging Face's ``lm_head``; GPT-2's is
+    50,257 wide, ~1/4 of a sweep's forward on a 15-token prompt), nothing hooked at or after its
+    input (``can_keep_positions``), and checked once per input shape: the narrowed forward of
+    ``base`` equals the full one's columns at the kept positions (what follows the head must be
+    elementwise, e.g. a logit soft cap)."""
+    ids = metric.vocab_read()
+    site = model._sites.get(UNEMBED_INPUT)
+    if ids is None or site is None or type(site.module) is not nn.Linear or site.side != "input":
+        return None
+    if len(ids) * 8 > site.module.out_features:
+        return None
+    key = ("unembed columns", tuple(base.input_ids.shape))
+    checks = model._suffix_checks
+    if key not in checks:
+        try:
+            with model._internal(), torch.no_grad():
+                full = model._forward(base)
+                with model.keeping_positions(UNEMBED_INPUT, kept), _keeping_columns(model, ids):
+                    narrowed = model._forward(base)
+            rows = torch.arange(full.shape[0])
+            reference = full[rows, kept.to(full.device)][:, ids].unsqueeze(1)
+            scale = float(reference.abs().max().clamp_min(1.0))
+            checks[key] = narrowed.shape == reference.shape and bool(
+                torch.allclose(narrowed, reference, rtol=1e-4, atol=1e-5 * scale)
+            )
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            checks[key] = False
+    return ids if checks[key] else None
+
+
+@contextmanager
+def _keeping_columns(model: HookedModel, ids: list[int] | None):
+    """Forwards inside compute only the logit columns ``ids`` (see ``_unembed_columns``; None: all)."""
+    if ids is None:
+        yield
+        return
+    head = model._sites[UNEMBED_INPUT].module
+    index = torch.as_tensor(ids, device=head.weight.device)
+    weight = head.weight.index_select(0, index)
+    bias = None if head.bias is None else head.bias.index_select(0, index)
+    head.forward = lambda x: nn.functional.linear(x, weight, bias)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _queried_positions(model: HookedModel, base, route: Any, metric: Metric, n_pos: int) -> list[int] | None:
+    """The positions a metric reads (``Metric.positions_used``) where the route can run the last
+    block's queries there alone (``NativeSuffix.querying``), or None. Checked once per input shape:
+    a tail run of ``base`` from the middle, queried there, equals the full run at those positions."""
+    used = metric.positions_used()
+    if used is None or not hasattr(route, "querying"):
+        return None
+    used = sorted({p % n_pos for p in used})
+    if len(used) == n_pos:
+        return None
+    key = ("query rows", tuple(base.input_ids.shape), tuple(used))
+    checks = model._suffix_checks
+    if key not in checks:
+        s = n_pos // 2
+        rows = [p - s for p in used if p >= s] or [n_pos - 1 - s]
+        try:
+            with (
+                model._internal(),
+                torch.no_grad(),
+                route.active(s) as tail,
+                route.querying(torch.tensor(rows)),
+            ):
+                queried = model._forward(tail)
+            reference = route.output[:, [s + r for r in rows]]
+            scale = float(reference.abs().max().clamp_min(1.0))
+            checks[key] = queried.shape == reference.shape and bool(
+                torch.allclose(queried, reference, rtol=1e-4, atol=1e-5 * scale)
+            )
+        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+            checks[key] = False
+    return used if checks[key] else None
+
+
+def _unread_to_base(
+    order: list[int],
+    patches: list[Patch],
+    local: dict[str, str | None],
+    metric: Metric,
+    route: Any,
+    n_pos: int,
+    out: torch.Tensor,
+) -> list[int]:
+    """``order`` less the patches that cannot change what the metric reads: at a hook after which
+    nothing mixes positions (``local``, checked) and at a position the metric does not read
+    (``Metric.positions_used``). Their value is the unpatched run's (``route.output``), written to ``out``."""
+    used = metric.positions_used()
+    if used is None or not any(local.values()):
+        return order
+    used_set = {p % n_pos for p in used}
+    unread = [i for i in order if local.get(patches[i].hook) and patches[i].pos % n_pos not in used_set]
+    if not unread:
+        return order
+    value = metric.batched(route.output.unsqueeze(0)).detach().float().cpu()
+    require_finite(
+        value, f"the metric ({metric.name}) of the unpatched run", "Check the metric and the inputs."
+    )
+    out[unread] = float(value[0])
+    skipped = set(unread)
+    return [i for i in order if i not in skipped]
+
+
 def _row_positions(positions: Sequence[int], batch: int) -> torch.Tensor:
     """Row ``k * batch + b`` of stacked copies -> ``positions[k]``."""
     return torch.as_tensor(list(positions), dtype=torch.long).repeat_interleave(batch)
@@ -1009,17 +1166,6 @@ def _scatter_rows(route: Any, rows_out: torch.Tensor, rows_pos: torch.Tensor) ->
     full = route.output.to(rows_out).repeat(copies, *([1] * (route.output.ndim - 1)))
     full[torch.arange(full.shape[0], device=full.device), rows_pos.to(full.device)] = rows_out[:, 0]
     return full
-
-
-_INSIDE_ATTENTION = (
-    "hook_q",
-    "hook_k",
-    "hook_v",
-    "hook_rot_q",
-    "hook_rot_k",
-    "hook_attn_scores",
-    "hook_pattern",
-)
 
 
 def _run_gathered(
@@ -1043,24 +1189,26 @@ def _local_stream(model: HookedModel, base, hook: str, route: Any) -> str | None
     rows) changes nothing but that position downstream when no attention follows. Checked on
     ``base`` once per hook and input shape: two copies, each jittered at a different position at
     ``hook``, give the same full output run whole and run from the last block's
-    ``hook_resid_post`` (else ``ln_final.hook_in``) one position per copy.
+    ``hook_resid_post`` (else ``ln_final.hook_in``, else the unembedding's input) one position per copy.
     """
     n_layers = getattr(model, "n_layers", None)
     if route is None or n_layers is None or layer_of(hook) != n_layers - 1:
         return None
     order = {name: i for i, name in enumerate(model.hook_names)}
-    streams = (f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_in")
-    stream = next((name for name in streams if order.get(name, -1) > order[hook]), None)
-    if stream is None or not model.can_keep_positions(stream):
-        return None
-    key = ("one position per copy", hook, stream, tuple(base.input_ids.shape))
-    checks = model._suffix_checks
-    if key not in checks:
-        try:
-            checks[key] = _check_local(model, base, hook, route, stream)
-        except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
-            checks[key] = False
-    return stream if checks[key] else None
+    streams = (f"blocks.{n_layers - 1}.hook_resid_post", "ln_final.hook_in", UNEMBED_INPUT)
+    for stream in streams:  # the earliest that works (HF's GPT-2 reshapes its stream before ln_f)
+        if order.get(stream, -1) <= order[hook] or not model.can_keep_positions(stream):
+            continue
+        key = ("one position per copy", hook, stream, tuple(base.input_ids.shape))
+        checks = model._suffix_checks
+        if key not in checks:
+            try:
+                checks[key] = _check_local(model, base, hook, route, stream)
+            except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
+                checks[key] = False
+        if checks[key]:
+            return stream
+    return None
 
 
 def _check_local(model: HookedModel, base, hook: str, route: Any, stream: str) -> bool:
@@ -1074,7 +1222,7 @@ def _check_local(model: HookedModel, base, hook: str, route: Any, stream: str) -
 
     def jitter(act: torch.Tensor, _ctx: Any) -> torch.Tensor:  # copy k: noise at positions[k] only
         if "value" not in noise:
-            scale = 0.1 * act.float().std().clamp_min(1e-3)
+            scale = act.float().std().clamp_min(1e-3)  # a change well above float noise
             noise["value"] = (torch.randn(act.shape, generator=generator) * scale).to(act)
         at = torch.zeros(act.shape[0], act.shape[axis], dtype=torch.bool, device=act.device)
         at[torch.arange(act.shape[0]), _row_positions(positions, batch).to(act.device)] = True
@@ -1088,8 +1236,15 @@ def _check_local(model: HookedModel, base, hook: str, route: Any, stream: str) -
             rows_out = model.run_copies(base, 2, [(hook, jitter)], suffix=(route, 0), library=True)
     gathered = _scatter_rows(route, rows_out, rows_pos)
     scale = float(whole.abs().max().clamp_min(1.0))
-    moved = not torch.allclose(whole, route.output.repeat(2, *([1] * (whole.ndim - 1))))
-    return moved and torch.allclose(gathered, whole, rtol=1e-4, atol=1e-5 * scale)
+    effect = float((whole - route.output.repeat(2, *([1] * (whole.ndim - 1)))).abs().max())
+    # the jitter's effect elsewhere must be float noise next to its effect, not merely small (keys
+    # of a near-uniform attention move later positions by less than any absolute tolerance)
+    missed = float((gathered - whole).abs().max())
+    return (
+        effect > 0
+        and missed <= 1e-3 * effect
+        and torch.allclose(gathered, whole, rtol=1e-4, atol=1e-5 * scale)
+    )
 
 
 PREFIX_GROUPS = 4  # position ranges per hook when the prefix is reused (more: less work, more forwards)

@@ -22,7 +22,9 @@ positions ``s..n-1``.
   with the per-copy elementwise passes and per-call Python of TransformerLens's bridge left out.
   The bridge's own forward (``TransformerBridge.forward``, its driver, ``BlockBridge``) is
   replaced too: each component without a hook in it runs as plain torch ops, each one with a
-  hook is called through the bridge (``_plain_bridge_forward``).
+  hook is called through the bridge (``_plain_bridge_forward``). Inside ``NativeSuffix.querying``
+  its last block computes queries, MLP, final norm and unembedding only at the rows a metric reads.
+* On HF models the route's forwards run GPT-2's ``gelu_new`` as one fused kernel (``_fused_gelu``).
 
 A route is used only after ``SuffixRoute.exact`` has checked on the input itself that the model is
 causal and that a run from the middle equals the full run's tail; anything else keeps the full
@@ -162,9 +164,15 @@ class HFSuffix(SuffixRoute):
 
     @contextmanager
     def active(self, s: int):
-        if s == 0:  # nothing to reuse: HF's own forward
-            yield self.prepared
-            return
+        with _fused_gelu(self.model.module):
+            if s == 0:  # nothing to reuse: HF's own forward
+                yield self.prepared
+                return
+            with self._cached_prefix(s):
+                yield self.tail_input(s)
+
+    @contextmanager
+    def _cached_prefix(self, s: int):
         cache_class = _prefix_cache_class()
 
         def add_cache(module: nn.Module, args: tuple, kwargs: dict):
@@ -175,9 +183,32 @@ class HFSuffix(SuffixRoute):
 
         handle = self.model.module.register_forward_pre_hook(add_cache, with_kwargs=True)
         try:
-            yield self.tail_input(s)
+            yield
         finally:
             handle.remove()
+
+
+def _tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.gelu(x, approximate="tanh")
+
+
+@contextmanager
+def _fused_gelu(module: nn.Module):
+    """Inside: each HF ``NewGELUActivation`` (GPT-2's ``gelu_new``, the tanh-approximated GELU in
+    five elementwise passes, ~12% of a GPT-2 small forward on CPU) runs as one
+    ``gelu(approximate="tanh")`` kernel: the same function, equal to ~1e-7. Module hooks on the
+    activation still fire (they wrap ``forward``); ``SuffixRoute.exact`` compares the route's runs
+    with the model's own forward."""
+    from transformers.activations import NewGELUActivation
+
+    acts = [m for m in module.modules() if type(m) is NewGELUActivation and "forward" not in m.__dict__]
+    for act in acts:
+        act.forward = _tanh_gelu
+    try:
+        yield
+    finally:
+        for act in acts:
+            del act.forward
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,6 +218,24 @@ class HFSuffix(SuffixRoute):
 
 class NativeSuffix(SuffixRoute):
     _structure: tuple[list[nn.Module], Any] | None = None  # (fast norms, plain forward), built once
+
+    def __init__(self, model: Any, prepared: Any) -> None:
+        super().__init__(model, prepared)
+        # "rows": set by ``querying``; "now": set by the plain forward around the last attention
+        self._queries: dict[str, torch.Tensor | None] = {"rows": None, "now": None}
+
+    @contextmanager
+    def querying(self, rows: torch.Tensor):
+        """Inside ``active``: the last block computes queries, its MLP, the final norm and the
+        unembedding only at the tail's rows ``rows`` (keys and values at every position, where
+        hooks on them see every position), where nothing else is hooked from the last block's
+        attention on; the output then holds those positions. Exact for a metric that reads only
+        them (``Metric.positions_used``)."""
+        self._queries["rows"] = rows
+        try:
+            yield
+        finally:
+            self._queries["rows"] = None
 
     def _attentions(self) -> list[nn.Module]:
         return [block.attn.original_component for block in self.model.bridge.blocks]
@@ -228,7 +277,7 @@ class NativeSuffix(SuffixRoute):
         attentions = self._attentions()
         if self._structure is None:  # one sweep's forwards share the modules
             norms = self._norms()
-            self._structure = norms, _plain_bridge_forward(self.model.bridge, norms)
+            self._structure = norms, _plain_bridge_forward(self.model.bridge, norms, self._queries)
         norms, plain = self._structure
         for layer, attention in enumerate(attentions):
             attention.forward = self._forward_for(attention, layer, s, record)
@@ -252,11 +301,16 @@ class NativeSuffix(SuffixRoute):
 
         bridges = self.model.bridge.blocks  # the attention bridge of each layer: ``bridges[layer].attn``
 
+        last = layer == len(bridges) - 1
+
         def forward(hidden_states, attention_mask=None, position_ids=None, pattern_fn=None, **kwargs):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise NotImplementedError("padded inputs keep the full forward")
             seq = hidden_states.shape[1]  # rows are read from each tensor: copies may be stacked at q/k/v
-            q = _linear(att.q, hidden_states).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
+            # the plain forward's last block under ``querying``: queries at these tail rows only
+            rows = self._queries["now"] if last else None
+            queried = hidden_states if rows is None else hidden_states[:, rows]
+            q = _linear(att.q, queried).unflatten(-1, (att.n_heads, att.d_head)).transpose(1, 2)
             k = _linear(att.k, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             v = _linear(att.v, hidden_states).unflatten(-1, (att.n_kv_heads, att.d_head)).transpose(1, 2)
             if att.rotary is not None:
@@ -272,9 +326,14 @@ class NativeSuffix(SuffixRoute):
                 v = v.repeat_interleave(att.kv_repeats, dim=1)
             if not att.causal:
                 raise NotImplementedError("bidirectional attention: every position depends on every other")
+            masked = (
+                att.causal_mask[s : s + seq, : s + seq]
+                if rows is None
+                else att.causal_mask[s + rows, : s + seq]
+            )
             if _fused_attention_applies(att, bridges[layer], pattern_fn, q, k):
                 # nothing reads the pattern: one fused kernel (equal to the steps below to ~1e-7)
-                visible = ~att.causal_mask[s : s + seq, : s + seq]
+                visible = ~masked
                 z = nn.functional.scaled_dot_product_attention(
                     q, k, v, attn_mask=visible, scale=1 / att.scale
                 )
@@ -282,9 +341,7 @@ class NativeSuffix(SuffixRoute):
             scores = apply_softcap(_rows_matmul(q, k.transpose(-2, -1)) / att.scale, att.attn_scores_soft_cap)
             # no padding (checked above), so every row keeps its diagonal and softmax leaves masked
             # entries at exactly 0: the original's second masked_fill is a no-op here
-            pattern = torch.softmax(
-                scores.masked_fill_(att.causal_mask[s : s + seq, : s + seq], float("-inf")), -1
-            )
+            pattern = torch.softmax(scores.masked_fill_(masked, float("-inf")), -1)
             if pattern_fn is not None:
                 pattern = pattern_fn(pattern)
             z = _rows_matmul(pattern, v).transpose(1, 2).flatten(-2)
@@ -293,7 +350,7 @@ class NativeSuffix(SuffixRoute):
         return forward
 
 
-def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
+def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module], queries: dict | None = None):
     """The bridge's forward as plain torch ops around its hooked parts, or None where it does not apply.
 
     TransformerLens's bridge spends ~1-2 ms of Python per forward (``TransformerBridge.forward``,
@@ -365,6 +422,47 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
             x = x + (mlp(norm(inner.ln2, x)) if hooked(mlp) else mlp.original_component(norm(inner.ln2, x)))
         return _point(block.hook_out, x)
 
+    def narrowable(block: nn.Module) -> bool:
+        """Nothing that sees the last block's query side hooked (its attention's queries, scores,
+        pattern, z, output; MLP; block output; final norm; unembedding): hooks on its input, first
+        norm, keys and values see every position as ever. No rotary embeddings or soft cap."""
+        from transformer_lens.utilities.activation_functions import softcap_enabled
+
+        inner = block.original_component
+        bridge_attn = inner.attn
+        att = bridge_attn.original_component
+        if not all(hasattr(getattr(att, n, None), "original_component") for n in ("q", "k", "v", "o")):
+            return False
+        full_rows = {id(m) for part in (att.k, att.v) for m in part.modules()} | {id(bridge_attn.hook_in)}
+        attention_query_side = [m for m in bridge_attn.modules() if id(m) not in full_rows]
+        later = (getattr(inner, "ln2", None), getattr(inner, "mlp", None), bridge.ln_final, bridge.unembed)
+        return (
+            not any(map(_has_hooks, attention_query_side))
+            and not any(hooked(part) for part in later if part is not None)
+            and not any(map(_has_hooks, (block, inner, block.hook_out)))
+            and getattr(att, "rotary", None) is None
+            and att.causal
+            and not softcap_enabled(att.attn_scores_soft_cap)
+        )
+
+    def last_block_at(block: nn.Module, x: torch.Tensor, position_ids: torch.Tensor, rows: torch.Tensor):
+        inner = block.original_component
+        x = _point(block.hook_in, x)
+        h = norm(inner.ln1, x)
+        attention = inner.attn
+        queries["now"] = rows
+        try:
+            if hooked(attention):  # its input or keys/values: through the bridge, which fires them
+                out, _ = attention(h, attention_mask=None, position_ids=position_ids)
+            else:
+                out, _ = attention.original_component(h, attention_mask=None, position_ids=position_ids)
+        finally:
+            queries["now"] = None
+        x = x[:, rows] + out
+        if not inner.cfg.attn_only:
+            x = x + inner.mlp.original_component(norm(inner.ln2, x))
+        return x
+
     def forward(input=None, attention_mask=None, position_ids=None, **kwargs):
         plain = (
             not kwargs
@@ -387,8 +485,13 @@ def _plain_bridge_forward(bridge: nn.Module, norms: list[nn.Module]):
                 x = x + bridge.pos_embed(position_ids)
             else:
                 x = x + pos(position_ids)
-        for block in blocks:
+        rows = None if queries is None else queries["rows"]
+        for block in blocks[:-1]:
             x = block_forward(block, x, position_ids)
+        if rows is not None and narrowable(blocks[-1]):
+            x = last_block_at(blocks[-1], x, position_ids, rows.to(x.device))
+        else:
+            x = block_forward(blocks[-1], x, position_ids)
         x = norm(bridge.ln_final, x)
         logits = bridge.unembed(x) if hooked(bridge.unembed) else unembed(x)
         return apply_softcap(logits, cap)

@@ -44,7 +44,7 @@ from interp.hooks import (
     layer_of,
 )
 from interp.models.base import HookedModel, TilingPlan
-from interp.models.lm import LanguageModelMixin
+from interp.models.lm import LanguageModelMixin, _positions
 from interp.models.tracing import trace_sites
 from interp.models.weights import WeightsMixin
 
@@ -271,7 +271,7 @@ def left_padded_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
     """
     if mask is None or bool(mask[:, 0].bool().all()):
         return None
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    return _positions(mask)
 
 
 def _maybe_tensor(value: Any) -> torch.Tensor | None:
@@ -1091,7 +1091,6 @@ class NativeTransformer(TransformerModel):
         position past any left padding. None when a block's attention is not TransformerLens's
         ``NativeAttention`` (then generation recomputes the sequence)."""
         from interp.models.kvcache import NativeKVCache, attached, native_attentions
-        from interp.models.lm import _positions
 
         attentions = native_attentions(self.bridge)
         if attentions is None:
