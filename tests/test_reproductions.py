@@ -106,27 +106,67 @@ def test_superposition_fast(tmp_path):
 
 def test_dimensionality_figure_puts_each_live_feature_at_its_instances_1_over_p():
     """The faint dots (one trace for all instances): every feature with D_i > 1e-3 of instance k,
-    at x = 1/p_k; a dead feature (zero column) is left out; the line is m / ||W||_F^2."""
+    at x = 1/p_k, binned to DOT_BIN with its count (and as dark as that many dots); a dead feature
+    (zero column) is left out; the line is m / ||W||_F^2."""
     import torch
 
-    from interp.reproductions.superposition import dimensionality_figure, dims_per_feature
+    from interp.reproductions.superposition import DOT_BIN, dimensionality_figure, dims_per_feature
 
     torch.manual_seed(0)
     W = torch.randn(3, 2, 4)
     W[1, :, 2] = 0.0  # instance 1's feature 2 is dead
+    W[2, :, 3] = -W[2, :, 0]  # instance 2: an antipodal pair, so two features share a D_i
     probabilities = [0.5, 0.1, 0.01]
     dots, line = dimensionality_figure(W, probabilities).data[:2]
-    assert len(dots.x) == len(dots.y) == 11
+    assert len(dots.x) == len(dots.y) == len(dots.customdata)
     assert sorted(set(dots.x)) == sorted(1 / p for p in probabilities)
-    assert [list(dots.x).count(1 / p) for p in probabilities] == [4, 3, 4]
     for k, p in enumerate(probabilities):  # D_i = ||W_i||^4 / sum_j (W_i . W_j)^2, by hand
         cols = W[k].T
         hand = [
             float(cols[i].norm() ** 4 / ((cols @ cols[i]) ** 2).sum()) for i in range(4) if cols[i].norm() > 0
         ]
-        got = [y for x, y in zip(dots.x, dots.y, strict=True) if x == 1 / p]
-        assert got == pytest.approx(hand, rel=1e-5)
+        binned = {}
+        for d in hand:
+            binned[round(d / DOT_BIN)] = binned.get(round(d / DOT_BIN), 0) + 1
+        got = {
+            round(y / DOT_BIN): n
+            for x, y, n in zip(dots.x, dots.y, dots.customdata, strict=True)
+            if x == 1 / p
+        }
+        assert got == binned
+        assert sum(got.values()) == (3 if k == 1 else 4)
+    assert max(dots.customdata) == 2  # the antipodal pair is one dot of two features...
+    pair = list(dots.customdata).index(2)
+    assert dots.marker.opacity[pair] == pytest.approx(1 - 0.75**2)  # ...as dark as two faint dots
     assert list(line.y) == pytest.approx(dims_per_feature(W).tolist())
+
+
+def test_columns_figure_draws_each_column_from_its_panels_origin():
+    """One trace per feature (plus the scale circles and titles), whatever the instance count: in
+    instance k's panel, feature i's segment runs from the panel's centre to centre + W[k, :, i]."""
+    import torch
+
+    from interp.reproductions.superposition import PANEL, columns_figure
+
+    torch.manual_seed(0)
+    W = torch.randn(7, 2, 3)
+    probabilities = [1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.01]
+    fig = columns_figure(W, probabilities, "toy")
+    features = [t for t in fig.data if t.name and t.name.startswith("feature")]
+    assert [t.name for t in features] == ["feature 0", "feature 1", "feature 2"]
+    assert len(fig.data) == 3 + 3  # two circles and the panel titles
+    for i, trace in enumerate(features):
+        xs, ys = list(trace.x), list(trace.y)
+        assert len(xs) == 3 * 7 and xs[2::3] == [None] * 7
+        for k in range(7):
+            cx, cy = PANEL * (k % 5), -PANEL * (k // 5)  # 5 panels a row
+            assert (xs[3 * k], ys[3 * k]) == pytest.approx((cx, cy))
+            tip = (xs[3 * k + 1] - cx, ys[3 * k + 1] - cy)
+            assert tip == pytest.approx(tuple(W[k, :, i].tolist()))
+            assert f"p = {probabilities[k]:.3g}, feature {i}:" in trace.text[3 * k + 1]
+    titles = next(t for t in fig.data if t.mode == "text")
+    assert list(titles.text) == [f"p = {p:.3g}" for p in probabilities]
+    assert fig.layout.yaxis.scaleanchor == "x"  # equal aspect: angles and lengths read true
 
 
 def test_superposition_fails_on_random_models():
