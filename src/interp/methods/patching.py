@@ -1067,13 +1067,18 @@ def _unembed_columns(model: HookedModel, base, metric: Metric, kept: torch.Tenso
                     narrowed = model._forward(base)
             rows = torch.arange(full.shape[0])
             reference = full[rows, kept.to(full.device)][:, ids].unsqueeze(1)
-            scale = float(reference.abs().max().clamp_min(1.0))
-            checks[key] = narrowed.shape == reference.shape and bool(
-                torch.allclose(narrowed, reference, rtol=1e-4, atol=1e-5 * scale)
-            )
+            checks[key] = _same_output(narrowed, reference)
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
             checks[key] = False
     return ids if checks[key] else None
+
+
+def _same_output(shortcut: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether a shortcut's output equals the full run's (same shape; 1e-5 of its scale, at least 1)."""
+    scale = float(reference.abs().max().clamp_min(1.0))
+    return shortcut.shape == reference.shape and bool(
+        torch.allclose(shortcut, reference, rtol=1e-4, atol=1e-5 * scale)
+    )
 
 
 @contextmanager
@@ -1116,11 +1121,7 @@ def _queried_positions(model: HookedModel, base, route: Any, metric: Metric, n_p
                 route.querying(torch.tensor(rows)),
             ):
                 queried = model._forward(tail)
-            reference = route.output[:, [s + r for r in rows]]
-            scale = float(reference.abs().max().clamp_min(1.0))
-            checks[key] = queried.shape == reference.shape and bool(
-                torch.allclose(queried, reference, rtol=1e-4, atol=1e-5 * scale)
-            )
+            checks[key] = _same_output(queried, route.output[:, [s + r for r in rows]])
         except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError):
             checks[key] = False
     return used if checks[key] else None
