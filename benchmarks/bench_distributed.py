@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
             }
             work["bytes"] = sum(p.stat().st_size for p in Path(args.out).glob("shard-*.arrow"))
         else:
-            phases = time_phases() if ctx.distributed else None
+            phases = time_phases()
             barrier()
             began = time.perf_counter()
             train(model, HOOK, args.data, arch="topk", d_sae=2048, k=32, tokens=args.batch * args.steps,
@@ -88,8 +88,9 @@ def worker(args: argparse.Namespace) -> None:
             barrier()
             seconds = time.perf_counter() - began
             work = {"tokens": args.batch * args.steps, "steps": args.steps}
-            if phases is not None:
-                work["phases"] = gather_phases(phases, args.steps)
+            work["phases"] = (
+                gather_phases(phases, args.steps) if ctx.distributed else [per_step(phases, args.steps)]
+            )
     if ctx.is_main:
         print(json.dumps({"seconds": seconds, "world_size": ctx.world_size, **work}))
 
@@ -99,16 +100,17 @@ PHASES = {
     "batch": "_fetch",  # read the next batch from the shuffle buffer (+ NaN check)
     "forward": "loss",  # pre-activations, TopK, decoder, losses
     "backward": "_backward",  # sparse backward; starts each gradient's reduction as it is ready
-    "adam": "_step_only",  # Adam over all the parameters (every rank does all of it)
-}
+}  # and "adam": torch.optim.Adam.step, over all the parameters (every rank does all of it)
 
 
 def time_phases() -> dict[str, float]:
     """Wrap the trainer's phases and its waits for other ranks; returns the seconds they accumulate."""
+    import torch
+
     from interp import distributed
     from interp.sae import training
 
-    spent = dict.fromkeys([*PHASES, "wait: gradients", "wait: metrics"], 0.0)
+    spent = dict.fromkeys([*PHASES, "adam", "wait: gradients", "wait: metrics"], 0.0)
 
     def timed(owner: type, attr: str, phase: str) -> None:
         inner = getattr(owner, attr)
@@ -124,9 +126,14 @@ def time_phases() -> dict[str, float]:
 
     for phase, attr in PHASES.items():
         timed(training._Trainer, attr, phase)
+    timed(torch.optim.Adam, "step", "adam")
     timed(distributed.GradientSync, "wait", "wait: gradients")  # + adding the peer's gradient
     timed(training._Sum, "result", "wait: metrics")  # the step's one meeting of the ranks
     return spent
+
+
+def per_step(spent: dict[str, float], steps: int) -> dict[str, float]:
+    return {k: round(v / steps * 1e3, 1) for k, v in spent.items()}
 
 
 def gather_phases(spent: dict[str, float], steps: int) -> list[dict[str, float]]:
@@ -149,8 +156,8 @@ def gather_phases(spent: dict[str, float], steps: int) -> list[dict[str, float]]
         sync.wait(grads)
         times.append(time.perf_counter() - began)
     sync.close()
-    mine = {k: round(v / steps * 1e3, 1) for k, v in spent.items()}
-    mine["exchange 6.3 MB alone"] = round(statistics.median(times[1:]) * 1e3, 1)
+    mine = per_step(spent, steps)
+    mine["sum of 6.3 MB alone"] = round(statistics.median(times[1:]) * 1e3, 1)
     every: list = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return every
@@ -230,12 +237,14 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         alone = statistics.median(r["seconds"] for r in results[0])
         print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work at once "
               f"{alone:.2f} s -> {statistics.median(times[1]) / alone:.2f}x")  # fmt: skip
-    phases = [r["phases"] for r in results[2] if "phases" in r]
-    if phases:
-        print("  per rank, ms per step (median over rounds):")
-        for rank in range(len(phases[0])):
-            row = {k: statistics.median(p[rank][k] for p in phases) for k in phases[0][rank]}
-            print(f"    rank {rank}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    for n in (1, 2):
+        phases = [r["phases"] for r in results[n] if "phases" in r]
+        if phases:
+            print(f"  {n} process(es), ms per step (median over rounds):")
+            for rank in range(len(phases[0])):
+                row = {k: statistics.median(p[rank][k] for p in phases) for k in phases[0][rank]}
+                row = {k: v for k, v in row.items() if n > 1 or not k.startswith("wait")}
+                print(f"    rank {rank}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
     return median, statistics.median(times[1])
 
 

@@ -198,16 +198,19 @@ def test_checkpoint_from_before_data_lanes_still_resumes(setup, tmp_path, monkey
 
 # GradientSync on its own: rank r's gradients come from x = r + 1; one parameter gets no gradient.
 SYNC = """
-import sys, torch
+import glob, os, sys, torch
 from interp.distributed import GradientSync, process_group
 
-out, exchange = sys.argv[1], sys.argv[2] == "exchange"
+out, transport = sys.argv[1], sys.argv[2]
 with process_group(timeout=60) as ctx:
     x = torch.arange(1.0, 5.0) * (ctx.rank + 1)
     a, b, unused = (torch.nn.Parameter(torch.ones(4)) for _ in range(3))
-    sync = GradientSync([b, unused, a], exchange=exchange)  # not the order autograd finishes them: launches wait for it
+    sync = GradientSync([b, unused, a], transport=transport)  # not the order autograd finishes them: launches wait for it
+    assert sync.transport == transport
+    # rank 0 unlinks the shared block once every rank has mapped it: nothing is left in /dev/shm
+    assert not glob.glob(f"/dev/shm/interp-gradients-{os.getpid()}-*")
     grads = []
-    for step in range(2):  # the hooks re-arm every step
+    for step in range(3):  # the hooks re-arm every step (and shared memory's slots alternate)
         a.grad = b.grad = unused.grad = None
         sync.start()
         ((a * x).sum() + (b * x**2).sum() * (step + 1)).backward()
@@ -223,18 +226,55 @@ with process_group(timeout=60) as ctx:
 """
 
 
-@pytest.mark.parametrize("mode", ["exchange", "all_reduce"])
+@pytest.mark.parametrize("mode", ["shared-memory", "exchange", "all-reduce"])
 def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
     """Each gradient is summed over the 2 ranks (a parameter the step missed as zeros), in the
     given launch order whatever order the backward finishes them, on every step; ``close`` stops it.
-    Both ways: the point-to-point exchange (gloo's default for 2 ranks) and the all-reduce."""
+    Every transport: shared memory (the default with every rank on one host), the point-to-point
+    exchange (gloo's default for 2 ranks on several hosts) and the all-reduce (nccl's)."""
     (tmp_path / "sync.py").write_text(SYNC)
     result = torchrun(2, str(tmp_path / "sync.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stderr[-3000:]
     xs = [torch.arange(1.0, 5.0) * (r + 1) for r in (0, 1)]
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for step in (0, 1):
+        for step in (0, 1, 2):
             expected = torch.stack([sum(xs), sum(x**2 for x in xs) * (step + 1), torch.zeros(4)])
             assert torch.equal(grads[step], expected), (rank, step, grads[step])
-        assert torch.equal(grads[2], xs[rank])
+        assert torch.equal(grads[3], xs[rank])
+
+
+FALLBACK = """
+import sys, torch
+from interp import distributed
+from interp.distributed import GradientSync, process_group
+from interp.errors import InputError
+
+out = sys.argv[1]
+with process_group(timeout=60) as ctx:
+    distributed.SHM_DIR = "/nonexistent-shm"  # no shared memory here
+    params = [torch.nn.Parameter(torch.ones(3))]
+    default = GradientSync(params).transport
+    try:
+        GradientSync(params, transport="shared-memory")
+        refused = ""
+    except InputError as err:
+        refused = str(err)
+    distributed.SHM_DIR = "/dev/shm"
+    mixed = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3, dtype=torch.float64))]
+    mixed_default = GradientSync(mixed).transport
+    open(f"{out}/rank{ctx.rank}.txt", "w").write("\\n".join([default, refused, mixed_default]))
+"""
+
+
+def test_gradient_sync_falls_back_from_shared_memory_with_the_reason(tmp_path):
+    """Without a usable shared-memory directory (or with parameters of mixed dtypes) the default
+    transport falls back to the exchange on every rank alike; asked for by name, it is refused
+    with the reason and the alternatives."""
+    (tmp_path / "fallback.py").write_text(FALLBACK)
+    result = torchrun(2, str(tmp_path / "fallback.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        default, refused, mixed_default = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
+        assert default == "exchange" and mixed_default == "exchange"
+        assert "/nonexistent-shm does not exist" in refused and "'exchange' or 'all-reduce'" in refused

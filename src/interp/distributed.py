@@ -314,10 +314,13 @@ def coordinator(ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> Co
 # ------------------------------------------------------------------------------------------------
 
 
+TRANSPORTS = ("shared-memory", "exchange", "all-reduce")
+SHM_DIR = "/dev/shm"  # where same-host ranks map their shared gradient slots (Linux tmpfs)
+
+
 class GradientSync:
-    """Sums the gradients of ``params`` over the ranks, each with its own asynchronous all-reduce
-    started by the backward pass as soon as that parameter's gradient is accumulated, so the
-    reductions overlap the rest of the backward and whatever the caller does before ``wait``.
+    """Sums the gradients of ``params`` over the ranks as the backward pass finishes each one, so
+    the sums overlap the rest of the backward and whatever the caller does before ``wait``.
 
     What ``DistributedDataParallel`` does, except when the caller waits: DDP's backward returns
     only once every bucket has landed, and the last parameter's gradient (a dictionary's encoder,
@@ -325,28 +328,47 @@ class GradientSync:
     parameter (``wait``), so it can update the others, or read its next batch, while the last
     one is in flight.
 
-    ``params`` are given in the order their gradients become ready; every rank starts the
-    all-reduces in exactly that order (a parameter ready early waits for those before it), so
-    the ranks' collectives always match. After ``loss.backward()`` call ``finish_backward``: a
-    parameter the step did not reach gets a zero gradient and is reduced too. The hooks act only
-    between ``start`` and ``finish_backward``; ``close`` removes them.
+    ``params`` are given in the order their gradients become ready; every rank hands them over
+    in exactly that order (a parameter ready early waits for those before it), so the ranks'
+    collectives always match. After ``loss.backward()`` call ``finish_backward``: a parameter
+    the step did not reach gets a zero gradient and is summed too. The hooks act only between
+    ``start`` and ``finish_backward``; ``close`` removes them.
 
-    ``exchange`` (default: on gloo with 2 ranks): each rank sends its gradient to the other and
-    adds the one it receives (point-to-point), instead of gloo's ring all-reduce: the same bytes
-    in one round trip instead of two dependent phases, measured about 2x faster for 3 MB on
-    localhost. ``a + b == b + a`` in floating point, so both ranks still hold the same sums."""
+    ``transport`` (default: the first that applies, in this order):
 
-    def __init__(self, params: list[Any], exchange: bool | None = None) -> None:
+    - ``"shared-memory"``: every rank of the job is on this host (gloo, CPU tensors). Each rank
+      copies its gradients into its slot of one shared-memory block, the ranks meet once (a
+      one-number all-reduce), and each adds the slots in rank order, so every rank holds the
+      same sums bit for bit. No gradient bytes go through sockets: over gloo's localhost TCP,
+      6.3 MB took ~6 ms a step and the CPU time of the cores doing the training. Slots are
+      double-buffered by step parity, so a rank may write step ``s + 1`` while a slower one
+      still reads step ``s``; the meeting of step ``s + 1`` keeps them within one step.
+    - ``"exchange"`` (2 ranks, gloo): each rank sends its gradient to the other and adds the one
+      it receives (point-to-point), instead of gloo's ring all-reduce: the same bytes in one
+      round trip instead of two dependent phases, about 2x faster for 3 MB on localhost.
+      ``a + b == b + a`` in floating point, so both ranks still hold the same sums.
+    - ``"all-reduce"``: one asynchronous ``all_reduce`` per parameter (nccl, or several hosts).
+    """
+
+    def __init__(self, params: list[Any], transport: str | None = None) -> None:
         import torch.distributed as dist
 
         self.params = [p for p in params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         world = dist.get_world_size()
-        if exchange is None:
-            exchange = world == 2 and dist.get_backend() == "gloo"
-        if exchange and world != 2:
+        if transport is not None and transport not in TRANSPORTS:
+            raise InputError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if transport == "exchange" and world != 2:
             raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
-        self._peer = 1 - dist.get_rank() if exchange else None
+        self._shared: _SharedSlots | None = None
+        if transport in (None, "shared-memory"):
+            self._shared = _SharedSlots.open(self.params, required=transport == "shared-memory")
+        if self._shared is not None:
+            transport = "shared-memory"
+        elif transport is None:
+            transport = "exchange" if world == 2 and dist.get_backend() == "gloo" else "all-reduce"
+        self.transport = transport
+        self._peer = 1 - dist.get_rank() if transport == "exchange" else None
         self._received: dict[int, Any] = {}  # the peer's gradient, per parameter (exchange)
         self._work: list[Any] = []
         self._ready: list[bool] = []
@@ -358,6 +380,8 @@ class GradientSync:
         self._ready = [False] * len(self.params)
         self._work = []
         self._active = True
+        if self._shared is not None:
+            self._shared.next_step()
 
     def _on_grad(self, param: Any) -> None:
         if self._active:
@@ -368,19 +392,25 @@ class GradientSync:
         import torch.distributed as dist
 
         while len(self._work) < len(self.params) and self._ready[len(self._work)]:
-            param = self.params[len(self._work)]
+            i = len(self._work)
+            param = self.params[i]
             if not param.grad.is_contiguous():
                 param.grad = param.grad.contiguous()
-            if self._peer is None:
+            if self._shared is not None:
+                self._shared.put(i, param.grad)
+                self._work.append(self._shared)
+                if len(self._work) == len(self.params):
+                    self._shared.meet()
+            elif self._peer is None:
                 self._work.append(dist.all_reduce(param.grad, async_op=True))
-                continue
-            into = self._received.get(id(param))
-            if into is None or into.shape != param.grad.shape:
-                into = self._received[id(param)] = param.grad.new_empty(param.grad.shape)
-            self._work.append((dist.isend(param.grad, self._peer), dist.irecv(into, self._peer)))
+            else:
+                into = self._received.get(id(param))
+                if into is None or into.shape != param.grad.shape:
+                    into = self._received[id(param)] = param.grad.new_empty(param.grad.shape)
+                self._work.append((dist.isend(param.grad, self._peer), dist.irecv(into, self._peer)))
 
     def finish_backward(self) -> None:
-        """Start the reductions not started yet (zero gradients for parameters the step missed)."""
+        """Start the sums not started yet (zero gradients for parameters the step missed)."""
         import torch
 
         for i, param in enumerate(self.params):
@@ -398,7 +428,9 @@ class GradientSync:
             work = self._work[i]
             if work is None:
                 continue
-            if self._peer is None:
+            if self._shared is not None:
+                self._shared.sum_into(i, param.grad)
+            elif self._peer is None:
                 work.wait()
             else:
                 for part in work:
@@ -407,8 +439,147 @@ class GradientSync:
             self._work[i] = None
 
     def close(self) -> None:
-        """Remove the hooks (the parameters outlive the training run)."""
+        """Remove the hooks (the parameters outlive the training run) and unmap shared memory."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._active = False
+        self._shared = None
+
+
+class _SharedSlots:
+    """The gradients of every rank on one host, in one shared-memory block: ``[2 step parities,
+    world, numel of all params]``. Rank 0 creates the file (space reserved up front, so a full
+    ``/dev/shm`` is an error now rather than a SIGBUS mid-run), every rank maps it, and rank 0
+    unlinks it once all have: the memory lives as long as the mappings, and nothing is left
+    behind if the job is killed."""
+
+    def __init__(self, block: Any, offsets: list[tuple[int, int]], rank: int, world: int) -> None:
+        import torch
+
+        self.block, self.offsets, self.rank, self.world = block, offsets, rank, world
+        self.parity = 1
+        self._meeting: Any = None
+        self._flag = torch.zeros(1)
+
+    @classmethod
+    def open(cls, params: list[Any], required: bool) -> _SharedSlots | None:
+        """The slots for ``params``, or None where shared memory does not apply (``required``:
+        InputError saying why instead)."""
+        import torch
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, (_shared_memory_unusable(params), _host_id()))
+        why = next((f"rank {r}: {w}" for r, (w, _) in enumerate(every) if w), None)
+        if why is None and len({host for _, host in every}) != 1:
+            why = "the ranks are on different hosts"
+        sizes = [p.numel() for p in params]
+        total = 2 * world * sum(sizes)
+        made: list[Any] = [None, why]  # rank 0's (path, why): one decision for the job
+        if why is None and rank == 0:
+            made = list(_create_block(total * params[0].element_size()))
+        dist.broadcast_object_list(made, src=0)
+        path, why = made
+        block = None
+        if why is None:
+            try:
+                block = torch.from_file(path, shared=True, size=total, dtype=params[0].dtype)
+            except (OSError, RuntimeError) as err:
+                why = f"rank {rank} could not map {path} ({err})"
+        failures: list[Any] = [None] * world
+        dist.all_gather_object(failures, why)
+        if rank == 0 and path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # every rank has mapped it (or given up): nothing to leak
+        why = next((f for f in failures if f), None)
+        if why is not None:
+            if required:
+                raise InputError(
+                    f"transport='shared-memory' cannot be used: {why}; use 'exchange' or 'all-reduce'"
+                )
+            return None
+        offsets, at = [], 0
+        for n in sizes:
+            offsets.append((at, n))
+            at += n
+        return cls(block.view(2, world, at), offsets, rank, world)
+
+    def next_step(self) -> None:
+        self.parity ^= 1
+        self._meeting = None
+
+    def _slot(self, rank: int, i: int) -> Any:
+        at, n = self.offsets[i]
+        return self.block[self.parity, rank, at : at + n]
+
+    def put(self, i: int, grad: Any) -> None:
+        """This rank's gradient of parameter ``i`` into its slot."""
+        self._slot(self.rank, i).view_as(grad).copy_(grad)
+
+    def meet(self) -> None:
+        """Every slot of this step is written here; the ranks' meeting starts (asynchronously)."""
+        import torch.distributed as dist
+
+        self._meeting = dist.all_reduce(self._flag, async_op=True)
+
+    def sum_into(self, i: int, out: Any) -> None:
+        """``out`` = parameter ``i``'s gradients of ranks 0, 1, ... added in that order."""
+        import torch
+
+        if self._meeting is not None:
+            self._meeting.wait()  # every rank has written its slots of this step
+            self._meeting = None
+        slots = [self._slot(r, i).view_as(out) for r in range(self.world)]
+        torch.add(slots[0], slots[1], out=out)
+        for slot in slots[2:]:
+            out.add_(slot)
+
+
+def _host_id() -> str:
+    """This host, as the ranks compare it: hostname and boot id (containers may share a hostname)."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _shared_memory_unusable(params: list[Any]) -> str | None:
+    """Why this rank cannot sum ``params`` through shared memory (None: it can)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() != "gloo":
+        return f"the backend is {dist.get_backend()}, not gloo"
+    if not params:
+        return "there are no parameters"
+    if any(p.device.type != "cpu" for p in params):
+        return "the parameters are not on the CPU"
+    if len({p.dtype for p in params}) != 1:
+        return "the parameters have different dtypes"
+    if not os.path.isdir(SHM_DIR):
+        return f"{SHM_DIR} does not exist"
+    return None
+
+
+def _create_block(nbytes: int) -> tuple[str | None, str | None]:
+    """A new file of ``nbytes`` in ``SHM_DIR`` with its space reserved: (path, None), or (None, why)."""
+    import uuid
+
+    path = os.path.join(SHM_DIR, f"interp-gradients-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        return None, f"could not create a file in {SHM_DIR} ({err})"
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        os.close(fd)
+        os.unlink(path)
+        return None, f"{SHM_DIR} has no room for {nbytes / 2**20:.0f} MiB of gradient slots ({err.strerror})"
+    os.close(fd)
+    return path, None

@@ -39,9 +39,10 @@ Data parallel (inside a ``torch.distributed`` group, e.g. under ``torchrun``; ev
 giving ``batch_size / data_lanes`` tokens per step; a step's global batch is every lane's batch,
 and rank ``r`` reads only lanes ``p % world_size == r`` (its share of a capture's rows, hence of
 its shards). Each rank's loss is weighted by its share of the global batch and the gradients are
-summed over the ranks (``distributed.GradientSync``: DistributedDataParallel's all-reduce, with
-each parameter's reduction started as the backward pass finishes its gradient; Adam updates the
-decoder while the encoder's, ready last, is in flight, and the next batch is read meanwhile).
+summed over the ranks (``distributed.GradientSync``: through shared memory between ranks on one
+host, else DistributedDataParallel's all-reduce, each parameter's sum started as the backward pass
+finishes its gradient; the next batch is read meanwhile, and Adam updates the decoder while the
+encoder's sum, ready last, is still in flight).
 Everything that looks at the whole batch (dead-latent counts, the AuxK normaliser, ``b_dec``'s
 initial mean, resampling, the metrics) is reduced across ranks too; those reductions run
 asynchronously and are read after the backward pass, so the ranks meet once per step (twice
@@ -458,6 +459,7 @@ class _Trainer:
         self._fired: _Sum | None = None  # under DDP: this step's fired latents, being summed
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.history: list[dict[str, float]] = []
+        self._buffers: dict[str, torch.Tensor] = {}  # see _workspace
         if self.sae.cfg.architecture == "batchtopk":
             self.sae.threshold.requires_grad_(False)
         if self.sae.cfg.architecture == "jumprelu":
@@ -527,8 +529,9 @@ class _Trainer:
         """
         sae = self.sae
         x_in = sae._encoder_input(x)
-        with torch.no_grad():
-            pre = x_in @ sae.W_enc + sae.b_enc  # pre_acts' formula, so the same values and selection
+        with torch.no_grad():  # pre_acts' formula, so the same values and selection
+            pre = torch.matmul(x_in, sae.W_enc, out=self._workspace("pre", (len(x_in), sae.cfg.d_sae), x_in))
+            pre.add_(sae.b_enc)
         index = pre.topk(sae.cfg.k, dim=-1, sorted=False).indices
 
         def select(chosen: torch.Tensor) -> torch.Tensor:
@@ -550,6 +553,17 @@ class _Trainer:
         }
         metrics["loss"] = float(loss.detach())
         return loss, self._mean_metrics(metrics)
+
+    def _workspace(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A buffer kept from step to step for a large intermediate of the step (the ``[batch,
+        d_sae]`` pre-activations: 8 MB at batch 1024 and d_sae 2048). A fresh one each step is
+        handed back to the OS by malloc and faulted in again page by page: measured here, that
+        was the largest part of each step's page faults, and two ranks faulting at once slow
+        each other. Nothing holds it past the step (the backward pass never reads it)."""
+        held = self._buffers.get(name)
+        if held is None or held.shape != shape or held.dtype != like.dtype or held.device != like.device:
+            held = self._buffers[name] = like.new_empty(shape)
+        return held
 
     def mark_fired(self, fired: torch.Tensor, n_rows: int) -> None:
         """Count tokens since each latent last fired; under DDP, fired anywhere in the global batch.
