@@ -255,6 +255,8 @@ def test_bad_inputs_name_the_fix(quick_cnn, digits_batch):
         A.robustness_curve(quick_cnn, x, y, [0.1], "jsma")
     with pytest.raises(InputError, match="APGD-T's targeted DLR loss needs at least 4 classes"):
         attacks.apgd_t(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), x, y % 3, 0.1)
+    with pytest.raises(InputError, match="n_targets must be at most classes - 1 = 9"):
+        attacks.apgd_t(quick_cnn, x, y, 0.1, n_targets=10)  # the rule FAB-T's n_targets follows too
 
 
 def test_fgsm_checks_labels_without_an_extra_forward(quick_cnn, digits_batch):
