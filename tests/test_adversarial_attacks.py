@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
-from adversarial_fixtures import *  # noqa: F403 (the shared fixtures: digits, cnn, batch, softmax)
 
 from interp.errors import InputError
 from interp.methods import adversarial as A
 from interp.methods import attacks
+
+pytest_plugins = ["adversarial_fixtures"]  # digits_split, quick_cnn, digits_batch, quick_softmax
 
 
 def test_public_names_stay_importable_from_adversarial():
@@ -20,11 +21,11 @@ def test_public_names_stay_importable_from_adversarial():
         assert getattr(A, name) is getattr(attacks, name)
 
 
-def test_deepfool_lands_on_the_nearest_boundary_of_a_linear_model(softmax, batch):
+def test_deepfool_lands_on_the_nearest_boundary_of_a_linear_model(quick_softmax, digits_batch):
     """For logits W x + b DeepFool's one step is the analytic minimal L2 perturbation:
     min_k |f_k - f_y| / |w_k - w_y| (wide bounds, so no clamping); with overshoot it crosses."""
-    x, y = batch
-    w, b = softmax.fc.weight.double(), softmax.fc.bias.double()
+    x, y = digits_batch
+    w, b = quick_softmax.fc.weight.double(), quick_softmax.fc.bias.double()
     flat = x.reshape(len(x), -1).double()
     f = flat @ w.T + b
     correct = f.argmax(1) == y
@@ -32,33 +33,33 @@ def test_deepfool_lands_on_the_nearest_boundary_of_a_linear_model(softmax, batch
     dist = (f - f_y).abs() / (w[None] - w[y][:, None]).norm(dim=2)
     dist[torch.arange(len(y)), y] = torch.inf
     expected = dist.min(1).values
-    exact = attacks.deepfool(softmax, x, y, steps=1, overshoot=0.0, bounds=(-50.0, 50.0))
+    exact = attacks.deepfool(quick_softmax, x, y, steps=1, overshoot=0.0, bounds=(-50.0, 50.0))
     l2 = exact.norms()["l2"].double()
     torch.testing.assert_close(l2[correct], expected[correct], rtol=1e-4, atol=1e-5)
     assert torch.all(l2[~correct] == 0)  # already misclassified: untouched
-    over = attacks.deepfool(softmax, x, y, steps=5, overshoot=0.02, bounds=(-50.0, 50.0))
+    over = attacks.deepfool(quick_softmax, x, y, steps=5, overshoot=0.02, bounds=(-50.0, 50.0))
     assert over.accuracy_adv == 0.0
     torch.testing.assert_close(
         over.norms()["l2"].double()[correct], 1.02 * expected[correct], rtol=1e-3, atol=1e-5
     )
 
 
-def test_deepfool_reaches_the_boundary_in_a_few_steps(cnn, batch):
+def test_deepfool_reaches_the_boundary_in_a_few_steps(quick_cnn, digits_batch):
     """Without a pixel box, DeepFool crosses every boundary within ~2-3 linearisations (the paper's
     observation), each image stopping at the step after it is broken; inside [0, 1] the clamping
     slows it, but more steps still break more images."""
-    x, y = batch
-    wide = [attacks.deepfool(cnn, x, y, steps=s, bounds=(-5.0, 5.0)) for s in (1, 3)]
+    x, y = digits_batch
+    wide = [attacks.deepfool(quick_cnn, x, y, steps=s, bounds=(-5.0, 5.0)) for s in (1, 3)]
     assert wide[0].accuracy_adv > wide[1].accuracy_adv == 0.0
     assert max(wide[1].config["steps_used"]) <= 3
-    boxed = [attacks.deepfool(cnn, x, y, steps=s).accuracy_adv for s in (1, 50)]
+    boxed = [attacks.deepfool(quick_cnn, x, y, steps=s).accuracy_adv for s in (1, 50)]
     assert boxed[1] < boxed[0]
 
 
-def test_cw_keeps_only_adversarials_and_finds_more_with_larger_c(cnn, batch):
-    x, y = batch
-    weak = attacks.cw(cnn, x, y, c=0.1, steps=30, lr=0.05)
-    strong = attacks.cw(cnn, x, y, c=10.0, steps=30, lr=0.05)
+def test_cw_keeps_only_adversarials_and_finds_more_with_larger_c(quick_cnn, digits_batch):
+    x, y = digits_batch
+    weak = attacks.cw(quick_cnn, x, y, c=0.1, steps=30, lr=0.05)
+    strong = attacks.cw(quick_cnn, x, y, c=10.0, steps=30, lr=0.05)
     assert strong.success_rate > weak.success_rate
     for run in (weak, strong):
         changed = (run.x_adv != run.x).flatten(1).any(1)
@@ -78,14 +79,14 @@ def test_cw_margin_reads_negative_logits():
 
 
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
-def test_apgd_stays_in_the_ball_and_returns_unbroken_images_clean(cnn, batch, loss):
-    x, y = batch
-    run = attacks.apgd(cnn, x, y, 0.15, steps=10, loss=loss)
+def test_apgd_stays_in_the_ball_and_returns_unbroken_images_clean(quick_cnn, digits_batch, loss):
+    x, y = digits_batch
+    run = attacks.apgd(quick_cnn, x, y, 0.15, steps=10, loss=loss)
     assert run.norms()["linf"].max() <= 0.15 + 1e-6
     broken = run.logits_adv.argmax(-1) != y
     assert torch.equal(run.x_adv[~broken], x[~broken])
     assert run.accuracy_adv < run.accuracy_clean
-    l2 = attacks.apgd(cnn, x, y, 1.0, steps=10, loss=loss, norm="l2")
+    l2 = attacks.apgd(quick_cnn, x, y, 1.0, steps=10, loss=loss, norm="l2")
     assert l2.norms()["l2"].max() <= 1.0 + 1e-5
 
 
@@ -96,10 +97,10 @@ def test_dlr_loss_by_hand():
     torch.testing.assert_close(attacks.dlr_loss(z, y), torch.tensor([-0.5, 1.0]))
 
 
-def test_the_ensemble_is_at_least_as_strong_as_its_first_member(cnn, batch):
-    x, y = batch
-    first = attacks.apgd(cnn, x, y, 0.1, steps=5, loss="ce")
-    ens = attacks.autoattack(cnn, x, y, 0.1, steps=5, n_queries=50)
+def test_the_ensemble_is_at_least_as_strong_as_its_first_member(quick_cnn, digits_batch):
+    x, y = digits_batch
+    first = attacks.apgd(quick_cnn, x, y, 0.1, steps=5, loss="ce")
+    ens = attacks.autoattack(quick_cnn, x, y, 0.1, steps=5, n_queries=50)
     assert ens.accuracy_adv <= first.accuracy_adv
     assert ens.config["members"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     after = ens.config["robust_after"]
@@ -118,9 +119,9 @@ class _NoBackward(torch.autograd.Function):
         raise AssertionError("a gradient was asked of a score-based attack")
 
 
-def test_square_uses_scores_only_and_stays_in_the_ball(cnn, batch):
-    x, y = batch
-    module = cnn.module
+def test_square_uses_scores_only_and_stays_in_the_ball(quick_cnn, digits_batch):
+    x, y = digits_batch
+    module = quick_cnn.module
 
     class Blind(torch.nn.Module):
         def forward(self, z):
@@ -133,49 +134,51 @@ def test_square_uses_scores_only_and_stays_in_the_ball(cnn, batch):
     assert torch.equal(run.x_adv, again.x_adv)  # seeded
 
 
-def test_target_modes(cnn, batch):
-    x, y = batch
-    logits = cnn(x)
-    ll = A.resolve_target("least-likely", y, cnn.module, x)
+def test_target_modes(quick_cnn, digits_batch):
+    x, y = digits_batch
+    logits = quick_cnn(x)
+    ll = A.resolve_target("least-likely", y, quick_cnn.module, x)
     by_hand = torch.tensor(
         [min((c for c in range(10) if c != int(t)), key=lambda c: logits[i, c]) for i, t in enumerate(y)]
     )
     assert torch.equal(ll, by_hand)
-    rnd = A.resolve_target("random", y, cnn.module, x, seed=3)
-    assert torch.all(rnd != y) and torch.equal(rnd, A.resolve_target("random", y, cnn.module, x, seed=3))
-    many = A.resolve_target("random", y.repeat(50), cnn.module, x.repeat(50, 1, 1, 1), seed=0)
+    rnd = A.resolve_target("random", y, quick_cnn.module, x, seed=3)
+    assert torch.all(rnd != y) and torch.equal(
+        rnd, A.resolve_target("random", y, quick_cnn.module, x, seed=3)
+    )
+    many = A.resolve_target("random", y.repeat(50), quick_cnn.module, x.repeat(50, 1, 1, 1), seed=0)
     assert set(many.tolist()) == set(range(10))
     seen = []
-    fn = A.resolve_target(lambda xs, ys: seen.append(len(xs)) or (ys + 1) % 10, y, cnn.module, x)
+    fn = A.resolve_target(lambda xs, ys: seen.append(len(xs)) or (ys + 1) % 10, y, quick_cnn.module, x)
     assert torch.equal(fn, (y + 1) % 10) and seen == [len(x)]
-    run = A.pgd(cnn, x, y, 0.3, steps=20, target="least-likely")
+    run = A.pgd(quick_cnn, x, y, 0.3, steps=20, target="least-likely")
     assert torch.equal(run.target, ll) and run.config["target_mode"] == "least-likely"
     assert run.success_rate > 0.5
 
 
-def test_normalize_equals_attacking_the_normalising_model(cnn, batch):
-    x, y = batch
+def test_normalize_equals_attacking_the_normalising_model(quick_cnn, digits_batch):
+    x, y = digits_batch
     mean, std = torch.tensor([0.3]), torch.tensor([0.4])
 
     class Norm(torch.nn.Module):
         def forward(self, z):
             return (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
-    composed = torch.nn.Sequential(Norm(), cnn.module)
+    composed = torch.nn.Sequential(Norm(), quick_cnn.module)
     for run in (A.pgd, attacks.apgd):
-        ours = run(cnn.module, x, y, 0.1, steps=5, normalize=([0.3], [0.4]))
+        ours = run(quick_cnn.module, x, y, 0.1, steps=5, normalize=([0.3], [0.4]))
         ref = run(composed, x, y, 0.1, steps=5)
         assert torch.equal(ours.x_adv, ref.x_adv)
         assert ours.config["normalize"] == {"mean": [pytest.approx(0.3)], "std": [pytest.approx(0.4)]}
     # the model without normalisation attacked as if it had it is a different attack
-    assert not torch.equal(A.pgd(cnn.module, x, y, 0.1, steps=5).x_adv, ours.x_adv)
+    assert not torch.equal(A.pgd(quick_cnn.module, x, y, 0.1, steps=5).x_adv, ours.x_adv)
 
 
-def test_saved_sets_round_trip_with_config_and_seed(cnn, batch, tmp_path):
-    x, y = batch
-    run = A.pgd(cnn, x, y, 0.1, steps=3, target=2, seed=7)
+def test_saved_sets_round_trip_with_config_and_seed(quick_cnn, digits_batch, tmp_path):
+    x, y = digits_batch
+    run = A.pgd(quick_cnn, x, y, 0.1, steps=3, target=2, seed=7)
     path = run.save(tmp_path / "set.safetensors")
-    back = A.load_attack(path, cnn)
+    back = A.load_attack(path, quick_cnn)
     assert (
         torch.equal(back.x_adv, run.x_adv)
         and torch.equal(back.x, run.x)
@@ -192,16 +195,18 @@ def test_saved_sets_round_trip_with_config_and_seed(cnn, batch, tmp_path):
 
 
 @pytest.mark.parametrize("name", A.ATTACK_NAMES)
-def test_robustness_curve_for_every_attack(cnn, batch, name):
-    x, y = batch[0][:24], batch[1][:24]
+def test_robustness_curve_for_every_attack(quick_cnn, digits_batch, name):
+    x, y = digits_batch[0][:24], digits_batch[1][:24]
     kw = {"steps": 3} if name in ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t") else {}
     kw |= {"n_queries": 30} if name == "square" else {}
     kw |= {"steps": 2, "n_queries": 20} if name == "autoattack" else {}
     kw |= {"c": 10.0, "steps": 30, "lr": 0.05} if name == "cw" else {}
     calls = []
     budgets = [0.0, 0.5, 2.0] if name in A.MIN_NORM_ATTACKS else [0.0, 0.1, 0.3]  # L2 vs L∞ units
-    curve = A.robustness_curve(cnn, x, y, budgets, name, progress=lambda d, t: calls.append((d, t)), **kw)
-    clean = (cnn(x).argmax(-1) == y).double().mean().item()
+    curve = A.robustness_curve(
+        quick_cnn, x, y, budgets, name, progress=lambda d, t: calls.append((d, t)), **kw
+    )
+    clean = (quick_cnn(x).argmax(-1) == y).double().mean().item()
     assert curve.accuracy[0] == pytest.approx(clean)
     assert curve.accuracy[-1] < clean
     if name in A.MIN_NORM_ATTACKS:  # one run read at each budget: never rises
@@ -211,113 +216,117 @@ def test_robustness_curve_for_every_attack(cnn, batch, name):
     assert len(curve.figure().data) == 1
 
 
-def test_robustness_figure_overlays_curves(cnn, batch):
+def test_robustness_figure_overlays_curves(quick_cnn, digits_batch):
     from interp.viz import robustness_figure
 
-    x, y = batch
+    x, y = digits_batch
     curves = [
-        A.robustness_curve(cnn, x, y, [0.0, 0.1], "fgsm"),
-        A.robustness_curve(cnn, x, y, [0.0, 0.1], "pgd", steps=2),
+        A.robustness_curve(quick_cnn, x, y, [0.0, 0.1], "fgsm"),
+        A.robustness_curve(quick_cnn, x, y, [0.0, 0.1], "pgd", steps=2),
     ]
     fig = robustness_figure(curves)
     assert [t.name for t in fig.data] == ["fgsm", "pgd"]
     assert list(fig.data[1].y) == curves[1].accuracy
 
 
-def test_bad_inputs_name_the_fix(cnn, batch):
-    x, y = batch
+def test_bad_inputs_name_the_fix(quick_cnn, digits_batch):
+    x, y = digits_batch
     for name in A.EPS_ATTACKS:
         with pytest.raises(InputError, match="eps must be a number >= 0"):
-            A.run_attack(name, cnn, x, y, -0.1)
+            A.run_attack(name, quick_cnn, x, y, -0.1)
     with pytest.raises(InputError, match=r"eps=8 is larger than the input range allows .*8/255"):
-        A.pgd(cnn, x, y, 8)
+        A.pgd(quick_cnn, x, y, 8)
     with pytest.raises(InputError, match="larger than the input range"):
-        attacks.apgd(cnn, x, y, 9.0, norm="l2")  # L2: at most 1 * sqrt(64) = 8
-    attacks.apgd(cnn, x[:2], y[:2], 7.9, norm="l2", steps=1)  # within the L2 range: fine
+        attacks.apgd(quick_cnn, x, y, 9.0, norm="l2")  # L2: at most 1 * sqrt(64) = 8
+    attacks.apgd(quick_cnn, x[:2], y[:2], 7.9, norm="l2", steps=1)  # within the L2 range: fine
     with pytest.raises(InputError, match=r"target must be classes in \[0, 10\)"):
-        A.pgd(cnn, x, y, 0.1, target=10)
+        A.pgd(quick_cnn, x, y, 0.1, target=10)
     with pytest.raises(InputError, match=r"target must be classes in \[0, 10\)"):
-        attacks.cw(cnn, x, y, target=-1)
+        attacks.cw(quick_cnn, x, y, target=-1)
     with pytest.raises(InputError, match=r"labels must be classes in \[0, 10\)"):
-        A.fgsm(cnn, x, y + 10, 0.1)  # checked on FGSM's own forward
+        A.fgsm(quick_cnn, x, y + 10, 0.1)  # checked on FGSM's own forward
     with pytest.raises(InputError, match="target must be a class, classes, a function"):
-        A.pgd(cnn, x, y, 0.1, target="most-likely")
+        A.pgd(quick_cnn, x, y, 0.1, target="most-likely")
     with pytest.raises(InputError, match=r"normalize mean has 3 values but the images have 1 channel"):
-        A.pgd(cnn, x, y, 0.1, normalize=([0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
+        A.pgd(quick_cnn, x, y, 0.1, normalize=([0.5, 0.5, 0.5], [0.2, 0.2, 0.2]))
     with pytest.raises(InputError, match="normalize std must be > 0"):
-        attacks.square(cnn, x, y, 0.1, normalize=([0.5], [0.0]))
+        attacks.square(quick_cnn, x, y, 0.1, normalize=([0.5], [0.0]))
     with pytest.raises(InputError, match="attack must be one of"):
-        A.robustness_curve(cnn, x, y, [0.1], "jsma")
+        A.robustness_curve(quick_cnn, x, y, [0.1], "jsma")
     with pytest.raises(InputError, match="APGD-T's targeted DLR loss needs at least 4 classes"):
         attacks.apgd_t(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), x, y % 3, 0.1)
+    with pytest.raises(InputError, match="n_targets must be at most classes - 1 = 9"):
+        attacks.apgd_t(quick_cnn, x, y, 0.1, n_targets=10)  # the rule FAB-T's n_targets follows too
 
 
-def test_fgsm_checks_labels_without_an_extra_forward(cnn, batch):
+def test_fgsm_checks_labels_without_an_extra_forward(quick_cnn, digits_batch):
     """FGSM's class check rides on its one forward: the model runs once per call."""
-    x, y = batch
+    x, y = digits_batch
     calls = []
-    handle = cnn.module.register_forward_hook(lambda *_: calls.append(1))
+    handle = quick_cnn.module.register_forward_hook(lambda *_: calls.append(1))
     try:
-        A.fgsm(cnn.module, x, y, 0.1)
+        A.fgsm(quick_cnn.module, x, y, 0.1)
     finally:
         handle.remove()
     assert len(calls) == 1
-    assert all(p.requires_grad for p in cnn.module.parameters())  # the attack's freeze is undone
+    assert all(p.requires_grad for p in quick_cnn.module.parameters())  # the attack's freeze is undone
 
 
-def test_pgd_checks_labels_on_its_first_step(cnn, batch):
+def test_pgd_checks_labels_on_its_first_step(quick_cnn, digits_batch):
     """Untargeted PGD's class check rides on its first step's forward: ``steps`` batch forwards per
     call and no one-image probe; a bad label is still an InputError, with or without steps or a target."""
-    x, y = batch
+    x, y = digits_batch
     sizes = []
-    handle = cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
+    handle = quick_cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
     try:
-        A.pgd(cnn.module, x, y, 0.1, steps=3)
+        A.pgd(quick_cnn.module, x, y, 0.1, steps=3)
     finally:
         handle.remove()
     assert sizes == [len(x)] * 3
     for kwargs in ({"steps": 3}, {"steps": 0}, {"steps": 3, "target": 3}, {"restarts": 2, "steps": 1}):
         with pytest.raises(InputError, match=r"labels must be classes in \[0, 10\)"):
-            A.pgd(cnn, x, y + 10, 0.1, **kwargs)
-    assert all(p.requires_grad for p in cnn.module.parameters())  # undone after the error too
+            A.pgd(quick_cnn, x, y + 10, 0.1, **kwargs)
+    assert all(p.requires_grad for p in quick_cnn.module.parameters())  # undone after the error too
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "deepfool", "fab"])
-def test_attack_probes_take_any_attack(cnn, digits, name):
+def test_attack_probes_take_any_attack(quick_cnn, digits_split, name):
     """The probe reads an Attack from any attack and equals the probe of its tensors."""
-    x_tr, y_tr, x, y = digits
-    run = A.run_attack(name, cnn, x[:60], y[:60], 0.2)
-    probe = A.attack_probe(cnn, run, names=["pool.hook_out", "fc.hook_out"], train=(x_tr[:200], y_tr[:200]))
-    ref = A.attack_probe(cnn, run.x, run.x_adv, run.labels, names=["pool.hook_out", "fc.hook_out"],
+    x_tr, y_tr, x, y = digits_split
+    run = A.run_attack(name, quick_cnn, x[:60], y[:60], 0.2)
+    probe = A.attack_probe(
+        quick_cnn, run, names=["pool.hook_out", "fc.hook_out"], train=(x_tr[:200], y_tr[:200])
+    )
+    ref = A.attack_probe(quick_cnn, run.x, run.x_adv, run.labels, names=["pool.hook_out", "fc.hook_out"],
                          train=(x_tr[:200], y_tr[:200]))  # fmt: skip
     assert probe.accuracy_adv == ref.accuracy_adv == pytest.approx(run.accuracy_adv)
     torch.testing.assert_close(probe.divergence, ref.divergence)
     assert probe.divergence[-1] > 0
     with pytest.raises(InputError, match="either an Attack or"):
-        A.attack_probe(cnn, run, run.x_adv)
+        A.attack_probe(quick_cnn, run, run.x_adv)
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "apgd-t"])
-def test_apgd_checks_labels_on_its_class_count_forward(cnn, batch, name):
+def test_apgd_checks_labels_on_its_class_count_forward(quick_cnn, digits_batch, name):
     """APGD's label check shares the forward that counts the classes: a bad label is still an
     InputError, raised before the attack, and a call runs one probe forward, not two."""
-    x, y = batch
+    x, y = digits_batch
     with pytest.raises(InputError, match=r"labels must be classes in \[0, 10\)"):
-        A.run_attack(name, cnn, x, y + 10, 0.1)
+        A.run_attack(name, quick_cnn, x, y + 10, 0.1)
     sizes = []
-    handle = cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
+    handle = quick_cnn.module.register_forward_hook(lambda _m, inp, _o: sizes.append(len(inp[0])))
     try:
-        A.run_attack(name, cnn.module, x, y, 0.1, steps=1)
+        A.run_attack(name, quick_cnn.module, x, y, 0.1, steps=1)
     finally:
         handle.remove()
     assert sizes.count(1) == 1  # the one-image probe (the rest are batch forwards)
 
 
-def test_attacks_restore_each_submodules_mode(cnn, batch):
+def test_attacks_restore_each_submodules_mode(quick_cnn, digits_batch):
     """An attack runs the model in eval mode and hands it back as it found it, submodule by
     submodule: a training model with a frozen (eval) dropout inside keeps that dropout in eval."""
-    x, y = batch
-    inner = copy.deepcopy(cnn.module)
+    x, y = digits_batch
+    inner = copy.deepcopy(quick_cnn.module)
     module = torch.nn.Sequential(inner, torch.nn.Dropout(0.5))
     module.train()
     module[1].eval()

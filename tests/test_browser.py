@@ -111,64 +111,71 @@ def server(chromium, tmp_path_factory):
             process.wait(timeout=15)
 
 
-VIEW = "iframe[data-testid='stCustomComponentV1']"  # the circuitsvis_view component (apps/components/)
-
-
-def test_attention_view_renders_in_its_iframe(chromium, server, minilm):
-    """The all-heads view is drawn by the circuitsvis_view component: offline (every request goes
-    to the explorer), painted, sized to its content, and another layer is drawn in the same
-    iframe, without loading the page and circuitsvis's bundle again."""
+@pytest.fixture
+def browser(chromium):
+    """A fresh headless chromium for one test: Debian's, launched by playwright with CHROMIUM_ARGS
+    (never `playwright install`), closed after the test. The one launch of every browser test."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        launched = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
-            # Tall viewport: Streamlit scrolls inside its own container, so full_page alone would crop.
-            page = browser.new_page(viewport={"width": 1400, "height": 1900})
-            elsewhere: list[str] = []
-            page.on("request", lambda r: None if r.url.startswith(server) else elsewhere.append(r.url))
-            page.goto(f"{server}/attention")
-            page.wait_for_selector("h1:has-text('Attention')", timeout=PAGE_LOAD_MS)
-            view = page.frame_locator(VIEW).first
-            view.get_by_text("Head Selector").wait_for(timeout=PAGE_LOAD_MS)
-            page.wait_for_timeout(500)  # let the iframe settle at its measured height
-
-            text = page.locator("[data-testid='stSidebar'] textarea").input_value()
-            tokens = minilm.prepare(text).str_tokens[0]
-            iframe = page.locator(VIEW).first
-            frame = iframe.element_handle().content_frame()
-            body = frame.inner_text("body")
-            assert "L0H0" in body and f"L0H{minilm.cfg.n_heads - 1}" in body
-            # The view was handed this text's tokens, and drew the patterns: the zoomed head and one
-            # thumbnail per head are canvases with coloured (non-white) pixels.
-            drawn = frame.evaluate("window.circuitsvisView")
-            assert drawn["name"] == "AttentionHeads" and drawn["props"]["tokens"] == tokens
-            painted = frame.evaluate(PAINTED_CANVASES_JS)
-            assert painted >= minilm.cfg.n_heads + 1, painted
-            assert page.locator("[data-testid='stException']").count() == 0
-            assert page.locator("[data-testid='stAlertContentError']").count() == 0
-
-            # Sized to its content: the iframe is as tall as the document inside it, so the
-            # zoomed head (below the head selector) is not cropped, and no taller.
-            box = iframe.bounding_box()
-            content_height = frame.evaluate(CONTENT_HEIGHT_JS)
-            assert box is not None and content_height - 2 <= box["height"] <= content_height + SLACK_PX
-            assert content_height > 600  # the selector grid plus the zoomed pattern
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-
-            # Another layer: drawn in the same document (the mark survives: nothing reloaded).
-            frame.evaluate("window.__sameDocument = true")
-            select(page, "Layer", "1")
-            wait_idle(page)
-            view.get_by_text("L1H0").first.wait_for(timeout=PAGE_LOAD_MS)
-            frame = page.locator(VIEW).first.element_handle().content_frame()
-            assert frame.evaluate("window.__sameDocument === true")
-            drawn = frame.evaluate("window.circuitsvisView")
-            assert drawn["draws"] == 2 and drawn["props"]["attentionHeadNames"][0] == "L1H0"
-            assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
-            assert not elsewhere, elsewhere  # no CDN, nothing from outside the explorer
+            yield launched
         finally:
-            browser.close()
+            launched.close()
+
+
+VIEW = "iframe[data-testid='stCustomComponentV1']"  # the circuitsvis_view component (apps/components/)
+
+
+def test_attention_view_renders_in_its_iframe(server, minilm, browser):
+    """The all-heads view is drawn by the circuitsvis_view component: offline (every request goes
+    to the explorer), painted, sized to its content, and another layer is drawn in the same
+    iframe, without loading the page and circuitsvis's bundle again."""
+    # Tall viewport: Streamlit scrolls inside its own container, so full_page alone would crop.
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    elsewhere: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(server) else elsewhere.append(r.url))
+    page.goto(f"{server}/attention")
+    page.wait_for_selector("h1:has-text('Attention')", timeout=PAGE_LOAD_MS)
+    view = page.frame_locator(VIEW).first
+    view.get_by_text("Head Selector").wait_for(timeout=PAGE_LOAD_MS)
+    page.wait_for_timeout(500)  # let the iframe settle at its measured height
+
+    text = page.locator("[data-testid='stSidebar'] textarea").input_value()
+    tokens = minilm.prepare(text).str_tokens[0]
+    iframe = page.locator(VIEW).first
+    frame = iframe.element_handle().content_frame()
+    body = frame.inner_text("body")
+    assert "L0H0" in body and f"L0H{minilm.cfg.n_heads - 1}" in body
+    # The view was handed this text's tokens, and drew the patterns: the zoomed head and one
+    # thumbnail per head are canvases with coloured (non-white) pixels.
+    drawn = frame.evaluate("window.circuitsvisView")
+    assert drawn["name"] == "AttentionHeads" and drawn["props"]["tokens"] == tokens
+    painted = frame.evaluate(PAINTED_CANVASES_JS)
+    assert painted >= minilm.cfg.n_heads + 1, painted
+    assert page.locator("[data-testid='stException']").count() == 0
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0
+
+    # Sized to its content: the iframe is as tall as the document inside it, so the
+    # zoomed head (below the head selector) is not cropped, and no taller.
+    box = iframe.bounding_box()
+    content_height = frame.evaluate(CONTENT_HEIGHT_JS)
+    assert box is not None and content_height - 2 <= box["height"] <= content_height + SLACK_PX
+    assert content_height > 600  # the selector grid plus the zoomed pattern
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # Another layer: drawn in the same document (the mark survives: nothing reloaded).
+    frame.evaluate("window.__sameDocument = true")
+    select(page, "Layer", "1")
+    wait_idle(page)
+    view.get_by_text("L1H0").first.wait_for(timeout=PAGE_LOAD_MS)
+    frame = page.locator(VIEW).first.element_handle().content_frame()
+    assert frame.evaluate("window.__sameDocument === true")
+    drawn = frame.evaluate("window.circuitsvisView")
+    assert drawn["draws"] == 2 and drawn["props"]["attentionHeadNames"][0] == "L1H0"
+    assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
+    assert not elsewhere, elsewhere  # no CDN, nothing from outside the explorer
 
 
 RE_RENDERS = 4
@@ -176,53 +183,46 @@ LIVE_NODES_JS = "() => document.querySelectorAll('*').length"
 REACT_TREE_JS = "(e) => [e.isConnected, e.childElementCount]"
 
 
-def test_replaced_attention_views_are_unmounted(chromium, server, minilm):
+def test_replaced_attention_views_are_unmounted(server, minilm, browser):
     """Each new view in the circuitsvis_view component unmounts the React root of the one it
     replaces: after RE_RENDERS layer changes in the same iframe the first view's detached container
     is empty (its React tree, charts and listeners released), and the renderer's live DOM nodes
     after a forced GC stay flat (they grew by ~140 per re-render when old roots were left mounted).
     Screenshot of the last view: /tmp/interp-explorer-attention-rerendered.png."""
-    from playwright.sync_api import sync_playwright
+    page = browser.new_page(viewport={"width": 1400, "height": 1900})
+    page.set_default_timeout(PAGE_LOAD_MS)
+    page.goto(f"{server}/attention")
+    page.frame_locator(VIEW).first.get_by_text("Head Selector").wait_for()
+    wait_idle(page)
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    cdp.send("HeapProfiler.enable")
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1900})
-            page.set_default_timeout(PAGE_LOAD_MS)
-            page.goto(f"{server}/attention")
-            page.frame_locator(VIEW).first.get_by_text("Head Selector").wait_for()
-            wait_idle(page)
-            cdp = page.context.new_cdp_session(page)
-            cdp.send("Performance.enable")
-            cdp.send("HeapProfiler.enable")
+    def live_nodes() -> int:  # DOM nodes alive in the renderer, detached ones included
+        cdp.send("HeapProfiler.collectGarbage")
+        metrics = cdp.send("Performance.getMetrics")["metrics"]
+        return int(next(m["value"] for m in metrics if m["name"] == "Nodes"))
 
-            def live_nodes() -> int:  # DOM nodes alive in the renderer, detached ones included
-                cdp.send("HeapProfiler.collectGarbage")
-                metrics = cdp.send("Performance.getMetrics")["metrics"]
-                return int(next(m["value"] for m in metrics if m["name"] == "Nodes"))
-
-            frame = page.locator(VIEW).first.element_handle().content_frame()
-            first = frame.evaluate_handle("document.querySelector('#view > div')")
-            assert first.evaluate(REACT_TREE_JS) == [True, 1]  # the drawn view's container
-            counts, caught = [], []
-            for i in range(RE_RENDERS):
-                layer = (i + 1) % 2
-                select(page, "Layer", str(layer))
-                wait_idle(page)
-                page.frame_locator(VIEW).first.get_by_text(f"L{layer}H0").first.wait_for()
-                frame = page.locator(VIEW).first.element_handle().content_frame()
-                drawn = frame.evaluate("window.circuitsvisView")
-                assert drawn["draws"] == i + 2, drawn
-                caught.append(drawn.get("unmountable"))
-                counts.append(live_nodes())
-            assert first.evaluate(REACT_TREE_JS) == [False, 0]  # detached and emptied by React
-            assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
-            # flat: the later re-renders hold no more nodes than the first ones (leaking: +~140 each)
-            assert max(counts[2:]) <= max(counts[:2]) + 40, counts
-            assert all(caught), caught  # every view's React root was caught, to be unmounted
-            page.screenshot(path="/tmp/interp-explorer-attention-rerendered.png", full_page=True)
-        finally:
-            browser.close()
+    frame = page.locator(VIEW).first.element_handle().content_frame()
+    first = frame.evaluate_handle("document.querySelector('#view > div')")
+    assert first.evaluate(REACT_TREE_JS) == [True, 1]  # the drawn view's container
+    counts, caught = [], []
+    for i in range(RE_RENDERS):
+        layer = (i + 1) % 2
+        select(page, "Layer", str(layer))
+        wait_idle(page)
+        page.frame_locator(VIEW).first.get_by_text(f"L{layer}H0").first.wait_for()
+        frame = page.locator(VIEW).first.element_handle().content_frame()
+        drawn = frame.evaluate("window.circuitsvisView")
+        assert drawn["draws"] == i + 2, drawn
+        caught.append(drawn.get("unmountable"))
+        counts.append(live_nodes())
+    assert first.evaluate(REACT_TREE_JS) == [False, 0]  # detached and emptied by React
+    assert frame.evaluate(PAINTED_CANVASES_JS) >= minilm.cfg.n_heads + 1
+    # flat: the later re-renders hold no more nodes than the first ones (leaking: +~140 each)
+    assert max(counts[2:]) <= max(counts[:2]) + 40, counts
+    assert all(caught), caught  # every view's React root was caught, to be unmounted
+    page.screenshot(path="/tmp/interp-explorer-attention-rerendered.png", full_page=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,75 +375,61 @@ def open_home(browser, server: str):
     return page
 
 
-def test_every_page_with_the_default_and_a_zoo_model(chromium, server, minilm_sae_dir):
+def test_every_page_with_the_default_and_a_zoo_model(server, minilm_sae_dir, browser):
     """Served once: each page visited with MiniLM, then the sidebar pages with zoo:induction-2l;
     the main interaction run on each; no exception text, no leftover progress bar, no iframe more
     than SLACK_PX taller than its content. Screenshots go to SHOTS for a person to look at. The
     Dictionary page gets a small MiniLM SAE trained by a fixture (none for the zoo model)."""
-    from playwright.sync_api import sync_playwright
-
     SHOTS.mkdir(parents=True, exist_ok=True)
     failures: dict[str, list[str]] = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = open_home(browser, server)
-            for spec in ("minilm", "zoo:induction-2l"):
-                if spec != "minilm":
-                    set_model(page, spec)
-                for title in PAGE_TITLES:
-                    if spec != "minilm" and title not in SIDEBAR_PAGES:
-                        continue
-                    goto(page, title)
-                    found = interact(page, title, minilm_sae_dir if spec == "minilm" else None)
-                    name = f"{spec.replace(':', '_')}-{title.lower()}"
-                    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-                    if found := found + problems(page):
-                        failures[name] = found
-                if spec == "minilm":  # the model's full context: the page answers, with its one-head view
-                    area = page.locator("[data-testid='stSidebar'] textarea").first
-                    area.fill(" ".join(["the cat sat on the mat"] * 80))
-                    area.press("Control+Enter")
-                    goto(page, "Attention")
-                    select(page, "Head", "3")
-                    wait_idle(page)
-                    page.screenshot(path=str(SHOTS / "minilm-attention-full-context.png"), full_page=True)
-                    assert page.locator("[data-testid='stMain'] iframe").count() == 0
-                    if found := problems(page):
-                        failures["minilm-attention-full-context"] = found
-        finally:
-            browser.close()
+    page = open_home(browser, server)
+    for spec in ("minilm", "zoo:induction-2l"):
+        if spec != "minilm":
+            set_model(page, spec)
+        for title in PAGE_TITLES:
+            if spec != "minilm" and title not in SIDEBAR_PAGES:
+                continue
+            goto(page, title)
+            found = interact(page, title, minilm_sae_dir if spec == "minilm" else None)
+            name = f"{spec.replace(':', '_')}-{title.lower()}"
+            page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+            if found := found + problems(page):
+                failures[name] = found
+        if spec == "minilm":  # the model's full context: the page answers, with its one-head view
+            area = page.locator("[data-testid='stSidebar'] textarea").first
+            area.fill(" ".join(["the cat sat on the mat"] * 80))
+            area.press("Control+Enter")
+            goto(page, "Attention")
+            select(page, "Head", "3")
+            wait_idle(page)
+            page.screenshot(path=str(SHOTS / "minilm-attention-full-context.png"), full_page=True)
+            assert page.locator("[data-testid='stMain'] iframe").count() == 0
+            if found := problems(page):
+                failures["minilm-attention-full-context"] = found
     assert not failures, failures
 
 
-def test_adversarial_page_with_the_ensemble_and_a_minimal_attack(chromium, server):
+def test_adversarial_page_with_the_ensemble_and_a_minimal_attack(server, browser):
     """The Adversarial page served for real: the AutoAttack-style ensemble with its robustness curve,
     then CW (no budget: the eps slider is disabled); no exception, no progress bar left standing.
     Screenshots: SHOTS/adversarial-autoattack.png and SHOTS/adversarial-cw.png."""
-    from playwright.sync_api import sync_playwright
-
     SHOTS.mkdir(parents=True, exist_ok=True)
     failures: dict[str, list[str]] = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            page = open_home(browser, server)
-            goto(page, "Adversarial")
-            main = page.locator("[data-testid='stMain']")
-            select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + FAB-T + Square")
-            wait_idle(page)
-            main.get_by_text("Robustness curve (first").first.click()
-            wait_idle(page)
-            assert main.get_by_text("Accuracy under AutoAttack-style").count() >= 1
-            page.screenshot(path=str(SHOTS / "adversarial-autoattack.png"), full_page=True)
-            if found := problems(page):
-                failures["autoattack"] = found
-            select(page, "Attack", "CW (L2, minimal)")
-            wait_idle(page)
-            assert main.get_by_text("Minimal-perturbation attack: the eps slider does not apply").count() == 1
-            page.screenshot(path=str(SHOTS / "adversarial-cw.png"), full_page=True)
-            if found := problems(page):
-                failures["cw"] = found
-        finally:
-            browser.close()
+    page = open_home(browser, server)
+    goto(page, "Adversarial")
+    main = page.locator("[data-testid='stMain']")
+    select(page, "Attack", "AutoAttack-style: APGD-CE + APGD-T + FAB-T + Square")
+    wait_idle(page)
+    main.get_by_text("Robustness curve (first").first.click()
+    wait_idle(page)
+    assert main.get_by_text("Accuracy under AutoAttack-style").count() >= 1
+    page.screenshot(path=str(SHOTS / "adversarial-autoattack.png"), full_page=True)
+    if found := problems(page):
+        failures["autoattack"] = found
+    select(page, "Attack", "CW (L2, minimal)")
+    wait_idle(page)
+    assert main.get_by_text("Minimal-perturbation attack: the eps slider does not apply").count() == 1
+    page.screenshot(path=str(SHOTS / "adversarial-cw.png"), full_page=True)
+    if found := problems(page):
+        failures["cw"] = found
     assert not failures, failures

@@ -12,24 +12,13 @@ from interp.errors import InputError
 from interp.methods import probing as P
 from interp.models import zoo
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return zoo.digits_data(0)
+pytest_plugins = ["adversarial_fixtures"]  # digits_split, quick_cnn
 
 
-@pytest.fixture(scope="module")
-def cnn():
-    """digits-cnn trained briefly (shared with test_adversarial: trained once per session)."""
-    from test_adversarial import trained_cnn
-
-    return trained_cnn()
-
-
-def test_classification_probe_matches_sklearn(digits):
+def test_classification_probe_matches_sklearn(digits_split):
     from sklearn.linear_model import LogisticRegression
 
-    x, y, _, _ = digits
+    x, y, _, _ = digits_split
     feats = x.reshape(len(x), -1)[:600]
     labels = y[:600]
     train, test = P.split(labels, "classification", 0.25, seed=0)
@@ -59,9 +48,11 @@ def test_regression_probe_matches_sklearn_ridge():
     assert probe.test_score > 0.95
 
 
-def test_sweep_over_cnn_layers_with_control_task(cnn, digits):
-    x, y, _, _ = digits
-    sweep = P.probe_sweep(cnn, x[:300], y[:300], names=["pool.hook_out", "fc.hook_out"], control=True, C=0.1)
+def test_sweep_over_cnn_layers_with_control_task(quick_cnn, digits_split):
+    x, y, _, _ = digits_split
+    sweep = P.probe_sweep(
+        quick_cnn, x[:300], y[:300], names=["pool.hook_out", "fc.hook_out"], control=True, C=0.1
+    )
     assert sweep.names == ["pool.hook_out", "fc.hook_out"]
     assert (sweep.accuracy >= 0.85).all()
     # each image is its own type: random labels cannot be learnt, so the control sits near chance
@@ -70,37 +61,37 @@ def test_sweep_over_cnn_layers_with_control_task(cnn, digits):
     assert sweep.best in sweep.names and len(sweep.figure().data) >= 4
 
 
-def test_default_names_are_the_leaf_outputs(cnn):
-    assert P.default_names(cnn) == [
+def test_default_names_are_the_leaf_outputs(quick_cnn):
+    assert P.default_names(quick_cnn) == [
         f"{m}.hook_out" for m in ("conv1", "relu1", "conv2", "relu2", "pool", "flatten", "fc")
     ]
 
 
-def test_projecting_out_the_probe_subspace_is_causal(cnn, digits):
-    x, y, x_te, y_te = digits
-    feats = P.collect_features(cnn, x[:600], y[:600], names="pool.hook_out")
+def test_projecting_out_the_probe_subspace_is_causal(quick_cnn, digits_split):
+    x, y, x_te, y_te = digits_split
+    feats = P.collect_features(quick_cnn, x[:600], y[:600], names="pool.hook_out")
     probe = P.fit_probe(feats.values["pool.hook_out"], feats.labels, C=0.1, name="pool.hook_out")
-    result = P.intervene(cnn, x_te, probe, mode="project_out", labels=y_te)
+    result = P.intervene(quick_cnn, x_te, probe, mode="project_out", labels=y_te)
     assert result.rank == 9  # 10 classes: 9 directions matter
     assert result.metric_clean > 0.85
     # the probe's subspace matters more than a random 9-d one, but the model reads class
     # information redundantly: removing one linear readout does not erase it (cf. INLP, LEACE)
     assert result.effect < result.random_effect - 0.02
     assert abs(result.random_effect) < 0.05
-    added = P.intervene(cnn, x_te, probe, mode="add", cls=4, scale=50.0,
+    added = P.intervene(quick_cnn, x_te, probe, mode="add", cls=4, scale=50.0,
                         metric=lambda out: (out.argmax(-1) == 4).double().mean().item())  # fmt: skip
     assert added.metric_edited > added.metric_clean + 0.3
     assert result.figure().data
 
 
-def test_bad_probe_inputs(cnn, digits):
-    x, y, _, _ = digits
+def test_bad_probe_inputs(quick_cnn, digits_split):
+    x, y, _, _ = digits_split
     few = y[:200].clone()
     few[:2] = 11  # class 11 has 2 examples, every other class about 20
     with pytest.raises(InputError, match="too few examples to probe \\(class 11: 2 examples\\)"):
-        P.probe_sweep(cnn, x[:200], few, names="pool.hook_out")
+        P.probe_sweep(quick_cnn, x[:200], few, names="pool.hook_out")
     with pytest.raises(InputError, match="got 59 labels for 60 inputs"):
-        P.probe_sweep(cnn, x[:60], y[:59], names="pool.hook_out")
+        P.probe_sweep(quick_cnn, x[:60], y[:59], names="pool.hook_out")
     with pytest.raises(InputError, match="task must be 'classification' or 'regression'"):
         P.fit_probe(torch.randn(10, 3), torch.zeros(10), task="ranking")
     with pytest.raises(InputError, match="at least 2 classes"):

@@ -420,11 +420,12 @@ def phase_diagram(
     The cells are independent, so with ``jobs`` > 1 they train in that many worker processes (spawned,
     one thread each; default :func:`default_jobs`, one per core), widest first so the slow ones do not
     come last. Every model trains on one thread either way, so its result is the same for every ``jobs``.
-    ``progress`` shows a bar over finished models.
+    ``progress`` shows a bar over finished models. A cell that fails raises (its error, or a
+    RuntimeError where a worker process died), so every cell has its result.
     """
     cells = phase_grid(fast) if cells is None else list(cells)
     jobs = default_jobs(len(cells)) if jobs is None else min(check_jobs(jobs), max(len(cells), 1))
-    runs: list[dict[str, Any] | None] = [None] * len(cells)
+    runs: list[Any] = [None] * len(cells)  # cell i's result in slot i, whatever order they finish in
     bar = tqdm(total=len(cells), desc="clock-pizza phase diagram", unit="model", disable=not progress)
     with bar:
         if jobs == 1:
@@ -453,7 +454,7 @@ def phase_diagram(
                 # every result is in (or the run failed): the workers' interpreter teardown (seconds
                 # with torch loaded) need not hold up the report; the pool reaps them in the background
                 pool.shutdown(wait=False, cancel_futures=True)
-    return [run for run in runs if run is not None]
+    return runs
 
 
 def phase_checks(runs: list[dict[str, Any]], fast: bool) -> list[Check]:

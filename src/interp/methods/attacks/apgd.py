@@ -122,10 +122,7 @@ def apgd_t(
     n_classes = _n_classes(module, xt, yt)
     if n_classes < 4:
         raise InputError(f"APGD-T's targeted DLR loss needs at least 4 classes, the model has {n_classes}")
-    n_targets = n_classes - 1 if n_targets is None else n_targets
-    check_number("n_targets", n_targets, minimum=1, integer=True, why="how many other classes to target")
-    if n_targets > n_classes - 1:
-        raise InputError(f"n_targets must be at most classes - 1 = {n_classes - 1}, got {n_targets}")
+    n_targets = check_n_targets(n_targets, n_classes)
     gen = torch.Generator(device=xt.device).manual_seed(int(seed))
     with _eval(module), torch.no_grad():
         clean = _logits(module, xt)
@@ -165,6 +162,16 @@ def _n_classes(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         n_classes = int(module(x[:1]).shape[-1])
     check_class_range(n_classes, y, "labels")
     return n_classes
+
+
+def check_n_targets(n_targets: int | None, n_classes: int) -> int:
+    """How many of the most likely other classes a multi-targeted attack (APGD-T, FAB-T) targets in
+    turn: all ``n_classes - 1`` by default; InputError outside [1, n_classes - 1]."""
+    n_targets = n_classes - 1 if n_targets is None else n_targets
+    check_number("n_targets", n_targets, minimum=1, integer=True, why="how many other classes to target")
+    if n_targets > n_classes - 1:
+        raise InputError(f"n_targets must be at most classes - 1 = {n_classes - 1}, got {n_targets}")
+    return int(n_targets)
 
 
 def _restart(module, x, y, acc, adv, criterion, eps, steps, norm, bounds, rho, gen) -> None:

@@ -45,6 +45,7 @@ from interp.methods.adversarial import (
     check_inputs,
     check_number,
 )
+from interp.methods.attacks.apgd import check_n_targets
 from interp.models.base import HookedModel
 
 NORMS = ("linf", "l2")
@@ -129,10 +130,7 @@ def fab_t(
     with _eval(module), torch.no_grad():
         clean = _logits(module, xt)
     n_classes = clean.shape[-1]
-    n_targets = n_classes - 1 if n_targets is None else n_targets
-    check_number("n_targets", n_targets, minimum=1, integer=True, why="how many other classes to target")
-    if n_targets > n_classes - 1:
-        raise InputError(f"n_targets must be at most classes - 1 = {n_classes - 1}, got {n_targets}")
+    n_targets = check_n_targets(n_targets, n_classes)
     order = clean.sort(dim=-1)[1]
     goals = [order[:, -rank] for rank in range(2, int(n_targets) + 2)]
     run = _Fab(module, xt, yt, float(eps), int(steps), norm, float(alpha_max), float(eta), float(beta),
