@@ -191,3 +191,39 @@ def test_unreachable_master_times_out_naming_the_address(images, tmp_path):
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr and "within 1 s" in result.stderr
+
+
+BIND = """
+import json, os, sys
+import torch
+from interp.distributed import process_group
+torch.set_num_threads(1)
+with process_group(timeout=60) as ctx:
+    open(f"{sys.argv[1]}/rank{ctx.rank}.json", "w").write(json.dumps(sorted(os.sched_getaffinity(0))))
+"""
+
+
+def test_core_share_splits_the_cpus_into_equal_contiguous_groups():
+    from interp.distributed import core_share
+
+    cpus = [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [core_share(cpus, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [core_share([4, 9], r, 2) for r in range(2)] == [[4], [9]]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+@pytest.mark.parametrize("bind", ["1", "0"])
+def test_gloo_ranks_are_bound_to_disjoint_shares_of_the_cores(tmp_path, monkeypatch, bind):
+    """Each rank of a 2-process gloo job runs on its own half of the CPUs (INTERP_BIND_CORES=0:
+    on all of them, as launched)."""
+    monkeypatch.setenv("INTERP_BIND_CORES", bind)
+    (tmp_path / "bind.py").write_text(BIND)
+    result = torchrun(2, str(tmp_path / "bind.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    cpus = sorted(os.sched_getaffinity(0))
+    if bind == "1":
+        half = len(cpus) // 2
+        assert shares == [cpus[:half], cpus[half : 2 * half]]
+    else:
+        assert shares == [cpus, cpus]

@@ -493,7 +493,7 @@ def test_sparse_topk_step_equals_the_dense_step(gpt2_model, corpus, monkeypatch,
         trainer = T._Trainer(gpt2_model, cfg, T._sae_config(gpt2_model, cfg), acts, "auto", None, False)
         trainer.since_fired += 1
         loss, metrics = trainer.loss(x, x)
-        loss.backward()
+        trainer._backward(loss)  # the sparse path's W_enc and W_dec gradients are settled there
         results.append((metrics, {n: p.grad for n, p in trainer.sae.named_parameters()}, trainer.since_fired))
     (m_sparse, g_sparse, fired_sparse), (m_dense, g_dense, fired_dense) = results
     assert (m_sparse["aux"] > 0) == (dead_after_tokens == 0)
@@ -521,8 +521,9 @@ def test_sparse_topk_training_equals_dense_training(gpt2_model, corpus, monkeypa
 
 def test_selected_pre_activations_have_the_dense_gradients():
     """``_Selected`` (gather from a product computed without autograd, sparse backward) gives
-    autograd's gradients through the dense ``x @ W_enc + b_enc``, repeated indices included."""
-    from interp.sae.training import _Selected
+    autograd's gradients through the dense ``x @ W_enc + b_enc``, repeated indices included;
+    ``W_enc``'s reaches ``.grad`` through the sink, two terms adding up like autograd's."""
+    from interp.sae.training import _Selected, _WeightGrads
 
     gen = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((20, 7), (7, 30), (30,)))
@@ -535,22 +536,27 @@ def test_selected_pre_activations_have_the_dense_gradients():
         if sparse:
             with torch.no_grad():
                 pre = xs @ ws + bs
-            picked = _Selected.apply(pre, index, xs, ws, bs)
+            sink = _WeightGrads()
+            picked = _Selected.apply(pre, index, xs, ws, bs, sink)
+            (picked * weights).sum().backward()
+            sink.settle()
         else:
-            picked = (xs @ ws + bs).gather(-1, index)
-        (picked * weights).sum().backward()
+            (xs @ ws + bs).gather(-1, index).mul(weights).sum().backward()
         grads.append([t.grad for t in leaves])
     for got, want in zip(*grads, strict=True):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     w_only = w.clone().requires_grad_()  # the input needs no gradient: W_enc's is still autograd's
-    (_Selected.apply(x @ w + b, index, x, w_only, b) * weights).sum().backward()
-    assert torch.allclose(w_only.grad, grads[1][1], rtol=1e-12, atol=1e-12)
+    sink = _WeightGrads()
+    main, aux = (_Selected.apply(x @ w + b, index, x, w_only, b, sink) * weights for _ in range(2))
+    (main.sum() + 2 * aux.sum()).backward()  # two selections (TopK's and AuxK's): two sums into the sink
+    sink.settle()
+    assert torch.allclose(w_only.grad, 3 * grads[1][1], rtol=1e-12, atol=1e-12)
 
 
 def test_decoded_rows_have_the_dense_gradients():
     """``_DecodedRows`` (the decoder on the selected rows, sparse backward) gives autograd's values and
     gradients through the dense ``scatter(values) @ W_dec``, repeated indices included."""
-    from interp.sae.training import _DecodedRows
+    from interp.sae.training import _DecodedRows, _WeightGrads
 
     gen = torch.Generator().manual_seed(1)
     w, values, probe = (
@@ -561,10 +567,13 @@ def test_decoded_rows_have_the_dense_gradients():
     for sparse in (True, False):
         ws, vs = w.clone().requires_grad_(), values.clone().requires_grad_()
         if sparse:
-            out = _DecodedRows.apply(index, vs, ws)
+            sink = _WeightGrads()
+            out = _DecodedRows.apply(index, vs, ws, sink)
+            (out * probe).sum().backward()
+            sink.settle()
         else:
             out = torch.zeros(20, 30, dtype=torch.float64).scatter_add(-1, index, vs) @ ws
-        (out * probe).sum().backward()
+            (out * probe).sum().backward()
         outs.append(out.detach())
         grads.append((ws.grad, vs.grad))
     assert torch.allclose(outs[0], outs[1], rtol=1e-12, atol=1e-12)

@@ -460,6 +460,7 @@ class _Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.history: list[dict[str, float]] = []
         self._buffers: dict[str, torch.Tensor] = {}  # see _workspace
+        self.weight_grads = _WeightGrads()  # the sparse TopK path's W_enc and W_dec gradients
         if self.sae.cfg.architecture == "batchtopk":
             self.sae.threshold.requires_grad_(False)
         if self.sae.cfg.architecture == "jumprelu":
@@ -529,16 +530,22 @@ class _Trainer:
         """
         sae = self.sae
         x_in = sae._encoder_input(x)
+        # x_in = x' - b_dec: its one parameter is b_dec, whose gradient from this side,
+        # -W_enc @ (b_enc's gradient), the sink adds (no per-token input gradient is formed)
+        credit = sae.cfg.apply_b_dec_to_input and sae.b_dec.requires_grad and not x.requires_grad
+        self.weight_grads.input_bias = sae.b_dec if credit else None
+        if credit:
+            x_in = x_in.detach()
         with torch.no_grad():  # pre_acts' formula, so the same values and selection
             pre = torch.matmul(x_in, sae.W_enc, out=self._workspace("pre", (len(x_in), sae.cfg.d_sae), x_in))
             pre.add_(sae.b_enc)
         index = pre.topk(sae.cfg.k, dim=-1, sorted=False).indices
 
         def select(chosen: torch.Tensor) -> torch.Tensor:
-            return _Selected.apply(pre, chosen, x_in, sae.W_enc, sae.b_enc)
+            return _Selected.apply(pre, chosen, x_in, sae.W_enc, sae.b_enc, self.weight_grads)
 
         values = select(index).relu()
-        recons = _decode_rows(sae, index, values) + sae.b_dec + sae._skip(x)
+        recons = _decode_rows(sae, index, values, self.weight_grads) + sae.b_dec + sae._skip(x)
         mse = (recons - y).pow(2).sum(-1).mean()
         on = values > 0
         fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=x.device)
@@ -621,7 +628,7 @@ class _Trainer:
         if kept is None:
             return pre.new_zeros(())
         index = kept[1]
-        aux_recons = _decode_rows(self.sae, index, select(index).relu())
+        aux_recons = _decode_rows(self.sae, index, select(index).relu(), self.weight_grads)
         return (aux_recons - residual).pow(2).sum(-1).mean() / scale()
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -877,11 +884,15 @@ class _Trainer:
 
     def _ready_order(self) -> list[torch.nn.Parameter]:
         """The trainable parameters in the order the backward pass finishes their gradients: the
-        decoder side first, the encoder (``W_enc``, whose gradient comes last) at the end."""
+        decoder side first, the encoder (``W_enc``, whose gradient comes last) at the end.
+
+        On the sparse TopK path ``W_dec``'s gradient is set only after the backward pass (by
+        ``_WeightGrads.settle``, which also adds to ``b_dec``'s), and GradientSync launches in this
+        order: so nothing after ``W_dec`` starts its sum before the sink has settled it."""
         sae = self.sae
         late = [
             getattr(sae, n)
-            for n in ("W_skip", "b_dec", "W_dec", "threshold", "b_enc", "W_enc")
+            for n in ("W_skip", "W_dec", "b_dec", "threshold", "b_enc", "W_enc")
             if hasattr(sae, n)
         ]
         rest = [p for p in sae.parameters() if all(p is not q for q in late)]
@@ -889,12 +900,16 @@ class _Trainer:
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``; under DDP, each gradient's sum over the ranks starts as it is ready."""
-        if self.sync is None:
-            loss.backward()
-            return
-        self.sync.start()
+        if self.sync is not None:
+            self.sync.start()
         loss.backward()
-        self.sync.finish_backward()
+        if self.sync is not None and any(self.sync.launched(p) for p in self.weight_grads.params()):
+            raise RuntimeError(
+                "internal: a gradient's sum over the ranks started before the sparse path settled it"
+            )
+        self.weight_grads.settle()
+        if self.sync is not None:
+            self.sync.finish_backward()
 
     def _update(
         self, batches: Iterator[tuple[torch.Tensor, ...]], last: bool
@@ -997,9 +1012,74 @@ class _Metrics:
         return dict(zip(self.names, (self.sums.result() / self.tokens).tolist(), strict=True))
 
 
-def _decode_rows(sae: SAE, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``Σ_j values[b, j] · W_dec[index[b, j]]``: the decoder on ``k`` latents per token."""
-    return _DecodedRows.apply(index, values, sae.W_dec)
+def _decode_rows(sae: SAE, index: torch.Tensor, values: torch.Tensor, sink: _WeightGrads) -> torch.Tensor:
+    """``Σ_j values[b, j] · W_dec[index[b, j]]``: the decoder on ``k`` latents per token (``W_dec``'s
+    gradient goes to ``sink``)."""
+    return _DecodedRows.apply(index, values, sae.W_dec, sink)
+
+
+class _WeightGrads:
+    """The sparse path's ``W_enc`` and ``W_dec`` gradients, summed in place into buffers kept from
+    step to step, and handed to ``.grad`` by ``settle`` after the backward pass.
+
+    Through autograd each of them was a fresh 3 MB tensor (d_sae 2048 x d_in 384) per step,
+    zero-filled, then copied (``torch.sparse.mm`` copies its zero start), and ``W_enc``'s copied
+    once more into the parameter's layout, every pass on memory malloc had just handed back to
+    the OS, so page faults dominated: ~10 ms a step whatever the batch size, the same for each
+    rank of a data-parallel job and the largest cost that does not shrink with its share of the
+    batch. Here each is one ``addmm_`` into a warm buffer (bitwise the same values) and
+    ``W_enc``'s one transposing copy. A second term (AuxK's) adds into the same buffer."""
+
+    def __init__(self) -> None:
+        self._sums: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
+        self._grads: dict[int, torch.Tensor] = {}  # the .grad handed out for a transposed sum
+        self._live: set[int] = set()
+        self._vectors: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        # the parameter subtracted from the encoder's input (b_dec), credited by _Selected
+        self.input_bias: torch.nn.Parameter | None = None
+
+    def add_vector(self, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        """Add a dense ``grad`` to ``param``'s gradient."""
+        held = self._vectors.get(id(param))
+        self._vectors[id(param)] = (param, grad if held is None else held[1] + grad)
+
+    def params(self) -> list[torch.nn.Parameter]:
+        """The parameters this step's ``settle`` will add to."""
+        return [self._sums[k][0] for k in self._live] + [p for p, _ in self._vectors.values()]
+
+    def add(
+        self, param: torch.nn.Parameter, sparse: torch.Tensor, dense: torch.Tensor, transposed: bool
+    ) -> None:
+        """Add ``sparse @ dense`` to ``param``'s gradient (its transpose if ``transposed``)."""
+        key = id(param)
+        shape = (sparse.shape[0], dense.shape[1])
+        held = self._sums.get(key)
+        if held is None or held[1].shape != shape or held[1].dtype != dense.dtype:
+            held = self._sums[key] = (param, dense.new_empty(shape), transposed)
+        held[1].addmm_(sparse, dense, beta=1 if key in self._live else 0)
+        self._live.add(key)
+
+    def settle(self) -> None:
+        """Hand this step's sums to the parameters' ``.grad`` (added, if autograd put one there)."""
+        for key in self._live:
+            param, total, transposed = self._sums[key]
+            if transposed:
+                out = self._grads.get(key)
+                if out is None or out.shape != param.shape:
+                    out = self._grads[key] = torch.empty_like(param)
+                total = out.copy_(total.T)
+            _add_grad(param, total)
+        for param, total in self._vectors.values():
+            _add_grad(param, total)
+        self._live.clear()
+        self._vectors.clear()
+
+
+def _add_grad(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
 
 
 def _by_latent(index: torch.Tensor, weights: torch.Tensor, d_sae: int) -> torch.Tensor:
@@ -1017,18 +1097,21 @@ class _DecodedRows(torch.autograd.Function):
     about 4x slower on CPU). Same values and gradients, to float summation order."""
 
     @staticmethod
-    def forward(ctx: Any, index: torch.Tensor, values: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any, index: torch.Tensor, values: torch.Tensor, w_dec: torch.Tensor, sink: _WeightGrads
+    ) -> torch.Tensor:
         ctx.save_for_backward(index, values, w_dec)
+        ctx.sink = sink
         return torch.nn.functional.embedding_bag(index, w_dec, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         index, values, w_dec = ctx.saved_tensors
         grad = grad.contiguous()
-        _, need_values, need_w = ctx.needs_input_grad
-        grad_values = grad_w = None
+        _, need_values, need_w, _ = ctx.needs_input_grad
+        grad_values = None
         if need_w:  # Σ_b values[b, j] · grad[b] over the tokens b that selected latent j
-            grad_w = torch.sparse.mm(_by_latent(index, values, len(w_dec)), grad)
+            ctx.sink.add(w_dec, _by_latent(index, values, len(w_dec)), grad, transposed=False)
         if need_values:  # grad[b] · W_dec[index[b, j]]
             batch, k = index.shape
             rows = torch.arange(0, batch * k + 1, k, device=index.device)
@@ -1042,7 +1125,7 @@ class _DecodedRows(torch.autograd.Function):
                     check_invariants=False,
                 )
             grad_values = torch.sparse.sampled_addmm(pattern, grad, w_dec.T, beta=0.0).values().view(batch, k)
-        return None, grad_values, grad_w
+        return None, grad_values, None, None  # W_dec's gradient: in the sink
 
 
 class _Selected(torch.autograd.Function):
@@ -1059,25 +1142,30 @@ class _Selected(torch.autograd.Function):
         x_in: torch.Tensor,
         w_enc: torch.Tensor,
         b_enc: torch.Tensor,
+        sink: _WeightGrads,
     ) -> torch.Tensor:
         ctx.save_for_backward(index, x_in, w_enc)
+        ctx.sink = sink
         return pre.gather(-1, index)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         index, x_in, w_enc = ctx.saved_tensors
-        _, _, need_x, need_w, need_b = ctx.needs_input_grad
+        _, _, need_x, need_w, need_b, _ = ctx.needs_input_grad
         latents = index.flatten()
         g = grad.flatten()
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_b = None
         if need_w:  # Σ_b x_in[b] ⊗ grad[b, j] over the tokens b that selected latent j
-            grad_w = torch.sparse.mm(_by_latent(index, grad, w_enc.shape[1]), x_in).T
-        if need_b:
+            ctx.sink.add(w_enc, _by_latent(index, grad, w_enc.shape[1]), x_in, transposed=True)
+        bias = ctx.sink.input_bias
+        if need_b or bias is not None:
             grad_b = torch.zeros_like(w_enc[0]).index_add_(0, latents, g)
+        if bias is not None:  # x_in = x' - bias: Σ_b of its gradient is W_enc @ grad_b
+            ctx.sink.add_vector(bias, -(w_enc @ grad_b))
         if need_x:  # Σ_j grad[b, j] · W_enc[:, j] over the selected j
             weight = w_enc.T.contiguous()
             grad_x = torch.nn.functional.embedding_bag(index, weight, per_sample_weights=grad, mode="sum")
-        return None, None, grad_x, grad_w, grad_b
+        return None, None, grad_x, None, grad_b if need_b else None, None  # W_enc's: in the sink
 
 
 class _JumpReLU(torch.autograd.Function):
