@@ -9,11 +9,14 @@ sites, once per process) to the call's return on every rank (the merge and the f
 ``load_capture`` included), so process start and model setup are not counted. Reported: median
 and spread over rounds.
 
-Training also prints, for each rank of the 2-process job, its milliseconds per step by phase
-(reading the next batch, forward, backward, Adam, waiting for the gradients' exchange, waiting
-for the step's metrics, i.e. for the other rank) and the exchange of the 6.3 MB of gradients
-alone; and a ceiling: two independent 1-process jobs of one rank's work at once (no process
-group, no communication), i.e. what the two cores give before any communication.
+Training's goal row is its throughput in the steady state: the time per step from the start of
+step 5 to ``train``'s return (the ranks step in lockstep); the whole call, setup included (the
+shuffle buffer's first fill, the shared-memory block, the first steps' allocations), is printed
+beside it. Each job also prints its milliseconds per step by phase (reading the next batch,
+forward, backward, Adam, and for the 2 ranks the waits: the step's meeting, adding the
+gradients, gloo's mid-step sums) and the sum of the 6.3 MB of gradients alone; and a ceiling:
+two independent 1-process jobs of one rank's work at once (no process group, no
+communication, each bound to its core as a rank is), i.e. what the two cores give.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 192] [--steps 60]
 
@@ -117,7 +120,7 @@ def time_phases() -> dict[str, float]:
     from interp import distributed
     from interp.sae import training
 
-    spent: dict = dict.fromkeys([*PHASES, "adam", "wait: gradients", "wait: metrics"], 0.0)
+    spent: dict = dict.fromkeys([*PHASES, "adam", "wait: meeting", "wait: gradients", "wait: metrics"], 0.0)
     starts: list[float] = []
 
     def timed(owner: type, attr: str, phase: str) -> None:
@@ -136,7 +139,8 @@ def time_phases() -> dict[str, float]:
         timed(training._Trainer, attr, phase)
     timed(torch.optim.Adam, "step", "adam")
     timed(distributed.GradientSync, "wait", "wait: gradients")  # + adding the peer's gradient
-    timed(training._Sum, "result", "wait: metrics")  # the step's one meeting of the ranks
+    timed(training._Sum, "result", "wait: metrics")  # small sums over gloo (AuxK's mid-step ones)
+    timed(distributed.DeferredSum, "result", "wait: meeting")  # the step's meeting, in shared memory
     loss = training._Trainer.loss  # (wrapped above) each step begins with it
 
     def marked(*args, **kwargs):
@@ -341,19 +345,19 @@ def main() -> None:
         extrapolate(capture[1][0], one)
         print(
             "\nWhat limits the ratios: the two ranks share 2 cores with everything else on the box (a busy box gives"
-            "\nthem less than 2 cores, and a rank descheduled at a synchronisation stalls the other); capture's serial"
-            "\nparts (rank 0's merge: hard links + one manifest; every rank's final load_capture) and the uneven split"
-            "\non batch boundaries. Training: every step each rank sends its gradients (W_enc + W_dec = 2 x 384 x 2048"
-            "\nfloats = 6.3 MB) to the other over gloo ('exchange alone' above); GradientSync starts W_dec's as the"
-            "\nbackward finishes it and W_enc's at its end, and the rank reads its next batch, then runs Adam on the"
-            "\ndecoder, while they travel: only what is left shows as 'wait: gradients' (with adding the peer's"
-            "\ngradient). 'wait: metrics' is the step's one meeting: the time a rank waits for the other to finish its"
-            "\nforward and backward (uneven cores on a busy box). Not split by the ranks: Adam over all 1.6M parameters"
-            "\n('adam', every rank), the decoder renorm, and per-process setup (opening the capture, filling the shuffle"
-            "\nbuffer, the first step's allocations). The ceiling row shows what two busy cores give with no"
-            "\ncommunication at all (shared memory bandwidth and cache, those fixed costs); the gap from it to the DDP"
-            "\nratio is what the exchange and the waiting cost. With AuxK live, the fired latents and AuxK's normaliser"
-            "\nare needed mid-step: one more meeting."
+            "\nthem less than 2 cores, and a rank descheduled at a synchronisation stalls the other); each rank is"
+            "\nbound to its own core (interp.distributed.bind_cores: unbound, the scheduler now and then ran both on"
+            "\none core, ~10% slower steps). Capture's serial parts: rank 0's merge (hard links + one manifest),"
+            "\nevery rank's final load_capture, and the uneven split on batch boundaries. Training: the ranks share"
+            "\none host, so GradientSync sums through shared memory: each rank copies its gradients (W_enc + W_dec ="
+            "\n2 x 384 x 2048 floats = 6.3 MB) into its slots, signals, reads its next batch, then waits for the"
+            "\nothers' signals ('wait: meeting', with the step's small sums: NaN check, fired latents, metrics) and"
+            "\nadds the slots in rank order ('wait: gradients'); 'sum of 6.3 MB alone' times that with nothing else"
+            "\nto do. Not split by the ranks, so paid in full by each: Adam over all 1.6M parameters ('adam'), the"
+            "\nbackward's dense W_enc and W_dec gradients (fixed cost, whatever the batch), the decoder renorm, and"
+            "\nper-process setup (opening the capture, filling the shuffle buffer). The ceiling row shows what two"
+            "\nbusy cores give with no communication at all. With AuxK live, the fired latents and AuxK's normaliser"
+            "\nare needed mid-step: one more meeting, over gloo ('wait: metrics')."
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -212,9 +212,13 @@ with process_group(timeout=60) as ctx:
     grads = []
     for step in range(3):  # the hooks re-arm every step (and shared memory's slots alternate)
         a.grad = b.grad = unused.grad = None
+        small = sync.defer_sum(torch.tensor([ctx.rank + 1, 10 * step]))  # rides the step's meeting
+        assert (small is None) == (transport != "shared-memory")
         sync.start()
         ((a * x).sum() + (b * x**2).sum() * (step + 1)).backward()
         sync.finish_backward()
+        if small is not None:
+            assert torch.equal(small.result(), torch.tensor([3, 20 * step])), small.result()
         sync.wait([a])
         sync.wait([b, unused])
         grads.append(torch.stack([a.grad, b.grad, unused.grad]))
@@ -230,8 +234,9 @@ with process_group(timeout=60) as ctx:
 def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
     """Each gradient is summed over the 2 ranks (a parameter the step missed as zeros), in the
     given launch order whatever order the backward finishes them, on every step; ``close`` stops it.
-    Every transport: shared memory (the default with every rank on one host), the point-to-point
-    exchange (gloo's default for 2 ranks on several hosts) and the all-reduce (nccl's)."""
+    Every transport: shared memory (the default with every rank on one host; small sums deferred
+    to its meeting come back summed, in the value's dtype), the point-to-point exchange (gloo's
+    default for 2 ranks on several hosts) and the all-reduce (nccl's)."""
     (tmp_path / "sync.py").write_text(SYNC)
     result = torchrun(2, str(tmp_path / "sync.py"), str(tmp_path), mode)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -278,3 +283,34 @@ def test_gradient_sync_falls_back_from_shared_memory_with_the_reason(tmp_path):
         default, refused, mixed_default = (tmp_path / f"rank{rank}.txt").read_text().split("\n")
         assert default == "exchange" and mixed_default == "exchange"
         assert "/nonexistent-shm does not exist" in refused and "'exchange' or 'all-reduce'" in refused
+
+
+LATE = """
+import sys, time, torch
+from interp.distributed import DistributedError, GradientSync, process_group
+
+out = sys.argv[1]
+with process_group(timeout=60) as ctx:
+    a = torch.nn.Parameter(torch.ones(3))
+    sync = GradientSync([a], transport="shared-memory", timeout=1.5)
+    if ctx.rank == 1:
+        time.sleep(4)  # never reaches the step's meeting
+    else:
+        sync.start()
+        a.sum().backward()
+        sync.finish_backward()
+        try:
+            sync.wait([a])
+            message = "no error"
+        except DistributedError as err:
+            message = str(err)
+        open(f"{out}/rank0.txt", "w").write(message)
+"""
+
+
+def test_shared_memory_meeting_times_out_naming_the_rank_that_did_not_come(tmp_path):
+    (tmp_path / "late.py").write_text(LATE)
+    result = torchrun(2, str(tmp_path / "late.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = (tmp_path / "rank0.txt").read_text()
+    assert message.startswith("rank 1 of 2 did not reach step meeting 1 within 1.5 s"), message

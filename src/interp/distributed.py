@@ -22,6 +22,7 @@ import datetime
 import itertools
 import json
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -388,7 +389,9 @@ class GradientSync:
     - ``"all-reduce"``: one asynchronous ``all_reduce`` per parameter (nccl, or several hosts).
     """
 
-    def __init__(self, params: list[Any], transport: str | None = None) -> None:
+    def __init__(
+        self, params: list[Any], transport: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         import torch.distributed as dist
 
         self.params = [p for p in params if p.requires_grad]
@@ -400,7 +403,7 @@ class GradientSync:
             raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
         self._shared: _SharedSlots | None = None
         if transport in (None, "shared-memory"):
-            self._shared = _SharedSlots.open(self.params, required=transport == "shared-memory")
+            self._shared = _SharedSlots.open(self.params, transport == "shared-memory", timeout)
         if self._shared is not None:
             transport = "shared-memory"
         elif transport is None:
@@ -418,8 +421,6 @@ class GradientSync:
         self._ready = [False] * len(self.params)
         self._work = []
         self._active = True
-        if self._shared is not None:
-            self._shared.next_step()
 
     def _on_grad(self, param: Any) -> None:
         # a parameter whose backward handed autograd no gradient (one set on ``.grad`` after the
@@ -482,6 +483,12 @@ class GradientSync:
                 param.grad.add_(self._received[id(param)])
             self._work[i] = None
 
+    def defer_sum(self, value: Any) -> DeferredSum | None:
+        """``value`` (a small tensor) summed over the ranks at the next meeting of the
+        shared-memory transport, without a collective of its own; None on other transports (or
+        if it does not fit), where the caller all-reduces it. Read it after ``finish_backward``."""
+        return None if self._shared is None else self._shared.defer(value)
+
     def close(self) -> None:
         """Remove the hooks (the parameters outlive the training run) and unmap shared memory."""
         for handle in self._handles:
@@ -491,23 +498,54 @@ class GradientSync:
         self._shared = None
 
 
-class _SharedSlots:
-    """The gradients of every rank on one host, in one shared-memory block: ``[2 step parities,
-    world, numel of all params]``. Rank 0 creates the file (space reserved up front, so a full
-    ``/dev/shm`` is an error now rather than a SIGBUS mid-run), every rank maps it, and rank 0
-    unlinks it once all have: the memory lives as long as the mappings, and nothing is left
-    behind if the job is killed."""
+SMALL_SUMS = 8192  # float64 values a rank may defer to one meeting (the trainer's: d_sae + a few)
 
-    def __init__(self, block: Any, offsets: list[tuple[int, int]], rank: int, world: int) -> None:
+
+class _SharedSlots:
+    """The gradients of every rank on one host in one shared-memory block, and the step's meeting.
+
+    Layout (one file, typed views): gradients ``[2, world, numel of all params]`` in the
+    parameters' dtype; small sums ``[3, world, SMALL_SUMS]`` float64; one float64 counter per
+    rank. Meeting ``k`` is rank ``r`` writing its slots of that meeting and then ``k`` into its
+    counter; it is over for a rank that sees every counter at ``k`` or more. No socket and no
+    gloo thread is involved: over localhost TCP, each small collective's launch cost ~0.3 ms of
+    the core doing the training. The ordering relies on x86-64 keeping stores in program order
+    (``_shared_memory_unusable`` refuses other machines).
+
+    Meeting ``k``'s gradients use parity ``k % 2``: a rank writes them after meeting ``k - 1``,
+    when every other rank is past reading those of ``k - 2``. Small sums are written right
+    after a rank's own signal, before it waits for anyone, so they rotate over 3.
+
+    Rank 0 creates the file (space reserved up front, so a full ``/dev/shm`` is an error now
+    rather than a SIGBUS mid-run), every rank maps it, and rank 0 unlinks it once all have: the
+    memory lives as long as the mappings, and nothing is left behind if the job is killed."""
+
+    def __init__(
+        self, raw: Any, dtype: Any, offsets: list[tuple[int, int]], rank: int, world: int, timeout: float
+    ) -> None:
         import torch
 
-        self.block, self.offsets, self.rank, self.world = block, offsets, rank, world
-        self.parity = 1
-        self._meeting: Any = None
-        self._flag = torch.zeros(1)
+        self.offsets, self.rank, self.world, self.timeout = offsets, rank, world, timeout
+        numel = offsets[-1][0] + offsets[-1][1]
+        width = torch.empty((), dtype=dtype).element_size()
+        grad_bytes = _aligned(2 * world * numel * width)
+        small_bytes = 3 * world * SMALL_SUMS * 8
+        self.grads = raw[:grad_bytes].view(dtype)[: 2 * world * numel].view(2, world, numel)
+        self.small = raw[grad_bytes : grad_bytes + small_bytes].view(torch.float64).view(3, world, SMALL_SUMS)
+        self.counters = raw[grad_bytes + small_bytes : grad_bytes + small_bytes + 8 * world].view(
+            torch.float64
+        )
+        self.signals = 0  # meetings this rank has signalled
+        self.met = 0  # meetings this rank has seen completed
+        self._deferred = 0  # small values written for the next meeting
+
+    @staticmethod
+    def nbytes(params: list[Any], world: int) -> int:
+        numel = sum(p.numel() for p in params)
+        return _aligned(2 * world * numel * params[0].element_size()) + 3 * world * SMALL_SUMS * 8 + 8 * world
 
     @classmethod
-    def open(cls, params: list[Any], required: bool) -> _SharedSlots | None:
+    def open(cls, params: list[Any], required: bool, timeout: float) -> _SharedSlots | None:
         """The slots for ``params``, or None where shared memory does not apply (``required``:
         InputError saying why instead)."""
         import torch
@@ -519,17 +557,16 @@ class _SharedSlots:
         why = next((f"rank {r}: {w}" for r, (w, _) in enumerate(every) if w), None)
         if why is None and len({host for _, host in every}) != 1:
             why = "the ranks are on different hosts"
-        sizes = [p.numel() for p in params]
-        total = 2 * world * sum(sizes)
+        nbytes = cls.nbytes(params, world) if why is None else 0
         made: list[Any] = [None, why]  # rank 0's (path, why): one decision for the job
         if why is None and rank == 0:
-            made = list(_create_block(total * params[0].element_size()))
+            made = list(_create_block(nbytes))
         dist.broadcast_object_list(made, src=0)
         path, why = made
-        block = None
+        raw = None
         if why is None:
             try:
-                block = torch.from_file(path, shared=True, size=total, dtype=params[0].dtype)
+                raw = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
             except (OSError, RuntimeError) as err:
                 why = f"rank {rank} could not map {path} ({err})"
         failures: list[Any] = [None] * world
@@ -545,40 +582,88 @@ class _SharedSlots:
                 )
             return None
         offsets, at = [], 0
-        for n in sizes:
-            offsets.append((at, n))
-            at += n
-        return cls(block.view(2, world, at), offsets, rank, world)
+        for p in params:
+            offsets.append((at, p.numel()))
+            at += p.numel()
+        return cls(raw, params[0].dtype, offsets, rank, world, timeout)
 
-    def next_step(self) -> None:
-        self.parity ^= 1
-        self._meeting = None
-
-    def _slot(self, rank: int, i: int) -> Any:
+    def _slot(self, meeting: int, rank: int, i: int) -> Any:
         at, n = self.offsets[i]
-        return self.block[self.parity, rank, at : at + n]
+        return self.grads[meeting % 2, rank, at : at + n]
 
     def put(self, i: int, grad: Any) -> None:
-        """This rank's gradient of parameter ``i`` into its slot."""
-        self._slot(self.rank, i).view_as(grad).copy_(grad)
+        """This rank's gradient of parameter ``i`` into its slot of the next meeting."""
+        self._slot(self.signals + 1, self.rank, i).view_as(grad).copy_(grad)
 
     def meet(self) -> None:
-        """Every slot of this step is written here; the ranks' meeting starts (asynchronously)."""
-        import torch.distributed as dist
+        """Every slot of the next meeting is written here: signal it (the others may be later)."""
+        self.signals += 1
+        self.counters[self.rank] = self.signals
+        self._deferred = 0
 
-        self._meeting = dist.all_reduce(self._flag, async_op=True)
+    def wait(self, meeting: int) -> None:
+        """Block until every rank has signalled ``meeting`` (DistributedError after the timeout)."""
+        if self.met >= meeting:
+            return
+        began = time.monotonic()
+        pause = 0.0
+        while float(self.counters.min()) < meeting:
+            waited = time.monotonic() - began
+            if waited > self.timeout:
+                late = [r for r, c in enumerate(self.counters.tolist()) if c < meeting]
+                raise DistributedError(
+                    f"rank {', '.join(map(str, late))} of {self.world} did not reach step meeting {meeting} "
+                    f"within {self.timeout:g} s (killed, out of memory, or stuck)"
+                )
+            if waited > 1e-3:  # spin for the first millisecond, then let other threads run
+                pause = min(1e-3, max(pause * 2, 2e-5))
+            time.sleep(pause)
+        self.met = meeting
 
     def sum_into(self, i: int, out: Any) -> None:
         """``out`` = parameter ``i``'s gradients of ranks 0, 1, ... added in that order."""
         import torch
 
-        if self._meeting is not None:
-            self._meeting.wait()  # every rank has written its slots of this step
-            self._meeting = None
-        slots = [self._slot(r, i).view_as(out) for r in range(self.world)]
+        self.wait(self.signals)  # every rank has written its slots of this step
+        slots = [self._slot(self.signals, r, i).view_as(out) for r in range(self.world)]
         torch.add(slots[0], slots[1], out=out)
         for slot in slots[2:]:
             out.add_(slot)
+
+    def defer(self, value: Any) -> DeferredSum | None:
+        """``value`` summed over the ranks at the next meeting (None if it does not fit)."""
+        n = value.numel()
+        if self._deferred + n > SMALL_SUMS:
+            return None
+        meeting, at = self.signals + 1, self._deferred
+        self.small[meeting % 3, self.rank, at : at + n].copy_(value.detach().reshape(-1))
+        self._deferred += n
+        return DeferredSum(self, meeting, at, value)
+
+
+class DeferredSum:
+    """A small tensor summed over the ranks at the step's meeting (``GradientSync.defer_sum``);
+    ``result()`` waits for that meeting and adds the ranks' values in rank order (float64, then
+    the value's dtype), so every rank reads the same sum."""
+
+    def __init__(self, slots: _SharedSlots, meeting: int, at: int, value: Any) -> None:
+        self.slots, self.meeting, self.at = slots, meeting, at
+        self.n, self.dtype, self.shape, self.device = value.numel(), value.dtype, value.shape, value.device
+        self._total: Any = None
+
+    def result(self) -> Any:
+        if self._total is None:
+            self.slots.wait(self.meeting)
+            rows = self.slots.small[self.meeting % 3, :, self.at : self.at + self.n]
+            total = rows[0].clone()
+            for row in rows[1:]:
+                total += row
+            self._total = total.to(self.dtype).view(self.shape).to(self.device)
+        return self._total
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
 
 
 def _host_id() -> str:
@@ -607,6 +692,8 @@ def _shared_memory_unusable(params: list[Any]) -> str | None:
         return "the parameters have different dtypes"
     if not os.path.isdir(SHM_DIR):
         return f"{SHM_DIR} does not exist"
+    if platform.machine().lower() not in ("x86_64", "amd64"):  # see _SharedSlots on store order
+        return f"the meeting relies on x86-64's store order, this is {platform.machine()}"
     return None
 
 

@@ -456,7 +456,9 @@ class _Trainer:
         self.sync: distributed.GradientSync | None = None  # under DDP, while ``run`` runs
         self.step = 0
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
-        self._fired: _Sum | None = None  # under DDP: this step's fired latents, being summed
+        self._fired: _Sum | distributed.DeferredSum | None = (
+            None  # under DDP: this step's fired latents, being summed
+        )
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.history: list[dict[str, float]] = []
         self._buffers: dict[str, torch.Tensor] = {}  # see _workspace
@@ -578,8 +580,8 @@ class _Trainer:
         Under DDP the count over the ranks is started here and settled where it is first needed
         (``dead_topk``, when a latent may be dead after this step; else after the backward pass),
         so the ranks do not wait for each other in the middle of the step."""
-        if self.ctx.distributed:
-            self._fired = self._start_sum(fired.to(torch.int32))
+        if self.ctx.distributed:  # needed mid-step (dead_topk) only if a latent may die
+            self._fired = self._start_sum(fired.to(torch.int32), after_backward=not self._may_die())
             return
         self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + n_rows)
 
@@ -702,8 +704,14 @@ class _Trainer:
         """``value`` summed over the ranks (no gradient)."""
         return self._start_sum(value).result()
 
-    def _start_sum(self, value: torch.Tensor) -> _Sum:
-        """``value`` summed over the ranks, started now and read with ``result()``."""
+    def _start_sum(self, value: torch.Tensor, after_backward: bool = False) -> _Sum | distributed.DeferredSum:
+        """``value`` summed over the ranks, started now and read with ``result()``. One read only
+        after the backward pass (``after_backward``) rides the step's meeting of the ranks when
+        they share memory (``GradientSync.defer_sum``: no collective of its own)."""
+        if after_backward and self.sync is not None:
+            deferred = self.sync.defer_sum(value)
+            if deferred is not None:
+                return deferred
         return _Sum(value, self.comm_device if self.ctx.distributed else None)
 
     def _mean_metrics(self, metrics: dict[str, float]) -> dict[str, float] | _Metrics:
@@ -712,7 +720,7 @@ class _Trainer:
         if not self.ctx.distributed:
             return metrics
         local = torch.tensor(list(metrics.values()), dtype=torch.float64) * self.n_local
-        return _Metrics(list(metrics), self._start_sum(local), self.cfg.batch_size)
+        return _Metrics(list(metrics), self._start_sum(local, after_backward=True), self.cfg.batch_size)
 
     def _global_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole step's batch, lanes in order, on every rank (for resampling)."""
@@ -848,8 +856,10 @@ class _Trainer:
                     loss = loss * self.share
                 self.opt.zero_grad(set_to_none=True)
                 self._backward(loss)
+                # the next batch is read while the ranks meet (its check rides the next meeting)
+                batch = None if self.step + 1 >= c.steps else self._fetch(batches)
                 metrics = self._settle(bad, metrics)
-                batch = self._update(batches, last=self.step + 1 >= c.steps)
+                self._update()
                 self.after_step(x, y)
                 self.history.append({"step": self.step, **metrics, "lr": self.lr_at(self.step)})
                 self.step += 1
@@ -875,7 +885,9 @@ class _Trainer:
             dist.barrier()
         return self.sae
 
-    def _fetch(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor, _Sum]:
+    def _fetch(
+        self, batches: Iterator[tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor, _Sum | distributed.DeferredSum]:
         """The next step's ``x``, ``y`` (on the SAE's device) and its NaN/inf check (being summed)."""
         batch = next(batches)
         x = batch[0].to(self.sae.device, self.sae.dtype)
@@ -911,26 +923,20 @@ class _Trainer:
         if self.sync is not None:
             self.sync.finish_backward()
 
-    def _update(
-        self, batches: Iterator[tuple[torch.Tensor, ...]], last: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, _Sum] | None:
-        """The optimizer step, and the next batch (None after the last step).
+    def _update(self) -> None:
+        """The optimizer step (after ``_settle``'s checks).
 
         Under DDP, Adam first updates the parameters whose summed gradients have landed (all but
-        the encoder's ``W_enc``, reduced last), then the next batch is read while ``W_enc``'s
-        all-reduce is still in flight, then ``W_enc`` is updated: the largest reduction overlaps
-        that work instead of stalling the step. Adam is elementwise, so updating the parameters
-        in two calls gives the same values as one."""
+        the encoder's ``W_enc``, summed last), then ``W_enc``: over gloo or nccl its sum is still
+        in flight meanwhile. Adam is elementwise, so two calls give the same values as one."""
         if self.sync is None:
             self.opt.step()
-            return None if last else self._fetch(batches)
-        batch = None if last else self._fetch(batches)
+            return
         early, late = self.sync.params[:-1], self.sync.params[-1:]
         self.sync.wait(early)
         self._step_only(early)
         self.sync.wait(late)
         self._step_only(late)
-        return batch
 
     def _step_only(self, params: list[torch.nn.Parameter]) -> None:
         """``opt.step()`` on ``params`` alone (Adam skips a parameter whose gradient is None)."""
@@ -948,9 +954,11 @@ class _Trainer:
     def _check_finite(self, x: torch.Tensor, y: torch.Tensor) -> _Sum:
         """How many ranks' batches hold NaN or inf (being summed; ``_settle`` reads it)."""
         finite = bool(torch.isfinite(x).all()) and (y is x or bool(torch.isfinite(y).all()))  # an SAE: y is x
-        return self._start_sum(torch.tensor(int(not finite)))
+        return self._start_sum(torch.tensor(int(not finite)), after_backward=True)
 
-    def _settle(self, bad: _Sum, metrics: dict[str, float] | _Metrics) -> dict[str, float]:
+    def _settle(
+        self, bad: _Sum | distributed.DeferredSum, metrics: dict[str, float] | _Metrics
+    ) -> dict[str, float]:
         """The step's checks and global metrics, before the optimizer step changes anything.
 
         Under DDP they wait for the reductions started during the step (the ranks meet here),
@@ -1005,7 +1013,7 @@ class _Metrics:
     """A step's metrics under DDP: token-weighted sums over the ranks, in flight."""
 
     names: list[str]
-    sums: _Sum
+    sums: _Sum | distributed.DeferredSum
     tokens: int
 
     def result(self) -> dict[str, float]:
