@@ -26,6 +26,7 @@ On a shared machine the ratio measures the cores the two ranks actually got: rer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -61,9 +62,10 @@ def worker(args: argparse.Namespace) -> None:
     from interp.sae import train
 
     torch.set_num_threads(1)
+    cores = contextlib.ExitStack()
     if "BENCH_ALONE" in os.environ:  # an independent job of the ceiling row: bound as a rank would be
-        distributed.bind_cores()
-    with process_group(timeout=300) as ctx:
+        cores.enter_context(distributed.bound_cores())
+    with cores, process_group(timeout=300) as ctx:
         model = interp.load("minilm")
         model.hook_names  # noqa: B018 -- model setup: its hook sites are traced once per process
         barrier = dist.barrier if ctx.distributed else (lambda: None)

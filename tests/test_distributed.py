@@ -196,10 +196,13 @@ def test_unreachable_master_times_out_naming_the_address(images, tmp_path):
 BIND = """
 import json, os, sys
 import torch
-from interp.distributed import process_group
+from interp.distributed import bound_cores, process_group
 torch.set_num_threads(1)
 with process_group(timeout=60) as ctx:
-    open(f"{sys.argv[1]}/rank{ctx.rank}.json", "w").write(json.dumps(sorted(os.sched_getaffinity(0))))
+    with bound_cores() as share:
+        inside = sorted(os.sched_getaffinity(0))
+    after = sorted(os.sched_getaffinity(0))
+    open(f"{sys.argv[1]}/rank{ctx.rank}.json", "w").write(json.dumps([share, inside, after]))
 """
 
 
@@ -214,16 +217,18 @@ def test_core_share_splits_the_cpus_into_equal_contiguous_groups():
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
 @pytest.mark.parametrize("bind", ["1", "0"])
 def test_gloo_ranks_are_bound_to_disjoint_shares_of_the_cores(tmp_path, monkeypatch, bind):
-    """Each rank of a 2-process gloo job runs on its own half of the CPUs (INTERP_BIND_CORES=0:
-    on all of them, as launched)."""
+    """Inside ``bound_cores`` each rank of a 2-process job runs on its own half of the CPUs, and
+    on all of them again after it (INTERP_BIND_CORES=0: on all of them throughout)."""
     monkeypatch.setenv("INTERP_BIND_CORES", bind)
     (tmp_path / "bind.py").write_text(BIND)
     result = torchrun(2, str(tmp_path / "bind.py"), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    shares = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     cpus = sorted(os.sched_getaffinity(0))
-    if bind == "1":
-        half = len(cpus) // 2
-        assert shares == [cpus[:half], cpus[half : 2 * half]]
-    else:
-        assert shares == [cpus, cpus]
+    half = len(cpus) // 2
+    for rank, mine in enumerate((cpus[:half], cpus[half : 2 * half])):
+        share, inside, after = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        if bind == "1":
+            assert share == inside == mine
+        else:
+            assert share is None and inside == cpus
+        assert after == cpus

@@ -34,6 +34,7 @@ from interp.errors import InputError, InterpError
 DEFAULT_TIMEOUT = 600.0  # seconds without a heartbeat (or to reach MASTER_ADDR) before a job gives up
 HEARTBEAT_SECONDS = 1.0
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_job_timeout = DEFAULT_TIMEOUT  # the timeout the job was joined with (init_from_env)
 
 
 class DistributedError(InterpError):
@@ -93,8 +94,7 @@ def backend() -> str:
 def process_group(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Context]:
     """Join the launcher's job for the duration of the block (and leave it after); yields the
     ``Context``. In a plain process (``WORLD_SIZE`` unset or 1), or when a group is already
-    initialised, it only reports where this process stands. A gloo (CPU) rank is bound to its
-    share of the node's cores (``bind_cores``; ``INTERP_BIND_CORES=0`` to leave it free)."""
+    initialised, it only reports where this process stands."""
     import torch.distributed as dist
 
     check_timeout(timeout)
@@ -102,8 +102,6 @@ def process_group(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Context]:
         yield current()
         return
     ctx = init_from_env(timeout)
-    if backend() == "gloo":
-        bind_cores()
     try:
         yield ctx
     finally:
@@ -118,15 +116,32 @@ def core_share(cpus: list[int], local_rank: int, local_world: int) -> list[int]:
     return cpus[local_rank * per : (local_rank + 1) * per]
 
 
-def bind_cores() -> list[int] | None:
-    """Bind this rank to its share of the CPUs this process may use (``core_share``), as CPU
-    launchers do (DeepSpeed's ``--bind_cores_to_rank``, ``torch.backends.xeon.run_cpu``). Two
-    unbound ranks on two cores were measured 10% slower a training step: the scheduler now and
-    then runs both on one core for a while, and the other rank waits for it at every meeting.
+@contextlib.contextmanager
+def bound_cores() -> Iterator[list[int] | None]:
+    """Bind this rank to its share of the CPUs this process may use (``core_share``) for the
+    duration of the block, then restore its affinity; yields the CPUs, or None if it stays free.
+    CPU launchers do the same (DeepSpeed's ``--bind_cores_to_rank``, ``torch.backends.xeon.run_cpu``).
+    ``interp.sae.train`` binds its ranks: two unbound ranks on two cores were measured 10% slower
+    a training step, as the scheduler now and then ran both on one core for a while and the
+    other waited for it at every meeting.
 
-    Done by ``process_group`` for a gloo job of several ranks on this node (``LOCAL_WORLD_SIZE``,
-    set by torchrun) when each rank's torch threads fit its share; ``INTERP_BIND_CORES=0`` turns
-    it off. Threads started earlier (gloo's) keep every CPU. Returns the CPUs, or None if unbound."""
+    It binds a rank of several on this node (``LOCAL_WORLD_SIZE``, set by torchrun) when the
+    rank's torch threads fit its share; ``INTERP_BIND_CORES=0`` leaves every rank free. Threads
+    started before (gloo's) keep every CPU."""
+    share = _core_share_here()
+    if share is None:
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, share)
+    try:
+        yield share
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _core_share_here() -> list[int] | None:
+    """This rank's share of the CPUs, if ``bound_cores`` should bind it (see there)."""
     import torch
 
     if os.environ.get("INTERP_BIND_CORES", "1") == "0" or not hasattr(os, "sched_setaffinity"):
@@ -140,10 +155,7 @@ def bind_cores() -> list[int] | None:
     if local_world < 2 or not 0 <= local_rank < local_world or len(cpus) < local_world:
         return None
     share = core_share(cpus, local_rank, local_world)
-    if torch.get_num_threads() > len(share):  # it would oversubscribe its share: leave it free
-        return None
-    os.sched_setaffinity(0, share)
-    return share
+    return share if torch.get_num_threads() <= len(share) else None  # else it would oversubscribe
 
 
 def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> Context:
@@ -164,6 +176,8 @@ def init_from_env(timeout: float = DEFAULT_TIMEOUT) -> Context:
     name = backend()
     if name == "nccl":
         torch.cuda.set_device(local)
+    global _job_timeout
+    _job_timeout = timeout
     try:
         dist.init_process_group(name, timeout=datetime.timedelta(seconds=timeout))
     except Exception as err:  # DistNetworkError / DistStoreError / RuntimeError, by torch version
@@ -375,25 +389,26 @@ class GradientSync:
 
     ``transport`` (default: the first that applies, in this order):
 
-    - ``"shared-memory"``: every rank of the job is on this host (gloo, CPU tensors). Each rank
-      copies its gradients into its slot of one shared-memory block, the ranks meet once (a
-      one-number all-reduce), and each adds the slots in rank order, so every rank holds the
-      same sums bit for bit. No gradient bytes go through sockets: over gloo's localhost TCP,
-      6.3 MB took ~6 ms a step and the CPU time of the cores doing the training. Slots are
-      double-buffered by step parity, so a rank may write step ``s + 1`` while a slower one
-      still reads step ``s``; the meeting of step ``s + 1`` keeps them within one step.
+    - ``"shared-memory"``: every rank of the job is on this host (gloo, CPU tensors, x86-64).
+      Each rank copies its gradients into its slot of one shared-memory block, the ranks meet
+      once (a counter per rank in the block, see ``_SharedSlots``), and each adds the slots in
+      rank order, so every rank holds the same sums bit for bit. No gradient bytes go through
+      sockets: over gloo's localhost TCP, 6.3 MB took ~6 ms a step and the CPU time of the
+      cores doing the training. Small sums can ride the same meeting (``defer_sum``).
     - ``"exchange"`` (2 ranks, gloo): each rank sends its gradient to the other and adds the one
       it receives (point-to-point), instead of gloo's ring all-reduce: the same bytes in one
       round trip instead of two dependent phases, about 2x faster for 3 MB on localhost.
       ``a + b == b + a`` in floating point, so both ranks still hold the same sums.
     - ``"all-reduce"``: one asynchronous ``all_reduce`` per parameter (nccl, or several hosts).
+
+    ``timeout``: how long the shared-memory meeting waits for a late rank before it raises
+    ``DistributedError`` naming it (default: the job's, as given to ``process_group``).
     """
 
-    def __init__(
-        self, params: list[Any], transport: str | None = None, timeout: float = DEFAULT_TIMEOUT
-    ) -> None:
+    def __init__(self, params: list[Any], transport: str | None = None, timeout: float | None = None) -> None:
         import torch.distributed as dist
 
+        timeout = _job_timeout if timeout is None else timeout  # the job's, as its collectives have
         self.params = [p for p in params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         world = dist.get_world_size()

@@ -55,6 +55,7 @@ BatchTopK's batch-level top-k needs the whole batch on one process and is refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -838,7 +839,9 @@ class _Trainer:
             next(batches)
         show = self.progress and self.ctx.is_main  # one bar for the job
         bar = tqdm(total=c.steps, initial=start, unit="step", desc=f"train {c.arch}", disable=not show)
+        cores = contextlib.ExitStack()
         if self.ctx.distributed:
+            cores.enter_context(distributed.bound_cores())  # each rank on its own share of the cores
             self.sync = distributed.GradientSync(self._ready_order())
         try:
             batch = self._fetch(batches) if self.step < c.steps else None
@@ -873,6 +876,7 @@ class _Trainer:
             if self.sync is not None:
                 self.sync.close()
                 self.sync = None
+            cores.close()
         self.sae.eval()
         self.sae.cfg.metadata["training"] = self.record()
         self.sae.history = self.history
