@@ -348,7 +348,7 @@ def main() -> None:
         print(
             "\nWhat limits the ratios: the two ranks share 2 cores with everything else on the box (a busy box gives"
             "\nthem less than 2 cores, and a rank descheduled at a synchronisation stalls the other); each rank is"
-            "\nbound to its own core (interp.distributed.bind_cores: unbound, the scheduler now and then ran both on"
+            "\nbound to its own core (interp.distributed.bound_cores: unbound, the scheduler now and then ran both on"
             "\none core, ~10% slower steps). Capture's serial parts: rank 0's merge (hard links + one manifest),"
             "\nevery rank's final load_capture, and the uneven split on batch boundaries. Training: the ranks share"
             "\none host, so GradientSync sums through shared memory: each rank copies its gradients (W_enc + W_dec ="
