@@ -212,6 +212,7 @@ with process_group(timeout=60) as ctx:
     grads = []
     for step in range(3):  # the hooks re-arm every step (and shared memory's slots alternate)
         a.grad = b.grad = unused.grad = None
+        assert sync.defer_sum(torch.zeros(2000)) is None  # more than it carries (1024): the caller's gloo
         small = sync.defer_sum(torch.tensor([ctx.rank + 1, 10 * step]))  # rides the step's meeting
         assert (small is None) == (transport != "shared-memory")
         sync.start()

@@ -403,9 +403,12 @@ class GradientSync:
 
     ``timeout``: how long the shared-memory meeting waits for a late rank before it raises
     ``DistributedError`` naming it (default: the job's, as given to ``process_group``).
+    ``small``: how many values ``defer_sum`` can carry to one meeting (more fall back to gloo).
     """
 
-    def __init__(self, params: list[Any], transport: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, params: list[Any], transport: str | None = None, timeout: float | None = None, small: int = 1024
+    ) -> None:
         import torch.distributed as dist
 
         timeout = _job_timeout if timeout is None else timeout  # the job's, as its collectives have
@@ -418,7 +421,7 @@ class GradientSync:
             raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
         self._shared: _SharedSlots | None = None
         if transport in (None, "shared-memory"):
-            self._shared = _SharedSlots.open(self.params, transport == "shared-memory", timeout)
+            self._shared = _SharedSlots.open(self.params, transport == "shared-memory", timeout, small)
         if self._shared is not None:
             transport = "shared-memory"
         elif transport is None:
@@ -513,14 +516,11 @@ class GradientSync:
         self._shared = None
 
 
-SMALL_SUMS = 8192  # float64 values a rank may defer to one meeting (the trainer's: d_sae + a few)
-
-
 class _SharedSlots:
     """The gradients of every rank on one host in one shared-memory block, and the step's meeting.
 
     Layout (one file, typed views): gradients ``[2, world, numel of all params]`` in the
-    parameters' dtype; small sums ``[3, world, SMALL_SUMS]`` float64; one float64 counter per
+    parameters' dtype; small sums ``[3, world, small]`` float64; one float64 counter per
     rank. Meeting ``k`` is rank ``r`` writing its slots of that meeting and then ``k`` into its
     counter; it is over for a rank that sees every counter at ``k`` or more. No socket and no
     gloo thread is involved: over localhost TCP, each small collective's launch cost ~0.3 ms of
@@ -536,31 +536,25 @@ class _SharedSlots:
     memory lives as long as the mappings, and nothing is left behind if the job is killed."""
 
     def __init__(
-        self, raw: Any, dtype: Any, offsets: list[tuple[int, int]], rank: int, world: int, timeout: float
+        self, raw: Any, params: list[Any], small: int, rank: int, world: int, timeout: float
     ) -> None:
         import torch
 
-        self.offsets, self.rank, self.world, self.timeout = offsets, rank, world, timeout
-        numel = offsets[-1][0] + offsets[-1][1]
-        width = torch.empty((), dtype=dtype).element_size()
-        grad_bytes = _aligned(2 * world * numel * width)
-        small_bytes = 3 * world * SMALL_SUMS * 8
-        self.grads = raw[:grad_bytes].view(dtype)[: 2 * world * numel].view(2, world, numel)
-        self.small = raw[grad_bytes : grad_bytes + small_bytes].view(torch.float64).view(3, world, SMALL_SUMS)
-        self.counters = raw[grad_bytes + small_bytes : grad_bytes + small_bytes + 8 * world].view(
-            torch.float64
-        )
+        self.rank, self.world, self.timeout = rank, world, timeout
+        self.offsets, at = [], 0
+        for p in params:
+            self.offsets.append((at, p.numel()))
+            at += p.numel()
+        grads, smalls, counters = _layout(params, small, world)
+        self.grads = raw[slice(*grads)].view(params[0].dtype).view(2, world, at)
+        self.small = raw[slice(*smalls)].view(torch.float64).view(3, world, small)
+        self.counters = raw[slice(*counters)].view(torch.float64)
         self.signals = 0  # meetings this rank has signalled
         self.met = 0  # meetings this rank has seen completed
         self._deferred = 0  # small values written for the next meeting
 
-    @staticmethod
-    def nbytes(params: list[Any], world: int) -> int:
-        numel = sum(p.numel() for p in params)
-        return _aligned(2 * world * numel * params[0].element_size()) + 3 * world * SMALL_SUMS * 8 + 8 * world
-
     @classmethod
-    def open(cls, params: list[Any], required: bool, timeout: float) -> _SharedSlots | None:
+    def open(cls, params: list[Any], required: bool, timeout: float, small: int) -> _SharedSlots | None:
         """The slots for ``params``, or None where shared memory does not apply (``required``:
         InputError saying why instead)."""
         import torch
@@ -572,7 +566,7 @@ class _SharedSlots:
         why = next((f"rank {r}: {w}" for r, (w, _) in enumerate(every) if w), None)
         if why is None and len({host for _, host in every}) != 1:
             why = "the ranks are on different hosts"
-        nbytes = cls.nbytes(params, world) if why is None else 0
+        nbytes = _layout(params, small, world)[-1][1] if why is None else 0
         made: list[Any] = [None, why]  # rank 0's (path, why): one decision for the job
         if why is None and rank == 0:
             made = list(_create_block(nbytes))
@@ -596,11 +590,7 @@ class _SharedSlots:
                     f"transport='shared-memory' cannot be used: {why}; use 'exchange' or 'all-reduce'"
                 )
             return None
-        offsets, at = [], 0
-        for p in params:
-            offsets.append((at, p.numel()))
-            at += p.numel()
-        return cls(raw, params[0].dtype, offsets, rank, world, timeout)
+        return cls(raw, params, small, rank, world, timeout)
 
     def _slot(self, meeting: int, rank: int, i: int) -> Any:
         at, n = self.offsets[i]
@@ -648,7 +638,7 @@ class _SharedSlots:
     def defer(self, value: Any) -> DeferredSum | None:
         """``value`` summed over the ranks at the next meeting (None if it does not fit)."""
         n = value.numel()
-        if self._deferred + n > SMALL_SUMS:
+        if self._deferred + n > self.small.shape[-1]:
             return None
         meeting, at = self.signals + 1, self._deferred
         self.small[meeting % 3, self.rank, at : at + n].copy_(value.detach().reshape(-1))
@@ -658,8 +648,8 @@ class _SharedSlots:
 
 class DeferredSum:
     """A small tensor summed over the ranks at the step's meeting (``GradientSync.defer_sum``);
-    ``result()`` waits for that meeting and adds the ranks' values in rank order (float64, then
-    the value's dtype), so every rank reads the same sum."""
+    ``result()`` waits for that meeting and sums the ranks' values (float64, then the value's
+    dtype): the same op on the same values on every rank, so every rank reads the same sum."""
 
     def __init__(self, slots: _SharedSlots, meeting: int, at: int, value: Any) -> None:
         self.slots, self.meeting, self.at = slots, meeting, at
@@ -670,15 +660,19 @@ class DeferredSum:
         if self._total is None:
             self.slots.wait(self.meeting)
             rows = self.slots.small[self.meeting % 3, :, self.at : self.at + self.n]
-            total = rows[0].clone()
-            for row in rows[1:]:
-                total += row
-            self._total = total.to(self.dtype).view(self.shape).to(self.device)
+            self._total = rows.sum(0).to(self.dtype).view(self.shape).to(self.device)
         return self._total
 
 
-def _aligned(nbytes: int) -> int:
-    return (nbytes + 63) // 64 * 64
+def _layout(params: list[Any], small: int, world: int) -> list[tuple[int, int]]:
+    """Byte ranges of the block's gradients, small sums and counters (each 64-byte aligned)."""
+    numel = sum(p.numel() for p in params)
+    sizes = [2 * world * numel * params[0].element_size(), 3 * world * small * 8, 8 * world]
+    ranges, at = [], 0
+    for size in sizes:
+        ranges.append((at, at + size))
+        at = (at + size + 63) // 64 * 64
+    return ranges
 
 
 def _host_id() -> str:
