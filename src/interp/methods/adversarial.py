@@ -179,6 +179,16 @@ def check_number(
         )
 
 
+def check_n_targets(n_targets: int | None, n_classes: int) -> int:
+    """How many of the most likely other classes a multi-targeted attack (APGD-T, FAB-T) targets in
+    turn: all ``n_classes - 1`` by default; InputError outside [1, n_classes - 1]."""
+    n_targets = n_classes - 1 if n_targets is None else n_targets
+    check_number("n_targets", n_targets, minimum=1, integer=True, why="how many other classes to target")
+    if n_targets > n_classes - 1:
+        raise InputError(f"n_targets must be at most classes - 1 = {n_classes - 1}, got {n_targets}")
+    return int(n_targets)
+
+
 def class_labels(values: Any, what: str, device: torch.device) -> torch.Tensor:
     """``values`` as a flat LongTensor of class indices (InputError for fractional or non-numeric ones)."""
     try:

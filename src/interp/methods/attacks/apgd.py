@@ -28,6 +28,7 @@ from interp.methods.adversarial import (
     _stats,
     check_class_range,
     check_inputs,
+    check_n_targets,
     check_number,
 )
 from interp.models.base import HookedModel
@@ -162,16 +163,6 @@ def _n_classes(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         n_classes = int(module(x[:1]).shape[-1])
     check_class_range(n_classes, y, "labels")
     return n_classes
-
-
-def check_n_targets(n_targets: int | None, n_classes: int) -> int:
-    """How many of the most likely other classes a multi-targeted attack (APGD-T, FAB-T) targets in
-    turn: all ``n_classes - 1`` by default; InputError outside [1, n_classes - 1]."""
-    n_targets = n_classes - 1 if n_targets is None else n_targets
-    check_number("n_targets", n_targets, minimum=1, integer=True, why="how many other classes to target")
-    if n_targets > n_classes - 1:
-        raise InputError(f"n_targets must be at most classes - 1 = {n_classes - 1}, got {n_targets}")
-    return int(n_targets)
 
 
 def _restart(module, x, y, acc, adv, criterion, eps, steps, norm, bounds, rho, gen) -> None:

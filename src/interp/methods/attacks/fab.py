@@ -43,9 +43,9 @@ from interp.methods.adversarial import (
     _target,
     _target_mode,
     check_inputs,
+    check_n_targets,
     check_number,
 )
-from interp.methods.attacks.apgd import check_n_targets
 from interp.models.base import HookedModel
 
 NORMS = ("linf", "l2")
