@@ -6,12 +6,20 @@ environment: this script makes its own venv (``$TA_VENV``, default ``/tmp/ta-ven
 ``pip install --no-deps torchattacks`` — and runs torchattacks there as a worker subprocess.
 Model weights and the batch go to the worker as safetensors files; its adversarial examples come
 back the same way. Our side runs in a worker of the same shape (main environment). Each attack
-gets its own pair of fresh single-thread workers, which compute its result once (the agreement
-check) and then time it, interleaved round by round, each worker timing its own call.
+gets PAIRS (3) pairs of fresh single-thread workers, one pair after another; each pair computes
+the attack's result once (the agreement check) and then times it, interleaved round by round, each
+worker timing its own calls (as many in a round as fill ROUND_SECONDS, 0.25 s: one FGSM call
+takes ~13 ms, and one call a round read anywhere from 0.84x to 1.72x), the ROUNDS (12) rounds
+shared between the pairs.
+
+Why several pairs: a process's luck (where its heap and the model's buffers land) stays with it
+for all of its rounds. Ours and torchattacks' APGD-CE in one process, each call alternating, read
+0.91-0.95x in four fresh processes; one pair of workers per attack read anywhere from 0.90x to
+1.04x from run to run. The median over three pairs no longer rests on one process's luck.
 
     python benchmarks/bench_attacks.py            # every attack, digits-cnn, 360 test images
     python benchmarks/bench_attacks.py fgsm pgd   # only these (keys of SPECS)
-    ROUNDS=5 python benchmarks/bench_attacks.py   # fewer rounds
+    ROUNDS=6 PAIRS=2 python benchmarks/bench_attacks.py   # fewer rounds, over fewer worker pairs
 
 Checks: the adversarial images agree (identical bit for bit, or within TOLERANCE where batching
 changes float rounding); time ratio ours/theirs <= 1.0 per attack. Each worker reports wall and
@@ -59,7 +67,11 @@ from interp.models import zoo  # noqa: E402
 
 VENV = Path(os.environ.get("TA_VENV", "/tmp/ta-venv"))
 EPS, ALPHA, STEPS = 0.1, 0.025, 10
-ROUNDS = 11
+ROUNDS = 12
+# fresh worker pairs per attack, the rounds shared between them (see the docstring)
+PAIRS = 3
+# a round times as many calls as fill this many seconds (FGSM's one call, ~13 ms, is mostly noise)
+ROUND_SECONDS = 0.25
 # fixed (not adaptive) mmap and trim thresholds, the same for both workers: see the docstring
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 
@@ -157,13 +169,15 @@ WORKER = textwrap.dedent(
     import resource
     who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
     for line in sys.stdin:
-        name = line.strip()
+        name, calls = line.split()
+        calls = int(calls)
         faults = resource.getrusage(who).ru_minflt
         start, cpu = time.perf_counter(), time.thread_time()
-        attacks[name]()
-        s, cpu = time.perf_counter() - start, time.thread_time() - cpu
-        print(json.dumps({"name": name, "s": s, "cpu": cpu, "faults": resource.getrusage(who).ru_minflt - faults}),
-              flush=True)
+        for _ in range(calls):
+            attacks[name]()
+        s, cpu = (time.perf_counter() - start) / calls, (time.thread_time() - cpu) / calls
+        faults = (resource.getrusage(who).ru_minflt - faults) / calls
+        print(json.dumps({"name": name, "s": s, "cpu": cpu, "faults": faults}), flush=True)
     """
 )
 
@@ -273,29 +287,36 @@ SPECS = [
 TOLERANCE = {"fgsm": 0.0, "pgd": 1e-6, "cw": 1e-6, "deepfool": 1e-5}
 
 
-def time_attack(spec: dict, model: torch.nn.Module, x, y, python: Path, rounds: int) -> dict:
-    """One attack in its own fresh pair of workers (see the module docstring): its max |ours -
-    theirs| and, per side, the thread CPU seconds, wall seconds and minor page faults of each
-    timed call (round 0 is the warm-up; the order of the two sides alternates)."""
+def time_attack(spec: dict, model: torch.nn.Module, x, y, python: Path, rounds: int, pairs: int = 1) -> dict:
+    """One attack in ``pairs`` fresh pairs of workers, one pair after another (see the module
+    docstring), ``rounds`` timed rounds in all, shared out between the pairs: its max |ours - theirs|
+    and, per side, the thread CPU seconds, wall seconds and minor page faults of each timed call
+    (each pair's round 0 is its warm-up, one call, and sets the calls per round; the order of the
+    two sides alternates)."""
     from safetensors.torch import load_file
 
     work = prepare(model, x, y, [spec])
     sides = {"ours": sys.executable, "torchattacks": python}
-    workers = {side: _start(exe, side, work) for side, exe in sides.items()}
     k = spec["key"]
-    ours, theirs = (load_file(work / f"{side}.safetensors")[k] for side in sides)
-    out = {"diff": (ours - theirs).abs().max().item()}
-    out |= {f"{what} {side}": [] for what in ("s", "cpu", "faults") for side in sides}
-    for r in range(rounds + 1):
-        for side in ("ours", "torchattacks") if r % 2 == 0 else ("torchattacks", "ours"):
-            workers[side].stdin.write(k + "\n")
-            workers[side].stdin.flush()
-            answer = json.loads(workers[side].stdout.readline())
-            for what in ("s", "cpu", "faults"):
-                out[f"{what} {side}"] += [answer[what]] if r else []
-    for worker in workers.values():
-        worker.stdin.close()
-        worker.wait()
+    out = {"diff": 0.0} | {f"{what} {side}": [] for what in ("s", "cpu", "faults") for side in sides}
+    for pair in range(pairs):
+        workers = {side: _start(exe, side, work) for side, exe in sides.items()}
+        ours, theirs = (load_file(work / f"{side}.safetensors")[k] for side in sides)
+        out["diff"] = max(out["diff"], (ours - theirs).abs().max().item())
+        calls, warm = 1, 0.0  # calls per round and side: enough to fill ROUND_SECONDS (from the warm-up)
+        for r in range(len(range(pair, rounds, pairs)) + 1):
+            for side in ("ours", "torchattacks") if (r + pair) % 2 == 0 else ("torchattacks", "ours"):
+                workers[side].stdin.write(f"{k} {calls}\n")
+                workers[side].stdin.flush()
+                answer = json.loads(workers[side].stdout.readline())
+                for what in ("s", "cpu", "faults"):
+                    out[f"{what} {side}"] += [answer[what]] if r else []
+                warm = max(warm, answer["s"]) if r == 0 else warm
+            if r == 0:
+                calls = max(1, round(ROUND_SECONDS / max(warm, 1e-6)))
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
     return out
 
 
@@ -309,12 +330,13 @@ def main() -> int:
     names = sys.argv[1:] or [s["key"] for s in SPECS]
     specs = [s for s in SPECS if s["key"] in names]
     rounds = max(1, int(os.environ.get("ROUNDS", ROUNDS)))
-    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each attack in its own pair "
-          f"of fresh worker processes; {machine()}")  # fmt: skip
+    pairs = min(rounds, max(1, int(os.environ.get("PAIRS", PAIRS))))
+    print(f"# attacks: ours vs torchattacks on digits-cnn, {len(x)} images, each attack in fresh pairs "
+          f"of worker processes ({pairs} pairs, {rounds} rounds in all); {machine()}")  # fmt: skip
     runs, agree = {}, {}
     for spec in specs:
         k = spec["key"]
-        runs[k] = time_attack(spec, model, x, y, python, rounds)
+        runs[k] = time_attack(spec, model, x, y, python, rounds, pairs)
         agree[k] = runs[k]["diff"] <= TOLERANCE.get(k, 0.0)
         print(f"{k:10s} {json.dumps({kk: v for kk, v in spec.items() if kk != 'key'})}: max |ours - theirs| = "
               f"{runs[k]['diff']:.2e} ({'agree' if agree[k] else 'DIFFER'})", flush=True)  # fmt: skip
