@@ -204,25 +204,30 @@ from interp.distributed import GradientSync, process_group
 out, transport = sys.argv[1], sys.argv[2]
 with process_group(timeout=60) as ctx:
     x = torch.arange(1.0, 5.0) * (ctx.rank + 1)
-    a, b, unused = (torch.nn.Parameter(torch.ones(4)) for _ in range(3))
-    sync = GradientSync([b, unused, a], transport=transport)  # not the order autograd finishes them: launches wait for it
+    a, b, unused, c = (torch.nn.Parameter(torch.ones(4)) for _ in range(4))
+    sync = GradientSync([b, unused, a, c], transport=transport)  # not the order autograd finishes them: launches wait for it
     assert sync.transport == transport
     # rank 0 unlinks the shared block once every rank has mapped it: nothing is left in /dev/shm
     assert not glob.glob(f"/dev/shm/interp-gradients-{os.getpid()}-*")
     grads = []
     for step in range(3):  # the hooks re-arm every step (and shared memory's slots alternate)
-        a.grad = b.grad = unused.grad = None
+        a.grad = b.grad = unused.grad = c.grad = None
         assert sync.defer_sum(torch.zeros(2000)) is None  # more than it carries (1024): the caller's gloo
         small = sync.defer_sum(torch.tensor([ctx.rank + 1, 10 * step]))  # rides the step's meeting
         assert (small is None) == (transport != "shared-memory")
         sync.start()
         ((a * x).sum() + (b * x**2).sum() * (step + 1)).backward()
+        # c's gradient is set after the backward, as the sparse path's are: computed in its slot
+        slot = sync.slot(c)
+        assert (slot is None) == (transport != "shared-memory")
+        c.grad = x * (step + 1) if slot is None else torch.mul(x, step + 1, out=slot)
         sync.finish_backward()
         if small is not None:
             assert torch.equal(small.result(), torch.tensor([3, 20 * step])), small.result()
         sync.wait([a])
-        sync.wait([b, unused])
-        grads.append(torch.stack([a.grad, b.grad, unused.grad]))
+        sync.wait([b, unused, c])
+        assert slot is None or c.grad.data_ptr() != slot.data_ptr()  # the sum is not in the slot
+        grads.append(torch.stack([a.grad, b.grad, unused.grad, c.grad]))
     sync.close()
     a.grad = None
     (a * x).sum().backward()  # after close: a plain local backward, no reduction
@@ -234,7 +239,8 @@ with process_group(timeout=60) as ctx:
 @pytest.mark.parametrize("mode", ["shared-memory", "exchange", "all-reduce"])
 def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
     """Each gradient is summed over the 2 ranks (a parameter the step missed as zeros), in the
-    given launch order whatever order the backward finishes them, on every step; ``close`` stops it.
+    given launch order whatever order the backward finishes them, on every step (one of them
+    computed after the backward, in its shared-memory slot where there is one); ``close`` stops it.
     Every transport: shared memory (the default with every rank on one host; small sums deferred
     to its meeting come back summed, in the value's dtype), the point-to-point exchange (gloo's
     default for 2 ranks on several hosts) and the all-reduce (nccl's)."""
@@ -245,7 +251,9 @@ def test_gradient_sync_sums_every_parameter_over_the_ranks(tmp_path, mode):
     for rank in (0, 1):
         grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for step in (0, 1, 2):
-            expected = torch.stack([sum(xs), sum(x**2 for x in xs) * (step + 1), torch.zeros(4)])
+            expected = torch.stack(
+                [sum(xs), sum(x**2 for x in xs) * (step + 1), torch.zeros(4), sum(xs) * (step + 1)]
+            )
             assert torch.equal(grads[step], expected), (rank, step, grads[step])
         assert torch.equal(grads[3], xs[rank])
 

@@ -467,6 +467,40 @@ def test_topk_training_fits_and_records_its_config(gpt2_model, corpus, tmp_path)
     assert torch.equal(again.W_enc, sae.W_enc) and not torch.equal(other.W_enc[:, :4], sae.W_enc[:, :4])
 
 
+def _shuffled_batches(rows: torch.Tensor, size: int, buffer_batches: int, seed: int, n: int) -> list:
+    """The shuffle buffer by hand: fill it to ``buffer_batches`` batches from the rows (looped
+    over), permute it (seeded), hand out its first half, keep the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    cap, emit = size * buffer_batches, size * max(1, buffer_batches // 2)
+    source = torch.cat([rows] * (2 + n * size // len(rows)))
+    out, buffer, at = [], rows[:0], 0
+    while len(out) < n:
+        need = cap - len(buffer)
+        buffer = torch.cat([buffer, source[at : at + need]])[torch.randperm(cap, generator=gen)]
+        at += need
+        out += [buffer[i : i + size] for i in range(0, emit, size)]
+        buffer = buffer[emit:]
+    return out[:n]
+
+
+@pytest.mark.parametrize(("size", "buffer_batches", "chunk"), [(64, 4, 40), (48, 5, 64), (32, 1, 7)])
+def test_the_shuffle_buffer_hands_out_the_hand_computed_batches(size, buffer_batches, chunk, monkeypatch):
+    """``stream`` (which fills a buffer it keeps across fills) gives the hand-computed batches,
+    from chunks of any size (a capture's reads, or a tensor's batch-sized slices); and batches
+    handed out earlier and kept are not overwritten by later fills."""
+    from interp.sae import training as T
+
+    rows = torch.randn(300, 5)
+    cfg = T.TrainConfig(hook=SITE, batch_size=size, buffer_batches=buffer_batches, seed=2)
+    expected = _shuffled_batches(rows, size, buffer_batches, cfg.seed + 1, 30)
+    plain = T.stream(None, rows, [SITE], cfg, "activations")
+    kept = [next(plain)[0] for _ in range(30)]
+    assert all(torch.equal(k, e) for k, e in zip(kept, expected, strict=True))
+    monkeypatch.setattr(T, "_rows", lambda *args: iter([(c,) for c in rows.split(chunk)]))
+    chunked = T.stream(None, rows, [SITE], cfg, "activations")
+    assert all(torch.equal(next(chunked)[0], e) for e in expected)
+
+
 def test_capture_tensor_and_model_inputs_train_the_same_sae(gpt2_model, corpus, tmp_path):
     texts, acts = corpus
     interp.capture_to_disk(gpt2_model, texts, SITE, tmp_path / "cap", batch_size=8, progress=False)

@@ -102,11 +102,32 @@ def process_group(timeout: float = DEFAULT_TIMEOUT) -> Iterator[Context]:
         yield current()
         return
     ctx = init_from_env(timeout)
+    finished = False
     try:
         yield ctx
+        finished = True
     finally:
+        _let_gloo_threads_finish(barrier=finished)
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def _let_gloo_threads_finish(barrier: bool) -> None:
+    """Give gloo's worker threads the moment they need before the process leaves the job.
+
+    A gloo thread drops a finished collective's tensors after the caller has its result; a
+    tensor made in Python (``all_gather_object``'s) needs the GIL for that. If the interpreter is
+    finalizing by then, the thread is made to exit inside C++ and the process aborts ("terminate
+    called without an active exception"; a core dump of a 2-rank benchmark job showed exactly
+    this, about once in 40 launches). A last barrier (every rank is done with its collectives,
+    and the GIL is free while it waits) and a short sleep let such threads finish first. No
+    barrier when the block raised: the other ranks may never come."""
+    import torch.distributed as dist
+
+    if barrier:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    time.sleep(0.02)
 
 
 def core_share(cpus: list[int], local_rank: int, local_world: int) -> list[int]:
@@ -492,7 +513,7 @@ class GradientSync:
             if work is None:
                 continue
             if self._shared is not None:
-                self._shared.sum_into(i, param.grad)
+                param.grad = self._shared.sum_into(i, param.grad)
             elif self._peer is None:
                 work.wait()
             else:
@@ -500,6 +521,15 @@ class GradientSync:
                     part.wait()
                 param.grad.add_(self._received[id(param)])
             self._work[i] = None
+
+    def slot(self, param: Any) -> Any | None:
+        """Where this rank's gradient of ``param`` goes for the coming sum, shaped like ``param``
+        (shared-memory transport; None otherwise). A gradient computed straight into it is not
+        copied again; ``wait`` then hands ``param`` a gradient of its own for the sum."""
+        i = self._index.get(id(param))
+        if self._shared is None or i is None:
+            return None
+        return self._shared.slot(i).view_as(param)
 
     def defer_sum(self, value: Any) -> DeferredSum | None:
         """``value`` (a small tensor) summed over the ranks at the next meeting of the
@@ -552,6 +582,7 @@ class _SharedSlots:
         self.signals = 0  # meetings this rank has signalled
         self.met = 0  # meetings this rank has seen completed
         self._deferred = 0  # small values written for the next meeting
+        self._sums: dict[int, Any] = {}  # sum_into's buffers, for gradients computed in a slot
 
     @classmethod
     def open(cls, params: list[Any], required: bool, timeout: float, small: int) -> _SharedSlots | None:
@@ -596,9 +627,16 @@ class _SharedSlots:
         at, n = self.offsets[i]
         return self.grads[meeting % 2, rank, at : at + n]
 
+    def slot(self, i: int) -> Any:
+        """This rank's slot of parameter ``i`` for the next meeting (flat)."""
+        return self._slot(self.signals + 1, self.rank, i)
+
     def put(self, i: int, grad: Any) -> None:
-        """This rank's gradient of parameter ``i`` into its slot of the next meeting."""
-        self._slot(self.signals + 1, self.rank, i).view_as(grad).copy_(grad)
+        """This rank's gradient of parameter ``i`` into its slot of the next meeting (unless it
+        was computed there)."""
+        slot = self.slot(i)
+        if slot.data_ptr() != grad.data_ptr():
+            slot.view_as(grad).copy_(grad)
 
     def meet(self) -> None:
         """Every slot of the next meeting is written here: signal it (the others may be later)."""
@@ -625,15 +663,23 @@ class _SharedSlots:
             time.sleep(pause)
         self.met = meeting
 
-    def sum_into(self, i: int, out: Any) -> None:
-        """``out`` = parameter ``i``'s gradients of ranks 0, 1, ... added in that order."""
+    def sum_into(self, i: int, out: Any) -> Any:
+        """``out`` = parameter ``i``'s gradients of ranks 0, 1, ... added in that order; returns
+        ``out``, or a buffer of this rank's if ``out`` is its own slot (which the others may
+        still be reading)."""
         import torch
 
         self.wait(self.signals)  # every rank has written its slots of this step
         slots = [self._slot(self.signals, r, i).view_as(out) for r in range(self.world)]
+        if out.data_ptr() == slots[self.rank].data_ptr():
+            kept = self._sums.get(i)
+            if kept is None:
+                kept = self._sums[i] = torch.empty_like(out)
+            out = kept
         torch.add(slots[0], slots[1], out=out)
         for slot in slots[2:]:
             out.add_(slot)
+        return out
 
     def defer(self, value: Any) -> DeferredSum | None:
         """``value`` summed over the ranks at the next meeting (None if it does not fit)."""

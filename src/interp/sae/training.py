@@ -383,27 +383,28 @@ def stream(
     gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * index)
     cap = size * max(1, cfg.buffer_batches)
     emit = size * max(1, cfg.buffer_batches // 2)
-    buffer: list[torch.Tensor] | None = None
+    buffer: list[torch.Tensor] = []  # the rows kept from the last fill (per name)
     pending: list[tuple[torch.Tensor, ...]] = []
     n_pending = 0
+    # the next fill's rows before shuffling: one buffer kept across fills and never handed out,
+    # so a fill allocates only the shuffled rows it yields (concatenating kept and new rows into
+    # fresh tensors made three cap-sized blocks a fill, which malloc handed back to the OS and
+    # faulted in again: fills then took 7-40 ms for the same work, and under DDP every rank
+    # waited at each step's meeting for the slowest one)
+    staging: list[torch.Tensor] = []
     while True:
         seen = 0
         for chunk in _rows(model, data, names, cfg, data_kind, lane):
             seen += len(chunk[0])
             pending.append(chunk)
             n_pending += len(chunk[0])
-            have = 0 if buffer is None else len(buffer[0])
+            have = len(buffer[0]) if buffer else 0
             while have + n_pending >= cap:
-                joined = [torch.cat(parts) for parts in zip(*pending, strict=True)]
-                need = cap - have
-                take = [j[:need] for j in joined]
-                pending = [tuple(j[need:] for j in joined)]
-                n_pending = len(pending[0][0])
-                buffer = (
-                    take if buffer is None else [torch.cat([b, t]) for b, t in zip(buffer, take, strict=True)]
-                )
+                staging = _staged(staging, buffer, pending, cap)
+                pending = _after(pending, cap - have)
+                n_pending = sum(len(part[0]) for part in pending)
                 perm = torch.randperm(cap, generator=gen)
-                buffer = [b[perm] for b in buffer]
+                buffer = [s.index_select(0, perm) for s in staging]
                 for start in range(0, emit, size):
                     yield tuple(b[start : start + size] for b in buffer)
                 buffer = [b[emit:] for b in buffer]
@@ -411,6 +412,35 @@ def stream(
         if seen == 0:
             where = f" (lane {index} of {lanes}: use fewer data_lanes)" if lanes > 1 else ""
             raise InputError(f"the training data holds no activations{where}")
+
+
+def _staged(
+    staging: list[torch.Tensor], kept: list[torch.Tensor], pending: list[tuple[torch.Tensor, ...]], cap: int
+) -> list[torch.Tensor]:
+    """``staging`` (made on first use) holding the kept rows, then the pending rows up to ``cap``:
+    what ``torch.cat`` of the two would hold, in a buffer reused from fill to fill."""
+    if not staging:
+        staging = [part.new_empty((cap, *part.shape[1:])) for part in pending[0]]
+    at = len(kept[0]) if kept else 0
+    for s, k in zip(staging, kept, strict=False):
+        s[:at].copy_(k)
+    for chunk in pending:
+        use = min(len(chunk[0]), cap - at)
+        for s, part in zip(staging, chunk, strict=True):
+            s[at : at + use].copy_(part[:use])
+        at += use
+    return staging
+
+
+def _after(pending: list[tuple[torch.Tensor, ...]], need: int) -> list[tuple[torch.Tensor, ...]]:
+    """The pending chunks less their first ``need`` rows (views)."""
+    rest = []
+    for chunk in pending:
+        n = len(chunk[0])
+        if need < n:
+            rest.append(tuple(part[need:] for part in chunk))
+        need = max(0, need - n)
+    return rest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -843,6 +873,7 @@ class _Trainer:
             cores.enter_context(distributed.bound_cores())  # each rank on its own share of the cores
             # a step's small sums (NaN check, fired latents, metrics) ride its meeting
             self.sync = distributed.GradientSync(self._ready_order(), small=self.sae.cfg.d_sae + 16)
+            self.weight_grads.destination = self.sync.slot
         try:
             batch = self._fetch(batches) if self.step < c.steps else None
             while self.step < c.steps:
@@ -876,6 +907,7 @@ class _Trainer:
             if self.sync is not None:
                 self.sync.close()
                 self.sync = None
+                self.weight_grads.destination = None
             cores.close()
         self.sae.eval()
         self.sae.cfg.metadata["training"] = self.record()
@@ -1040,12 +1072,17 @@ class _WeightGrads:
     the OS, so page faults dominated. That cost is the same whatever the batch size, so each rank
     of a data-parallel job pays all of it. Here each is one ``addmm_`` into a warm buffer (bitwise
     the same values) and ``W_enc``'s one transposing copy; a second term (AuxK's) adds into the
-    same buffer. Measured at batch 64 (with b_dec's credit, see ``_Selected``): the backward
+    same buffer. Under DDP the buffer of ``W_dec`` and the transposing copy of ``W_enc`` are the
+    rank's shared-memory slots (``destination``), which GradientSync then need not copy into. Measured at batch 64 (with b_dec's credit, see ``_Selected``): the backward
     went from 8.3 to 4.3 ms."""
 
     def __init__(self) -> None:
         self._sums: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
+        self._kept: dict[int, torch.Tensor] = {}  # the sums' buffers, kept across steps
         self._grads: dict[int, torch.Tensor] = {}  # the .grad handed out for a transposed sum
+        # under DDP, GradientSync.slot: where a parameter's gradient goes for its sum over the
+        # ranks, so it is computed there rather than copied there (6.3 MB a step saved)
+        self.destination: Callable[[torch.nn.Parameter], torch.Tensor | None] | None = None
         self._live: set[int] = set()
         self._vectors: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         # the parameter subtracted from the encoder's input (b_dec), credited by _Selected
@@ -1065,21 +1102,34 @@ class _WeightGrads:
     ) -> None:
         """Add ``sparse @ dense`` to ``param``'s gradient (its transpose if ``transposed``)."""
         key = id(param)
-        shape = (sparse.shape[0], dense.shape[1])
-        held = self._sums.get(key)
-        if held is None or held[1].shape != shape or held[1].dtype != dense.dtype:
-            held = self._sums[key] = (param, dense.new_empty(shape), transposed)
-        held[1].addmm_(sparse, dense, beta=1 if key in self._live else 0)
+        if key not in self._live:
+            shape = (sparse.shape[0], dense.shape[1])
+            into = None if transposed else self._destination(param, shape, dense.dtype)
+            if into is None:
+                into = self._kept.get(key)
+                if into is None or into.shape != shape or into.dtype != dense.dtype:
+                    into = self._kept[key] = dense.new_empty(shape)
+            self._sums[key] = (param, into, transposed)
+        self._sums[key][1].addmm_(sparse, dense, beta=1 if key in self._live else 0)
         self._live.add(key)
+
+    def _destination(
+        self, param: torch.nn.Parameter, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """``param``'s slot for the sum over the ranks, if there is one of this shape and dtype."""
+        into = None if self.destination is None else self.destination(param)
+        return into if into is not None and into.shape == shape and into.dtype == dtype else None
 
     def settle(self) -> None:
         """Hand this step's sums to the parameters' ``.grad`` (added, if autograd put one there)."""
         for key in self._live:
             param, total, transposed = self._sums[key]
             if transposed:
-                out = self._grads.get(key)
-                if out is None or out.shape != param.shape:
-                    out = self._grads[key] = torch.empty_like(param)
+                out = self._destination(param, param.shape, total.dtype)
+                if out is None:
+                    out = self._grads.get(key)
+                    if out is None or out.shape != param.shape:
+                        out = self._grads[key] = torch.empty_like(param)
                 total = out.copy_(total.T)
             _add_grad(param, total)
         for param, total in self._vectors.values():
