@@ -411,7 +411,8 @@ class GradientSync:
     ``transport`` (default: the first that applies, in this order):
 
     - ``"shared-memory"``: every rank of the job is on this host (gloo, CPU tensors, x86-64).
-      Each rank copies its gradients into its slot of one shared-memory block, the ranks meet
+      Each rank copies its gradients into its slot of one shared-memory block (or computes
+      them there: ``slot``), the ranks meet
       once (a counter per rank in the block, see ``_SharedSlots``), and each adds the slots in
       rank order, so every rank holds the same sums bit for bit. No gradient bytes go through
       sockets: over gloo's localhost TCP, 6.3 MB took ~6 ms a step and the CPU time of the
