@@ -178,7 +178,11 @@ def _restart(module, x, y, acc, adv, criterion, eps, steps, norm, bounds, rho, g
     adv[idx[broken]] = adv_curr[broken]
 
 
-def _grad(module, x_adv, y, idx, criterion):
+def _grad(module, x_adv, y, idx, criterion, need_grad=True):
+    """Logits, per-image loss and (``need_grad``) the loss's gradient at ``x_adv``."""
+    if not need_grad:
+        logits = module(x_adv)
+        return logits, criterion(logits, y, idx), None
     x_adv.requires_grad_()
     with torch.enable_grad():
         logits = module(x_adv)
@@ -246,7 +250,10 @@ def _single_run(module, x, y, idx, criterion, eps, steps, norm, bounds, rho, gen
         x_adv_old = x_adv.clone()
         a = 0.75 if i > 0 else 1.0
         x_adv = _project(x, x_adv, grad, grad2, step_size, a, eps, low, high, norm, lo, hi) + 0.0
-        logits, loss_indiv, grad = _grad(module, x_adv, y, idx, criterion)
+        # the last step's gradient would only feed a step that never comes: torchattacks
+        # computes it anyway; skipping its backward pass leaves every result the same
+        last = i == steps - 1
+        logits, loss_indiv, grad = _grad(module, x_adv, y, idx, criterion, need_grad=not last)
         x_adv = x_adv.detach()
         pred = logits.argmax(1) == y
         acc = acc & pred
@@ -254,7 +261,8 @@ def _single_run(module, x, y, idx, criterion, eps, steps, norm, bounds, rho, gen
         loss_steps[i] = loss_indiv.cpu()
         better = loss_indiv > loss_best
         x_best[better] = x_adv[better]
-        grad_best[better] = grad[better]
+        if not last:
+            grad_best[better] = grad[better]
         loss_best[better] = loss_indiv[better]
         counter3 += 1
         if counter3 == k:
@@ -264,7 +272,7 @@ def _single_run(module, x, y, idx, criterion, eps, steps, norm, bounds, rho, gen
             reduce = (oscillating | no_improvement).to(x.device)
             reduced_last_check = reduce.cpu().clone()
             loss_best_last_check = loss_best.clone()
-            if bool(reduce.any()):
+            if bool(reduce.any()) and not last:  # (after the last step nothing reads them)
                 step_size[reduce] /= 2.0
                 x_adv[reduce] = x_best[reduce]
                 grad[reduce] = grad_best[reduce]
