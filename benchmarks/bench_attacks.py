@@ -303,17 +303,19 @@ def time_attack(spec: dict, model: torch.nn.Module, x, y, python: Path, rounds: 
         workers = {side: _start(exe, side, work) for side, exe in sides.items()}
         ours, theirs = (load_file(work / f"{side}.safetensors")[k] for side in sides)
         out["diff"] = max(out["diff"], (ours - theirs).abs().max().item())
-        calls, warm = 1, 0.0  # calls per round and side: enough to fill ROUND_SECONDS (from the warm-up)
-        for r in range(len(range(pair, rounds, pairs)) + 1):
+        timed = len(range(pair, rounds, pairs))  # this pair's share of the rounds
+        calls = 1  # per round and side; after the warm-up, enough to fill ROUND_SECONDS
+        for r in range(timed + 1):
+            seconds = []
             for side in ("ours", "torchattacks") if (r + pair) % 2 == 0 else ("torchattacks", "ours"):
                 workers[side].stdin.write(f"{k} {calls}\n")
                 workers[side].stdin.flush()
                 answer = json.loads(workers[side].stdout.readline())
+                seconds.append(answer["s"])
                 for what in ("s", "cpu", "faults"):
                     out[f"{what} {side}"] += [answer[what]] if r else []
-                warm = max(warm, answer["s"]) if r == 0 else warm
             if r == 0:
-                calls = max(1, round(ROUND_SECONDS / max(warm, 1e-6)))
+                calls = max(1, round(ROUND_SECONDS / max(*seconds, 1e-6)))
         for worker in workers.values():
             worker.stdin.close()
             worker.wait()

@@ -1072,9 +1072,10 @@ class _WeightGrads:
     the OS, so page faults dominated. That cost is the same whatever the batch size, so each rank
     of a data-parallel job pays all of it. Here each is one ``addmm_`` into a warm buffer (bitwise
     the same values) and ``W_enc``'s one transposing copy; a second term (AuxK's) adds into the
-    same buffer. Under DDP the buffer of ``W_dec`` and the transposing copy of ``W_enc`` are the
-    rank's shared-memory slots (``destination``), which GradientSync then need not copy into. Measured at batch 64 (with b_dec's credit, see ``_Selected``): the backward
-    went from 8.3 to 4.3 ms."""
+    same buffer. Measured at batch 64 (with b_dec's credit, see ``_Selected``): the backward
+    went from 8.3 to 4.3 ms. Under DDP the buffer of ``W_dec`` and the transposing copy of
+    ``W_enc`` are the rank's shared-memory slots (``destination``), so GradientSync need not
+    copy them there."""
 
     def __init__(self) -> None:
         self._sums: dict[int, tuple[torch.nn.Parameter, torch.Tensor, bool]] = {}
