@@ -14,11 +14,16 @@ step 5 to ``train``'s return (the ranks step in lockstep); the whole call, setup
 shuffle buffer's first fill, the shared-memory block, the first steps' allocations), is printed
 beside it. Each job also prints its milliseconds per step by phase (reading the next batch,
 forward, backward, Adam, and for the 2 ranks the waits: the step's meeting, adding the
-gradients, gloo's mid-step sums) and the sum of the 6.3 MB of gradients alone; and a ceiling:
-two independent 1-process jobs of one rank's work at once (no process group, no
-communication, each bound to its core as a rank is), i.e. what the two cores give.
+gradients, gloo's mid-step sums) and the sum of the 6.3 MB of gradients alone.
+
+Capture and training each get a ceiling, timed in the same rounds: two independent 1-process jobs
+of one rank's work at once (no process group, no communication; training's bound to a core each,
+as its ranks are, capture's free, as its ranks are), i.e. what the two cores give on that run;
+printed with the share of it the 2-process job reached. (Binding capture's ranks was tried: in 8
+interleaved rounds bound and free read the same, 1.64x and 1.65x, so capture leaves them free.)
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 192] [--steps 60]
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
 
 On a shared machine the ratio measures the cores the two ranks actually got: rerun it quietly.
 """
@@ -43,6 +48,7 @@ from common import machine
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 HOOK = "blocks.3.hook_resid_post"
+PARTS = ("capture", "train", "auxk")  # the benchmark's rows: --only picks some
 WARMUP = 5  # training steps before the steady-state clock starts (setup, first allocations)
 # FLOPs per token of the capture: 2 per weight of the 4 blocks that run (stop_early at block 3),
 # 12 d_model^2 weights per BERT block (attention 4 d^2, MLP 8 d^2); embeddings are lookups.
@@ -63,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     cores = contextlib.ExitStack()
-    if "BENCH_ALONE" in os.environ:  # an independent job of the ceiling row: bound as a rank would be
+    if "BENCH_ALONE" in os.environ and args.worker == "train":  # a ceiling job: bound as a rank of train is
         cores.enter_context(distributed.bound_cores())
     with cores, process_group(timeout=300) as ctx:
         model = interp.load("minilm")
@@ -205,13 +211,15 @@ def launch(nproc: int, kind: str, extra: list[str]) -> dict:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def launch_alone(copies: int, extra: list[str]) -> dict:
-    """``copies`` independent 1-process training jobs at once (no process group, no communication),
-    each with one rank's share of the work; seconds: the slowest."""
+def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = None) -> dict:
+    """``copies`` independent 1-process jobs at once (no process group, no communication), each
+    given one rank's share of the work (a capture: its own ``out``-N) and, for training, bound to
+    its core as a rank is; seconds (and step_seconds): the slowest copy's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "train", *extra]
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *extra]
     jobs = [
-        subprocess.Popen(command, env={**env, "BENCH_ALONE": "1", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies)},
+        subprocess.Popen(command + ([] if out is None else ["--out", f"{out}-{i}"]),
+                         env={**env, "BENCH_ALONE": "1", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies)},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(copies)
     ]  # fmt: skip
@@ -219,19 +227,21 @@ def launch_alone(copies: int, extra: list[str]) -> dict:
     outs = [out for out, _ in done]
     for job, (_, err) in zip(jobs, done, strict=True):
         if job.returncode:
-            raise SystemExit(f"an independent training job failed:\n{err[-3000:]}")
+            raise SystemExit(f"an independent {kind} job failed:\n{err[-3000:]}")
     results = [json.loads([line for line in o.splitlines() if line.startswith("{")][-1]) for o in outs]
-    return {k: max(r[k] for r in results) for k in ("seconds", "step_seconds")}
+    return {k: max(r[k] for r in results) for k in ("seconds", "step_seconds") if k in results[0]}
 
 
-def rounds(kind: str, n: int, extra: list[str], alone: list[str] | None = None) -> dict[int, list[dict]]:
+def rounds(
+    kind: str, n: int, extra: list[str], alone: list[str] | None = None, alone_out: Path | None = None
+) -> dict[int, list[dict]]:
     """Interleaved rounds of the 1-process and the 2-process job; with ``alone``, also two
     independent 1-process jobs at once, each given ``alone`` (results under key 0)."""
     results: dict[int, list[dict]] = {1: [], 2: [], 0: []}
     for r in range(n):
         for nproc in (1, 2, 0) if r % 2 == 0 else (0, 2, 1):
             if nproc == 0 and alone is not None:
-                results[0].append(launch_alone(2, alone))
+                results[0].append(launch_alone(2, kind, alone, alone_out))
             elif nproc:
                 results[nproc].append(launch(nproc, kind, extra))
     return results
@@ -263,10 +273,12 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
     else:
         median = ratio_row("throughput ratio", results, "seconds", goal)
     if results[0]:
-        alone = statistics.median(r["step_seconds"] for r in results[0])
-        one = statistics.median(r["step_seconds"] for r in results[1])
+        key = "step_seconds" if "step_seconds" in results[0][0] else "seconds"
+        alone = statistics.median(r[key] for r in results[0])
+        one = statistics.median(r[key] for r in results[1])
+        unit = f"{alone * 1e3:.1f} ms/step" if key == "step_seconds" else f"{alone:.2f} s"
         print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work at once, "
-              f"{alone * 1e3:.1f} ms/step -> {one / alone:.2f}x")  # fmt: skip
+              f"{unit} -> {one / alone:.2f}x ({median / (one / alone):.0%} of it reached)")  # fmt: skip
     for n in (1, 2):
         phases = [r["phases"] for r in results[n] if "phases" in r]
         if phases:
@@ -315,6 +327,7 @@ def main() -> None:
     parser.add_argument("--dead-after-tokens", type=int, default=100_000)  # train's default
     parser.add_argument("--batch", type=int, default=2048)  # the global batch (the ceiling row: one rank's)
     parser.add_argument("--lanes", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these rows")
     parser.add_argument("--worker", choices=["capture", "train"], default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--data", default=None)
@@ -325,26 +338,34 @@ def main() -> None:
     print(f"# bench_distributed ({machine()}); {args.rounds} rounds, interleaved")
     root = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
-        capture = rounds("capture", args.rounds, ["--out", str(root / "cap"), "--texts", str(args.texts)])
-        ratio, one = summary("capture: MiniLM blocks.3.hook_resid_post, batch 16", capture, 1.7)
+        if "capture" in args.only:
+            # the ceiling's copies: half the texts each (the first half, as rank 0's part; 2 x 96
+            # texts at the default 192, split on the batch size of 16 as the 2-process job's parts are)
+            capture = rounds("capture", args.rounds, ["--out", str(root / "cap"), "--texts", str(args.texts)],
+                             alone=["--texts", str(args.texts // 2)], alone_out=root / "alone")  # fmt: skip
+            ratio, one = summary("capture: MiniLM blocks.3.hook_resid_post, batch 16", capture, 1.7)
         data = root / "data"
-        launch(1, "capture", ["--out", str(data), "--texts", str(args.texts)])
+        if {"train", "auxk"} & set(args.only):
+            launch(1, "capture", ["--out", str(data), "--texts", str(args.texts)])
         steps = ["--data", str(data), "--steps", str(args.steps)]
-        training = rounds("train", args.rounds, steps, alone=[*steps, "--batch", "1024", "--lanes", "1"])
-        summary(
-            f"DDP training: topk d_sae 2048 over that capture, global batch 2048, {args.steps} steps",
-            training,
-            1.6,
-        )
-        # The same with AuxK live: latents silent for 2 steps count as dead, so every step selects
-        # dead latents over the global batch and the ranks also meet once mid-step (not a goal row).
-        live = ["--data", str(data), "--steps", str(args.steps), "--dead-after-tokens", "4096"]
-        summary(
-            "DDP training, AuxK live (dead_after_tokens 4096): the same, dead latents from step 2",
-            rounds("train", args.rounds, live),
-            1.6,
-        )
-        extrapolate(capture[1][0], one)
+        if "train" in args.only:
+            training = rounds("train", args.rounds, steps, alone=[*steps, "--batch", "1024", "--lanes", "1"])
+            summary(
+                f"DDP training: topk d_sae 2048 over that capture, global batch 2048, {args.steps} steps",
+                training,
+                1.6,
+            )
+        if "auxk" in args.only:
+            # The same with AuxK live: latents silent for 2 steps count as dead, so every step selects
+            # dead latents over the global batch and the ranks also meet once mid-step (not a goal row).
+            live = ["--data", str(data), "--steps", str(args.steps), "--dead-after-tokens", "4096"]
+            summary(
+                "DDP training, AuxK live (dead_after_tokens 4096): the same, dead latents from step 2",
+                rounds("train", args.rounds, live),
+                1.6,
+            )
+        if "capture" in args.only:
+            extrapolate(capture[1][0], one)
         print(
             "\nWhat limits the ratios: the two ranks share 2 cores with everything else on the box (a busy box gives"
             "\nthem less than 2 cores, and a rank descheduled at a synchronisation stalls the other); each rank is"
