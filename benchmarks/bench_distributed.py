@@ -81,6 +81,8 @@ def worker(args: argparse.Namespace) -> None:
             texts = [
                 " ".join(rng.choice(words) for _ in range(rng.randint(24, 40))) for _ in range(args.texts)
             ]
+            if "BENCH_ALONE" in os.environ:  # a ceiling copy: the part the rank of that number captures
+                texts = texts[slice(*rank_part(len(texts), int(os.environ["LOCAL_RANK"])))]
             barrier()
             began = time.perf_counter()
             ds = interp.capture_to_disk(
@@ -111,6 +113,13 @@ def worker(args: argparse.Namespace) -> None:
             )
     if ctx.is_main:
         print(json.dumps({"seconds": seconds, "world_size": ctx.world_size, **work}))
+
+
+def rank_part(n: int, rank: int, world: int = 2, batch_size: int = 16) -> tuple[int, int]:
+    """The examples ``[lo, hi)`` rank ``rank`` captures: ``world`` parts cut on batch boundaries."""
+    batches = -(-n // batch_size)
+    lo, hi = (min(n, (r * batches // world) * batch_size) for r in (rank, rank + 1))
+    return lo, hi
 
 
 # What each rank of a training job spends its steps on (ms per step): wrappers on the trainer's steps.
@@ -339,10 +348,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
         if "capture" in args.only:
-            # the ceiling's copies: half the texts each (the first half, as rank 0's part; 2 x 96
-            # texts at the default 192, split on the batch size of 16 as the 2-process job's parts are)
+            # the ceiling's copy i captures rank i's part of the texts (rank_part)
             capture = rounds("capture", args.rounds, ["--out", str(root / "cap"), "--texts", str(args.texts)],
-                             alone=["--texts", str(args.texts // 2)], alone_out=root / "alone")  # fmt: skip
+                             alone=["--texts", str(args.texts)], alone_out=root / "alone")  # fmt: skip
             ratio, one = summary("capture: MiniLM blocks.3.hook_resid_post, batch 16", capture, 1.7)
         data = root / "data"
         if {"train", "auxk"} & set(args.only):
