@@ -387,7 +387,7 @@ def main() -> None:
             "\nto do. Not split by the ranks, so paid in full by each: Adam over all 1.6M parameters ('adam'), the"
             "\nbackward's dense W_enc and W_dec gradients (fixed cost, whatever the batch), the decoder renorm, and"
             "\nper-process setup (opening the capture, filling the shuffle buffer). The ceiling row shows what two"
-            "\nbusy cores give with no communication at all; it moves from run to run with the box (1.78-1.90x"
+            "\nbusy cores give with no communication at all; it moves from run to run with the box (1.78-1.97x"
             "\nmeasured), and so does the 2-process forward: the same work took 33-41 ms a step on a rank in"
             "\ndifferent quiet runs, and now and then one core ran ~15% slower than the other for a whole run, the"
             "\nother rank waiting for it at every meeting. With AuxK live, the fired latents and AuxK's normaliser"
