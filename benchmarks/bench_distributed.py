@@ -48,6 +48,7 @@ from common import machine
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 HOOK = "blocks.3.hook_resid_post"
+CAPTURE_BATCH = 16
 PARTS = ("capture", "train", "auxk")  # the benchmark's rows: --only picks some
 WARMUP = 5  # training steps before the steady-state clock starts (setup, first allocations)
 # FLOPs per token of the capture: 2 per weight of the 4 blocks that run (stop_early at block 3),
@@ -82,11 +83,14 @@ def worker(args: argparse.Namespace) -> None:
                 " ".join(rng.choice(words) for _ in range(rng.randint(24, 40))) for _ in range(args.texts)
             ]
             if "BENCH_ALONE" in os.environ:  # a ceiling copy: the part the rank of that number captures
-                texts = texts[slice(*rank_part(len(texts), int(os.environ["LOCAL_RANK"])))]
+                from interp.store import _part_ranges  # how capture_to_disk splits the inputs
+
+                lo, hi = _part_ranges(len(texts), CAPTURE_BATCH, 2)[int(os.environ["LOCAL_RANK"])]
+                texts = texts[lo:hi]
             barrier()
             began = time.perf_counter()
             ds = interp.capture_to_disk(
-                model, texts, HOOK, args.out, batch_size=16, progress=False, resume=False
+                model, texts, HOOK, args.out, batch_size=CAPTURE_BATCH, progress=False, resume=False
             )
             barrier()
             seconds = time.perf_counter() - began
@@ -113,13 +117,6 @@ def worker(args: argparse.Namespace) -> None:
             )
     if ctx.is_main:
         print(json.dumps({"seconds": seconds, "world_size": ctx.world_size, **work}))
-
-
-def rank_part(n: int, rank: int, world: int = 2, batch_size: int = 16) -> tuple[int, int]:
-    """The examples ``[lo, hi)`` rank ``rank`` captures: ``world`` parts cut on batch boundaries."""
-    batches = -(-n // batch_size)
-    lo, hi = (min(n, (r * batches // world) * batch_size) for r in (rank, rank + 1))
-    return lo, hi
 
 
 # What each rank of a training job spends its steps on (ms per step): wrappers on the trainer's steps.
@@ -348,10 +345,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-dist-"))
     try:
         if "capture" in args.only:
-            # the ceiling's copy i captures rank i's part of the texts (rank_part)
+            # the ceiling's copy i captures rank i's part of the texts (as capture_to_disk splits them)
             capture = rounds("capture", args.rounds, ["--out", str(root / "cap"), "--texts", str(args.texts)],
                              alone=["--texts", str(args.texts)], alone_out=root / "alone")  # fmt: skip
-            ratio, one = summary("capture: MiniLM blocks.3.hook_resid_post, batch 16", capture, 1.7)
+            _, one = summary(f"capture: MiniLM {HOOK}, batch {CAPTURE_BATCH}", capture, 1.7)
         data = root / "data"
         if {"train", "auxk"} & set(args.only):
             launch(1, "capture", ["--out", str(data), "--texts", str(args.texts)])
