@@ -4,6 +4,7 @@ resumes on another world size; bad parallel settings are refused before any work
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -35,6 +36,8 @@ RECIPES = {
     # resampling every 8 steps draws from the global batch on every rank
     "standard": dict(arch="standard", l1_coefficient=5.0, resample_every=8, dead_after_tokens=64,
                      **{**BASE, "lr": 3e-2}),
+    # a trained threshold: with the update split over the ranks, each clamps its own share of it
+    "jumprelu": dict(arch="jumprelu", l1_coefficient=0.05, jumprelu_bandwidth=0.05, **BASE),
 }
 """
 
@@ -55,9 +58,14 @@ with process_group(timeout=60) as ctx:
             os._exit(3)
         training._Trainer.save_checkpoint = save_then_die
         train(model(), "1.hook_out", capture, out=f"{out}/run", checkpoint_every=10, **RECIPES["topk"])
+    elif mode == "resume":  # a one-process run's checkpoint, finished on 2 processes
+        sae = train(model(), "1.hook_out", capture, out=f"{out}/run", checkpoint_every=6, **RECIPES["topk"])
+        torch.save(sae.state_dict(), f"{out}/run/rank{ctx.rank}.pt")
     else:
         for name, recipe in RECIPES.items():
             sae = train(model(), "1.hook_out", capture, out=f"{out}/{name}", **recipe)
+            # what train returns is this process's own: no view of the ranks' shared memory
+            assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in sae.parameters())
             torch.save(sae.state_dict(), f"{out}/{name}/rank{ctx.rank}.pt")
 """
 
@@ -81,6 +89,22 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
+def stop_after_first_checkpoint(monkeypatch, model, capture, **options) -> None:
+    """Train in this process until its first checkpoint is written, then stop (as if killed)."""
+    from interp.sae import training
+
+    real = training._Trainer.save_checkpoint
+
+    def save_then_stop(self):
+        real(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, "1.hook_out", capture, **options)
+    monkeypatch.setattr(training._Trainer, "save_checkpoint", real)
 
 
 def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatch):
@@ -114,6 +138,11 @@ def test_two_process_ddp_training_equals_one_process(setup, tmp_path, monkeypatc
         saved = interp.sae.load(tmp_path / name / "final")
         assert saved.cfg.metadata["training"]["world_size"] == 2
         assert saved.cfg.metadata["training"]["data_lanes"] == 2  # the default: the world size
+        # one host: gradients summed in shared memory, Adam split over the ranks (_SharedUpdate)
+        assert saved.cfg.metadata["training"]["parallel"] == {
+            "gradients": "shared-memory",
+            "adam": "split over the ranks",
+        }
 
 
 def test_rank0_checkpoint_resumes_on_one_process(setup, tmp_path):
@@ -133,6 +162,22 @@ def test_rank0_checkpoint_resumes_on_one_process(setup, tmp_path):
         common.model(), "1.hook_out", root / "capture", data_lanes=2, checkpoint_every=10, **recipe
     )
     assert_close(resumed.state_dict(), reference.state_dict())
+
+
+def test_one_process_checkpoint_resumes_on_two(setup, tmp_path, monkeypatch):
+    """A one-process run stops after its first checkpoint; the same call on 2 processes (which
+    share its weights and Adam state out between them) ends with the uninterrupted weights."""
+    root, common = setup
+    recipe = common.RECIPES["topk"]
+    stop_after_first_checkpoint(monkeypatch, common.model(), root / "capture", out=tmp_path / "run",
+                                checkpoint_every=6, data_lanes=2, **recipe)  # fmt: skip
+    result = torchrun(2, str(root / "worker.py"), str(root / "capture"), str(tmp_path), "resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = train(common.model(), "1.hook_out", root / "capture", data_lanes=2, **recipe)
+    for rank in (0, 1):
+        assert_close(
+            torch.load(tmp_path / "run" / f"rank{rank}.pt", weights_only=True), reference.state_dict()
+        )
 
 
 @pytest.mark.parametrize(
@@ -172,18 +217,9 @@ def test_checkpoint_from_before_data_lanes_still_resumes(setup, tmp_path, monkey
     """A checkpoint whose config has no data_lanes (written before lanes existed) is one lane."""
     root, common = setup
     recipe = {**common.RECIPES["topk"], "tokens": 64 * 12}
-    from interp.sae import training
-
-    real = training._Trainer.save_checkpoint
-
-    def save_then_stop(self):
-        real(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(training._Trainer, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train(common.model(), "1.hook_out", root / "capture", out=tmp_path, checkpoint_every=6, **recipe)
-    monkeypatch.setattr(training._Trainer, "save_checkpoint", real)
+    stop_after_first_checkpoint(
+        monkeypatch, common.model(), root / "capture", out=tmp_path, checkpoint_every=6, **recipe
+    )
     meta_path = tmp_path / "checkpoint" / "trainer.json"
     meta = json.loads(meta_path.read_text())
     del meta["config"]["data_lanes"]
@@ -323,3 +359,20 @@ def test_shared_memory_meeting_times_out_naming_the_rank_that_did_not_come(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     message = (tmp_path / "rank0.txt").read_text()
     assert message.startswith("rank 1 of 2 did not reach step meeting 1 within 1.5 s"), message
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_owned_rows_split_every_parameter_evenly(world):
+    """Each rank's rows of each parameter (the split Adam's share): contiguous, in rank order,
+    covering every row once, and as even as whole rows allow."""
+    from interp.distributed import owned_rows
+
+    shapes = [(2048, 384), (384,), (3,), (384, 2048), (5, 3), ()]
+    owned = owned_rows(shapes, world)
+    assert len(owned) == world and all(len(mine) == len(shapes) for mine in owned)
+    for i, shape in enumerate(shapes):
+        rows = shape[0] if shape else 1
+        spans = [owned[r][i] for r in range(world)]
+        assert spans[0][0] == 0 and spans[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        assert max(e - f for f, e in spans) - min(e - f for f, e in spans) <= 1

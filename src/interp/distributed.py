@@ -394,6 +394,12 @@ def coordinator(ctx: Context, name: str, timeout: float = DEFAULT_TIMEOUT) -> Co
 
 TRANSPORTS = ("shared-memory", "exchange", "all-reduce")
 SHM_DIR = "/dev/shm"  # where same-host ranks map their shared gradient slots (Linux tmpfs)
+# A rank waiting at a shared-memory meeting spins (yielding) for SPIN_SECONDS, then sleeps in
+# pauses of at most MAX_PAUSE_SECONDS: it sees the others arrive that much late at worst. With
+# 1 ms pauses a rank saw a meeting it had waited >1 ms for up to ~1 ms late, and the other rank
+# then waited that long at the next one (~1 ms a training step on MiniLM's dictionary).
+SPIN_SECONDS = 2e-3
+MAX_PAUSE_SECONDS = 2e-4
 
 
 class GradientSync:
@@ -430,10 +436,21 @@ class GradientSync:
     ``timeout``: how long the shared-memory meeting waits for a late rank before it raises
     ``DistributedError`` naming it (default: the job's, as given to ``process_group``).
     ``small``: how many values ``defer_sum`` can carry to one meeting (more fall back to gloo).
+
+    ``shared_state`` (shared-memory transport only; ``shares_state`` says whether it applies):
+    the block also holds the parameters' values and two optimizer-state buffers, so the ranks
+    can split the update instead of each repeating all of it. Each rank owns about 1/world of
+    every parameter's rows (``owned``), sums only those gradients (``sum_owned``) and updates
+    only those values; ``barrier`` then waits until every rank's update has landed.
     """
 
     def __init__(
-        self, params: list[Any], transport: str | None = None, timeout: float | None = None, small: int = 1024
+        self,
+        params: list[Any],
+        transport: str | None = None,
+        timeout: float | None = None,
+        small: int = 1024,
+        shared_state: bool = False,
     ) -> None:
         import torch.distributed as dist
 
@@ -447,7 +464,9 @@ class GradientSync:
             raise InputError(f"a gradient exchange needs exactly 2 ranks, this job has {world}")
         self._shared: _SharedSlots | None = None
         if transport in (None, "shared-memory"):
-            self._shared = _SharedSlots.open(self.params, transport == "shared-memory", timeout, small)
+            self._shared = _SharedSlots.open(
+                self.params, transport == "shared-memory", timeout, small, shared_state
+            )
         if self._shared is not None:
             transport = "shared-memory"
         elif transport is None:
@@ -536,6 +555,49 @@ class GradientSync:
             return None
         return self._shared.slot(i).view_as(param)
 
+    @property
+    def shares_state(self) -> bool:
+        """Whether the block holds the parameters and optimizer state (``shared_state``)."""
+        return self._shared is not None and self._shared.state is not None
+
+    def shared_state(self) -> tuple[Any, Any, Any]:
+        """The shared values, and the two optimizer-state buffers, of every parameter laid end
+        to end in ``params`` order (flat views, each ``sum(p.numel())`` long; ``shares_state``)."""
+        assert self._shared is not None and self._shared.state is not None
+        return self._shared.state[0], self._shared.state[1], self._shared.state[2]
+
+    def offset(self, param: Any) -> int:
+        """Where ``param`` starts in the flat layout of ``shared_state`` (and of the gradients)."""
+        assert self._shared is not None
+        return self._shared.offsets[self._index[id(param)]][0]
+
+    def owned(self, param: Any, rank: int | None = None) -> tuple[int, int]:
+        """The rows ``(first, end)`` of ``param`` that ``rank`` (default: this one) updates."""
+        assert self._shared is not None and self._shared.owned is not None
+        return self._shared.owned[self._shared.rank if rank is None else rank][self._index[id(param)]]
+
+    def owned_span(self, param: Any) -> slice:
+        """This rank's rows of ``param`` as a flat range of ``shared_state`` (and of the gradients)."""
+        first, end = self.owned(param)
+        at, row = self.offset(param), param.numel() // param.shape[0] if param.dim() else 1
+        return slice(at + first * row, at + end * row)
+
+    def sum_owned(self, param: Any, out: Any) -> Any:
+        """``out`` (flat, ``owned_span``'s length) = the ranks' gradients of this rank's rows of
+        ``param``, added in rank order; waits for the step's meeting. Call it for every
+        parameter: the others' rows are not summed here."""
+        assert self._shared is not None
+        span = self.owned_span(param)
+        self._shared.sum_range(span.start, span.stop, out)
+        self._work[self._index[id(param)]] = None
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every rank has called ``barrier`` as often as this one (shared memory: a
+        counter per rank, no collective; DistributedError after the timeout)."""
+        assert self._shared is not None
+        self._shared.barrier()
+
     def defer_sum(self, value: Any) -> DeferredSum | None:
         """``value`` (a small tensor) summed over the ranks at the next meeting of the
         shared-memory transport, without a collective of its own; None on other transports (or
@@ -571,7 +633,7 @@ class _SharedSlots:
     memory lives as long as the mappings, and nothing is left behind if the job is killed."""
 
     def __init__(
-        self, raw: Any, params: list[Any], small: int, rank: int, world: int, timeout: float
+        self, raw: Any, params: list[Any], small: int, rank: int, world: int, timeout: float, state: bool
     ) -> None:
         import torch
 
@@ -580,17 +642,24 @@ class _SharedSlots:
         for p in params:
             self.offsets.append((at, p.numel()))
             at += p.numel()
-        grads, smalls, counters = _layout(params, small, world)
+        grads, smalls, counters, barriers, values = _layout(params, small, world, state)
         self.grads = raw[slice(*grads)].view(params[0].dtype).view(2, world, at)
         self.small = raw[slice(*smalls)].view(torch.float64).view(3, world, small)
         self.counters = raw[slice(*counters)].view(torch.float64)
+        self.barriers = raw[slice(*barriers)].view(torch.float64)
+        # with ``state``: [values, optimizer state a, optimizer state b], each flat like the gradients
+        self.state = raw[slice(*values)].view(params[0].dtype).view(3, at) if state else None
+        self.owned = owned_rows([p.shape for p in params], world) if state else None
         self.signals = 0  # meetings this rank has signalled
         self.met = 0  # meetings this rank has seen completed
+        self.crossed = 0  # barriers this rank has passed
         self._deferred = 0  # small values written for the next meeting
         self._sums: dict[int, Any] = {}  # sum_into's buffers, for gradients computed in a slot
 
     @classmethod
-    def open(cls, params: list[Any], required: bool, timeout: float, small: int) -> _SharedSlots | None:
+    def open(
+        cls, params: list[Any], required: bool, timeout: float, small: int, state: bool = False
+    ) -> _SharedSlots | None:
         """The slots for ``params``, or None where shared memory does not apply (``required``:
         InputError saying why instead)."""
         import torch
@@ -602,7 +671,7 @@ class _SharedSlots:
         why = next((f"rank {r}: {w}" for r, (w, _) in enumerate(every) if w), None)
         if why is None and len({host for _, host in every}) != 1:
             why = "the ranks are on different hosts"
-        nbytes = _layout(params, small, world)[-1][1] if why is None else 0
+        nbytes = _layout(params, small, world, state)[-1][1] if why is None else 0
         made: list[Any] = [None, why]  # rank 0's (path, why): one decision for the job
         if why is None and rank == 0:
             made = list(_create_block(nbytes))
@@ -626,7 +695,7 @@ class _SharedSlots:
                     f"transport='shared-memory' cannot be used: {why}; use 'exchange' or 'all-reduce'"
                 )
             return None
-        return cls(raw, params, small, rank, world, timeout)
+        return cls(raw, params, small, rank, world, timeout, state)
 
     def _slot(self, meeting: int, rank: int, i: int) -> Any:
         at, n = self.offsets[i]
@@ -653,20 +722,30 @@ class _SharedSlots:
         """Block until every rank has signalled ``meeting`` (DistributedError after the timeout)."""
         if self.met >= meeting:
             return
+        self._wait_for(self.counters, meeting, f"step meeting {meeting}")
+        self.met = meeting
+
+    def barrier(self) -> None:
+        """Signal the next barrier and wait until every rank has (its own counters, so the
+        meetings' numbering, which picks their slots, is untouched)."""
+        self.crossed += 1
+        self.barriers[self.rank] = self.crossed
+        self._wait_for(self.barriers, self.crossed, f"update barrier {self.crossed}")
+
+    def _wait_for(self, counters: Any, count: int, what: str) -> None:
         began = time.monotonic()
         pause = 0.0
-        while float(self.counters.min()) < meeting:
+        while float(counters.min()) < count:
             waited = time.monotonic() - began
             if waited > self.timeout:
-                late = [r for r, c in enumerate(self.counters.tolist()) if c < meeting]
+                late = [r for r, c in enumerate(counters.tolist()) if c < count]
                 raise DistributedError(
-                    f"rank {', '.join(map(str, late))} of {self.world} did not reach step meeting {meeting} "
+                    f"rank {', '.join(map(str, late))} of {self.world} did not reach {what} "
                     f"within {self.timeout:g} s (killed, out of memory, or stuck)"
                 )
-            if waited > 1e-3:  # spin for the first millisecond, then let other threads run
-                pause = min(1e-3, max(pause * 2, 2e-5))
+            if waited > SPIN_SECONDS:  # spin at first, then let other threads run
+                pause = min(MAX_PAUSE_SECONDS, max(pause * 2, 2e-5))
             time.sleep(pause)
-        self.met = meeting
 
     def sum_into(self, i: int, out: Any) -> Any:
         """``out`` = parameter ``i``'s gradients of ranks 0, 1, ... added in that order; returns
@@ -685,6 +764,16 @@ class _SharedSlots:
         for slot in slots[2:]:
             out.add_(slot)
         return out
+
+    def sum_range(self, lo: int, hi: int, out: Any) -> None:
+        """``out`` = the ranks' gradients over the flat range ``[lo, hi)``, added in rank order."""
+        import torch
+
+        self.wait(self.signals)
+        rows = self.grads[self.signals % 2, :, lo:hi]
+        torch.add(rows[0], rows[1], out=out)
+        for row in rows[2:]:
+            out.add_(row)
 
     def defer(self, value: Any) -> DeferredSum | None:
         """``value`` summed over the ranks at the next meeting (None if it does not fit)."""
@@ -715,10 +804,31 @@ class DeferredSum:
         return self._total
 
 
-def _layout(params: list[Any], small: int, world: int) -> list[tuple[int, int]]:
-    """Byte ranges of the block's gradients, small sums and counters (each 64-byte aligned)."""
+def owned_rows(shapes: list[Any], world: int) -> list[list[tuple[int, int]]]:
+    """Each rank's rows (along dim 0; a 1-D parameter's elements) of each parameter of these
+    shapes: ``[rank][param] -> (first, end)``, contiguous, in rank order, as even as whole rows
+    allow. Every parameter is split, so each rank does its share of every per-parameter step
+    (a decoder row's renormalisation included), not all of some and none of others."""
+    owned: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    for shape in shapes:
+        rows = shape[0] if len(shape) else 1
+        for r in range(world):
+            owned[r].append((rows * r // world, rows * (r + 1) // world))
+    return owned
+
+
+def _layout(params: list[Any], small: int, world: int, state: bool = False) -> list[tuple[int, int]]:
+    """Byte ranges of the block's gradients, small sums, meeting counters, barrier counters and
+    (``state``) shared values and optimizer state (each 64-byte aligned)."""
     numel = sum(p.numel() for p in params)
-    sizes = [2 * world * numel * params[0].element_size(), 3 * world * small * 8, 8 * world]
+    width = params[0].element_size()
+    sizes = [
+        2 * world * numel * width,
+        3 * world * small * 8,
+        8 * world,
+        8 * world,
+        3 * numel * width * state,
+    ]
     ranges, at = [], 0
     for size in sizes:
         ranges.append((at, at + size))

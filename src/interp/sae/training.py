@@ -42,7 +42,10 @@ its shards). Each rank's loss is weighted by its share of the global batch and t
 summed over the ranks (``distributed.GradientSync``: through shared memory between ranks on one
 host, else DistributedDataParallel's all-reduce, each parameter's sum started as the backward pass
 finishes its gradient; the next batch is read meanwhile, and Adam updates the decoder while the
-encoder's sum, ready last, is still in flight).
+encoder's sum, ready last, is still in flight). Ranks on one host also split the update: the
+parameters and Adam's state live in the shared block, and each rank sums the gradients of, and
+runs Adam on, its own share of every parameter's rows (``_SharedUpdate``), instead of every rank
+repeating all of it.
 Everything that looks at the whole batch (dead-latent counts, the AuxK normaliser, ``b_dec``'s
 initial mean, resampling, the metrics) is reduced across ranks too; those reductions run
 asynchronously and are read after the backward pass, so the ranks meet once per step (twice
@@ -476,7 +479,8 @@ class _Trainer:
             self.sae.to(self.comm_device)
         self.sae.train()
         # fused: one vectorised pass per parameter (~1 ms a step here instead of 6+ for the
-        # per-tensor loop; the same update to float rounding). Every rank runs all of Adam.
+        # per-tensor loop; the same update to float rounding). Ranks on one host split it
+        # (_SharedUpdate); elsewhere every rank runs all of it.
         fused = all(p.device.type in ("cpu", "cuda") for p in self.sae.parameters())
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=fused or None)
         if self.ctx.distributed:  # every rank starts from rank 0's weights (as DDP would)
@@ -485,6 +489,8 @@ class _Trainer:
             for param in self.sae.parameters():
                 dist.broadcast(param.data, 0)
         self.sync: distributed.GradientSync | None = None  # under DDP, while ``run`` runs
+        self.shared: _SharedUpdate | None = None  # ranks on one host: Adam split over them
+        self.parallel: dict[str, str] = {}  # under DDP: how the gradients were summed, who ran Adam
         self.step = 0
         self.since_fired = torch.zeros(sae_cfg.d_sae, dtype=torch.long)
         # under DDP: this step's fired latents, being summed
@@ -682,11 +688,17 @@ class _Trainer:
 
     @torch.no_grad()
     def after_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The in-place steps after Adam's (each rank on its own rows where the ranks share the
+        parameters), then resampling."""
         sae = self.sae
+        mine = self.shared.rows if self.shared is not None else (lambda param: slice(None))
         if sae.cfg.architecture == "jumprelu":
-            sae.threshold.clamp_(min=0.0)  # inference computes relu(pre) * (pre > threshold)
+            sae.threshold[mine(sae.threshold)].clamp_(min=0.0)  # inference: relu(pre) * (pre > threshold)
         if sae.cfg.architecture in ("topk", "batchtopk"):
-            sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            rows = sae.W_dec[mine(sae.W_dec)]
+            rows.div_(rows.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.shared is not None:
+            self.shared.barrier()  # every rank's rows have landed before anyone reads them
         every = self.cfg.resample_every
         last = self.step + 1 >= self.cfg.steps  # never leave freshly resampled latents untrained
         if (
@@ -695,7 +707,9 @@ class _Trainer:
             and (self.step + 1) % every == 0
             and not last
         ):
-            self.resample(*self._global_batch(x, y))
+            batch = self._global_batch(x, y)
+            with self.shared.private() if self.shared is not None else contextlib.nullcontext():
+                self.resample(*batch)
 
     @torch.no_grad()
     def resample(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -854,6 +868,7 @@ class _Trainer:
             "model_name": getattr(self.model, "name", None),
             "torch": torch.__version__,
             "world_size": self.ctx.world_size,
+            **({"parallel": self.parallel} if self.parallel else {}),
         }
 
     # --- run ---
@@ -872,8 +887,18 @@ class _Trainer:
         if self.ctx.distributed:
             cores.enter_context(distributed.bound_cores())  # each rank on its own share of the cores
             # a step's small sums (NaN check, fired latents, metrics) ride its meeting
-            self.sync = distributed.GradientSync(self._ready_order(), small=self.sae.cfg.d_sae + 16)
+            self.sync = distributed.GradientSync(
+                self._ready_order(),
+                small=self.sae.cfg.d_sae + 16,
+                shared_state=_SharedUpdate.applies(self.opt),
+            )
             self.weight_grads.destination = self.sync.slot
+            if self.sync.shares_state:  # one host: the ranks split Adam (see _SharedUpdate)
+                self.shared = _SharedUpdate(self.sync, self.opt)
+            self.parallel = {
+                "gradients": self.sync.transport,
+                "adam": "split over the ranks" if self.shared is not None else "every rank, all of it",
+            }
         try:
             batch = self._fetch(batches) if self.step < c.steps else None
             while self.step < c.steps:
@@ -904,6 +929,9 @@ class _Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+            if self.shared is not None:  # the SAE and Adam's state go back to this process's memory
+                self.shared.unshare()
+                self.shared = None
             if self.sync is not None:
                 self.sync.close()
                 self.sync = None
@@ -968,6 +996,9 @@ class _Trainer:
         if self.sync is None:
             self.opt.step()
             return
+        if self.shared is not None:
+            self.shared.step(self.opt.param_groups[0]["lr"])
+            return
         early, late = self.sync.params[:-1], self.sync.params[-1:]
         self.sync.wait(early)
         self._step_only(early)
@@ -1022,6 +1053,101 @@ class _Trainer:
 
     def _saved_step(self) -> int:
         return json.loads((self._checkpoint_dir() / "trainer.json").read_text())["step"]
+
+
+class _SharedUpdate:
+    """Adam split over ranks that share one host, instead of every rank repeating all of it.
+
+    The SAE's trainable parameters and Adam's two moment buffers live in ``GradientSync``'s
+    shared-memory block (``shared_state``); every rank's parameters are views of the same
+    memory. Rank ``r`` owns about 1/world of every parameter's rows (``GradientSync.owned``):
+    after the step's meeting it adds the ranks' gradients of its rows only, runs one fused Adam
+    step over them, and does the rest of the update on them (a decoder row's renormalisation);
+    a barrier then lets every rank read the new values. Each element sees the same arithmetic
+    as in a one-process run (Adam is elementwise), so the weights are the same; the work and
+    memory traffic of the sum and of Adam are divided by the world size.
+
+    The full optimizer (``opt``) never steps here, but its state entries are views of the same
+    buffers (and step counters), so checkpoints and resampling read and write the
+    state as on one process. Whatever changes many rows at once (resampling) runs in
+    ``private``: every rank on its own copy, as without sharing, then rank 0's result is shared.
+    """
+
+    def __init__(self, sync: distributed.GradientSync, opt: torch.optim.Adam) -> None:
+        self.sync, self.opt, self.params = sync, opt, sync.params
+        self.values, self.exp_avg, self.exp_avg_sq = sync.shared_state()
+        # fused Adam's step counters, one per shard (it counts each tensor's own steps)
+        self.steps = [torch.zeros((), dtype=torch.float32) for _ in self.params]
+        spans = [sync.owned_span(p) for p in self.params]
+        self.shards = [self.values[span] for span in spans]  # this rank's rows: views, leaves
+        self.grads = [shard.new_empty(shard.shape) for shard in self.shards]
+        self.shard_opt = torch.optim.Adam(self.shards, **opt.defaults)
+        for shard, span, steps in zip(self.shards, spans, self.steps, strict=True):
+            self.shard_opt.state[shard] = {
+                "step": steps,
+                "exp_avg": self.exp_avg[span],
+                "exp_avg_sq": self.exp_avg_sq[span],
+            }
+        self.share()
+
+    @staticmethod
+    def applies(opt: torch.optim.Adam) -> bool:
+        """Whether the optimizer's update can be split this way (fused CPU Adam, no AMSGrad)."""
+        return bool(opt.defaults.get("fused")) and not opt.defaults.get("amsgrad")
+
+    def _span(self, param: torch.nn.Parameter) -> slice:
+        at = self.sync.offset(param)
+        return slice(at, at + param.numel())
+
+    def share(self) -> None:
+        """Rank 0's parameters and Adam state (every rank holds the same) into the shared
+        buffers; then every rank's parameters and state entries become views of them."""
+        for p, steps in zip(self.params, self.steps, strict=True):
+            steps.fill_(float(self.opt.state.get(p, {}).get("step", 0.0)))
+        if distributed.current().is_main:
+            for p in self.params:
+                span, state = self._span(p), self.opt.state.get(p, {})
+                self.values[span].copy_(p.detach().reshape(-1))
+                for key, buffer in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                    buffer[span].copy_(state[key].reshape(-1)) if key in state else buffer[span].zero_()
+        self.sync.barrier()
+        for p, steps in zip(self.params, self.steps, strict=True):
+            span = self._span(p)
+            p.data = self.values[span].view_as(p)
+            self.opt.state[p] = {
+                "step": steps,
+                "exp_avg": self.exp_avg[span].view_as(p),
+                "exp_avg_sq": self.exp_avg_sq[span].view_as(p),
+            }
+
+    def unshare(self) -> None:
+        """Every parameter and state entry back to memory of this process's own (a copy)."""
+        for p in self.params:
+            p.data = p.data.clone()
+            self.opt.state[p] = {key: value.clone() for key, value in self.opt.state[p].items()}
+
+    @contextlib.contextmanager
+    def private(self) -> Iterator[None]:
+        """Run a change of many rows on every rank's own copy (they all compute the same), then
+        share rank 0's result. Call it on every rank, between barriers."""
+        self.unshare()
+        yield
+        self.sync.barrier()  # nobody still reads the shared values that rank 0 is about to write
+        self.share()
+
+    def step(self, lr: float) -> None:
+        """This rank's rows: the ranks' gradients summed (waits for the step's meeting), then Adam."""
+        self.shard_opt.param_groups[0]["lr"] = lr
+        for param, shard, grad in zip(self.params, self.shards, self.grads, strict=True):
+            shard.grad = self.sync.sum_owned(param, grad)
+        self.shard_opt.step()
+
+    def rows(self, param: torch.nn.Parameter) -> slice:
+        """The rows (along dim 0) of ``param`` that this rank updates."""
+        return slice(*self.sync.owned(param))
+
+    def barrier(self) -> None:
+        self.sync.barrier()
 
 
 class _Sum:
