@@ -69,6 +69,10 @@ def worker(args: argparse.Namespace) -> None:
     from interp.sae import train
 
     torch.set_num_threads(1)
+    if args.replicated_adam:  # the row that measures the split: every rank runs all of Adam
+        from interp.sae import training
+
+        training._SharedUpdate.applies = staticmethod(lambda opt: False)
     cores = contextlib.ExitStack()
     if "BENCH_ALONE" in os.environ and args.worker == "train":  # a ceiling job: bound as a rank of train is
         cores.enter_context(distributed.bound_cores())
@@ -124,7 +128,7 @@ PHASES = {
     "batch": "_fetch",  # read the next batch from the shuffle buffer (+ NaN check)
     "forward": "loss",  # pre-activations, TopK, decoder, losses
     "backward": "_backward",  # sparse backward; starts each gradient's reduction as it is ready
-}  # and "adam": torch.optim.Adam.step, over all the parameters (every rank does all of it)
+}  # and "adam": torch.optim.Adam.step (split: each rank over its share of the parameters)
 
 
 def time_phases() -> dict[str, float]:
@@ -134,7 +138,9 @@ def time_phases() -> dict[str, float]:
     from interp import distributed
     from interp.sae import training
 
-    spent: dict = dict.fromkeys([*PHASES, "adam", "wait: meeting", "wait: gradients", "wait: metrics"], 0.0)
+    spent: dict = dict.fromkeys(
+        [*PHASES, "adam", "wait: meeting", "wait: gradients", "wait: update", "wait: metrics"], 0.0
+    )
     starts: list[float] = []
 
     def timed(owner: type, attr: str, phase: str) -> None:
@@ -153,6 +159,8 @@ def time_phases() -> dict[str, float]:
         timed(training._Trainer, attr, phase)
     timed(torch.optim.Adam, "step", "adam")
     timed(distributed.GradientSync, "wait", "wait: gradients")  # + adding the peer's gradient
+    timed(distributed.GradientSync, "sum_owned", "wait: gradients")  # (split Adam: its share only)
+    timed(training._SharedUpdate, "barrier", "wait: update")  # every rank's share has landed
     timed(training._Sum, "result", "wait: metrics")  # small sums over gloo (AuxK's mid-step ones)
     timed(distributed.DeferredSum, "result", "wait: meeting")  # the step's meeting, in shared memory
     loss = training._Trainer.loss  # (wrapped above) each step begins with it
@@ -239,17 +247,25 @@ def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = No
 
 
 def rounds(
-    kind: str, n: int, extra: list[str], alone: list[str] | None = None, alone_out: Path | None = None
+    kind: str,
+    n: int,
+    extra: list[str],
+    alone: list[str] | None = None,
+    alone_out: Path | None = None,
+    variant: list[str] | None = None,
 ) -> dict[int, list[dict]]:
     """Interleaved rounds of the 1-process and the 2-process job; with ``alone``, also two
-    independent 1-process jobs at once, each given ``alone`` (results under key 0)."""
-    results: dict[int, list[dict]] = {1: [], 2: [], 0: []}
+    independent 1-process jobs at once, each given ``alone`` (results under key 0); with
+    ``variant``, also the 2-process job given those extra arguments (key 3)."""
+    results: dict[int, list[dict]] = {1: [], 2: [], 0: [], 3: []}
     for r in range(n):
-        for nproc in (1, 2, 0) if r % 2 == 0 else (0, 2, 1):
-            if nproc == 0 and alone is not None:
+        for job in (1, 2, 3, 0) if r % 2 == 0 else (0, 3, 2, 1):
+            if job == 0 and alone is not None:
                 results[0].append(launch_alone(2, kind, alone, alone_out))
-            elif nproc:
-                results[nproc].append(launch(nproc, kind, extra))
+            elif job == 3 and variant is not None:
+                results[3].append(launch(2, kind, extra + variant))
+            elif job in (1, 2):
+                results[job].append(launch(job, kind, extra))
     return results
 
 
@@ -278,6 +294,14 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         ratio_row("whole call (setup included)", results, "seconds", None)
     else:
         median = ratio_row("throughput ratio", results, "seconds", goal)
+    if results[3]:  # the same 2-process job, every rank running all of Adam
+        ratio_row("Adam on every rank instead", {1: results[1], 2: results[3]}, "step_seconds", None)
+        gain = sorted(
+            a["step_seconds"] / b["step_seconds"] for a, b in zip(results[3], results[2], strict=True)
+        )
+        print(
+            f"    the split makes a step {statistics.median(gain):.3f}x faster [{gain[0]:.3f} - {gain[-1]:.3f} by round]"
+        )
     if results[0]:
         key = "step_seconds" if "step_seconds" in results[0][0] else "seconds"
         alone = statistics.median(r[key] for r in results[0])
@@ -285,10 +309,11 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         unit = f"{alone * 1e3:.1f} ms/step" if key == "step_seconds" else f"{alone:.2f} s"
         print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work at once, "
               f"{unit} -> {one / alone:.2f}x ({median / (one / alone):.0%} of it reached)")  # fmt: skip
-    for n in (1, 2):
-        phases = [r["phases"] for r in results[n] if "phases" in r]
+    for n in (1, 2, 3):
+        phases = [r["phases"] for r in results.get(n, []) if "phases" in r]
         if phases:
-            print(f"  {n} process(es), ms per step (median over rounds):")
+            label = "2 processes, Adam on every rank" if n == 3 else f"{n} process(es)"
+            print(f"  {label}, ms per step (median over rounds):")
             for rank in range(len(phases[0])):
                 row = {k: statistics.median(p[rank][k] for p in phases) for k in phases[0][rank]}
                 row = {k: v for k, v in row.items() if n > 1 or not k.startswith("wait")}
@@ -335,6 +360,7 @@ def main() -> None:
     parser.add_argument("--lanes", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these rows")
     parser.add_argument("--worker", choices=["capture", "train"], default=None)
+    parser.add_argument("--replicated-adam", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
@@ -354,7 +380,8 @@ def main() -> None:
             launch(1, "capture", ["--out", str(data), "--texts", str(args.texts)])
         steps = ["--data", str(data), "--steps", str(args.steps)]
         if "train" in args.only:
-            training = rounds("train", args.rounds, steps, alone=[*steps, "--batch", "1024", "--lanes", "1"])
+            training = rounds("train", args.rounds, steps, alone=[*steps, "--batch", "1024", "--lanes", "1"],
+                              variant=["--replicated-adam"])  # fmt: skip
             summary(
                 f"DDP training: topk d_sae 2048 over that capture, global batch 2048, {args.steps} steps",
                 training,
@@ -381,10 +408,13 @@ def main() -> None:
             "\n2 x 384 x 2048 floats = 6.3 MB) in its slots, signals, reads its next batch, then waits for the"
             "\nothers' signals ('wait: meeting', with the step's small sums: NaN check, fired latents, metrics) and"
             "\nadds the slots in rank order ('wait: gradients'); 'sum of 6.3 MB alone' times that with nothing else"
-            "\nto do. Not split by the ranks, so paid in full by each: Adam over all 1.6M parameters ('adam'), the"
-            "\nbackward's dense W_enc and W_dec gradients (fixed cost, whatever the batch), the decoder renorm, and"
+            "\nto do. Each rank then sums, and runs Adam on, only its half of every parameter's rows, in place in"
+            "\nthe shared block ('adam'), renormalises its half of the decoder's rows, and waits for the other's"
+            "\nhalf ('wait: update', mostly the two ranks' shuffle-buffer refills taking different times); the row"
+            "\n'Adam on every rank' is the same job with that split turned off. Not split by the ranks, so paid in"
+            "\nfull by each: the backward's dense W_enc and W_dec gradients (fixed cost, whatever the batch) and"
             "\nper-process setup (opening the capture, filling the shuffle buffer). The ceiling row shows what two"
-            "\nbusy cores give with no communication at all; it moves from run to run with the box (1.78-1.97x"
+            "\nbusy cores give with no communication at all; it moves from run to run with the box (1.67-1.97x"
             "\nmeasured), and so does the 2-process forward: the same work took 33-41 ms a step on a rank in"
             "\ndifferent quiet runs, and now and then one core ran ~15% slower than the other for a whole run, the"
             "\nother rank waiting for it at every meeting. With AuxK live, the fired latents and AuxK's normaliser"
