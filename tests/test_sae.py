@@ -674,9 +674,14 @@ def test_cli_sae_train_and_eval(gpt2_dir, corpus, tmp_path, capsys):
     data.write_text("\n".join(texts) + "\n")
     args = ["--model", gpt2_dir, "--hook", SITE, "--data", str(data), "--out", str(tmp_path / "run")]
     sizes = ["--arch", "topk", "--k", "4", "--d-sae", "64", "--tokens", "640", "--batch-size", "64"]
-    assert main(["sae", "train", *args, *sizes, "--lr", "3e-3"]) == 0
+    # any TrainConfig field is a flag: these reach the run's recorded config as given
+    extra = ["--data-lanes", "2", "--b-dec-init", "zeros", "--aux-k", "8", "--buffer-batches", "4"]
+    assert main(["sae", "train", *args, *sizes, "--lr", "3e-3", *extra]) == 0
     sae = S.load(tmp_path / "run" / "final")
-    assert sae.cfg.k == 4 and sae.cfg.metadata["training"]["steps_done"] == 10
+    recorded = sae.cfg.metadata["training"]
+    assert sae.cfg.k == 4 and recorded["steps_done"] == 10
+    assert (recorded["lr"], recorded["data_lanes"], recorded["b_dec_init"]) == (3e-3, 2, "zeros")
+    assert (recorded["aux_k"], recorded["buffer_batches"], recorded["seed"]) == (8, 4, 0)  # seed: default
     out_json = tmp_path / "eval.json"
     assert (
         main(
@@ -701,6 +706,22 @@ def test_cli_sae_train_and_eval(gpt2_dir, corpus, tmp_path, capsys):
     bad = ["sae", "train", "--model", gpt2_dir, "--hook", "blocks.0.hook_resid_pots", "--data", str(data)]
     assert main([*bad, "--out", str(tmp_path / "x")]) == 2
     assert "Did you mean: blocks.0.hook_resid_post" in capsys.readouterr().err
+
+
+def test_cli_sae_train_has_a_flag_for_every_training_option(capsys):
+    """Every TrainConfig field can be set from the command line, with its default in the help."""
+    from dataclasses import fields
+
+    from interp.cli import main
+    from interp.sae.training import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["sae", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in fields(TrainConfig):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+    assert "--arch {standard,topk,batchtopk,jumprelu,transcoder,skip_transcoder}" in text
+    assert "(default: the number of processes)" in text and "(default: 0.0003)" in text
 
 
 def test_a_cfg_saved_on_a_gpu_loads_on_cpu(tmp_path):

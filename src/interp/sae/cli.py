@@ -8,7 +8,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
+
+from interp.sae.training import TRAINABLE, TrainConfig
+
+# what each TrainConfig field's flag means (the training module's docstring has the recipes)
+FLAG_HELP = {
+    "d_sae": "dictionary size",
+    "k": "latents per token (topk, batchtopk)",
+    "l1_coefficient": "sparsity penalty's weight (standard: L1, jumprelu: L0)",
+    "lr": "Adam's learning rate",
+    "tokens": "activations to train on (steps = tokens // batch size)",
+    "batch_size": "activations per step, all the processes' together",
+    "seed": "seeds the initialisation and the shuffle",
+    "lr_warmup_steps": "steps over which the learning rate warms up from 0",
+    "lr_decay_steps": "last steps over which the learning rate decays to 0",
+    "l1_warmup_steps": "steps over which the sparsity penalty warms up from 0",
+    "aux_k": "dead latents in the AuxK loss (topk, batchtopk)",
+    "aux_coefficient": "the AuxK loss's weight",
+    "dead_after_tokens": "a latent that fires on none of this many tokens is dead",
+    "resample_every": "steps between resamplings of dead latents (standard; 0: never)",
+    "checkpoint_every": "steps between checkpoints in --out (0: none); rerun the command to resume",
+    "buffer_batches": "batches in the shuffle buffer",
+    "model_batch_size": "inputs per forward pass, when --data holds model inputs",
+    "threshold_lr": "batchtopk: rate of the inference threshold's moving average",
+    "b_dec_init": "decoder bias' start: mean (of the first batch) or zeros",
+    "jumprelu_bandwidth": "jumprelu: width of the threshold's straight-through kernel",
+    "jumprelu_init_threshold": "jumprelu: the threshold's initial value",
+    "data_lanes": "parts the data is read in; the same seed, batch size and lanes give the same "
+    "weights on any number of processes up to it",
+}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -21,17 +52,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--hook", required=True, help="hook to read (e.g. blocks.0.hook_resid_post)")
     train.add_argument("--hook-out", default=None, help="transcoders: the hook to predict")
     train.add_argument("--data", required=True, help="a capture dir, or a text/jsonl/npy/safetensors file")
-    train.add_argument(
-        "--arch", default="topk", help="standard, topk, batchtopk, transcoder, skip_transcoder"
-    )
-    train.add_argument("--d-sae", type=int, default=1024)
-    train.add_argument("--k", type=int, default=32)
-    train.add_argument("--tokens", type=int, default=1_000_000)
-    train.add_argument("--batch-size", type=int, default=4096)
-    train.add_argument("--lr", type=float, default=3e-4)
-    train.add_argument("--l1-coefficient", type=float, default=5.0)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--arch", default="topk", choices=TRAINABLE, help="the dictionary (default: topk)")
+    _add_config_flags(train)
     train.add_argument("--out", required=True, help="run directory (checkpoint/, final/, history.json)")
     train.set_defaults(run=_train)
 
@@ -47,6 +69,35 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--ablation", default="zero", choices=["zero", "mean"])
     evaluate.add_argument("--json", default=None, help="also write the full result here")
     evaluate.set_defaults(run=_eval)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field (``--name-with-dashes``), typed as the field is. A flag
+    left out passes nothing, so the library's default (shown in the help) applies."""
+    types = typing.get_type_hints(TrainConfig)
+    for field in fields(TrainConfig):
+        if field.name in ("hook", "hook_out", "arch"):  # declared with their own help
+            continue
+        kind = next(
+            t for t in typing.get_args(types[field.name]) or (types[field.name],) if t is not type(None)
+        )
+        assert field.default is not MISSING, field.name
+        default = {"data_lanes": "the number of processes", "aux_k": "d_in // 2"}.get(
+            field.name, field.default
+        )
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{FLAG_HELP[field.name]} (default: {default})",
+        )
+
+
+def _config_options(args: argparse.Namespace) -> dict:
+    """The ``TrainConfig`` fields given on the command line."""
+    names = [f.name for f in fields(TrainConfig) if f.name not in ("hook", "hook_out", "arch")]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _data(path: str):
@@ -65,22 +116,8 @@ def _train(args: argparse.Namespace) -> int:
     with process_group() as ctx:  # under torchrun: one rank of a data-parallel (DDP) run
         model = interp.load(args.model)
         options = {"hook_out": args.hook_out} if args.hook_out else {}
-        sae = S.train(
-            model,
-            args.hook,
-            _data(args.data),
-            arch=args.arch,
-            d_sae=args.d_sae,
-            k=args.k,
-            out=args.out,
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            l1_coefficient=args.l1_coefficient,
-            seed=args.seed,
-            checkpoint_every=args.checkpoint_every,
-            **options,
-        )
+        sae = S.train(model, args.hook, _data(args.data), arch=args.arch, out=args.out,
+                      **options, **_config_options(args))  # fmt: skip
     last = sae.history[-1] if sae.history else {}
     if ctx.is_main:
         print(

@@ -140,7 +140,7 @@ def train(
             needed to compute activations from inputs and to check the hook's width).
         hook: the hook to read; a transcoder also needs ``hook_out=`` (the hook it predicts).
         data: a capture directory, an activation tensor (or ``(x, y)`` pair), or model inputs.
-        arch: one of ``TRAINABLE`` (JumpReLU dictionaries come from ``batchtopk``).
+        arch: one of ``TRAINABLE`` (``jumprelu`` trains its threshold; ``batchtopk`` is saved as JumpReLU).
         d_sae, k: dictionary size and, for TopK/BatchTopK, latents per token.
         out: run directory for checkpoints, resume and the final SAE (None: in memory only).
         data_kind: ``"auto"`` (a capture dir, float tensors = activations, else model inputs), or
