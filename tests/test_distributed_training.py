@@ -66,6 +66,7 @@ with process_group(timeout=60) as ctx:
             sae = train(model(), "1.hook_out", capture, out=f"{out}/{name}", **recipe)
             # what train returns is this process's own: no view of the ranks' shared memory
             assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in sae.parameters())
+            assert all(p.grad is None for p in sae.parameters())  # (the sparse path's were views of slots)
             torch.save(sae.state_dict(), f"{out}/{name}/rank{ctx.rank}.pt")
 """
 
@@ -376,3 +377,33 @@ def test_owned_rows_split_every_parameter_evenly(world):
         assert spans[0][0] == 0 and spans[-1][1] == rows
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
         assert max(e - f for f, e in spans) - min(e - f for f, e in spans) <= 1
+
+
+ROOMLESS = """
+import sys, torch
+from interp import distributed
+from interp.distributed import GradientSync, _layout, process_group
+
+out = sys.argv[1]
+with process_group(timeout=60) as ctx:
+    params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(3))]
+    roomy = GradientSync(params, shared_state=True)
+    made = distributed._create_block
+    room = _layout(params, 16, ctx.world_size)[-1][1]  # the gradients alone fit, not the state too
+    distributed._create_block = lambda n: made(n) if n <= room else (None, "no room")
+    tight = GradientSync(params, small=16, shared_state=True)
+    open(f"{out}/rank{ctx.rank}.txt", "w").write(
+        " ".join([roomy.transport, str(roomy.shares_state), tight.transport, str(tight.shares_state)])
+    )
+"""
+
+
+def test_shared_state_is_left_out_where_shared_memory_has_room_for_the_gradients_only(tmp_path):
+    """The split update's values and Adam state are an extra 3 copies of the parameters in the
+    block: where they do not fit, the ranks still sum through shared memory, every rank running
+    Adam, rather than falling back to sockets."""
+    (tmp_path / "roomless.py").write_text(ROOMLESS)
+    result = torchrun(2, str(tmp_path / "roomless.py"), str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "shared-memory True shared-memory False"

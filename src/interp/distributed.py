@@ -437,7 +437,8 @@ class GradientSync:
     ``DistributedError`` naming it (default: the job's, as given to ``process_group``).
     ``small``: how many values ``defer_sum`` can carry to one meeting (more fall back to gloo).
 
-    ``shared_state`` (shared-memory transport only; ``shares_state`` says whether it applies):
+    ``shared_state`` (shared-memory transport only; ``shares_state`` says whether it applies,
+    which it does not where the shared-memory directory has room for the gradients alone):
     the block also holds the parameters' values and two optimizer-state buffers, so the ranks
     can split the update instead of each repeating all of it. Each rank owns about 1/world of
     every parameter's rows (``owned``), sums only those gradients (``sum_owned``) and updates
@@ -605,7 +606,8 @@ class GradientSync:
         return None if self._shared is None else self._shared.defer(value)
 
     def close(self) -> None:
-        """Remove the hooks (the parameters outlive the training run) and unmap shared memory."""
+        """Remove the hooks (the parameters outlive the training run) and drop this object's views
+        of the shared memory (the block is unmapped once no tensor views it any more)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -617,8 +619,9 @@ class _SharedSlots:
     """The gradients of every rank on one host in one shared-memory block, and the step's meeting.
 
     Layout (one file, typed views): gradients ``[2, world, numel of all params]`` in the
-    parameters' dtype; small sums ``[3, world, small]`` float64; one float64 counter per
-    rank. Meeting ``k`` is rank ``r`` writing its slots of that meeting and then ``k`` into its
+    parameters' dtype; small sums ``[3, world, small]`` float64; one float64 meeting counter
+    and one barrier counter per rank; with ``state``, the parameters' values and two optimizer
+    state buffers ``[3, numel]`` (left out, gradients only, where the directory has no room). Meeting ``k`` is rank ``r`` writing its slots of that meeting and then ``k`` into its
     counter; it is over for a rank that sees every counter at ``k`` or more. No socket and no
     gloo thread is involved: over localhost TCP, each small collective's launch cost ~0.3 ms of
     the core doing the training. The ordering relies on x86-64 keeping stores in program order
@@ -671,12 +674,14 @@ class _SharedSlots:
         why = next((f"rank {r}: {w}" for r, (w, _) in enumerate(every) if w), None)
         if why is None and len({host for _, host in every}) != 1:
             why = "the ranks are on different hosts"
-        nbytes = _layout(params, small, world, state)[-1][1] if why is None else 0
-        made: list[Any] = [None, why]  # rank 0's (path, why): one decision for the job
+        made: list[Any] = [None, why, False]  # rank 0's (path, why, with state): one decision for the job
         if why is None and rank == 0:
-            made = list(_create_block(nbytes))
+            made = [*_create_block(_layout(params, small, world, state)[-1][1]), state]
+            if made[0] is None and state:  # no room for the values and Adam's state too: gradients only
+                made = [*_create_block(_layout(params, small, world)[-1][1]), False]
         dist.broadcast_object_list(made, src=0)
-        path, why = made
+        path, why, state = made
+        nbytes = _layout(params, small, world, state)[-1][1] if why is None else 0
         raw = None
         if why is None:
             try:
@@ -881,6 +886,6 @@ def _create_block(nbytes: int) -> tuple[str | None, str | None]:
     except OSError as err:
         os.close(fd)
         os.unlink(path)
-        return None, f"{SHM_DIR} has no room for {nbytes / 2**20:.0f} MiB of gradient slots ({err.strerror})"
+        return None, f"{SHM_DIR} has no room for the {nbytes / 2**20:.0f} MiB shared block ({err.strerror})"
     os.close(fd)
     return path, None

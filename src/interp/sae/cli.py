@@ -29,7 +29,7 @@ FLAG_HELP = {
     "aux_k": "dead latents in the AuxK loss (topk, batchtopk)",
     "aux_coefficient": "the AuxK loss's weight",
     "dead_after_tokens": "a latent that fires on none of this many tokens is dead",
-    "resample_every": "steps between resamplings of dead latents (standard; 0: never)",
+    "resample_every": "steps between resamplings of dead latents (all but topk and batchtopk; 0: never)",
     "checkpoint_every": "steps between checkpoints in --out (0: none); rerun the command to resume",
     "buffer_batches": "batches in the shuffle buffer",
     "model_batch_size": "inputs per forward pass, when --data holds model inputs",
@@ -37,8 +37,8 @@ FLAG_HELP = {
     "b_dec_init": "decoder bias' start: mean (of the first batch) or zeros",
     "jumprelu_bandwidth": "jumprelu: width of the threshold's straight-through kernel",
     "jumprelu_init_threshold": "jumprelu: the threshold's initial value",
-    "data_lanes": "parts the data is read in; the same seed, batch size and lanes give the same "
-    "weights on any number of processes up to it",
+    "data_lanes": "parts the data is read in (a resume keeps its run's); the same seed, batch size "
+    "and lanes give the same weights on any number of processes up to it",
 }
 
 
@@ -76,6 +76,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     left out passes nothing, so the library's default (shown in the help) applies."""
     types = typing.get_type_hints(TrainConfig)
     for field in fields(TrainConfig):
+        assert types[field.name] is not bool, f"{field.name}: a bool field needs a store_true flag"
         if field.name in ("hook", "hook_out", "arch"):  # declared with their own help
             continue
         kind = next(
