@@ -14,6 +14,8 @@ from pathlib import Path
 
 from interp.sae.training import TRAINABLE, TrainConfig
 
+# TrainConfig fields declared as flags of their own (with their own help), not generated
+OWN_FLAGS = ("hook", "hook_out", "arch")
 # what each TrainConfig field's flag means (the training module's docstring has the recipes)
 FLAG_HELP = {
     "d_sae": "dictionary size",
@@ -77,7 +79,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     types = typing.get_type_hints(TrainConfig)
     for field in fields(TrainConfig):
         assert types[field.name] is not bool, f"{field.name}: a bool field needs a store_true flag"
-        if field.name in ("hook", "hook_out", "arch"):  # declared with their own help
+        if field.name in OWN_FLAGS:
             continue
         kind = next(
             t for t in typing.get_args(types[field.name]) or (types[field.name],) if t is not type(None)
@@ -97,7 +99,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def _config_options(args: argparse.Namespace) -> dict:
     """The ``TrainConfig`` fields given on the command line."""
-    names = [f.name for f in fields(TrainConfig) if f.name not in ("hook", "hook_out", "arch")]
+    names = [f.name for f in fields(TrainConfig) if f.name not in OWN_FLAGS]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
