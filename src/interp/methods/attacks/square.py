@@ -99,7 +99,7 @@ class _Square:
     def margin_and_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.module(x)
         u = torch.arange(x.shape[0], device=x.device)
-        y_corr = logits[u, y].clone()
+        y_corr = logits[u, y]  # advanced indexing copies: the -inf below leaves it alone
         xent = F.cross_entropy(logits, y, reduction="none") if self.loss == "ce" else None
         logits[u, y] = -float("inf")
         y_others = logits.max(dim=-1)[0]
@@ -129,7 +129,9 @@ class _Square:
 
         x_best = torch.clamp(x + eps * choice([x.shape[0], c, 1, w]), self.low, self.high)
         margin_min, loss_min = self.margin_and_loss(x_best, y)
-        lo, hi = x - eps, x + eps
+        # The ball and the pixel range as one box: x lies in the range, so the two intersect, and
+        # clamping to one then the other equals clamping to their intersection, bit for bit.
+        lo, hi = torch.clamp(x - eps, min=self.low), torch.clamp(x + eps, max=self.high)
         for i_iter in range(self.n_queries):
             idx = (margin_min > 0.0).nonzero().flatten()
             if len(idx) == 0:
@@ -139,10 +141,13 @@ class _Square:
             p = self.p_selection(i_iter)
             s = max(int(round(math.sqrt(p * n_features / c))), 1)
             vh, vw = randint(h - s), randint(w - s)
-            new_deltas = torch.zeros([c, h, w], device=dev)
-            new_deltas[:, vh : vh + s, vw : vw + s] = 2.0 * eps * choice([c, 1, 1])
-            x_new = torch.min(torch.max(x_best_curr + new_deltas, lo[idx]), hi[idx])
-            x_new = torch.clamp(x_new, self.low, self.high)
+            square = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+            # x_best lies in the box, so only the square moves: adding the square's values and
+            # clamping there equals adding a zero-padded delta and clamping the whole image.
+            x_new = x_best_curr.clone()
+            patch = x_new[square]
+            patch += 2.0 * eps * choice([c, 1, 1])
+            patch.clamp_(lo[square][idx], hi[square][idx])
             margin, loss = self.margin_and_loss(x_new, y_curr)
             improved = loss < loss_min_curr
             loss_min[idx] = torch.where(improved, loss, loss_min_curr)
@@ -151,6 +156,4 @@ class _Square:
             x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
             if self.progress is not None:
                 self.progress(i_iter + 1, self.n_queries)
-            if bool((margin_min <= 0.0).all()):
-                break
         return x_best
