@@ -37,6 +37,12 @@ page. So a call's page faults depend on the process's history. Measured here for
   25k faults per PGD call to torchattacks' 3.9k, and read 1.33x (FGSM 2.5k vs 0.7k faults, 1.26x).
 - In identical fresh processes (same imports, model and batch), one PGD call takes 7k to 22k
   faults, varying call to call and process to process, for our loop and torchattacks' alike.
+- Square (200 queries, each a forward of up to 360 images, ~7 MB of activations at the heap's top)
+  varies the most: torchattacks' own worker, started three times, took 1.8k, 93k and 310k faults
+  per call (2.8 us a fault: 1.5 s against 2.3 s a call), and ours 25k to 310k. Whether a query's
+  activations are handed back to the kernel depends on where small live blocks happen to sit in
+  the heap. Under glibc's defaults, 3 pairs of workers read 1.16x and 1.21x; 8 pairs, 1.03x
+  (faults 114k | 93k, rounds 0.77x to 1.32x). Pinned, both take 0 faults and ours reads 0.96-0.97x.
 
 That is why each attack has its own workers: an attack is not charged for the allocations of the
 attacks run before it. Pinned, both sides take ~0 faults. torch.profiler shows the same kernels on

@@ -98,11 +98,10 @@ class _Square:
 
     def margin_and_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.module(x)
-        u = torch.arange(x.shape[0], device=x.device)
-        y_corr = logits[u, y]  # advanced indexing copies: the -inf below leaves it alone
+        col = y.unsqueeze(1)
+        y_corr = logits.gather(1, col).squeeze(1)
         xent = F.cross_entropy(logits, y, reduction="none") if self.loss == "ce" else None
-        logits[u, y] = -float("inf")
-        y_others = logits.max(dim=-1)[0]
+        y_others = logits.scatter_(1, col, -float("inf")).max(dim=-1)[0]
         margin = y_others - y_corr if self.targeted else y_corr - y_others
         if self.loss == "margin":
             return margin, margin
@@ -132,28 +131,43 @@ class _Square:
         # The ball and the pixel range as one box: x lies in the range, so the two intersect, and
         # clamping to one then the other equals clamping to their intersection, bit for bit.
         lo, hi = torch.clamp(x - eps, min=self.low), torch.clamp(x + eps, max=self.high)
+        # The search works on the images still unbroken, kept compacted in batch order: each query
+        # is elementwise per image, so this equals gathering them from the whole batch every query,
+        # and the gathers happen only when an image breaks.
+        rows = (margin_min > 0.0).nonzero().flatten()
+        best, labels, margins, losses = x_best[rows], y[rows], margin_min[rows], loss_min[rows]
+        lo, hi = lo[rows], hi[rows]
         for i_iter in range(self.n_queries):
-            idx = (margin_min > 0.0).nonzero().flatten()
-            if len(idx) == 0:
+            if len(rows) == 0:
                 break
-            x_best_curr, y_curr = x_best[idx], y[idx]
-            margin_min_curr, loss_min_curr = margin_min[idx], loss_min[idx]
             p = self.p_selection(i_iter)
             s = max(int(round(math.sqrt(p * n_features / c))), 1)
             vh, vw = randint(h - s), randint(w - s)
             square = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
             # x_best lies in the box, so only the square moves: adding the square's values and
             # clamping there equals adding a zero-padded delta and clamping the whole image.
-            x_new = x_best_curr.clone()
+            x_new = best.clone()
             patch = x_new[square]
             patch += 2.0 * eps * choice([c, 1, 1])
-            patch.clamp_(lo[square][idx], hi[square][idx])
-            margin, loss = self.margin_and_loss(x_new, y_curr)
-            improved = loss < loss_min_curr
-            loss_min[idx] = torch.where(improved, loss, loss_min_curr)
+            patch.clamp_(lo[square], hi[square])
+            margin, loss = self.margin_and_loss(x_new, labels)
+            improved = loss < losses
+            losses = torch.where(improved, loss, losses)
             improved = improved | (margin <= 0.0)
-            margin_min[idx] = torch.where(improved, margin, margin_min_curr)
-            x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best_curr)
+            margins = torch.where(improved, margin, margins)
+            best = torch.where(improved.view(-1, 1, 1, 1), x_new, best)
             if self.progress is not None:
                 self.progress(i_iter + 1, self.n_queries)
+            left = margins > 0.0
+            if not bool(left.all()):  # some broke: write them back and drop them
+                x_best[rows] = best
+                rows, best, labels, margins, losses = (
+                    rows[left],
+                    best[left],
+                    labels[left],
+                    margins[left],
+                    losses[left],
+                )
+                lo, hi = lo[left], hi[left]
+        x_best[rows] = best
         return x_best
