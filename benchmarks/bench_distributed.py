@@ -22,7 +22,7 @@ as its ranks are, capture's free, as its ranks are), i.e. what the two cores giv
 printed with the share of it the 2-process job reached. (Binding capture's ranks was tried: in 8
 interleaved rounds bound and free read the same, 1.64x and 1.65x, so capture leaves them free.)
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 192] [--steps 60]
+    OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 768] [--steps 60]
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
 
 On a shared machine the ratio measures the cores the two ranks actually got: rerun it quietly.
@@ -80,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         model = interp.load("minilm")
         model.hook_names  # noqa: B018 -- model setup: its hook sites are traced once per process
         barrier = dist.barrier if ctx.distributed else (lambda: None)
+        start = barrier if ctx.distributed else start_together  # a ceiling's copies: at one moment
         if args.worker == "capture":
             rng = random.Random(0)
             words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "under", "big", "red"]
@@ -91,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
 
                 lo, hi = _part_ranges(len(texts), CAPTURE_BATCH, 2)[int(os.environ["LOCAL_RANK"])]
                 texts = texts[lo:hi]
-            barrier()
+            start()
             began = time.perf_counter()
             ds = interp.capture_to_disk(
                 model, texts, HOOK, args.out, batch_size=CAPTURE_BATCH, progress=False, resume=False
@@ -105,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
             work["bytes"] = sum(p.stat().st_size for p in Path(args.out).glob("shard-*.arrow"))
         else:
             phases = time_phases()
-            barrier()
+            start()
             began = time.perf_counter()
             train(model, HOOK, args.data, arch="topk", d_sae=2048, k=32, tokens=args.batch * args.steps,
                   batch_size=args.batch, data_lanes=args.lanes, lr=1e-3, progress=False, checkpoint_every=0,
@@ -121,6 +122,18 @@ def worker(args: argparse.Namespace) -> None:
             )
     if ctx.is_main:
         print(json.dumps({"seconds": seconds, "world_size": ctx.world_size, **work}))
+
+
+def start_together() -> None:
+    """A ceiling's copies (BENCH_ALONE: the directory they share) wait for each other here, after their
+    setup, so their timed work runs at the same time, as a job's ranks' does after its barrier; for
+    the plain 1-process job, nothing."""
+    if "BENCH_ALONE" not in os.environ:
+        return
+    ready = Path(os.environ["BENCH_ALONE"])
+    (ready / f"ready-{os.environ['LOCAL_RANK']}").touch()
+    while len(list(ready.glob("ready-*"))) < int(os.environ["LOCAL_WORLD_SIZE"]):
+        time.sleep(0.001)
 
 
 # What each rank of a training job spends its steps on (ms per step): wrappers on the trainer's steps.
@@ -228,16 +241,19 @@ def launch(nproc: int, kind: str, extra: list[str]) -> dict:
 def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = None) -> dict:
     """``copies`` independent 1-process jobs at once (no process group, no communication), each
     given one rank's share of the work (a capture: its own ``out``-N) and, for training, bound to
-    its core as a rank is; seconds (and step_seconds): the slowest copy's."""
+    its core as a rank is; they start their timed work together (start_together), as a job's
+    ranks do; seconds (and step_seconds): the slowest copy's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *extra]
+    ready = Path(tempfile.mkdtemp(prefix="bench-ready-"))  # where the copies meet before their work
     jobs = [
         subprocess.Popen(command + ([] if out is None else ["--out", f"{out}-{i}"]),
-                         env={**env, "BENCH_ALONE": "1", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies)},
+                         env={**env, "BENCH_ALONE": str(ready), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies)},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(copies)
     ]  # fmt: skip
     done = [job.communicate(timeout=1800) for job in jobs]
+    shutil.rmtree(ready, ignore_errors=True)
     outs = [out for out, _ in done]
     for job, (_, err) in zip(jobs, done, strict=True):
         if job.returncode:
@@ -307,7 +323,7 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         alone = statistics.median(r[key] for r in results[0])
         one = statistics.median(r[key] for r in results[1])
         unit = f"{alone * 1e3:.1f} ms/step" if key == "step_seconds" else f"{alone:.2f} s"
-        print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work at once, "
+        print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work, started together, "
               f"{unit} -> {one / alone:.2f}x ({median / (one / alone):.0%} of it reached)")  # fmt: skip
     for n in (1, 2, 3):
         phases = [r["phases"] for r in results.get(n, []) if "phases" in r]
@@ -353,7 +369,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--texts", type=int, default=192)
+    parser.add_argument("--texts", type=int, default=768)  # see the docstring: 192 measured startup
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--dead-after-tokens", type=int, default=100_000)  # train's default
     parser.add_argument("--batch", type=int, default=2048)  # the global batch (the ceiling row: one rank's)
