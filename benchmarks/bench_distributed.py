@@ -144,7 +144,10 @@ def start_together() -> None:
         return
     ready = Path(os.environ["BENCH_ALONE"])
     (ready / f"ready-{os.environ['LOCAL_RANK']}").touch()
+    deadline = time.monotonic() + 600  # a copy that failed its setup must not hold this one for good
     while len(list(ready.glob("ready-*"))) < int(os.environ["LOCAL_WORLD_SIZE"]):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the other ceiling copies never became ready in {ready} (see their errors)")
         time.sleep(0.001)
 
 
@@ -433,8 +436,8 @@ def main() -> None:
             "\none core, ~10% slower steps). Capture's serial parts: rank 0's plan (the others wait for it), rank"
             "\n0's merge (hard links + one manifest), every rank's final load_capture, and the uneven split on"
             "\nbatch boundaries: 50-60 ms beside the forwards of a 2-rank job, timed phase by phase, against 20-30"
-            "\nms for one process. Its rounds spread mostly in the forwards themselves: the same rank's part took"
-            "\n0.9-1.5 s from run to run, bound to a core or not, as did the ceiling's copies. Training: the ranks share"
+            "\nms for one process. Beyond those, a 2-rank capture takes as long as its ceiling: two forwards at once"
+            "\nrun ~20% slower each than one alone on this box, and the ceiling's copies pay that too. Training: the ranks share"
             "\none host, so GradientSync sums through shared memory: each rank computes its gradients (W_enc + W_dec ="
             "\n2 x 384 x 2048 floats = 6.3 MB) in its slots, signals, reads its next batch, then waits for the"
             "\nothers' signals ('wait: meeting', with the step's small sums: NaN check, fired latents, metrics) and"
@@ -445,8 +448,8 @@ def main() -> None:
             "\n'Adam on every rank' is the same job with that split turned off. Not split by the ranks, so paid in"
             "\nfull by each: the backward's dense W_enc and W_dec gradients (fixed cost, whatever the batch) and"
             "\nper-process setup (opening the capture, filling the shuffle buffer). The ceiling row shows what two"
-            "\nbusy cores give with no communication at all; it moves from run to run with the box (1.67-1.97x"
-            "\nmeasured), and so does the 2-process forward: the same work took 33-41 ms a step on a rank in"
+            "\nbusy cores give with no communication at all; it moves from run to run with the box (training's"
+            "\n1.66-1.90x, started together), and so does the 2-process forward: the same work took 33-41 ms a step on a rank in"
             "\ndifferent quiet runs, and now and then one core ran ~15% slower than the other for a whole run, the"
             "\nother rank waiting for it at every meeting. With AuxK live, the fired latents and AuxK's normaliser"
             "\nare needed mid-step: one more meeting, over gloo ('wait: metrics')."
