@@ -7,6 +7,7 @@ interp explore                              the Streamlit explorer at http://loc
 interp zoo list | interp zoo train NAME     the models trained here
 interp reproduce FINDING                    published findings, paper vs ours
 interp sae train ... | interp sae eval ...  sparse dictionaries (SAELens format)
+interp attack --model M --attack A --eps E  an adversarial attack, or its curve over eps (--curve)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse reports anything else with exit 2)."""
     try:
         value = int(text)
@@ -70,7 +71,7 @@ def _positive_int(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
     return value
@@ -101,7 +102,7 @@ def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
     capture.add_argument(
         "--out", required=True, help="output directory (resumes if it holds a partial capture)"
     )
-    capture.add_argument("--batch-size", type=_positive_int, default=16)
+    capture.add_argument("--batch-size", type=positive_int, default=16)
     capture.add_argument(
         "--no-resume", action="store_true", help="overwrite an existing capture instead of resuming"
     )
@@ -161,6 +162,9 @@ def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
         from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
 
         add_sae_commands(sub)
+        from interp.methods.attacks.cli import add_commands as add_attack_commands  # interp attack
+
+        add_attack_commands(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ a class, ``"random"``, ``"least-likely"`` or a function (``resolve_target``). ``
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import operator
@@ -651,23 +652,39 @@ MIN_NORM_ATTACKS = ("cw", "deepfool")  # one run gives the whole curve (accuracy
 ATTACK_NAMES = EPS_ATTACKS + MIN_NORM_ATTACKS
 
 
-def run_attack(name: str, model: HookedModel | nn.Module, x: Any, y: Any, eps: float | None = None,
-               **kwargs: Any) -> Attack:  # fmt: skip
-    """Any attack by name (:data:`ATTACK_NAMES`); ``eps`` is ignored by the minimal-perturbation
-    attacks (cw, deepfool), required by the others."""
+def _attack_table() -> dict[str, tuple[Callable[..., Attack], dict[str, Any]]]:
+    """Each attack name: its function and the options the name fixes (apgd-ce is apgd's loss="ce")."""
     from interp.methods import attacks
 
-    table = {"fgsm": fgsm, "pgd": pgd, "apgd-ce": lambda *a, **k: attacks.apgd(*a, loss="ce", **k),
-             "apgd-dlr": lambda *a, **k: attacks.apgd(*a, loss="dlr", **k), "apgd-t": attacks.apgd_t,
-             "square": attacks.square, "autoattack": attacks.autoattack, "fab": attacks.fab,
-             "fab-t": attacks.fab_t}  # fmt: skip
-    if name in MIN_NORM_ATTACKS:
-        return (attacks.cw if name == "cw" else attacks.deepfool)(model, x, y, **kwargs)
+    return {"fgsm": (fgsm, {}), "pgd": (pgd, {}), "apgd-ce": (attacks.apgd, {"loss": "ce"}),
+            "apgd-dlr": (attacks.apgd, {"loss": "dlr"}), "apgd-t": (attacks.apgd_t, {}),
+            "square": (attacks.square, {}), "autoattack": (attacks.autoattack, {}), "fab": (attacks.fab, {}),
+            "fab-t": (attacks.fab_t, {}), "cw": (attacks.cw, {}), "deepfool": (attacks.deepfool, {})}  # fmt: skip
+
+
+def attack_options(name: str) -> list[str]:
+    """The keyword options ``run_attack(name, ...)`` takes besides the model, ``x``, ``y`` and ``eps``."""
+    table = _attack_table()
     if name not in table:
         raise InputError(f"attack must be one of {ATTACK_NAMES}, got {name!r}")
+    function, fixed = table[name]
+    return [p for p in inspect.signature(function).parameters if p not in ("model", "x", "y", "eps", *fixed)]
+
+
+def run_attack(name: str, model: HookedModel | nn.Module, x: Any, y: Any, eps: float | None = None,
+               **kwargs: Any) -> Attack:  # fmt: skip
+    """Any attack by name (:data:`ATTACK_NAMES`) with its options (:func:`attack_options`); ``eps``
+    is ignored by the minimal-perturbation attacks (cw, deepfool), required by the others."""
+    options = attack_options(name)
+    unknown = [k for k in kwargs if k not in options]
+    if unknown:
+        raise InputError(f"{name} takes no option {unknown[0]!r}; its options are {options}")
+    function, fixed = _attack_table()[name]
+    if name in MIN_NORM_ATTACKS:
+        return function(model, x, y, **fixed, **kwargs)
     if eps is None:
         raise InputError(f"{name} needs eps=, the perturbation budget")
-    return table[name](model, x, y, eps, **kwargs)
+    return function(model, x, y, eps, **fixed, **kwargs)
 
 
 def robustness_curve(

@@ -1,0 +1,252 @@
+"""``interp attack``: any attack, or its robustness curve, on an image classifier from the command line.
+
+interp attack --model zoo:digits-cnn --attack pgd --eps 0.1 --steps 40 --out adv.safetensors
+interp attack --model zoo:digits-cnn --attack apgd-ce --curve 0,0.05,0.1,0.2 --html curve.html
+interp attack --model DIR --input images.safetensors --attack deepfool     # x and y tensors
+
+The images default to the digits test split for the digits zoo models; ``--input`` takes a
+safetensors (or .npz) file with ``x`` (images in the model's input range) and ``y`` (labels), or an
+adversarial set saved by ``--out`` (its clean images and labels). Every result line names the
+attack's config and seed; ``--out`` keeps both in the file (``interp.load_attack`` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from interp.errors import InputError
+
+DIGITS_MODELS = ("zoo:digits-cnn", "zoo:digits-softmax")
+# command-line flag -> the attack option it sets (only the ones given are passed)
+FLAG_OPTIONS = {"steps": "steps", "alpha": "alpha", "norm": "norm", "restarts": "restarts",
+                "target": "target", "seed": "seed", "queries": "n_queries", "c": "c", "lr": "lr",
+                "n_targets": "n_targets"}  # fmt: skip
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``interp attack`` on the main parser's subcommands."""
+    from interp.cli import positive_int as _count  # (loaded: it is what calls this)
+    from interp.methods.adversarial import ATTACK_NAMES
+
+    attack = sub.add_parser(
+        "attack",
+        help="attack an image classifier (any attack), or its accuracy over eps",
+        description="Run an adversarial attack and print clean and adversarial accuracy, the "
+        "perturbation's size and the config with its seed; or, with --curve, accuracy at each eps.",
+    )
+    attack.add_argument(
+        "--model", required=True, help="zoo:digits-cnn, zoo:digits-softmax, or a model interp.load reads"
+    )
+    attack.add_argument("--attack", required=True, choices=ATTACK_NAMES, help="the attack")
+    attack.add_argument(
+        "--eps", type=float, default=None, help="the budget (not for cw and deepfool: minimal attacks)"
+    )
+    attack.add_argument(
+        "--input", default=None, help="safetensors or .npz with x and y (default: the digits test split)"
+    )
+    attack.add_argument("--n", type=_count, default=None, help="attack only the first N images")
+    attack.add_argument(
+        "--steps", type=_count, default=None, help="iterations (the attack's default if not given)"
+    )
+    attack.add_argument("--alpha", type=float, default=None, help="pgd: step size (default eps / 4)")
+    attack.add_argument(
+        "--norm",
+        choices=("linf", "l2"),
+        default=None,
+        help="the budget's norm, where the attack has a choice",
+    )
+    attack.add_argument("--restarts", type=_count, default=None, help="random restarts")
+    attack.add_argument("--target", type=_target, default=None,
+                        help="targeted attacks: a class, 'random' or 'least-likely'")  # fmt: skip
+    attack.add_argument(
+        "--seed", type=int, default=None, help="seeds the random starts and target='random' (default 0)"
+    )
+    attack.add_argument("--queries", type=_count, default=None, help="square, autoattack: the query budget")
+    attack.add_argument("--c", type=float, default=None, help="cw: the weight of the misclassification term")
+    attack.add_argument("--lr", type=float, default=None, help="cw: Adam's learning rate")
+    attack.add_argument("--n-targets", type=_count, default=None, help="apgd-t, fab-t: target classes tried")
+    attack.add_argument(
+        "--out", default=None, help="save the adversarial set (safetensors, config and seed inside)"
+    )
+    attack.add_argument("--curve", type=_budgets, default=None, help="comma-separated eps: accuracy at each")
+    attack.add_argument("--html", default=None, help="with --curve: write the curve as an interactive plot")
+    attack.set_defaults(run=run)
+
+
+def _target(text: str) -> int | str:
+    if text in ("random", "least-likely"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a class index, 'random' or 'least-likely', got {text!r}"
+        ) from None
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0,0.05,0.1, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one eps, such as 0,0.05,0.1")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from interp.methods import adversarial as A
+
+    _check_paths(args)
+    model = _model(args.model)
+    x, y, source = _images(args.input, args.model)
+    if args.n is not None:
+        x, y = x[: args.n], y[: args.n]
+    options = {
+        option: getattr(args, flag)
+        for flag, option in FLAG_OPTIONS.items()
+        if getattr(args, flag) is not None
+    }
+    minimal = args.attack in A.MIN_NORM_ATTACKS
+    if args.curve is None and args.eps is None and not minimal:
+        raise InputError(f"{args.attack} needs --eps, the perturbation budget (or --curve for several)")
+    where = f"{args.model}, {len(x)} {source}"
+    if args.eps is not None or minimal and args.curve is None:
+        with _bar(args.attack) as progress:
+            atk = A.run_attack(args.attack, model, x, y, None if minimal else args.eps, **options,
+                               **_with_progress(args.attack, progress))  # fmt: skip
+        _report(atk, where)
+        if args.out is not None:
+            print(
+                f"wrote {atk.save(args.out)} (images, labels and the config with its seed; interp.load_attack reads it)"
+            )
+    if args.curve is not None:
+        with _bar(f"{args.attack} over eps") as progress:
+            curve = A.robustness_curve(model, x, y, args.curve, args.attack, progress=progress, **options)
+        given = curve.config or "none"
+        print(f"\naccuracy under {args.attack} on {where}; options {given} (the rest: the attack's defaults)")
+        for eps, acc in zip(curve.eps, curve.accuracy, strict=True):
+            print(f"  eps {eps:<8g} accuracy {acc:.3f}")
+        if args.html is not None:
+            curve.figure().write_html(args.html, include_plotlyjs=True)  # the plot's JS inside: works offline
+            print(f"wrote {args.html}")
+    return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The cheap checks first, before the model loads."""
+    if args.input is not None and not Path(args.input).is_file():
+        raise InputError(f"--input {args.input!r} is not a file. Check the path.")
+    if args.html is not None and args.curve is None:
+        raise InputError(
+            "--html writes the robustness curve: pass --curve with the eps to try, e.g. --curve 0,0.05,0.1"
+        )
+    for flag in ("out", "html"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise InputError(f"--{flag} {path!r}: its folder does not exist. Create it or pick another path.")
+    if args.eps is not None and args.attack in ("cw", "deepfool"):
+        raise InputError(
+            f"{args.attack} looks for the smallest perturbation and takes no --eps; "
+            "--curve 0,0.5,1 reads its accuracy within each L2 budget"
+        )
+    if args.out is not None and args.eps is None and args.attack not in ("cw", "deepfool"):
+        raise InputError("--out saves one attack: pass --eps (the curve's runs are not saved)")
+
+
+def _model(spec: str):
+    import interp
+
+    if spec in DIGITS_MODELS:  # the shipped checkpoint, or (none shipped) the recipe trained once
+        from interp.reproductions.adversarial import load_digits_model
+
+        return load_digits_model(spec.removeprefix("zoo:"))
+    return interp.load(spec)
+
+
+def _images(path: str | None, spec: str) -> tuple[Any, Any, str]:
+    """``(x, y, what they are)``: from ``path``, or the digits test split for a digits model."""
+    import torch
+
+    if path is None:
+        if spec not in DIGITS_MODELS:
+            raise InputError(f"{spec} has no default images: pass --input, a safetensors file with x and y")
+        from interp.models import zoo
+
+        _, _, x, y = zoo.digits_data(0)
+        return x, y, "digits test images"
+    if path.endswith(".npz"):
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as data:
+            tensors = {k: torch.from_numpy(data[k]) for k in data.files}
+    else:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise InputError(
+                f"--input {path!r} is not a safetensors file ({err}); save x and y with safetensors.torch.save_file"
+            ) from err
+    labels = "y" if "y" in tensors else "labels"
+    if "x" not in tensors or labels not in tensors:
+        raise InputError(f"--input {path!r} holds {sorted(tensors)}; it needs x (images) and y (labels)")
+    return tensors["x"], tensors[labels], f"images from {path}"
+
+
+def _with_progress(name: str, progress: Any) -> dict[str, Any]:
+    from interp.methods.adversarial import attack_options
+
+    return {"progress": progress} if "progress" in attack_options(name) else {}
+
+
+class _bar:
+    """A tqdm bar driven by an attack's ``progress(done, total)``; made on the first call."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar = label, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.label)
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _short(value: Any) -> Any:
+    """A config value as printed: a long per-image list (DeepFool's steps_used) as its summary."""
+    if isinstance(value, list | tuple) and len(value) > 8:
+        return f"[{len(value)} values, {min(value)} to {max(value)}]"
+    return value
+
+
+def _report(atk: Any, where: str) -> None:
+    norms = atk.norms()
+    cfg = {k: _short(v) for k, v in atk.config.items() if v is not None}
+    print(f"{atk.config['attack']} on {where}")
+    print(f"  clean accuracy        {atk.accuracy_clean:.3f}")
+    print(f"  adversarial accuracy  {atk.accuracy_adv:.3f}")
+    print(
+        f"  success rate          {atk.success_rate:.3f}  ({'reached the target' if atk.target is not None else 'misclassified'})"
+    )
+    for norm, label in (("linf", "L∞"), ("l2", "L2")):
+        values = norms[norm]
+        print(
+            f"  perturbation {label:3s}      median {values.median().item():.4f}  max {values.max().item():.4f}"
+        )
+    print(f"  config {cfg}")

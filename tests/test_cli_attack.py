@@ -1,0 +1,99 @@
+"""``interp attack``: the command line gives what the library gives, and bad input one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from interp.cli import main
+from interp.errors import InputError
+from interp.methods import adversarial as A
+from interp.models import zoo
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def digits():
+    _, _, x, y = zoo.digits_data(0)
+    return x[:N], y[:N]
+
+
+def test_an_attack_saved_from_the_cli_is_the_library_attack(cnn, digits, tmp_path, capsys):
+    """The saved set is bit for bit ``A.pgd`` on the same images, and the printed accuracies its own."""
+    out = tmp_path / "adv.safetensors"
+    argv = ["attack", "--model", "zoo:digits-cnn", "--attack", "pgd", "--eps", "0.1", "--steps", "5",
+            "--n", str(N), "--seed", "3", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    saved = A.load_attack(out, cnn)
+    expected = A.pgd(cnn, *digits, 0.1, steps=5, seed=3)
+    assert torch.equal(saved.x_adv, expected.x_adv)
+    assert saved.config == expected.config
+    assert f"adversarial accuracy  {expected.accuracy_adv:.3f}" in printed
+    assert f"clean accuracy        {expected.accuracy_clean:.3f}" in printed
+    assert "'seed': 3" in printed
+
+
+def test_the_curve_is_the_library_curve_and_its_plot_is_written(cnn, digits, tmp_path, capsys):
+    html = tmp_path / "curve.html"
+    argv = ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--curve", "0,0.1,0.3", "--n", str(N),
+            "--html", str(html)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    curve = A.robustness_curve(cnn, *digits, [0, 0.1, 0.3], "fgsm")
+    for eps, acc in zip(curve.eps, curve.accuracy, strict=True):
+        assert f"eps {eps:<8g} accuracy {acc:.3f}" in printed
+    assert curve.accuracy[0] > curve.accuracy[-1]  # a real curve: fgsm at 0.3 breaks most digits
+    assert "plotly" in html.read_text()[:200_000]
+
+
+def test_a_minimal_attack_and_images_from_a_file(cnn, digits, tmp_path, capsys):
+    """DeepFool on images given as a file; its per-image step counts print as a summary."""
+    path = tmp_path / "images.safetensors"
+    save_file({"x": digits[0].contiguous(), "y": digits[1].contiguous()}, str(path))
+    assert main(["attack", "--model", "zoo:digits-cnn", "--attack", "deepfool", "--input", str(path)]) == 0
+    printed = capsys.readouterr().out
+    expected = A.run_attack("deepfool", cnn, *digits)
+    assert f"adversarial accuracy  {expected.accuracy_adv:.3f}" in printed
+    assert f"{N} images from {path}" in printed
+    assert f"'steps_used': '[{N} values" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attack", "pgd", "--eps", "-1"], "eps must be a number >= 0"),
+        (["--attack", "pgd", "--eps", "5"], "larger than the input range"),
+        (["--attack", "pgd"], "pgd needs --eps"),
+        (["--attack", "cw", "--eps", "0.1"], "cw looks for the smallest perturbation and takes no --eps"),
+        (["--attack", "fgsm", "--eps", "0.1", "--norm", "l2"], "fgsm takes no option 'norm'"),
+        (["--attack", "pgd", "--eps", "0.1", "--target", "12"], r"target must be classes in [0, 10)"),
+        (["--attack", "pgd", "--eps", "0.1", "--html", "c.html"], "--html writes the robustness curve"),
+        (["--attack", "pgd", "--eps", "0.1", "--input", "no-such-file"], "is not a file"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
+    assert main(["attack", "--model", "zoo:digits-cnn", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_input_without_images_and_labels_names_what_it_holds(tmp_path, capsys):
+    path = tmp_path / "wrong.safetensors"
+    save_file({"images": torch.zeros(2, 1, 8, 8)}, str(path))
+    assert (
+        main(
+            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(path)]
+        )
+        == 2
+    )
+    assert "holds ['images']; it needs x (images) and y (labels)" in capsys.readouterr().err
+
+
+def test_run_attack_refuses_an_option_the_attack_does_not_take(cnn, digits):
+    with pytest.raises(InputError, match=r"apgd-ce takes no option 'target'; its options are \['steps'"):
+        A.run_attack("apgd-ce", cnn, *digits, 0.1, target=3)
+    assert "loss" not in A.attack_options("apgd-dlr")  # the name fixes it
+    assert "progress" in A.attack_options("square") and "eps" not in A.attack_options("pgd")
