@@ -70,7 +70,10 @@ def test_a_minimal_attack_and_images_from_a_file(cnn, digits, tmp_path, capsys):
         (["--attack", "cw", "--eps", "0.1"], "cw looks for the smallest perturbation and takes no --eps"),
         (["--attack", "fgsm", "--eps", "0.1", "--norm", "l2"], "fgsm takes no option 'norm'"),
         (["--attack", "pgd", "--eps", "0.1", "--target", "12"], r"target must be classes in [0, 10)"),
-        (["--attack", "pgd", "--eps", "0.1", "--html", "c.html"], "--html writes the robustness curve"),
+        (
+            ["--attack", "pgd", "--eps", "0.1", "--html", "c.html"],
+            "--html writes the plots of --where and --curve",
+        ),
         (["--attack", "pgd", "--eps", "0.1", "--input", "no-such-file"], "is not a file"),
     ],
 )
@@ -97,3 +100,22 @@ def test_run_attack_refuses_an_option_the_attack_does_not_take(cnn, digits):
         A.run_attack("apgd-ce", cnn, *digits, 0.1, target=3)
     assert "loss" not in A.attack_options("apgd-dlr")  # the name fixes it
     assert "progress" in A.attack_options("square") and "eps" not in A.attack_options("pgd")
+
+
+def test_where_prints_the_attack_probe_and_one_page_holds_both_plots(cnn, digits, tmp_path, capsys):
+    """--where prints attack_probe's numbers per hook point; --html puts its plot and the curve's on one page."""
+    html = tmp_path / "where.html"
+    argv = ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.2", "--n", str(N), "--where",
+            "--curve", "0,0.2", "--html", str(html)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    x_train, y_train, _, _ = zoo.digits_data(0)
+    probe = A.attack_probe(cnn, A.fgsm(cnn, *digits, 0.2), train=(x_train[:400], y_train[:400]))
+    for i, name in enumerate(probe.names):
+        row = next(line for line in printed.splitlines() if line.strip().startswith(name + " "))
+        numbers = [float(v) for v in row.split()[1:]]
+        expected = [probe.divergence[i], probe.probe_acc_clean[i], probe.probe_acc_adv[i],
+                    probe.restoration[i], probe.restoration_topk[i]]  # fmt: skip
+        assert numbers == pytest.approx([round(float(v), 3) for v in expected], abs=1e-9)
+    page = html.read_text()
+    assert page.count("Plotly.newPlot") == 2 and "where it bites" in printed

@@ -3,6 +3,7 @@
 interp attack --model zoo:digits-cnn --attack pgd --eps 0.1 --steps 40 --out adv.safetensors
 interp attack --model zoo:digits-cnn --attack apgd-ce --curve 0,0.05,0.1,0.2 --html curve.html
 interp attack --model DIR --input images.safetensors --attack deepfool     # x and y tensors
+interp attack --model zoo:digits-cnn --attack square --eps 0.1 --where --html where.html
 
 The images default to the digits test split for the digits zoo models; ``--input`` takes a
 safetensors (or .npz) file with ``x`` (images in the model's input range) and ``y`` (labels), or an
@@ -19,6 +20,7 @@ from typing import Any
 from interp.errors import InputError
 
 DIGITS_MODELS = ("zoo:digits-cnn", "zoo:digits-softmax")
+TRAIN_IMAGES = 400  # --where on the digits: its probes fit on this many clean training images
 # command-line flag -> the attack option it sets (only the ones given are passed)
 FLAG_OPTIONS = {"steps": "steps", "alpha": "alpha", "norm": "norm", "restarts": "restarts",
                 "target": "target", "seed": "seed", "queries": "n_queries", "c": "c", "lr": "lr",
@@ -71,7 +73,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--out", default=None, help="save the adversarial set (safetensors, config and seed inside)"
     )
     attack.add_argument("--curve", type=_budgets, default=None, help="comma-separated eps: accuracy at each")
-    attack.add_argument("--html", default=None, help="with --curve: write the curve as an interactive plot")
+    attack.add_argument("--where", action="store_true",
+                        help="where inside the model the attack bites: per hook point, the activations' "
+                        "divergence, linear-probe accuracy clean vs adversarial, and the accuracy that "
+                        "patching in that layer's clean activations restores")  # fmt: skip
+    attack.add_argument("--html", default=None, help="write the plots of --where and --curve to this page")
     attack.set_defaults(run=run)
 
 
@@ -103,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_paths(args)
     model = _model(args.model)
-    x, y, source = _images(args.input, args.model)
+    x, y, source, train = _images(args.input, args.model)
     if args.n is not None:
         x, y = x[: args.n], y[: args.n]
     options = {
@@ -115,15 +121,17 @@ def run(args: argparse.Namespace) -> int:
     if args.curve is None and args.eps is None and not minimal:
         raise InputError(f"{args.attack} needs --eps, the perturbation budget (or --curve for several)")
     where = f"{args.model}, {len(x)} {source}"
+    figures = []
     if args.eps is not None or minimal and args.curve is None:
         with _bar(args.attack) as progress:
             atk = A.run_attack(args.attack, model, x, y, None if minimal else args.eps, **options,
                                **_with_progress(args.attack, progress))  # fmt: skip
         _report(atk, where)
         if args.out is not None:
-            print(
-                f"wrote {atk.save(args.out)} (images, labels and the config with its seed; interp.load_attack reads it)"
-            )
+            print(f"wrote {atk.save(args.out)} (images, labels and the config with its seed; "
+                  "interp.load_attack reads it)")  # fmt: skip
+        if args.where:
+            figures.append(_where(A.attack_probe(model, atk, train=train), train is not None))
     if args.curve is not None:
         with _bar(f"{args.attack} over eps") as progress:
             curve = A.robustness_curve(model, x, y, args.curve, args.attack, progress=progress, **options)
@@ -131,20 +139,47 @@ def run(args: argparse.Namespace) -> int:
         print(f"\naccuracy under {args.attack} on {where}; options {given} (the rest: the attack's defaults)")
         for eps, acc in zip(curve.eps, curve.accuracy, strict=True):
             print(f"  eps {eps:<8g} accuracy {acc:.3f}")
-        if args.html is not None:
-            curve.figure().write_html(args.html, include_plotlyjs=True)  # the plot's JS inside: works offline
-            print(f"wrote {args.html}")
+        figures.append(curve.figure())
+    if args.html is not None:
+        _write_html(figures, args.html)
+        print(f"wrote {args.html}")
     return 0
+
+
+def _where(probe: Any, on_train: bool) -> Any:
+    """Print, per hook point, where the attack bites; return the probe's figure."""
+    fit = (f"fit on {TRAIN_IMAGES} clean training images, scored on the attacked ones" if on_train
+           else "fit on a seeded half of the clean images, scored on the other half")  # fmt: skip
+    print(f"\nwhere it bites (linear probes {fit}):")
+    width = max(len(n) for n in probe.names)
+    top = f"top {probe.config['topk_frac']:.0%} units"
+    print(f"  {'hook point':<{width}}  divergence  probe clean  probe adv  restored: layer  {top}")
+    for i, name in enumerate(probe.names):
+        print(f"  {name:<{width}}  {probe.divergence[i].item():10.3f}  {probe.probe_acc_clean[i].item():11.3f}"
+              f"  {probe.probe_acc_adv[i].item():9.3f}  {probe.restoration[i].item():15.3f}"
+              f"  {probe.restoration_topk[i].item():{len(top)}.3f}")  # fmt: skip
+    print(
+        "  (restored: the share of the accuracy the attack took that patching clean activations there gives back)"
+    )
+    return probe.figure()
+
+
+def _write_html(figures: list[Any], path: str) -> None:
+    """One page with every figure; plotly's JavaScript inside it, so it opens offline."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs=i == 0) for i, fig in enumerate(figures)]
+    Path(path).write_text(f"<html><head><meta charset='utf-8'></head><body>{''.join(parts)}</body></html>")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
     """The cheap checks first, before the model loads."""
     if args.input is not None and not Path(args.input).is_file():
         raise InputError(f"--input {args.input!r} is not a file. Check the path.")
-    if args.html is not None and args.curve is None:
+    if args.html is not None and args.curve is None and not args.where:
         raise InputError(
-            "--html writes the robustness curve: pass --curve with the eps to try, e.g. --curve 0,0.05,0.1"
+            "--html writes the plots of --where and --curve: pass one of them (e.g. --curve 0,0.05,0.1)"
         )
+    if args.where and args.eps is None and args.attack not in ("cw", "deepfool"):
+        raise InputError("--where looks inside the model under one attack: pass --eps")
     for flag in ("out", "html"):
         path = getattr(args, flag)
         if path is not None and not Path(path).resolve().parent.is_dir():
@@ -168,8 +203,9 @@ def _model(spec: str):
     return interp.load(spec)
 
 
-def _images(path: str | None, spec: str) -> tuple[Any, Any, str]:
-    """``(x, y, what they are)``: from ``path``, or the digits test split for a digits model."""
+def _images(path: str | None, spec: str) -> tuple[Any, Any, str, tuple[Any, Any] | None]:
+    """``(x, y, what they are, clean training images for probes)``: from ``path`` (no training
+    images), or the digits test split for a digits model (with TRAIN_IMAGES of its training split)."""
     import torch
 
     if path is None:
@@ -177,8 +213,8 @@ def _images(path: str | None, spec: str) -> tuple[Any, Any, str]:
             raise InputError(f"{spec} has no default images: pass --input, a safetensors file with x and y")
         from interp.models import zoo
 
-        _, _, x, y = zoo.digits_data(0)
-        return x, y, "digits test images"
+        x_train, y_train, x, y = zoo.digits_data(0)
+        return x, y, "digits test images", (x_train[:TRAIN_IMAGES], y_train[:TRAIN_IMAGES])
     if path.endswith(".npz"):
         import numpy as np
 
@@ -197,7 +233,7 @@ def _images(path: str | None, spec: str) -> tuple[Any, Any, str]:
     labels = "y" if "y" in tensors else "labels"
     if "x" not in tensors or labels not in tensors:
         raise InputError(f"--input {path!r} holds {sorted(tensors)}; it needs x (images) and y (labels)")
-    return tensors["x"], tensors[labels], f"images from {path}"
+    return tensors["x"], tensors[labels], f"images from {path}", None
 
 
 def _with_progress(name: str, progress: Any) -> dict[str, Any]:
