@@ -8,6 +8,7 @@ interp zoo list | interp zoo train NAME     the models trained here
 interp reproduce FINDING                    published findings, paper vs ours
 interp sae train ... | interp sae eval ...  sparse dictionaries (SAELens format)
 interp attack --model M --attack A --eps E  an adversarial attack, or its curve over eps (--curve)
+interp attribute --model M --method ig      attribution maps (captum's methods), to input or a layer
 """
 
 from __future__ import annotations
@@ -162,9 +163,12 @@ def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
         from interp.sae.cli import add_commands as add_sae_commands  # interp sae train | eval
 
         add_sae_commands(sub)
-        from interp.methods.attacks.cli import add_commands as add_attack_commands  # interp attack
+        from interp.commands.attack import add_commands as add_attack_commands  # interp attack
 
         add_attack_commands(sub)
+        from interp.commands.attribute import add_commands as add_attribute_commands  # interp attribute
+
+        add_attribute_commands(sub)
     return parser
 
 

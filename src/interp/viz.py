@@ -470,3 +470,12 @@ def robustness_figure(curves: Sequence[Any], title: str = "Accuracy under attack
     fig.update_layout(title=title, xaxis_title="eps (perturbation budget)", yaxis_title="accuracy",
                       yaxis_range=[0, 1.02], height=380)  # fmt: skip
     return fig
+
+
+def figures_page(figures: Sequence[Any], fragments: Sequence[str] = ()) -> str:
+    """One self-contained HTML page: plotly ``figures`` (plotly's JavaScript inlined once, so the
+    page opens offline) followed by HTML ``fragments`` (e.g. circuitsvis views' ``local_src``)."""
+    parts = [fig.to_html(full_html=False, include_plotlyjs=i == 0) for i, fig in enumerate(figures)]
+    return (
+        f"<html><head><meta charset='utf-8'></head><body>{''.join(parts)}{''.join(fragments)}</body></html>"
+    )

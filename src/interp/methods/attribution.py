@@ -309,6 +309,8 @@ def _check_method(method: str, layer: Any, neuron: Any, noise_tunnel: str | None
             raise InputError(
                 f"unknown layer method {method!r}; choose one of {', '.join(bridge.LAYER_METHODS)}"
             )
+    elif method in bridge.LAYER_METHODS and method not in METHODS:
+        raise InputError(f"{method} attributes to a layer: give layer= (a hook name, e.g. 'conv2.hook_out')")
     elif method not in METHODS:
         raise InputError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 

@@ -141,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  eps {eps:<8g} accuracy {acc:.3f}")
         figures.append(curve.figure())
     if args.html is not None:
-        _write_html(figures, args.html)
+        from interp.viz import figures_page
+
+        Path(args.html).write_text(figures_page(figures))
         print(f"wrote {args.html}")
     return 0
 
@@ -162,12 +164,6 @@ def _where(probe: Any, on_train: bool) -> Any:
         "  (restored: the share of the accuracy the attack took that patching clean activations there gives back)"
     )
     return probe.figure()
-
-
-def _write_html(figures: list[Any], path: str) -> None:
-    """One page with every figure; plotly's JavaScript inside it, so it opens offline."""
-    parts = [fig.to_html(full_html=False, include_plotlyjs=i == 0) for i, fig in enumerate(figures)]
-    Path(path).write_text(f"<html><head><meta charset='utf-8'></head><body>{''.join(parts)}</body></html>")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -206,8 +202,6 @@ def _model(spec: str):
 def _images(path: str | None, spec: str) -> tuple[Any, Any, str, tuple[Any, Any] | None]:
     """``(x, y, what they are, clean training images for probes)``: from ``path`` (no training
     images), or the digits test split for a digits model (with TRAIN_IMAGES of its training split)."""
-    import torch
-
     if path is None:
         if spec not in DIGITS_MODELS:
             raise InputError(f"{spec} has no default images: pass --input, a safetensors file with x and y")
@@ -215,6 +209,15 @@ def _images(path: str | None, spec: str) -> tuple[Any, Any, str, tuple[Any, Any]
 
         x_train, y_train, x, y = zoo.digits_data(0)
         return x, y, "digits test images", (x_train[:TRAIN_IMAGES], y_train[:TRAIN_IMAGES])
+    x, y = read_images(path)
+    return x, y, f"images from {path}", None
+
+
+def read_images(path: str, need_labels: bool = True) -> tuple[Any, Any]:
+    """``(x, y)`` from a safetensors or .npz file holding ``x`` and ``y`` (or ``labels``, as a set
+    saved by ``--out`` does); ``y`` is None where the file has none and ``need_labels`` is False."""
+    import torch
+
     if path.endswith(".npz"):
         import numpy as np
 
@@ -227,13 +230,13 @@ def _images(path: str | None, spec: str) -> tuple[Any, Any, str, tuple[Any, Any]
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
-            raise InputError(
-                f"--input {path!r} is not a safetensors file ({err}); save x and y with safetensors.torch.save_file"
-            ) from err
+            raise InputError(f"--input {path!r} is not a safetensors file ({err}); "
+                             "save x and y with safetensors.torch.save_file") from err  # fmt: skip
     labels = "y" if "y" in tensors else "labels"
-    if "x" not in tensors or labels not in tensors:
-        raise InputError(f"--input {path!r} holds {sorted(tensors)}; it needs x (images) and y (labels)")
-    return tensors["x"], tensors[labels], f"images from {path}", None
+    if "x" not in tensors or (need_labels and labels not in tensors):
+        need = "x (images) and y (labels)" if need_labels else "x (images)"
+        raise InputError(f"--input {path!r} holds {sorted(tensors)}; it needs {need}")
+    return tensors["x"], tensors.get(labels)
 
 
 def _with_progress(name: str, progress: Any) -> dict[str, Any]:
