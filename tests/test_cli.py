@@ -19,7 +19,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     result = _run("--help")
     assert result.returncode == 0
-    for command in ("models", "hooks", "capture", "explore", "zoo", "reproduce", "sae", "attack", "attribute"):
+    for command in (
+        "models",
+        "hooks",
+        "capture",
+        "explore",
+        "zoo",
+        "reproduce",
+        "sae",
+        "attack",
+        "attribute",
+    ):
         assert command in result.stdout
 
 
