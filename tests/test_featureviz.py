@@ -608,3 +608,15 @@ def _z(z, shape) -> np.ndarray:
     if isinstance(z, dict):
         return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
     return np.asarray(z)
+
+
+def test_figures_draw_images_on_the_input_scale(cnn):
+    """A constant optimum (conv2 channel 0 of the shipped CNN is all white, 1.0) is drawn white on
+    the [0, 1] scale, not mid-grey as a panel scaled to its own (empty) range would be."""
+    vis = fv.render(cnn, "conv2.hook_out:0", steps=64)
+    assert vis.config["box"] == [0.0, 1.0]
+    assert float(vis.images.min()) == float(vis.images.max()) == 1.0  # the optimum is constant
+    heat = vis.figure().data[0]
+    assert (heat.zmin, heat.zmax) == (0.0, 1.0)
+    unpinned = fv.image_grid_figure([vis.images[0, 0]], ["x"]).data[0]
+    assert unpinned.zmin is None  # the default still spans each panel's own values

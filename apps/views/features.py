@@ -156,7 +156,9 @@ def gallery(model: interp.HookedModel, name: str) -> None:
     unit = int(unit)
     if unit not in figures:
         figures[unit] = (
-            fv.image_grid_figure([vis.images[unit, 0]], [f"channel {unit}"]),
+            fv.image_grid_figure(
+                [vis.images[unit, 0]], [f"channel {unit}"], value_range=vis.config.get("box")
+            ),
             top.figure(unit),
         )
     optimized, examples = figures[unit]

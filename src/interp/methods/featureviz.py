@@ -170,7 +170,7 @@ def as_objective(spec: Objective | str) -> Objective:
     layer, _, units_text = spec.rpartition(":")
     layer = layer.strip()
     try:
-        units = _parse_units(units_text)
+        units = parse_units(units_text)
     except ValueError:
         raise InputError(
             f"{spec!r}: the part after ':' must be unit indices ('3', '0,4,9' or '0-31'), got {units_text!r}"
@@ -180,7 +180,8 @@ def as_objective(spec: Objective | str) -> Objective:
     return _layer_unit(layer, units, spec)
 
 
-def _parse_units(text: str) -> list[int]:
+def parse_units(text: str) -> list[int]:
+    """Unit indices as a "layer:unit" string writes them: ``"3"``, ``"0,4,9"``, ``"0-31"`` (ValueError otherwise)."""
     units: list[int] = []
     for part in text.split(","):
         part = part.strip()
@@ -803,7 +804,8 @@ class FeatureVisualization:
             if titles is not None
             else [f"{i}: {s:.3g}" for i, s in enumerate(self.scores.tolist())]
         )
-        return image_grid_figure([img.mean(0) for img in self.images], titles)
+        box = self.config.get("box")  # drawn on the input's scale: an all-white optimum shows white
+        return image_grid_figure([img.mean(0) for img in self.images], titles, value_range=box)
 
 
 def render(
@@ -882,6 +884,7 @@ def render(
         "param": param,
         "constraint": constraint,
         "box_map": "clip" if image.clipped else "sigmoid" if constraint in ("box", "sigmoid") else None,
+        "box": list(bounds) if constraint in ("box", "sigmoid") else None,  # where the pixels lie
         "decorrelate": decorrelate,
         "radius": radius,
         "transforms": _describe_transforms(transforms, bounds),
@@ -1253,8 +1256,12 @@ def image_grid_figure(
     *,
     diverging: Sequence[bool] | None = None,
     columns: int = 8,
+    value_range: Sequence[float] | None = None,
 ) -> go.Figure:
-    """2-D arrays as heatmaps in a grid (greys; ``diverging`` panels red-blue centred on 0)."""
+    """2-D arrays as heatmaps in a grid (greys; ``diverging`` panels red-blue centred on 0).
+
+    ``value_range=(low, high)`` pins the greys' scale (e.g. the input range): otherwise each panel
+    spans its own values, and a constant panel, an all-white image say, is drawn mid-grey."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -1273,11 +1280,15 @@ def image_grid_figure(
             colorscale="RdBu" if div else "Greys",
             reversescale=not div,
             zmid=0 if div else None,
-            zmin=-bound if div else None,
-            zmax=bound if div else None,
+            zmin=-bound if div else None if value_range is None else value_range[0],
+            zmax=bound if div else None if value_range is None else value_range[1],
             showscale=div,
         )
         fig.add_trace(heat, row=i // cols + 1, col=i % cols + 1)
+        # a frame, so an all-white image (a saturated optimum) still shows on a white page; a shape,
+        # which streamlit's chart theme leaves alone (it restyles axis lines)
+        fig.add_shape(type="rect", xref="x domain", yref="y domain", x0=0, y0=0, x1=1, y1=1,
+                      line={"color": "#bbb", "width": 1}, row=i // cols + 1, col=i % cols + 1)  # fmt: skip
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False, scaleanchor=None)
     fig.update_layout(height=max(220, 180 * rows), margin={"l": 10, "r": 10, "t": 40, "b": 10})
