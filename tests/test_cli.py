@@ -29,6 +29,7 @@ def test_help_lists_every_command():
         "sae",
         "attack",
         "attribute",
+        "visualize",
     ):
         assert command in result.stdout
 

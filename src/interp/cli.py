@@ -9,6 +9,7 @@ interp reproduce FINDING                    published findings, paper vs ours
 interp sae train ... | interp sae eval ...  sparse dictionaries (SAELens format)
 interp attack --model M --attack A --eps E  an adversarial attack, or its curve over eps (--curve)
 interp attribute --model M --method ig      attribution maps (captum's methods), to input or a layer
+interp visualize --model M --objective L:U  feature visualization: optimized images or tokens
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ def _parser(with_sae: bool = True) -> argparse.ArgumentParser:
         from interp.commands.attribute import add_commands as add_attribute_commands  # interp attribute
 
         add_attribute_commands(sub)
+        from interp.commands.visualize import add_commands as add_visualize_commands  # interp visualize
+
+        add_visualize_commands(sub)
     return parser
 
 

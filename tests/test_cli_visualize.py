@@ -1,0 +1,47 @@
+"""``interp visualize``: the command line prints what ``featureviz`` computes, and bad input one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+import interp
+from interp.cli import main
+from interp.methods import featureviz as fv
+
+
+def test_images_are_the_library_render(cnn, tmp_path, capsys):
+    html = tmp_path / "units.html"
+    argv = ["visualize", "--model", "zoo:digits-cnn", "--objective", "conv2.hook_out:0-2", "--steps", "16",
+            "--seed", "4", "--html", str(html)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = fv.render(cnn, "conv2.hook_out:0-2", steps=16, seed=4)
+    for i, score in enumerate(expected.scores.tolist()):
+        assert f"image {i}: objective {score:.4f}" in printed
+    assert "'seed': 4" in printed and html.read_text().count("Plotly.newPlot") == 1
+
+
+def test_tokens_are_the_library_readout(capsys):
+    argv = ["visualize", "--model", "minilm", "--objective", "blocks.2.hook_resid_post:10", "--steps", "8",
+            "--length", "4"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = fv.render_tokens(interp.load("minilm"), "blocks.2.hook_resid_post", [10], steps=8, length=4)
+    assert f"unit 10: {' '.join(expected.str_tokens[0])!r}" in printed
+    assert f"on these tokens {float(expected.token_scores[0]):.4f}" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--objective", "conv9:1"], "No hook point matches 'conv9'"),
+        (["--objective", "conv2.hook_out:99"], "unit index 99 is out of range"),
+        (["--objective", "conv2.hook_out"], "a 'layer:unit' string such as"),
+        (["--objective", "conv2.hook_out:a"], "the part after ':' must be unit indices"),
+        (["--objective", "output:3", "--html", "/no/such/dir/a.html"], "its folder does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
+    assert main(["visualize", "--model", "zoo:digits-cnn", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
