@@ -45,3 +45,12 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
     assert main(["visualize", "--model", "zoo:digits-cnn", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_unit_stuck_at_zero_is_named_with_the_hook_to_try(capsys):
+    """MiniLM's blocks.2 MLP unit 10 ascends into GELU's flat negative tail (score -0.0000; its
+    pre-activation reaches ~19 when optimized directly): the command says so, naming hook_pre."""
+    assert main(["visualize", "--model", "minilm", "--objective", "blocks.2.mlp.hook_post:10,12"]) == 0
+    printed = capsys.readouterr().out
+    assert "stuck at 0" in printed and "blocks.2.mlp.hook_pre:10" in printed
+    assert printed.count("stuck at 0") == 1  # unit 12 reaches ~17

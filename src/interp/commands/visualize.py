@@ -18,6 +18,8 @@ from typing import Any
 
 from interp.errors import InputError
 
+STUCK = 1e-4  # a unit whose optimized score is this close to 0 is reported as stuck
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``interp visualize`` on the main parser's subcommands."""
@@ -104,7 +106,15 @@ def _tokens(model: Any, args: argparse.Namespace) -> Any:
     for i, unit in enumerate(unit_list):
         print(f"  unit {unit}: {' '.join(result.str_tokens[i])!r}  score on the embeddings "
               f"{float(result.scores[i]):.4f}, on these tokens {float(result.token_scores[i]):.4f}")  # fmt: skip
+        if abs(float(result.scores[i])) < STUCK:
+            print(f"    stuck at 0: the optimization ran into a flat region of the activation (GELU's "
+                  f"negative tail, a dead ReLU); try the hook before it (e.g. {_before(layer)}:{unit})")  # fmt: skip
     return result
+
+
+def _before(layer: str) -> str:
+    """The pre-activation hook of an MLP's post-activation hook (else the layer itself)."""
+    return layer.replace("hook_post", "hook_pre") if layer.endswith("mlp.hook_post") else layer
 
 
 def _printable(config: dict[str, Any]) -> dict[str, Any]:
