@@ -30,9 +30,15 @@ job did (1.01-1.16 s, 4 runs each, interleaved), against 1.76-2.14 s for one pro
 Capture's workload is 768 texts (~25k tokens, ~8 s for one process). At 192 (1-2 s a job) the ratio
 measured startup and the box's noise: 1.43x and 1.52x on 2026-12-03 (79% and 80% of the ceiling).
 At 768, four runs: capture 1.86x, 1.97x, 1.71x, 1.91x (99%, 100%, 90%, 101% of ceilings of 1.88x,
-1.97x, 1.90x, 1.89x); training, three: 1.47x, 1.72x, 1.48x (88%, 91%, 85% of ceilings of 1.66x,
-1.90x, 1.74x): the ceiling itself moves with the box, and on a run where two simultaneous forwards
-give 1.66x the 1.6x goal needs 96% of it.
+1.97x, 1.90x, 1.89x); training, five: 1.47x, 1.72x, 1.48x, 1.53x, 1.52x (88%, 91%, 85%, 85%, 93% of
+ceilings of 1.66x, 1.90x, 1.74x, 1.80x, 1.64x): the ceiling itself moves with the box, and on a run
+where two simultaneous forwards give 1.66x the 1.6x goal needs 96% of it. Timed phase by phase
+(2026-12-04, two rounds), a ceiling copy's forward took 34.8-41.4 ms a step and a rank's 35.8-40.4
+ms, and their reads of the next batch 5.8-7.1 ms and 5.8-6.9 ms: the same work at the same speed.
+What a rank adds is its waits, 3-7 ms a step (the meeting 1.0-4.1 ms, most of it for the slower
+core), and in the same runs one ceiling copy took 48.8 ms a step and the other 56.8 ms: the cores
+themselves differ by up to ~15%. The same step split differently (Adam on every rank) read 1.70x
+and 1.49x in those two runs, against the split's 1.53x and 1.52x: within the noise of each other.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 768] [--steps 60]
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
