@@ -119,3 +119,45 @@ def test_where_prints_the_attack_probe_and_one_page_holds_both_plots(cnn, digits
         assert numbers == pytest.approx([round(float(v), 3) for v in expected], abs=1e-9)
     page = html.read_text()
     assert page.count("Plotly.newPlot") == 2 and "where it bites" in printed
+
+
+def test_npz_input_is_read_and_bad_npz_files_are_one_line(cnn, digits, tmp_path, capsys):
+    """An .npz of x and y gives the library's attack; a bare array, garbage and object arrays are
+    refused without a traceback (and nothing is unpickled)."""
+    import numpy as np
+
+    good = tmp_path / "good.npz"
+    np.savez(good, x=digits[0].numpy(), y=digits[1].numpy())
+    assert (
+        main(
+            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(good)]
+        )
+        == 0
+    )
+    expected = A.fgsm(cnn, *digits, 0.1)
+    assert f"adversarial accuracy  {expected.accuracy_adv:.3f}" in capsys.readouterr().out
+    bare, garbage, objects = tmp_path / "bare.npz", tmp_path / "garbage.npz", tmp_path / "objects.npz"
+    with open(bare, "wb") as f:
+        np.save(f, np.zeros(3))
+    garbage.write_text("not numpy")
+    np.savez(objects, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
+    for path, message in ((bare, "is one array, not an .npz archive"), (garbage, "is not an .npz archive"),
+                          (objects, "numeric")):  # fmt: skip
+        assert (
+            main(
+                [
+                    "attack",
+                    "--model",
+                    "zoo:digits-cnn",
+                    "--attack",
+                    "fgsm",
+                    "--eps",
+                    "0.1",
+                    "--input",
+                    str(path),
+                ]
+            )
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

@@ -213,16 +213,36 @@ def _images(path: str | None, spec: str) -> tuple[Any, Any, str, tuple[Any, Any]
     return x, y, f"images from {path}", None
 
 
+def _read_npz(path: str) -> dict[str, Any]:
+    """The arrays of an .npz archive as tensors; InputError for anything else (a bare .npy, pickles)."""
+    import numpy as np
+    import torch
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as err:  # numpy reads anything it cannot parse as a pickle, which is never loaded
+        raise InputError(f"--input {path!r} is not an .npz archive of numeric arrays (numpy would need "
+                         "pickle to read it, which is never used); save x and y with np.savez(path, x=..., y=...)") from err  # fmt: skip
+    except (OSError, EOFError) as err:
+        raise InputError(f"--input {path!r} is not a readable .npz archive ({err})") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InputError(
+            f"--input {path!r} is one array, not an .npz archive; save x and y with np.savez(path, x=..., y=...)"
+        )
+    with data:
+        try:
+            return {k: torch.from_numpy(data[k]) for k in data.files}
+        except (ValueError, TypeError) as err:  # object arrays inside the archive
+            raise InputError(f"--input {path!r} holds non-numeric (object) arrays; save numeric x and y "
+                             "with np.savez(path, x=..., y=...)") from err  # fmt: skip
+
+
 def read_images(path: str, need_labels: bool = True) -> tuple[Any, Any]:
     """``(x, y)`` from a safetensors or .npz file holding ``x`` and ``y`` (or ``labels``, as a set
     saved by ``--out`` does); ``y`` is None where the file has none and ``need_labels`` is False."""
-    import torch
 
     if path.endswith(".npz"):
-        import numpy as np
-
-        with np.load(path, allow_pickle=False) as data:
-            tensors = {k: torch.from_numpy(data[k]) for k in data.files}
+        tensors = _read_npz(path)
     else:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
