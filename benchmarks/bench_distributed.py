@@ -40,6 +40,26 @@ core), and in the same runs one ceiling copy took 48.8 ms a step and the other 5
 themselves differ by up to ~15%. The same step split differently (Adam on every rank) read 1.70x
 and 1.49x in those two runs, against the split's 1.53x and 1.52x: within the noise of each other.
 
+Six more training runs on 2026-12-04 (2-6 rounds each): 1.47x, 1.44x, 1.72x, then, after the
+batch read got cheaper (a rank's read 5.5-6.2 -> 2.4-2.7 ms a step, one process's 6.8 -> 3.7-4.1),
+1.49x, 1.54x, 1.55x (ceilings 1.81x, 1.84x, 1.83x, 1.64x, 1.85x, 1.68x). The cheaper read did not
+move the ratio, as work that scales with the rows cannot: what the ratio pays is per-rank fixed
+cost and waiting. Adam on every rank read 1.57x, 1.57x, -, 1.61x, 1.61x, 1.52x beside them ("the
+split makes a step" 0.94x, 0.94x, -, 0.92x, 0.96x, 1.08x faster): no consistent winner, so the
+split stays. Weights in the shared block are not what slows a rank: two bound processes running
+a rank's matmul and TopK on shared and on private weights, each updating its half of the rows
+between iterations, took 45.4-48.6 and 45.7-48.9 ms, 3 runs each. The ceiling's copies are now
+timed phase by phase in the same rounds (printed below the ranks'): a rank's forward took 1-4 ms
+more than a copy's in each of three runs (36.3/37.7 against 34.9/34.1 ms, 6 rounds), which the
+2-rank job pays on top of its waits; one lead is that ranks in lockstep run their heaviest phases
+at the same moment while the copies drift apart (a bare 2-process matmul + TopK loop, barrier
+each iteration or none, read 48-56 and 48-57 ms: not settled by it). One step-by-step trace (60
+steps, 2 ranks) had rank 0's forward and backward 2.3 ms (5.6%) slower than rank 1's throughout
+and rank 1 waiting 2.3 ms a step at the meeting: balancing the rows between the ranks by their
+measured speed would give back about half of that in such a run (not built: the rows would have
+to go through shared memory, and the split would then depend on timing, so two runs of one job
+would differ in float rounding).
+
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 768] [--steps 60]
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
 
@@ -280,7 +300,10 @@ def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = No
         if job.returncode:
             raise SystemExit(f"an independent {kind} job failed:\n{err[-3000:]}")
     results = [json.loads([line for line in o.splitlines() if line.startswith("{")][-1]) for o in outs]
-    return {k: max(r[k] for r in results) for k in ("seconds", "step_seconds") if k in results[0]}
+    slowest = {k: max(r[k] for r in results) for k in ("seconds", "step_seconds") if k in results[0]}
+    if "phases" in results[0]:  # each copy's ms per step by phase, printed beside the ranks'
+        slowest["phases"] = [r["phases"][0] for r in results]
+    return slowest
 
 
 def rounds(
@@ -346,14 +369,15 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         unit = f"{alone * 1e3:.1f} ms/step" if key == "step_seconds" else f"{alone:.2f} s"
         print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work, started together, "
               f"{unit} -> {one / alone:.2f}x ({median / (one / alone):.0%} of it reached)")  # fmt: skip
-    for n in (1, 2, 3):
+    labels = {0: "ceiling's copies (copy i as rank i)", 3: "2 processes, Adam on every rank"}
+    for n in (1, 2, 0, 3):
         phases = [r["phases"] for r in results.get(n, []) if "phases" in r]
         if phases:
-            label = "2 processes, Adam on every rank" if n == 3 else f"{n} process(es)"
+            label = labels.get(n, f"{n} process(es)")
             print(f"  {label}, ms per step (median over rounds):")
             for rank in range(len(phases[0])):
                 row = {k: statistics.median(p[rank][k] for p in phases) for k in phases[0][rank]}
-                row = {k: v for k, v in row.items() if n > 1 or not k.startswith("wait")}
+                row = {k: v for k, v in row.items() if n in (2, 3) or not k.startswith("wait")}
                 print(f"    rank {rank}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
     return median, statistics.median(times[1])
 
