@@ -34,6 +34,11 @@ WORDS = [
 ]
 
 
+def without_loading_bars(err: str) -> str:
+    """stderr less transformers' "Loading weights" bars (a checkpoint load, not a command's output)."""
+    return "".join(line for line in err.splitlines(keepends=True) if "Loading weights" not in line)
+
+
 def save_tiny_gpt2(directory: str, seed: int = 0) -> str:
     """A random-init GPT-2-architecture model plus a word-level tokenizer, saved with save_pretrained."""
     from tokenizers import Tokenizer, models, pre_tokenizers

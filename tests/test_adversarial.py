@@ -79,6 +79,24 @@ def test_targeted_attack_reaches_the_target(quick_cnn, digits_split):
     assert (atk.logits_adv.argmax(-1) == 3).double().mean().item() == atk.success_rate
 
 
+def test_success_rate_counts_only_the_images_the_attack_had_to_change(quick_cnn, digits_split):
+    _, _, x, y = digits_split
+    x, y = x[:40], y[:40]
+    nothing = A.pgd(quick_cnn, x, y, 0.0, 0.0, 1, target=3)  # eps 0: no image moves
+    assert (nothing.x_adv == x).all() and nothing.success_rate == 0.0
+    already = (nothing.logits_clean.argmax(-1) == 3).sum()
+    assert 0 < already < len(x) and nothing.n_attackable == len(x) - already  # the 3s are left out
+    untargeted = A.pgd(quick_cnn, x, y, 0.0, 0.0, 1)
+    correct = int((untargeted.logits_clean.argmax(-1) == y).sum())
+    assert untargeted.success_rate == 0.0 and untargeted.n_attackable == correct
+    strong = A.pgd(quick_cnn, x, y, 0.3, 0.05, 10)
+    wrong_after = strong.logits_adv.argmax(-1) != y
+    was_right = strong.logits_clean.argmax(-1) == y
+    assert strong.success_rate == pytest.approx(
+        (wrong_after & was_right).sum().item() / was_right.sum().item()
+    )
+
+
 def test_bad_inputs_are_input_errors(quick_cnn, digits_split):
     _, _, x, y = digits_split
     with pytest.raises(InputError, match=r"expects one input of shape \(1, 8, 8\)"):

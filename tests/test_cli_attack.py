@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import without_loading_bars
 from safetensors.torch import save_file
 
+import interp
 from interp.cli import main
 from interp.errors import InputError
 from interp.methods import adversarial as A
@@ -27,13 +29,18 @@ def test_an_attack_saved_from_the_cli_is_the_library_attack(cnn, digits, tmp_pat
             "--n", str(N), "--seed", "3", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    saved = A.load_attack(out, cnn)
+    assert "interp.load_attack reads it" in printed
+    saved = interp.load_attack(out, cnn)  # as the CLI says
     expected = A.pgd(cnn, *digits, 0.1, steps=5, seed=3)
     assert torch.equal(saved.x_adv, expected.x_adv)
     assert saved.config == expected.config
     assert f"adversarial accuracy  {expected.accuracy_adv:.3f}" in printed
     assert f"clean accuracy        {expected.accuracy_clean:.3f}" in printed
     assert "'seed': 3" in printed
+    assert (
+        f"success rate          {expected.success_rate:.3f}  (of the {expected.n_attackable} classified"
+        in printed
+    )
 
 
 def test_the_curve_is_the_library_curve_and_its_plot_is_written(cnn, digits, tmp_path, capsys):
@@ -75,6 +82,7 @@ def test_a_minimal_attack_and_images_from_a_file(cnn, digits, tmp_path, capsys):
             "--html writes the plots of --where and --curve",
         ),
         (["--attack", "pgd", "--eps", "0.1", "--input", "no-such-file"], "is not a file"),
+        (["--attack", "pgd", "--eps", "0.1", "--out", "."], "--out '.' is a folder"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
@@ -161,3 +169,41 @@ def test_npz_input_is_read_and_bad_npz_files_are_one_line(cnn, digits, tmp_path,
         )
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
+
+
+def test_models_that_are_not_image_classifiers_are_refused_in_one_line(tmp_path, capsys):
+    """Token ids into a transformer, and a model whose output is not [batch, classes] logits
+    (TMS's [batch, 10, 5] reconstruction): each command names the problem (were tracebacks)."""
+    tokens, tms = tmp_path / "tokens.safetensors", tmp_path / "tms.safetensors"
+    save_file({"x": torch.randint(0, 100, (4, 5)), "y": torch.zeros(4, dtype=torch.long)}, str(tokens))
+    save_file({"x": torch.rand(4, 10, 5), "y": torch.zeros(4, dtype=torch.long)}, str(tms))
+    cases = [
+        (["attack", "--model", "minilm", "--attack", "fgsm", "--eps", "0.1", "--input", str(tokens)],
+         "minilm takes tokens, and these attacks perturb images"),
+        (["attack", "--model", "zoo:tms-5-2", "--attack", "pgd", "--eps", "0.1", "--input", str(tms)],
+         "attacks need a classifier whose output is [batch, classes] logits; this model gives [4, 10, 5]"),
+        (["attack", "--model", "zoo:tms-5-2", "--attack", "apgd-ce", "--eps", "0.1", "--input", str(tms)],
+         "attacks need a classifier whose output is [batch, classes] logits"),
+        (["attribute", "--model", "zoo:tms-5-2", "--input", str(tms), "--method", "saliency"],
+         "this model's output is [1, 10, 5], not [batch, outputs]"),
+        (["attribute", "--model", "zoo:tms-5-2", "--method", "saliency"], "zoo:tms-5-2 has no default images"),
+        (["visualize", "--model", "zoo:tms-5-2", "--objective", "output:3", "--transforms", "none"],
+         "'output:' objectives are class logits"),
+        (["visualize", "--model", "zoo:tms-5-2", "--objective", "hidden.hook_out:0"], "transforms warp images"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = without_loading_bars(capsys.readouterr().err)
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_success_rate_line_says_what_it_counts(cnn, digits, capsys):
+    """Eps 0 changes nothing: 0 success, over the images not already of the target class."""
+    x, y = digits
+    argv = ["attack", "--model", "zoo:digits-cnn", "--attack", "pgd", "--eps", "0", "--target", "3",
+            "--n", str(N)]  # fmt: skip
+    assert main(argv) == 0
+    already = int((cnn(x).argmax(-1) == 3).sum())
+    assert f"success rate          0.000  (of the {N - already} not already classified as their target" in (
+        capsys.readouterr().out
+    )

@@ -26,6 +26,7 @@ _LAZY = {
     "InterpError": "interp.errors",
     "capture_to_disk": "interp.store",
     "load_capture": "interp.store",
+    "load_attack": "interp.methods.adversarial",
     "loss_fn": "interp.models.lm",
     "test_prompt": "interp.models.lm",
 }
@@ -35,6 +36,7 @@ __all__ = sorted(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover
     from interp.errors import InterpError  # noqa: F401
     from interp.hooks import ActivationCache, get_act_name  # noqa: F401
+    from interp.methods.adversarial import load_attack  # noqa: F401
     from interp.models import available_models, load  # noqa: F401
     from interp.models.base import HookedModel  # noqa: F401
     from interp.models.lm import loss_fn, test_prompt  # noqa: F401

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from interp.errors import InterpError
+from interp.errors import InputError, InterpError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +70,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate, a scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def check_output_file(flag: str, path: str | None) -> None:
+    """A file path the command will write (``--html``, ``--out``): its folder must exist and it must
+    not be a folder itself. Checked before the work starts, so none of it is lost."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise InputError(f"--{flag} {path!r} is a folder; give a file path in it instead")
+    if not Path(path).resolve().parent.is_dir():
+        raise InputError(f"--{flag} {path!r}: its folder does not exist. Create it or pick another path.")
 
 
 def _port(text: str) -> int:

@@ -168,6 +168,8 @@ def _where(probe: Any, on_train: bool) -> Any:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """The cheap checks first, before the model loads."""
+    from interp.cli import check_output_file
+
     if args.input is not None and not Path(args.input).is_file():
         raise InputError(f"--input {args.input!r} is not a file. Check the path.")
     if args.html is not None and args.curve is None and not args.where:
@@ -177,9 +179,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.where and args.eps is None and args.attack not in ("cw", "deepfool"):
         raise InputError("--where looks inside the model under one attack: pass --eps")
     for flag in ("out", "html"):
-        path = getattr(args, flag)
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise InputError(f"--{flag} {path!r}: its folder does not exist. Create it or pick another path.")
+        check_output_file(flag, getattr(args, flag))
     if args.eps is not None and args.attack in ("cw", "deepfool"):
         raise InputError(
             f"{args.attack} looks for the smallest perturbation and takes no --eps; "
@@ -300,9 +300,9 @@ def _report(atk: Any, where: str) -> None:
     print(f"{atk.config['attack']} on {where}")
     print(f"  clean accuracy        {atk.accuracy_clean:.3f}")
     print(f"  adversarial accuracy  {atk.accuracy_adv:.3f}")
-    print(
-        f"  success rate          {atk.success_rate:.3f}  ({'reached the target' if atk.target is not None else 'misclassified'})"
-    )
+    of = (f"of the {atk.n_attackable} not already classified as their target, the share that reached it"
+          if atk.target is not None else f"of the {atk.n_attackable} classified correctly, the share misclassified")  # fmt: skip
+    print(f"  success rate          {atk.success_rate:.3f}  ({of})")
     for norm, label in (("linf", "L∞"), ("l2", "L2")):
         values = norms[norm]
         print(

@@ -89,6 +89,11 @@ def check_inputs(
     label-range check to the caller (an attack that checks it on its own first forward).
     """
     check_number("eps", eps, minimum=0.0, why="the perturbation budget")
+    if isinstance(model, HookedModel) and model.kind == "transformer":
+        raise InputError(
+            f"{model.name} takes tokens, and these attacks perturb images (pixels in a box); attack a "
+            "transformer's input embeddings with embedding_pgd instead"
+        )
     module, (low, high) = _module_and_bounds(model, bounds)
     # a loaded model checks shape, range and finiteness itself
     xt = model.prepare(x) if isinstance(model, HookedModel) else torch.as_tensor(x).float()
@@ -206,8 +211,18 @@ def class_labels(values: Any, what: str, device: torch.device) -> torch.Tensor:
 def check_classes(module: nn.Module, x: torch.Tensor, labels: torch.Tensor, what: str) -> None:
     """InputError if a label is not one of the model's classes (one forward of one image)."""
     with _eval(module), torch.no_grad():
-        n_classes = module(x[:1]).shape[-1]
-    check_class_range(n_classes, labels, what)
+        out = module(x[:1])
+    check_class_range(n_classes(out), labels, what)
+
+
+def n_classes(logits: torch.Tensor) -> int:
+    """The number of classes of a classifier's output ``[batch, classes]`` (InputError otherwise)."""
+    if logits.ndim != 2:
+        raise InputError(
+            "attacks need a classifier whose output is [batch, classes] logits; this model gives "
+            f"{list(logits.shape)} for a batch of {len(logits)}"
+        )
+    return logits.shape[-1]
 
 
 def check_class_range(n_classes: int, labels: torch.Tensor, what: str) -> None:
@@ -275,10 +290,28 @@ class Attack:
 
     @property
     def success_rate(self) -> float:
-        """Targeted: the share classified as the target; untargeted: the share misclassified."""
-        pred = self.logits_adv.argmax(-1)
-        hit = pred == self.target if self.target is not None else pred != self.labels
-        return hit.double().mean().item()
+        """The share of the images the attack had to change that it changed (nan if none had to).
+
+        Targeted: of the images the model did not already assign to their target, the share it
+        assigns to the target after the attack. Untargeted: of the images it classified correctly,
+        the share it misclassifies after. Images the attack had nothing to do on (already the
+        target, already wrong) are left out, so an attack that changes nothing scores 0, not
+        the share of such images."""
+        eligible, hit = self._attackable()
+        if not eligible.any():
+            return float("nan")
+        return hit[eligible].double().mean().item()
+
+    @property
+    def n_attackable(self) -> int:
+        """How many images ``success_rate`` is over."""
+        return int(self._attackable()[0].sum())
+
+    def _attackable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        before, after = self.logits_clean.argmax(-1), self.logits_adv.argmax(-1)
+        if self.target is not None:
+            return before != self.target, after == self.target
+        return before == self.labels, after != self.labels
 
     def norms(self) -> dict[str, torch.Tensor]:
         """Per-example L∞ and L2 norms of the perturbation."""
@@ -292,6 +325,7 @@ class Attack:
     def save(self, path: str | Path) -> Path:
         """Write the adversarial set to a safetensors file: clean and adversarial images, labels, the
         target (if any), and the attack's config (with its seed) as JSON metadata."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         tensors = {"x": self.x, "x_adv": self.x_adv, "labels": self.labels}
@@ -299,7 +333,14 @@ class Attack:
             tensors["target"] = self.target
         meta = {"format": "interp-adversarial-set/1", "config": json.dumps(self.config, default=_jsonable)}
         path = Path(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; give a file path such as {path / 'adv.safetensors'}")
+        try:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta
+            )
+        except SafetensorError as err:  # an I/O error as safetensors reports it (read-only place, disk full)
+            raise InputError(f"could not write {path} ({err}); pass a path you can write to") from err
         return path
 
 
@@ -360,7 +401,7 @@ def _input_grad(
     x.requires_grad_(True)
     logits = module(x)
     if check is not None:
-        check_class_range(logits.shape[-1], y, check)
+        check_class_range(n_classes(logits), y, check)
     cost = F.cross_entropy(logits, y)
     if targeted:
         cost = -cost

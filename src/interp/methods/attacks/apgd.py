@@ -30,6 +30,7 @@ from interp.methods.adversarial import (
     check_inputs,
     check_n_targets,
     check_number,
+    n_classes,
 )
 from interp.models.base import HookedModel
 
@@ -160,9 +161,9 @@ def _checked(model, x, y, eps, steps, restarts, rho, norm, bounds, normalize):
 def _n_classes(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """The model's number of classes (one forward of one image); InputError for a label outside."""
     with _eval(module), torch.no_grad():
-        n_classes = int(module(x[:1]).shape[-1])
-    check_class_range(n_classes, y, "labels")
-    return n_classes
+        classes = n_classes(module(x[:1]))
+    check_class_range(classes, y, "labels")
+    return classes
 
 
 def _restart(module, x, y, acc, adv, criterion, eps, steps, norm, bounds, rho, gen) -> None:

@@ -34,6 +34,7 @@ from interp.methods.adversarial import (
     check_class_range,
     check_inputs,
     check_number,
+    n_classes,
 )
 from interp.models.base import HookedModel
 
@@ -108,7 +109,7 @@ def _cw_loop(
         current_l2 = ((rearrange(adv, "b ... -> b (...)") - flat_images) ** 2).sum(dim=1)
         logits = module(adv)
         if step == 0:
-            check_class_range(logits.shape[-1], classes, "target" if targeted else "labels")
+            check_class_range(n_classes(logits), classes, "target" if targeted else "labels")
         cost = current_l2.sum() + c * _cw_margin(logits, classes, targeted, kappa).sum()
         optimizer.zero_grad()
         cost.backward()
@@ -175,7 +176,7 @@ def deepfool(
             point = adv[idx].clone().requires_grad_(True)
             logits = module(point)
             if step == 0:
-                check_class_range(logits.shape[-1], labels, "labels")
+                check_class_range(n_classes(logits), labels, "labels")
             lab = labels[idx]
             done = logits.detach().argmax(1) != lab
             active[idx[done]] = False
