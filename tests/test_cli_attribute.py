@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import without_loading_bars
 from safetensors.torch import save_file
 
 from interp.cli import main
@@ -96,9 +97,41 @@ def test_text_attributions_and_their_token_view(tmp_path, capsys):
         (["--layer", "nosuch.hook"], "No hook point matches 'nosuch.hook'"),
         (["--target", "12"], "target index 12 is out of range"),
         (["--input", "no-such-file"], "is not a file"),
+        (
+            ["--method", "saliency", "--steps", "5"],
+            "--steps sets the integration points of ig and conductance",
+        ),
+        (["--method", "gradient"], "gradient attributes one neuron: give layer= and neuron="),
+        (["--html", "."], "--html '.' is a folder"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
     assert main(["attribute", "--model", "zoo:digits-cnn", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--method", "gradcam", "--layer", "blocks.2.hook_resid_post"],
+            "a transformer layer's dim 1 is its positions",
+        ),
+        (["--method", "ig", "--layer", "embed.hook_in"], "embed.hook_in carries torch.int64 values"),
+        (["--index", "2"], "--index picks images; with --text every text is attributed"),
+    ],
+)
+def test_text_model_mistakes_are_one_clear_line(args, message, capsys):
+    """Grad-CAM on a transformer layer gave every token one value, and layer IG at the token-id
+    hook was a captum dtype traceback: both are refused, as is --index beside --text."""
+    assert main(["attribute", "--model", "minilm", "--text", "hello", *args]) == 2
+    err = without_loading_bars(capsys.readouterr().err)
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_neuron_attribution_is_labelled_with_its_neuron_not_the_argmax(capsys):
+    assert main(["attribute", "--model", "zoo:digits-cnn", "--method", "ig", "--layer", "fc.hook_out",
+                 "--neuron", "3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "neuron 3 of fc.hook_out, output" in printed and "target 7" not in printed

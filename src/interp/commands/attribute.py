@@ -25,21 +25,22 @@ TOP = 5  # the most attributed pixels / units / tokens printed per example
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``interp attribute`` on the main parser's subcommands."""
     from interp.cli import positive_int
-    from interp.methods.attribution import LAYER_METHODS, METHODS, NOISE_TUNNELS
+    from interp.methods.attribution import LAYER_METHODS, METHODS, NEURON_METHODS, NOISE_TUNNELS
 
     cmd = sub.add_parser(
         "attribute",
         help="attribute a model's output to its input pixels or tokens, or to a layer (captum's methods)",
         description="Attribution maps on the same hooked model, equal to captum's: input methods "
-        f"{', '.join(METHODS)}; with --layer: {', '.join(LAYER_METHODS)}.",
+        f"{', '.join(METHODS)}; with --layer: {', '.join(LAYER_METHODS)}; with --layer and --neuron: "
+        f"{', '.join(NEURON_METHODS)}.",
     )
     cmd.add_argument("--model", required=True, help="zoo:digits-cnn, minilm, or a model interp.load reads")
-    cmd.add_argument("--method", default="ig", choices=sorted(set(METHODS) | set(LAYER_METHODS)),
+    cmd.add_argument("--method", default="ig", choices=sorted(set(METHODS) | set(LAYER_METHODS) | set(NEURON_METHODS)),
                      help="the attribution method (default ig)")  # fmt: skip
     cmd.add_argument(
         "--input", default=None, help="images: safetensors or .npz with x (default: digits test split)"
     )
-    cmd.add_argument("--index", type=_indices, default=[0], help="which images, e.g. 0 or 0,5,9 (default 0)")
+    cmd.add_argument("--index", type=_indices, default=None, help="which images, e.g. 0 or 0,5,9 (default 0)")
     cmd.add_argument(
         "--text", action="append", default=None, help="transformers: a text to attribute (repeatable)"
     )
@@ -66,14 +67,20 @@ def _indices(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     import interp
-    from interp.methods.attribution import attribute
+    from interp.cli import check_output_file
+    from interp.methods.attribution import INTEGRATING, attribute
 
-    if args.html is not None and not Path(args.html).resolve().parent.is_dir():
-        raise InputError(f"--html {args.html!r}: its folder does not exist. Create it or pick another path.")
+    check_output_file("html", args.html)
     if args.input is not None and args.text is not None:
         raise InputError("pass images (--input, --index) or texts (--text), not both")
     if args.input is not None and not Path(args.input).is_file():
         raise InputError(f"--input {args.input!r} is not a file. Check the path.")
+    if args.text is not None and args.index is not None:
+        raise InputError("--index picks images; with --text every text is attributed")
+    if args.steps is not None and args.method not in INTEGRATING:
+        raise InputError(
+            f"--steps sets the integration points of {' and '.join(INTEGRATING)}; {args.method} takes none"
+        )
     model = interp.load(args.model)
     inputs, what = (args.text, [repr(t) for t in args.text]) if args.text else _images(args, model)
     options: dict[str, Any] = {"seed": args.seed}
@@ -99,7 +106,7 @@ def _token_view(result: Any, i: int, name: str) -> str:
     """A text's circuitsvis colored tokens under a heading naming it and its target."""
     from html import escape
 
-    heading = f"<h3>{escape(name)}: {escape(result.method)}, target {int(result.target[i])}</h3>"
+    heading = f"<h3>{escape(name)}: {escape(result.method)}, {escape(_explained(result, i))}</h3>"
     return heading + result.html(i)
 
 
@@ -110,8 +117,14 @@ def _images(args: argparse.Namespace, model: Any) -> tuple[Any, list[str]]:
             raise InputError(
                 f"{args.model} takes text: pass --text (or --input with images for an image model)"
             )
+        from interp.commands.attack import DIGITS_MODELS
         from interp.models import zoo
 
+        if args.model not in DIGITS_MODELS:
+            raise InputError(
+                f"{args.model} has no default images (the digits test split is for "
+                f"{' and '.join(DIGITS_MODELS)}): pass --input, a safetensors or .npz file with x"
+            )
         _, _, x, y = zoo.digits_data(0)
         source, labels = "digits test image", y
     else:
@@ -119,17 +132,16 @@ def _images(args: argparse.Namespace, model: Any) -> tuple[Any, list[str]]:
 
         x, labels = read_images(args.input, need_labels=False)
         source = f"image of {args.input},"
-    if max(args.index) >= len(x):
-        raise InputError(
-            f"--index {max(args.index)} is past the {len(x)} images; pick indices below {len(x)}"
-        )
-    names = [f"{source} {i}" + ("" if labels is None else f" (label {int(labels[i])})") for i in args.index]
-    return x[args.index], names
+    index = args.index or [0]
+    if max(index) >= len(x):
+        raise InputError(f"--index {max(index)} is past the {len(x)} images; pick indices below {len(x)}")
+    names = [f"{source} {i}" + ("" if labels is None else f" (label {int(labels[i])})") for i in index]
+    return x[index], names
 
 
 def _report(result: Any, i: int, name: str) -> None:
     values = result.values[i]
-    line = f"  {name}: target {int(result.target[i])}, output {float(result.output[i]):.4f}, "
+    line = f"  {name}: {_explained(result, i)}, output {float(result.output[i]):.4f}, "
     line += f"sum of attributions {float(values.sum()):.4f}"
     if result.delta is not None:
         line += f", completeness error {float(result.delta[i]):.2e}"
@@ -145,6 +157,16 @@ def _report(result: Any, i: int, name: str) -> None:
         shape = tuple(values.shape)
         cells = [f"{_unravel(int(j), shape)} {float(flat[j]):+.4f}" for j in top]
     print(f"    most attributed: {', '.join(cells)}")
+
+
+def _explained(result: Any, i: int) -> str:
+    """What the attribution explains: the target output, or (``--neuron``) that unit of the layer."""
+    neuron, layer = result.config.get("neuron"), result.config.get("layer")
+    if neuron is None:
+        return f"target {int(result.target[i])}"
+    one = lambda v: v[0] if isinstance(v, list | tuple) and len(v) == 1 else v  # noqa: E731
+    unit = one(neuron)
+    return f"neuron {tuple(unit) if isinstance(unit, list) else unit} of {one(layer)}"
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -77,6 +77,7 @@ METHODS = (
 )
 LAYER_METHODS = bridge.LAYER_METHODS
 NEURON_METHODS = bridge.NEURON_METHODS
+INTEGRATING = ("ig", "conductance")  # the methods that take n_steps (integration points)
 NOISE_TUNNELS = bridge.NOISE_TUNNELS
 PER_TOKEN_METHODS = ("occlusion", "lime", "kernel_shap", "feature_ablation")  # one value per token
 EMBED_HOOK = "hook_embed"
@@ -240,7 +241,8 @@ def attribute(
         )
     with torch.no_grad():
         out = space.forward(space.x, *space.extra)
-    targets = _targets(target, out, space.x.shape[0])
+    # a neuron attribution explains its unit, whatever the output's shape (the target is not used)
+    targets = _targets(target, out.flatten(1) if neuron is not None else out, space.x.shape[0])
     config: dict[str, Any] = {"method": method, "library": "captum"}
     with _seeded(seed):
         if layer is not None:
@@ -309,6 +311,8 @@ def _check_method(method: str, layer: Any, neuron: Any, noise_tunnel: str | None
             raise InputError(
                 f"unknown layer method {method!r}; choose one of {', '.join(bridge.LAYER_METHODS)}"
             )
+    elif method in bridge.NEURON_METHODS and method not in METHODS:
+        raise InputError(f"{method} attributes one neuron: give layer= and neuron= (a unit of that layer)")
     elif method in bridge.LAYER_METHODS and method not in METHODS:
         raise InputError(f"{method} attributes to a layer: give layer= (a hook name, e.g. 'conv2.hook_out')")
     elif method not in METHODS:
@@ -467,11 +471,26 @@ def _layer_or_neuron(
         (inputs, baselines), forward, extra = space.native(base_arg), space.plain, space.plain_extra
     run = lambda: forward(inputs, *extra)  # noqa: E731
     names, modules, to_input = bridge.layer_modules(model, layer, run)
-    config.update(layer=names, n_steps=n_steps, side="input" if to_input else "output")
+    config.update(layer=names, side="input" if to_input else "output")
+    if method in INTEGRATING:
+        config["n_steps"] = n_steps
+    if method == "gradcam" and model.kind == "transformer":
+        raise InputError(
+            "gradcam weighs a conv layer's channels by their mean gradient over space; a transformer "
+            "layer's dim 1 is its positions, so every token would get one value. Use 'ig' or "
+            "'conductance' with layer= for a per-token map"
+        )
+    acts = [_activation(module, to_input, run) for module in modules]
+    for name, act in zip(names, acts, strict=True):
+        if not act.is_floating_point():
+            raise InputError(
+                f"{name} carries {act.dtype} values (token ids or positions), which have no gradient "
+                "to attribute with; pick a float layer after it (e.g. 'embed.hook_out')"
+            )
     if neuron is not None:
         if len(names) > 1:
             raise InputError("a neuron attribution reads one layer; give one hook name")
-        act = _activation(modules[0], to_input, run)
+        act = acts[0]
         index = bridge.check_neuron(neuron, tuple(act.shape[1:]), names[0])
         values = bridge.neuron_attribution(
             method, forward, modules[0], to_input, inputs, baselines, index, extra, n_steps,
@@ -799,6 +818,12 @@ def _check_baseline(baseline: Any, x: torch.Tensor) -> torch.Tensor:
 
 def _targets(target: Target, out: torch.Tensor, batch: int) -> torch.Tensor:
     """Per-example output indices, checked against the output's last axis."""
+    if out.ndim != 2:
+        raise InputError(
+            f"an attribution explains one output per example, picked by target=; this model's output "
+            f"is {list(out.shape)}, not [batch, outputs]. Attribute a unit of a layer instead "
+            "(layer= and neuron=)"
+        )
     size = out.shape[-1]
     if target is None:
         return out.argmax(-1)
