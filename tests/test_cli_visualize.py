@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import without_loading_bars
 
 import interp
 from interp.cli import main
@@ -39,6 +40,7 @@ def test_tokens_are_the_library_readout(capsys):
         (["--objective", "conv2.hook_out"], "a 'layer:unit' string such as"),
         (["--objective", "conv2.hook_out:a"], "the part after ':' must be unit indices"),
         (["--objective", "output:3", "--html", "/no/such/dir/a.html"], "its folder does not exist"),
+        (["--objective", "output:3", "--length", "3"], "--length sets a transformer's tokens per sequence"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
@@ -54,3 +56,32 @@ def test_a_unit_stuck_at_zero_is_named_with_the_hook_to_try(capsys):
     printed = capsys.readouterr().out
     assert "stuck at 0" in printed and "blocks.2.mlp.hook_pre:10" in printed
     assert printed.count("stuck at 0") == 1  # unit 12 reaches ~17
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--objective", "embed.hook_in:0"], "embed.hook_in does not depend on the word embeddings"),
+        (
+            ["--objective", "pos_embed.hook_out:0"],
+            "pos_embed.hook_out does not depend on the word embeddings",
+        ),
+        (
+            ["--objective", "blocks.0.hook_resid_post:0", "--param", "cppn"],
+            "--param shape an optimized image",
+        ),
+    ],
+)
+def test_transformer_objectives_the_embeddings_cannot_move_are_refused(args, message, capsys):
+    """A hook upstream of (or beside) the optimized embeddings was a traceback or a silent
+    meaningless score; image-only flags were silently ignored."""
+    assert main(["visualize", "--model", "minilm", "--steps", "2", *args]) == 2
+    err = without_loading_bars(capsys.readouterr().err)
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("lr", ["-1", "0", "nan", "inf"])
+def test_a_learning_rate_that_is_not_positive_is_refused(lr, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["visualize", "--model", "zoo:digits-cnn", "--objective", "output:3", "--lr", lr])
+    assert stop.value.code == 2 and "expected a finite number > 0" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 interp visualize --model zoo:digits-cnn --objective conv2.hook_out:0-7 --html units.html
 interp visualize --model zoo:digits-cnn --objective output:3 --param fourier --steps 512
-interp visualize --model minilm --objective blocks.2.mlp.hook_post:10,11 --length 6
+interp visualize --model minilm --objective blocks.2.mlp.hook_pre:10,11 --length 6
 
 An image model optimizes its input (``featureviz.render``: "layer:unit" objectives, the pixel,
 Fourier or CPPN parameterization, lucent's transforms); a transformer optimizes input embeddings
@@ -23,7 +23,7 @@ STUCK = 1e-4  # a unit whose optimized score is this close to 0 is reported as s
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``interp visualize`` on the main parser's subcommands."""
-    from interp.cli import positive_int
+    from interp.cli import positive_float, positive_int
 
     cmd = sub.add_parser(
         "visualize",
@@ -33,14 +33,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     cmd.add_argument("--model", required=True, help="zoo:digits-cnn, minilm, or a model interp.load reads")
     cmd.add_argument("--objective", required=True, help="'layer:unit', units as 3, 0,4,9 or 0-7")
-    cmd.add_argument("--param", choices=("pixel", "fourier", "cppn"), default="pixel",
+    cmd.add_argument("--param", choices=("pixel", "fourier", "cppn"), default=None,
                      help="images: the parameterization (default pixel)")  # fmt: skip
-    cmd.add_argument("--transforms", choices=("standard", "lucent", "none"), default="standard",
+    cmd.add_argument("--transforms", choices=("standard", "lucent", "none"), default=None,
                      help="images: the random transforms each step (default standard)")  # fmt: skip
     cmd.add_argument("--steps", type=positive_int, default=None,
                      help="Adam steps (default: 256 for images, 128 for tokens)")  # fmt: skip
-    cmd.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the method's)")
-    cmd.add_argument("--length", type=positive_int, default=8, help="transformers: tokens per sequence")
+    cmd.add_argument(
+        "--lr", type=positive_float, default=None, help="Adam's learning rate (default: the method's)"
+    )
+    cmd.add_argument(
+        "--length", type=positive_int, default=None, help="transformers: tokens per sequence (default 8)"
+    )
     cmd.add_argument("--seed", type=int, default=0, help="seeds the initialization and the transforms")
     cmd.add_argument("--html", default=None, help="images: draw them on this page (opens offline)")
     cmd.set_defaults(run=run)
@@ -48,9 +52,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import interp
+    from interp.cli import check_output_file
 
-    if args.html is not None and not Path(args.html).resolve().parent.is_dir():
-        raise InputError(f"--html {args.html!r}: its folder does not exist. Create it or pick another path.")
+    check_output_file("html", args.html)
     model = interp.load(args.model)
     tokens = getattr(model, "input_shape", None) is None  # a transformer: optimize embeddings
     result = _tokens(model, args) if tokens else _images(model, args)
@@ -65,9 +69,13 @@ def run(args: argparse.Namespace) -> int:
 def _images(model: Any, args: argparse.Namespace) -> Any:
     from interp.methods import featureviz as fv
 
-    options: dict[str, Any] = {"param": args.param, "seed": args.seed, "progress": True}
+    if args.length is not None:
+        raise InputError(
+            "--length sets a transformer's tokens per sequence; an image model's input has its own shape"
+        )
+    options: dict[str, Any] = {"param": args.param or "pixel", "seed": args.seed, "progress": True}
     options["transforms"] = {"standard": "standard", "lucent": fv.lucent_transforms(), "none": None}[
-        args.transforms
+        args.transforms or "standard"
     ]
     if args.steps is not None:
         options["steps"] = args.steps
@@ -85,6 +93,12 @@ def _tokens(model: Any, args: argparse.Namespace) -> Any:
 
     if args.html is not None:
         raise InputError("--html draws optimized images; a transformer's result is tokens, printed here")
+    given = [f"--{flag}" for flag in ("param", "transforms") if getattr(args, flag) is not None]
+    if given:
+        raise InputError(
+            f"{' and '.join(given)} shape an optimized image; a transformer's units are optimized over "
+            "its input embeddings (--length, --steps, --lr, --seed apply)"
+        )
     layer, sep, units = args.objective.rpartition(":")
     if not sep:
         raise InputError(
@@ -96,7 +110,7 @@ def _tokens(model: Any, args: argparse.Namespace) -> Any:
         raise InputError(
             f"the part after ':' must be unit indices ('3', '0,4,9' or '0-7'), got {units!r}"
         ) from None
-    options: dict[str, Any] = {"length": args.length, "seed": args.seed}
+    options: dict[str, Any] = {"length": args.length or 8, "seed": args.seed}
     if args.steps is not None:
         options["steps"] = args.steps
     if args.lr is not None:

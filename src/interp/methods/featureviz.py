@@ -391,6 +391,11 @@ def _fmt(u: torch.Tensor) -> str:
 def _output_size(model: HookedModel) -> int:
     with torch.no_grad(), model._internal():  # a shape probe: the user's hooks must not run on it
         out = model._forward(torch.zeros((1, *model.input_shape), device=model.device))
+    if out.ndim != 2:
+        raise InputError(
+            f"'output:' objectives are class logits, but {model.name}'s output is {list(out.shape)} per "
+            "image, not [batch, classes]; optimize a unit of a layer ('layer:unit') instead"
+        )
     return out.shape[-1]
 
 
@@ -863,7 +868,7 @@ def render(
     gen = torch.Generator().manual_seed(seed)
     shape = (n, *model.input_shape)
     image = Param(shape, param, constraint, bounds, radius, gen, decorrelate=decorrelate).to(model.device)
-    lr = (0.005 if param == "cppn" else 0.05) if lr is None else lr
+    lr = (0.005 if param == "cppn" else 0.05) if lr is None else _check_lr(lr)
     opt = torch.optim.Adam(image.parameters(), lr=lr)
     with model.hooks(_readers(objective, store := {})):
 
@@ -899,15 +904,16 @@ def _render_transforms(transforms: Any, input_shape: tuple[int, ...], box: Box) 
     input range ``box`` (a ``Transforms`` pads with its low end), or None."""
     if transforms is None:
         return None
+    if len(input_shape) != 3:
+        raise InputError(
+            f"transforms warp images, but the input shape is {input_shape}, not (C, H, W); "
+            "pass transforms=None (the command line's --transforms none)"
+        )
     if transforms == "standard":
         transforms = STANDARD
     if isinstance(transforms, Transforms):
         return lambda x, gen: transforms(x, gen, box[0])
     if isinstance(transforms, list | tuple) and all(callable(t) for t in transforms):
-        if len(input_shape) != 3:
-            raise InputError(
-                f"a transform list warps images, but the input shape is {input_shape}, not (C, H, W)"
-            )
         steps = compose(transforms)
         size = input_shape[-2:]
         return lambda x, gen: fit(steps(x, gen, box), size, mid_grey(box))
@@ -1043,6 +1049,7 @@ def render_tokens(
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if position is not None and not -length <= position < length:
         raise InputError(f"position {position} is out of range for {length} tokens")
+    _check_lr(lr)
     (name,) = model.resolve(layer) if layer in model.hook_names else (layer,)
     if name not in model.hook_names:
         raise InputError(f"{model.name} has no hook {layer!r}; see model.hook_names")
@@ -1052,6 +1059,11 @@ def render_tokens(
     _check_token_units(model, name, u, start)
     score = _unit_score(name, u, position)
     embeds = torch.nn.Parameter(table[start].detach().clone())
+    if not _depends_on(score(_token_acts(model, name, dummy, embeds)), embeds):
+        raise InputError(
+            f"{name} does not depend on the word embeddings (it carries token ids, or positions only), "
+            f"so optimizing them cannot move it; pick a hook after {TOKEN_EMBED!r} (see model.hook_names)"
+        )
     opt = torch.optim.Adam([embeds], lr=lr)
     history = _descend(
         lambda: -score(_token_acts(model, name, dummy, embeds)).sum(), opt, range(steps), callback
@@ -1068,6 +1080,20 @@ def render_tokens(
     config = {"seed": seed, "steps": steps, "lr": lr, "length": length, "position": position,
               "embedding": TOKEN_EMBED, "readout": "nearest token (L2)", "optimizer": "Adam"}  # fmt: skip
     return TokenVisualization(final, tokens, strs, scores, token_scores, name, u.tolist(), history, config)
+
+
+def _depends_on(value: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``leaf`` is on ``value``'s autograd graph (a hook upstream of it, or beside it, is not)."""
+    if not value.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+    return grad is not None
+
+
+def _check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise InputError(f"lr must be a finite number > 0 (Adam's step size), got {lr!r}")
+    return float(lr)
 
 
 def _token_table(model: HookedModel) -> torch.Tensor:
