@@ -83,6 +83,7 @@ def test_a_minimal_attack_and_images_from_a_file(cnn, digits, tmp_path, capsys):
         ),
         (["--attack", "pgd", "--eps", "0.1", "--input", "no-such-file"], "is not a file"),
         (["--attack", "pgd", "--eps", "0.1", "--out", "."], "--out '.' is a folder"),
+        (["--attack", "pgd", "--curve", "0,0.1,5"], "eps=5 is larger than the input range"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
@@ -207,3 +208,25 @@ def test_success_rate_line_says_what_it_counts(cnn, digits, capsys):
     assert f"success rate          0.000  (of the {N - already} not already classified as their target" in (
         capsys.readouterr().out
     )
+
+
+def test_where_says_why_nothing_was_restored_when_the_attack_took_nothing(capsys):
+    argv = ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0", "--n", str(N), "--where"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and "n/a: the attack took no accuracy" in printed
+
+
+def test_a_npy_input_is_refused_pointing_to_npz(tmp_path, capsys):
+    import numpy as np
+
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((2, 1, 8, 8), dtype=np.float32))
+    assert (
+        main(
+            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(path)]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert ".npy files are not read" in err and "numpy.savez" in err and err.count("\n") == 1

@@ -7,6 +7,7 @@ import torch
 from conftest import without_loading_bars
 from safetensors.torch import save_file
 
+import interp
 from interp.cli import main
 from interp.methods.attribution import attribute
 from interp.models import zoo
@@ -103,6 +104,7 @@ def test_text_attributions_and_their_token_view(tmp_path, capsys):
         ),
         (["--method", "gradient"], "gradient attributes one neuron: give layer= and neuron="),
         (["--html", "."], "--html '.' is a folder"),
+        (["--method", "deeplift_shap"], "deeplift_shap averages DeepLift over a set of reference inputs"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
@@ -135,3 +137,18 @@ def test_a_neuron_attribution_is_labelled_with_its_neuron_not_the_argmax(capsys)
                  "--neuron", "3"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert "neuron 3 of fc.hook_out, output" in printed and "target 7" not in printed
+
+
+def test_a_neuron_of_a_conv_map_is_given_one_index_per_axis(capsys):
+    argv = ["attribute", "--model", "zoo:digits-cnn", "--method", "ig", "--layer", "conv2.hook_out",
+            "--neuron", "3,2,2", "--index", "0,1"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    model = interp.load("zoo:digits-cnn")
+    _, _, x, _ = zoo.digits_data(0)
+    expected = attribute(model, x[[0, 1]], None, "ig", layer="conv2.hook_out", neuron=(3, 2, 2))
+    assert printed.count("neuron (3, 2, 2) of conv2.hook_out") == 2
+    assert (
+        f"output {float(expected.output[1]):.4f}, sum of attributions {float(expected.values[1].sum()):.4f}"
+        in printed
+    )

@@ -41,6 +41,7 @@ def test_tokens_are_the_library_readout(capsys):
         (["--objective", "conv2.hook_out:a"], "the part after ':' must be unit indices"),
         (["--objective", "output:3", "--html", "/no/such/dir/a.html"], "its folder does not exist"),
         (["--objective", "output:3", "--length", "3"], "--length sets a transformer's tokens per sequence"),
+        (["--objective", "conv*.hook_out:0"], "'conv*.hook_out' is a pattern (it matches 2: conv1.hook_out"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):

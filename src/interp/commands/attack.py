@@ -14,6 +14,7 @@ attack's config and seed; ``--out`` keeps both in the file (``interp.load_attack
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,16 @@ def _where(probe: Any, on_train: bool) -> Any:
     width = max(len(n) for n in probe.names)
     top = f"top {probe.config['topk_frac']:.0%} units"
     print(f"  {'hook point':<{width}}  divergence  probe clean  probe adv  restored: layer  {top}")
+    shown = lambda v, w: f"{'n/a':>{w}}" if math.isnan(v) else f"{v:{w}.3f}"  # noqa: E731
     for i, name in enumerate(probe.names):
         print(f"  {name:<{width}}  {probe.divergence[i].item():10.3f}  {probe.probe_acc_clean[i].item():11.3f}"
-              f"  {probe.probe_acc_adv[i].item():9.3f}  {probe.restoration[i].item():15.3f}"
-              f"  {probe.restoration_topk[i].item():{len(top)}.3f}")  # fmt: skip
+              f"  {probe.probe_acc_adv[i].item():9.3f}  {shown(probe.restoration[i].item(), 15)}"
+              f"  {shown(probe.restoration_topk[i].item(), len(top))}")  # fmt: skip
     print(
         "  (restored: the share of the accuracy the attack took that patching clean activations there gives back)"
     )
+    if math.isnan(probe.restoration.sum().item()):
+        print("  (n/a: the attack took no accuracy, so there is none to give back; raise --eps or --steps)")
     return probe.figure()
 
 
@@ -240,7 +244,11 @@ def _read_npz(path: str) -> dict[str, Any]:
 def read_images(path: str, need_labels: bool = True) -> tuple[Any, Any]:
     """``(x, y)`` from a safetensors or .npz file holding ``x`` and ``y`` (or ``labels``, as a set
     saved by ``--out`` does); ``y`` is None where the file has none and ``need_labels`` is False."""
-
+    if path.endswith((".npy", ".pt", ".pth", ".pkl", ".pickle")):
+        raise InputError(
+            f"--input {path!r}: {Path(path).suffix} files are not read (a .pt or pickle could run code); "
+            "save x and y with safetensors.torch.save_file, or numpy.savez(path, x=..., y=...)"
+        )
     if path.endswith(".npz"):
         tensors = _read_npz(path)
     else:

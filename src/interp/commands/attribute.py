@@ -47,12 +47,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--target", type=int, default=None,
                      help="the output index explained (default: each example's argmax)")  # fmt: skip
     cmd.add_argument("--layer", default=None, help="a hook name: attribute to that layer's activation")
-    cmd.add_argument("--neuron", type=int, default=None, help="with --layer: explain that unit of the layer")
+    cmd.add_argument("--neuron", type=_neuron, default=None,
+                     help="with --layer: explain that unit of the layer (3, or 3,2,2 in a conv map)")  # fmt: skip
     cmd.add_argument("--noise-tunnel", choices=NOISE_TUNNELS, default=None, help="average over noisy copies")
     cmd.add_argument("--steps", type=positive_int, default=None, help="IG's integration steps (default 50)")
     cmd.add_argument("--seed", type=int, default=0, help="seeds the noise tunnel and sampling methods")
     cmd.add_argument("--html", default=None, help="write each example's map to this page (opens offline)")
     cmd.set_defaults(run=run)
+
+
+def _neuron(text: str) -> int | tuple[int, ...]:
+    try:
+        index = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a unit index such as 3, or one per axis such as 3,2,2, got {text!r}"
+        ) from None
+    return index[0] if len(index) == 1 else index
 
 
 def _indices(text: str) -> list[int]:
@@ -77,6 +88,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--input {args.input!r} is not a file. Check the path.")
     if args.text is not None and args.index is not None:
         raise InputError("--index picks images; with --text every text is attributed")
+    if args.method == "deeplift_shap":
+        raise InputError(
+            "deeplift_shap averages DeepLift over a set of reference inputs, which the command line does "
+            "not take: call interp.methods.attribution.attribute(..., baselines=refs), or use deeplift"
+        )
     if args.steps is not None and args.method not in INTEGRATING:
         raise InputError(
             f"--steps sets the integration points of {' and '.join(INTEGRATING)}; {args.method} takes none"

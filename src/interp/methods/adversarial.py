@@ -758,6 +758,10 @@ def robustness_curve(
         if progress is not None:
             progress(1, 1)
         return RobustnessCurve(eps, acc, attack, {**kwargs, "norm": "l2", "one_run": True})
+    # every budget checked against the input range before the first run (not at the run that fails)
+    norm_option = inspect.signature(_attack_table()[attack][0]).parameters.get("norm")
+    norm = kwargs.get("norm", norm_option.default if norm_option is not None else "linf")
+    check_inputs(model, x, y, max(eps), kwargs.get("bounds"), norm=norm, normalize=kwargs.get("normalize"))
     acc = []
     for i, e in enumerate(eps):
         acc.append(run_attack(attack, model, x, y, e, **kwargs).accuracy_adv)

@@ -34,6 +34,7 @@ jitters), and ``tv`` the high-frequency content of an image.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +228,13 @@ def _units(units: Units) -> torch.Tensor:
 
 
 def _shape_of(model: HookedModel, layer: str) -> tuple:
-    (name,) = model.resolve(layer) if not any(c in layer for c in "*?[") else (layer,)
+    if layer not in model.hook_shapes and any(c in layer for c in "*?["):
+        matches = [n for n in model.hook_names if fnmatch.fnmatchcase(n, layer)]
+        raise InputError(
+            f"an objective names one hook, and {layer!r} is a pattern (it matches {len(matches)}"
+            f"{': ' + ', '.join(matches[:4]) if matches else ''}{', ...' if len(matches) > 4 else ''}); name one of them"
+        )
+    (name,) = (layer,) if layer in model.hook_shapes else model.resolve(layer)
     shape = model.hook_shapes.get(name)
     if shape is None:
         raise InputError(f"the shape of {layer!r} is unknown; load the model with input_shape=...")
