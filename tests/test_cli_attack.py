@@ -75,7 +75,14 @@ def test_a_minimal_attack_and_images_from_a_file(cnn, digits, tmp_path, capsys):
         (["--attack", "pgd", "--eps", "5"], "larger than the input range"),
         (["--attack", "pgd"], "pgd needs --eps"),
         (["--attack", "cw", "--eps", "0.1"], "cw looks for the smallest perturbation and takes no --eps"),
-        (["--attack", "fgsm", "--eps", "0.1", "--norm", "l2"], "fgsm takes no option 'norm'"),
+        (
+            ["--attack", "fgsm", "--eps", "0.1", "--norm", "l2"],
+            "fgsm takes no --norm; its flags are --eps, --target, --seed",
+        ),
+        (
+            ["--attack", "square", "--eps", "0.1", "--steps", "3"],
+            "square takes no --steps; its flags are --eps, --restarts",
+        ),
         (["--attack", "pgd", "--eps", "0.1", "--target", "12"], r"target must be classes in [0, 10)"),
         (
             ["--attack", "pgd", "--eps", "0.1", "--html", "c.html"],

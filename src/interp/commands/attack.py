@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         for flag, option in FLAG_OPTIONS.items()
         if getattr(args, flag) is not None
     }
+    _check_flags(args.attack, options)
     minimal = args.attack in A.MIN_NORM_ATTACKS
     if args.curve is None and args.eps is None and not minimal:
         raise InputError(f"{args.attack} needs --eps, the perturbation budget (or --curve for several)")
@@ -147,6 +148,19 @@ def run(args: argparse.Namespace) -> int:
         Path(args.html).write_text(figures_page(figures))
         print(f"wrote {args.html}")
     return 0
+
+
+def _check_flags(attack: str, options: dict[str, Any]) -> None:
+    """A flag the attack does not take, named as the flag (the library names its keyword)."""
+    from interp.methods.adversarial import MIN_NORM_ATTACKS, attack_options
+
+    takes = set(attack_options(attack))
+    flag_of = {option: "--" + flag.replace("_", "-") for flag, option in FLAG_OPTIONS.items()}
+    for option in options:
+        if option not in takes:
+            usable = [] if attack in MIN_NORM_ATTACKS else ["--eps"]
+            usable += [flag_of[o] for o in FLAG_OPTIONS.values() if o in takes]
+            raise InputError(f"{attack} takes no {flag_of[option]}; its flags are {', '.join(usable)}")
 
 
 def _where(probe: Any, on_train: bool) -> Any:

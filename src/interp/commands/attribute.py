@@ -38,7 +38,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--method", default="ig", choices=sorted(set(METHODS) | set(LAYER_METHODS) | set(NEURON_METHODS)),
                      help="the attribution method (default ig)")  # fmt: skip
     cmd.add_argument(
-        "--input", default=None, help="images: safetensors or .npz with x (default: digits test split)"
+        "--input",
+        default=None,
+        help="images: safetensors or .npz with x (default: the digits test split, for the digits models)",
     )
     cmd.add_argument("--index", type=_indices, default=None, help="which images, e.g. 0 or 0,5,9 (default 0)")
     cmd.add_argument(
@@ -50,7 +52,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--neuron", type=_neuron, default=None,
                      help="with --layer: explain that unit of the layer (3, or 3,2,2 in a conv map)")  # fmt: skip
     cmd.add_argument("--noise-tunnel", choices=NOISE_TUNNELS, default=None, help="average over noisy copies")
-    cmd.add_argument("--steps", type=positive_int, default=None, help="IG's integration steps (default 50)")
+    cmd.add_argument(
+        "--steps", type=positive_int, default=None, help="ig and conductance: integration steps (default 50)"
+    )
     cmd.add_argument("--seed", type=int, default=0, help="seeds the noise tunnel and sampling methods")
     cmd.add_argument("--html", default=None, help="write each example's map to this page (opens offline)")
     cmd.set_defaults(run=run)
