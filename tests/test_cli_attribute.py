@@ -152,3 +152,13 @@ def test_a_neuron_of_a_conv_map_is_given_one_index_per_axis(capsys):
         f"output {float(expected.output[1]):.4f}, sum of attributions {float(expected.values[1].sum()):.4f}"
         in printed
     )
+
+
+@pytest.mark.parametrize("method", ["deeplift", "guided_backprop", "deconvolution"])
+def test_captums_notices_about_its_temporary_hooks_are_not_printed(method):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["attribute", "--model", "zoo:digits-cnn", "--method", method]) == 0
+    assert not [w for w in seen if "hooks" in str(w.message)], [str(w.message) for w in seen]

@@ -16,6 +16,7 @@ from ``attribution`` so the dispatch tables stay small and the public module sta
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,12 @@ def input_attribution(
     algorithm = captum_class(method)(forward)
     call_kwargs = dict(kwargs, target=targets, additional_forward_args=extra or None)
     rows = x.clone().requires_grad_(method not in ("lime", "kernel_shap", "feature_ablation", "occlusion"))
-    if noise is not None:
-        return NoiseTunnel(algorithm).attribute(rows, **noise, **call_kwargs)
-    return algorithm.attribute(rows, **call_kwargs)
+    with warnings.catch_warnings():  # captum's notices that its hooks on the activations are temporary
+        for notice in ("Setting forward, backward hooks and attributes", "Setting backward hooks on ReLU"):
+            warnings.filterwarnings("ignore", message=notice)
+        if noise is not None:
+            return NoiseTunnel(algorithm).attribute(rows, **noise, **call_kwargs)
+        return algorithm.attribute(rows, **call_kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
