@@ -237,3 +237,24 @@ def test_a_npy_input_is_refused_pointing_to_npz(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert ".npy files are not read" in err and "numpy.savez" in err and err.count("\n") == 1
+
+
+def test_where_on_too_few_images_of_a_class_is_refused_before_the_attack(digits, tmp_path, capsys):
+    x, y = digits
+    path = tmp_path / "small.safetensors"
+    save_file({"x": x[:12].contiguous(), "y": y[:12].contiguous()}, str(path))
+    argv = [
+        "attack",
+        "--model",
+        "zoo:digits-cnn",
+        "--attack",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--input",
+        str(path),
+        "--where",
+    ]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "too few examples to probe" in captured.err and "fgsm on" not in captured.out

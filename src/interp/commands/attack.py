@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     x, y, source, train = _images(args.input, args.model)
     if args.n is not None:
         x, y = x[: args.n], y[: args.n]
+    if args.where and train is None:  # the probes split these images: enough of each class, checked now
+        from interp.methods.probing import check_class_counts
+
+        check_class_counts(A.class_labels(y, "labels", "cpu"))
     options = {
         option: getattr(args, flag)
         for flag, option in FLAG_OPTIONS.items()
