@@ -58,7 +58,12 @@ steps, 2 ranks) had rank 0's forward and backward 2.3 ms (5.6%) slower than rank
 and rank 1 waiting 2.3 ms a step at the meeting: balancing the rows between the ranks by their
 measured speed would give back about half of that in such a run (not built: the rows would have
 to go through shared memory, and the split would then depend on timing, so two runs of one job
-would differ in float rounding).
+would differ in float rounding). To test the lockstep lead, training's ceiling now has a second
+row: the same two copies meeting at the start of every step through a shared counter, nothing
+exchanged (meet_every_step). First try (4 interleaved rounds each, outside this script): 57.9 ms a
+step in lockstep against 50.8 free, the lockstep copies' forwards 2-3 ms slower. In this script's
+next run (3 rounds): 50.1 against 53.1, and the 2-process job read 1.71x (90% of the lockstep row,
+96% of the free one). So not settled either way: the box moves more than the effect.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 768] [--steps 60]
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
@@ -144,6 +149,8 @@ def worker(args: argparse.Namespace) -> None:
             work["bytes"] = sum(p.stat().st_size for p in Path(args.out).glob("shard-*.arrow"))
         else:
             phases = time_phases()
+            if "BENCH_LOCKSTEP" in os.environ:  # a lockstep ceiling's copy: the copies meet at every step
+                meet_every_step()
             start()
             began = time.perf_counter()
             train(model, HOOK, args.data, arch="topk", d_sae=2048, k=32, tokens=args.batch * args.steps,
@@ -175,6 +182,34 @@ def start_together() -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"the other ceiling copies never became ready in {ready} (see their errors)")
         time.sleep(0.001)
+
+
+def meet_every_step() -> None:
+    """A lockstep ceiling's copies wait for each other at the start of every training step (a
+    counter per copy in a shared file, spun on), as a job's ranks meet once a step, but with
+    nothing exchanged: what synchronising alone costs two copies of one rank's work."""
+    import torch
+
+    from interp.sae import training
+
+    here, copies = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    path = Path(os.environ["BENCH_ALONE"]) / "step-counters"
+    if here == 0:
+        path.write_bytes(bytes(8 * copies))
+    while not path.exists() or path.stat().st_size < 8 * copies:
+        time.sleep(0.001)
+    counters = torch.from_file(str(path), shared=True, size=copies, dtype=torch.float64)
+    step = training._Trainer.loss  # (timed by time_phases: the wait is outside the forward)
+    met = [0]
+
+    def meeting_first(*args, **kwargs):
+        met[0] += 1
+        counters[here] = met[0]
+        while float(counters.min()) < met[0]:
+            pass
+        return step(*args, **kwargs)
+
+    training._Trainer.loss = meeting_first
 
 
 # What each rank of a training job spends its steps on (ms per step): wrappers on the trainer's steps.
@@ -279,7 +314,9 @@ def launch(nproc: int, kind: str, extra: list[str]) -> dict:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = None) -> dict:
+def launch_alone(
+    copies: int, kind: str, extra: list[str], out: Path | None = None, lockstep: bool = False
+) -> dict:
     """``copies`` independent 1-process jobs at once (no process group, no communication), each
     given one rank's share of the work (a capture: its own ``out``-N) and, for training, bound to
     its core as a rank is; they start their timed work together (start_together), as a job's
@@ -289,7 +326,8 @@ def launch_alone(copies: int, kind: str, extra: list[str], out: Path | None = No
     ready = Path(tempfile.mkdtemp(prefix="bench-ready-"))  # where the copies meet before their work
     jobs = [
         subprocess.Popen(command + ([] if out is None else ["--out", f"{out}-{i}"]),
-                         env={**env, "BENCH_ALONE": str(ready), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies)},
+                         env={**env, "BENCH_ALONE": str(ready), "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": str(copies),
+                              **({"BENCH_LOCKSTEP": "1"} if lockstep else {})},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(copies)
     ]  # fmt: skip
@@ -313,15 +351,19 @@ def rounds(
     alone: list[str] | None = None,
     alone_out: Path | None = None,
     variant: list[str] | None = None,
+    lockstep: bool = False,
 ) -> dict[int, list[dict]]:
     """Interleaved rounds of the 1-process and the 2-process job; with ``alone``, also two
-    independent 1-process jobs at once, each given ``alone`` (results under key 0); with
-    ``variant``, also the 2-process job given those extra arguments (key 3)."""
-    results: dict[int, list[dict]] = {1: [], 2: [], 0: [], 3: []}
+    independent 1-process jobs at once, each given ``alone`` (results under key 0), and with
+    ``lockstep`` the same two meeting at every step (key 4); with ``variant``, also the 2-process
+    job given those extra arguments (key 3)."""
+    results: dict[int, list[dict]] = {1: [], 2: [], 0: [], 3: [], 4: []}
     for r in range(n):
-        for job in (1, 2, 3, 0) if r % 2 == 0 else (0, 3, 2, 1):
+        for job in (1, 2, 3, 0, 4) if r % 2 == 0 else (4, 0, 3, 2, 1):
             if job == 0 and alone is not None:
                 results[0].append(launch_alone(2, kind, alone, alone_out))
+            elif job == 4 and lockstep and alone is not None:
+                results[4].append(launch_alone(2, kind, alone, alone_out, lockstep=True))
             elif job == 3 and variant is not None:
                 results[3].append(launch(2, kind, extra + variant))
             elif job in (1, 2):
@@ -369,8 +411,14 @@ def summary(label: str, results: dict[int, list[dict]], goal: float) -> tuple[fl
         unit = f"{alone * 1e3:.1f} ms/step" if key == "step_seconds" else f"{alone:.2f} s"
         print(f"  ceiling without communication: 2 independent 1-process jobs of one rank's work, started together, "
               f"{unit} -> {one / alone:.2f}x ({median / (one / alone):.0%} of it reached)")  # fmt: skip
-    labels = {0: "ceiling's copies (copy i as rank i)", 3: "2 processes, Adam on every rank"}
-    for n in (1, 2, 0, 3):
+    if results[4]:
+        lock = statistics.median(r["step_seconds"] for r in results[4])
+        one = statistics.median(r["step_seconds"] for r in results[1])
+        print(f"  the same 2 jobs meeting at every step's start (nothing exchanged): {lock * 1e3:.1f} ms/step -> "
+              f"{one / lock:.2f}x ({median / (one / lock):.0%} of it reached)")  # fmt: skip
+    labels = {0: "ceiling's copies (copy i as rank i)", 3: "2 processes, Adam on every rank",
+              4: "lockstep copies"}  # fmt: skip
+    for n in (1, 2, 0, 4, 3):
         phases = [r["phases"] for r in results.get(n, []) if "phases" in r]
         if phases:
             label = labels.get(n, f"{n} process(es)")
@@ -442,7 +490,7 @@ def main() -> None:
         steps = ["--data", str(data), "--steps", str(args.steps)]
         if "train" in args.only:
             training = rounds("train", args.rounds, steps, alone=[*steps, "--batch", "1024", "--lanes", "1"],
-                              variant=["--replicated-adam"])  # fmt: skip
+                              variant=["--replicated-adam"], lockstep=True)  # fmt: skip
             summary(
                 f"DDP training: topk d_sae 2048 over that capture, global batch 2048, {args.steps} steps",
                 training,
