@@ -85,3 +85,14 @@ def test_capture_of_missing_input_file_fails_clearly(tmp_path):
     result = _run("capture", "--model", "minilm", "--hooks", "blocks.0.hook_resid_post",
                   "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))  # fmt: skip
     assert result.returncode == 2 and "missing.txt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_library_keywords_in_an_error_become_the_commands_flags():
+    from interp.cli import in_flags
+
+    flags = {"layer": "--layer", "noise_tunnel": "--noise-tunnel", "seed": "--seed"}
+    message = "noise_tunnel= does not combine with layer=; give layer= (a hook name), see model.hook_names"
+    assert in_flags(message, flags) == (
+        "--noise-tunnel does not combine with --layer; give --layer (a hook name), see `interp hooks MODEL`"
+    )
+    assert in_flags("ran with seed=3 and seed='a'", flags) == "ran with seed=3 and seed='a'"  # settings stay

@@ -91,8 +91,8 @@ def test_text_attributions_and_their_token_view(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "gradcam"], "gradcam attributes to a layer: give layer="),
-        (["--neuron", "3"], "give layer= (a hook name) as well"),
+        (["--method", "gradcam"], "gradcam attributes to a layer: give --layer"),
+        (["--neuron", "3"], "give --layer (a hook name) as well"),
         (["--index", "400"], "--index 400 is past the 360 images"),
         (["--text", "hello"], "is not a text model"),
         (["--layer", "nosuch.hook"], "No hook point matches 'nosuch.hook'"),
@@ -102,7 +102,7 @@ def test_text_attributions_and_their_token_view(tmp_path, capsys):
             ["--method", "saliency", "--steps", "5"],
             "--steps sets the integration points of ig and conductance",
         ),
-        (["--method", "gradient"], "gradient attributes one neuron: give layer= and neuron="),
+        (["--method", "gradient"], "gradient attributes one neuron: give --layer and --neuron"),
         (["--html", "."], "--html '.' is a folder"),
         (["--method", "deeplift_shap"], "deeplift_shap averages DeepLift over a set of reference inputs"),
     ],

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except InterpError as err:
-        return _fail(str(err))
+        return _fail(in_flags(str(err), getattr(args, "flags", {})))
     except (
         PermissionError,
         FileExistsError,
@@ -52,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message in the command's terms: each ``keyword=`` the command has a flag for
+    becomes that flag (``layer=`` -> ``--layer``), and ``model.hook_names`` the command that lists them."""
+    import re
+
+    for keyword, flag in flags.items():
+        # a bare ``keyword=`` names the option; ``keyword=value`` (a setting quoted) is left alone
+        message = re.sub(rf"\b{re.escape(keyword)}=(?![\w(\[{{'\"-])", flag, message)
+    listed = "`interp hooks MODEL`"
+    return message.replace("`model.hook_names`", listed).replace("model.hook_names", listed)
 
 
 def _fail(message: str) -> int:

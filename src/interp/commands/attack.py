@@ -79,7 +79,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "divergence, linear-probe accuracy clean vs adversarial, and the accuracy that "
                         "patching in that layer's clean activations restores")  # fmt: skip
     attack.add_argument("--html", default=None, help="write the plots of --where and --curve to this page")
-    attack.set_defaults(run=run)
+    # library messages name keywords; the command's errors name its flags (cli.in_flags)
+    attack.set_defaults(
+        run=run,
+        flags={
+            "target": "--target",
+            "steps": "--steps",
+            "alpha": "--alpha",
+            "norm": "--norm",
+            "restarts": "--restarts",
+            "seed": "--seed",
+            "n_queries": "--queries",
+            "n_targets": "--n-targets",
+            "lr": "--lr",
+            "c": "--c",
+        },
+    )
 
 
 def _target(text: str) -> int | str:

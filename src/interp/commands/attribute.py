@@ -57,7 +57,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     cmd.add_argument("--seed", type=int, default=0, help="seeds the noise tunnel and sampling methods")
     cmd.add_argument("--html", default=None, help="write each example's map to this page (opens offline)")
-    cmd.set_defaults(run=run)
+    # library messages name keywords; the command's errors name its flags (cli.in_flags)
+    cmd.set_defaults(
+        run=run,
+        flags={
+            "layer": "--layer",
+            "neuron": "--neuron",
+            "target": "--target",
+            "noise_tunnel": "--noise-tunnel",
+            "n_steps": "--steps",
+            "seed": "--seed",
+        },
+    )
 
 
 def _neuron(text: str) -> int | tuple[int, ...]:

@@ -47,7 +47,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     cmd.add_argument("--seed", type=int, default=0, help="seeds the initialization and the transforms")
     cmd.add_argument("--html", default=None, help="images: draw them on this page (opens offline)")
-    cmd.set_defaults(run=run)
+    # library messages name keywords; the command's errors name its flags (cli.in_flags)
+    cmd.set_defaults(
+        run=run,
+        flags={
+            "lr": "--lr",
+            "steps": "--steps",
+            "length": "--length",
+            "seed": "--seed",
+            "param": "--param",
+            "transforms": "--transforms",
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> int:
