@@ -63,7 +63,10 @@ row: the same two copies meeting at the start of every step through a shared cou
 exchanged (meet_every_step). First try (4 interleaved rounds each, outside this script): 57.9 ms a
 step in lockstep against 50.8 free, the lockstep copies' forwards 2-3 ms slower. In this script's
 next run (3 rounds): 50.1 against 53.1, and the 2-process job read 1.71x (90% of the lockstep row,
-96% of the free one). So not settled either way: the box moves more than the effect.
+96% of the free one). A third (6 rounds, a noisy box: 1-process rounds 5.2-6.4 s): lockstep 58.3
+against free 53.4 ms, and the 2-process job 1.49x, 99% of the lockstep row and 90% of the free one.
+Two of three read synchronising alone as 9-14% a step, which the 2-process job then all but
+matches: if that holds, no scheme that meets once a step closes it, and the goal rests on the box.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py [--rounds 3] [--texts 768] [--steps 60]
     OMP_NUM_THREADS=1 python benchmarks/bench_distributed.py --only capture   # rows: capture train auxk
