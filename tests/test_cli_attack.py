@@ -16,6 +16,22 @@ from interp.models import zoo
 N = 40
 
 
+def fgsm_on(path, *extra: str) -> list[str]:
+    """``interp attack`` FGSM (eps 0.1) on the digits CNN, images from ``path``."""
+    return [
+        "attack",
+        "--model",
+        "zoo:digits-cnn",
+        "--attack",
+        "fgsm",
+        "--eps",
+        "0.1",
+        "--input",
+        str(path),
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="module")
 def digits():
     _, _, x, y = zoo.digits_data(0)
@@ -102,12 +118,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys):
 def test_input_without_images_and_labels_names_what_it_holds(tmp_path, capsys):
     path = tmp_path / "wrong.safetensors"
     save_file({"images": torch.zeros(2, 1, 8, 8)}, str(path))
-    assert (
-        main(
-            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(path)]
-        )
-        == 2
-    )
+    assert main(fgsm_on(path)) == 2
     assert "holds ['images']; it needs x (images) and y (labels)" in capsys.readouterr().err
 
 
@@ -144,12 +155,7 @@ def test_npz_input_is_read_and_bad_npz_files_are_one_line(cnn, digits, tmp_path,
 
     good = tmp_path / "good.npz"
     np.savez(good, x=digits[0].numpy(), y=digits[1].numpy())
-    assert (
-        main(
-            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(good)]
-        )
-        == 0
-    )
+    assert main(fgsm_on(good)) == 0
     expected = A.fgsm(cnn, *digits, 0.1)
     assert f"adversarial accuracy  {expected.accuracy_adv:.3f}" in capsys.readouterr().out
     bare, garbage, objects = tmp_path / "bare.npz", tmp_path / "garbage.npz", tmp_path / "objects.npz"
@@ -159,22 +165,7 @@ def test_npz_input_is_read_and_bad_npz_files_are_one_line(cnn, digits, tmp_path,
     np.savez(objects, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
     for path, message in ((bare, "is one array, not an .npz archive"), (garbage, "is not an .npz archive"),
                           (objects, "numeric")):  # fmt: skip
-        assert (
-            main(
-                [
-                    "attack",
-                    "--model",
-                    "zoo:digits-cnn",
-                    "--attack",
-                    "fgsm",
-                    "--eps",
-                    "0.1",
-                    "--input",
-                    str(path),
-                ]
-            )
-            == 2
-        )
+        assert main(fgsm_on(path)) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
 
@@ -229,12 +220,7 @@ def test_a_npy_input_is_refused_pointing_to_npz(tmp_path, capsys):
 
     path = tmp_path / "images.npy"
     np.save(path, np.zeros((2, 1, 8, 8), dtype=np.float32))
-    assert (
-        main(
-            ["attack", "--model", "zoo:digits-cnn", "--attack", "fgsm", "--eps", "0.1", "--input", str(path)]
-        )
-        == 2
-    )
+    assert main(fgsm_on(path)) == 2
     err = capsys.readouterr().err
     assert ".npy files are not read" in err and "numpy.savez" in err and err.count("\n") == 1
 
@@ -243,18 +229,7 @@ def test_where_on_too_few_images_of_a_class_is_refused_before_the_attack(digits,
     x, y = digits
     path = tmp_path / "small.safetensors"
     save_file({"x": x[:12].contiguous(), "y": y[:12].contiguous()}, str(path))
-    argv = [
-        "attack",
-        "--model",
-        "zoo:digits-cnn",
-        "--attack",
-        "fgsm",
-        "--eps",
-        "0.1",
-        "--input",
-        str(path),
-        "--where",
-    ]
+    argv = fgsm_on(path, "--where")
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "too few examples to probe" in captured.err and "fgsm on" not in captured.out

@@ -26,6 +26,7 @@ TRAIN_IMAGES = 400  # --where on the digits: its probes fit on this many clean t
 FLAG_OPTIONS = {"steps": "steps", "alpha": "alpha", "norm": "norm", "restarts": "restarts",
                 "target": "target", "seed": "seed", "queries": "n_queries", "c": "c", "lr": "lr",
                 "n_targets": "n_targets"}  # fmt: skip
+OPTION_FLAGS = {option: "--" + flag.replace("_", "-") for flag, option in FLAG_OPTIONS.items()}  # and back
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -80,21 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "patching in that layer's clean activations restores")  # fmt: skip
     attack.add_argument("--html", default=None, help="write the plots of --where and --curve to this page")
     # library messages name keywords; the command's errors name its flags (cli.in_flags)
-    attack.set_defaults(
-        run=run,
-        flags={
-            "target": "--target",
-            "steps": "--steps",
-            "alpha": "--alpha",
-            "norm": "--norm",
-            "restarts": "--restarts",
-            "seed": "--seed",
-            "n_queries": "--queries",
-            "n_targets": "--n-targets",
-            "lr": "--lr",
-            "c": "--c",
-        },
-    )
+    attack.set_defaults(run=run, flags=OPTION_FLAGS)
 
 
 def _target(text: str) -> int | str:
@@ -174,12 +161,11 @@ def _check_flags(attack: str, options: dict[str, Any]) -> None:
     from interp.methods.adversarial import MIN_NORM_ATTACKS, attack_options
 
     takes = set(attack_options(attack))
-    flag_of = {option: "--" + flag.replace("_", "-") for flag, option in FLAG_OPTIONS.items()}
     for option in options:
         if option not in takes:
             usable = [] if attack in MIN_NORM_ATTACKS else ["--eps"]
-            usable += [flag_of[o] for o in FLAG_OPTIONS.values() if o in takes]
-            raise InputError(f"{attack} takes no {flag_of[option]}; its flags are {', '.join(usable)}")
+            usable += [flag for o, flag in OPTION_FLAGS.items() if o in takes]
+            raise InputError(f"{attack} takes no {OPTION_FLAGS[option]}; its flags are {', '.join(usable)}")
 
 
 def _where(probe: Any, on_train: bool) -> Any:

@@ -192,12 +192,11 @@ def _report(result: Any, i: int, name: str) -> None:
 
 def _explained(result: Any, i: int) -> str:
     """What the attribution explains: the target output, or (``--neuron``) that unit of the layer."""
-    neuron, layer = result.config.get("neuron"), result.config.get("layer")
+    neuron = result.config.get("neuron")  # the unit's index, one entry per axis of the layer
     if neuron is None:
         return f"target {int(result.target[i])}"
-    one = lambda v: v[0] if isinstance(v, list | tuple) and len(v) == 1 else v  # noqa: E731
-    unit = one(neuron)
-    return f"neuron {tuple(unit) if isinstance(unit, list) else unit} of {one(layer)}"
+    unit = neuron[0] if len(neuron) == 1 else tuple(neuron)
+    return f"neuron {unit} of {result.config['layer'][0]}"
 
 
 def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -480,7 +480,7 @@ def _layer_or_neuron(
             "layer's dim 1 is its positions, so every token would get one value. Use 'ig' or "
             "'conductance' with layer= for a per-token map"
         )
-    acts = [_activation(module, to_input, run) for module in modules]
+    acts = _activations(modules, to_input, run)
     for name, act in zip(names, acts, strict=True):
         if not act.is_floating_point():
             raise InputError(
@@ -514,21 +514,25 @@ def _interpolates_input(method: str, neuron: Any) -> bool:
     return neuron is not None or method == "conductance"
 
 
-def _activation(module: torch.nn.Module, to_input: bool, run: Callable) -> torch.Tensor:
-    """One forward's activation at ``module`` (its input or output), under no_grad."""
-    kept: list[torch.Tensor] = []
+def _activations(modules: Sequence[torch.nn.Module], to_input: bool, run: Callable) -> list[torch.Tensor]:
+    """One forward's activation at each of ``modules`` (its input or output), under no_grad."""
+    kept: dict[int, torch.Tensor] = {}
 
-    def keep(mod, args, out):
-        value = args[0] if to_input else out
-        kept.append((value[0] if isinstance(value, tuple) else value).detach())
+    def keeper(i: int) -> Callable:
+        def keep(mod, args, out):
+            value = args[0] if to_input else out
+            kept.setdefault(i, (value[0] if isinstance(value, tuple) else value).detach())
 
-    handle = module.register_forward_hook(keep)
+        return keep
+
+    handles = [module.register_forward_hook(keeper(i)) for i, module in enumerate(modules)]
     try:
         with torch.no_grad():
             run()
     finally:
-        handle.remove()
-    return kept[0]
+        for handle in handles:
+            handle.remove()
+    return [kept[i] for i in range(len(modules))]
 
 
 def integrated_gradients(

@@ -34,7 +34,6 @@ jitters), and ``tv`` the high-frequency content of an image.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -228,13 +227,14 @@ def _units(units: Units) -> torch.Tensor:
 
 
 def _shape_of(model: HookedModel, layer: str) -> tuple:
-    if layer not in model.hook_shapes and any(c in layer for c in "*?["):
-        matches = [n for n in model.hook_names if fnmatch.fnmatchcase(n, layer)]
+    names = [layer] if layer in model.hook_shapes else model.resolve(layer)
+    if len(names) != 1:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise InputError(
-            f"an objective names one hook, and {layer!r} is a pattern (it matches {len(matches)}"
-            f"{': ' + ', '.join(matches[:4]) if matches else ''}{', ...' if len(matches) > 4 else ''}); name one of them"
+            f"an objective names one hook, and {layer!r} is a pattern (it matches {len(names)}: {shown}); "
+            "name one of them"
         )
-    (name,) = (layer,) if layer in model.hook_shapes else model.resolve(layer)
+    (name,) = names
     shape = model.hook_shapes.get(name)
     if shape is None:
         raise InputError(f"the shape of {layer!r} is unknown; load the model with input_shape=...")
